@@ -1,0 +1,271 @@
+//! The completion engine: one worker thread owns the model's use, keeps a prefix cache per document, and
+//! answers requests in order; callers never wait on inference (they get a callback).
+//!
+//! Architecture invariant: this module knows nothing of LSP; it speaks in documents, texts and ids.
+
+use super::prompt::{fim_prompt, ContextLimits};
+use crate::model::{
+    generate::{generate, Generation},
+    Cancel, GenerateParams, KvCache, LoadOptions, Model, ModelError, PatchSet, StopAt,
+};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    pub load: LoadOptions,
+    pub limits: ContextLimits,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Documents whose prefix cache is kept (least recently used dropped first).
+    pub cached_documents: usize,
+}
+
+impl EngineConfig {
+    pub fn new(model_path: PathBuf) -> Self {
+        Self {
+            model_path,
+            load: LoadOptions::default(),
+            limits: ContextLimits::default(),
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            cached_documents: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model unavailable: {0}")]
+    ModelUnavailable(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// What the engine tells its owner about the model's lifecycle.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    Loading { path: PathBuf },
+    Loaded { path: PathBuf, seconds: f64 },
+    LoadFailed { error: String },
+}
+
+pub struct CompletionRequest {
+    /// Which document: selects the prefix cache.
+    pub document: String,
+    pub prefix: String,
+    pub suffix: String,
+    pub stop: StopAt,
+    pub cancel: Cancel,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub id: String,
+    #[serde(flatten)]
+    pub generation: Generation,
+}
+
+type Reply = Box<dyn FnOnce(Result<Completion, EngineError>) + Send>;
+
+struct Job {
+    request: CompletionRequest,
+    reply: Reply,
+}
+
+/// Handle to the worker. Cheap to share; dropping the last handle stops the worker after its current job.
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    patches: Arc<RwLock<Arc<PatchSet>>>,
+    model: Arc<Mutex<Option<Result<Arc<Model>, String>>>>,
+}
+
+impl Engine {
+    /// Starts the worker, which loads the model first; requests sent meanwhile wait for it.
+    pub fn start(config: EngineConfig, on_event: impl Fn(EngineEvent) + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let patches = Arc::new(RwLock::new(Arc::new(PatchSet::default())));
+        let model = Arc::new(Mutex::new(None));
+        let worker = Worker {
+            config,
+            patches: patches.clone(),
+            caches: VecDeque::new(),
+            ids: IdGen::new(),
+        };
+        let slot = model.clone();
+        std::thread::Builder::new()
+            .name("star-ls-model".into())
+            .spawn(move || worker.run(rx, slot, on_event))
+            .expect("spawning the model thread");
+        Self {
+            jobs: tx,
+            patches,
+            model,
+        }
+    }
+
+    pub fn complete(
+        &self,
+        request: CompletionRequest,
+        reply: impl FnOnce(Result<Completion, EngineError>) + Send + 'static,
+    ) {
+        let job = Job {
+            request,
+            reply: Box::new(reply),
+        };
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            (job.reply)(Err(EngineError::ModelUnavailable("the model thread has stopped".into())));
+        }
+    }
+
+    /// `complete`, waiting for the answer (for the CLI).
+    pub fn complete_blocking(&self, request: CompletionRequest) -> Result<Completion, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.complete(request, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(EngineError::ModelUnavailable("the model thread has stopped".into())))
+    }
+
+    /// The loaded model, once loading has finished (None while loading).
+    pub fn model(&self) -> Option<Result<Arc<Model>, String>> {
+        self.model.lock().ok().and_then(|m| m.clone())
+    }
+
+    /// Replaces the live patch overlay; requests already running finish on the old one.
+    pub fn set_patches(&self, patches: PatchSet) {
+        if let Ok(mut p) = self.patches.write() {
+            *p = Arc::new(patches);
+        }
+    }
+
+    pub fn patches(&self) -> Arc<PatchSet> {
+        self.patches.read().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+struct Worker {
+    config: EngineConfig,
+    patches: Arc<RwLock<Arc<PatchSet>>>,
+    caches: VecDeque<(String, KvCache)>,
+    ids: IdGen,
+}
+
+impl Worker {
+    fn run(
+        mut self,
+        jobs: mpsc::Receiver<Job>,
+        slot: Arc<Mutex<Option<Result<Arc<Model>, String>>>>,
+        on_event: impl Fn(EngineEvent),
+    ) {
+        let path = self.config.model_path.clone();
+        on_event(EngineEvent::Loading { path: path.clone() });
+        let t0 = Instant::now();
+        let loaded = Model::load(&path, self.config.load).map(Arc::new).map_err(|e: ModelError| e.to_string());
+        match &loaded {
+            Ok(_) => on_event(EngineEvent::Loaded {
+                path,
+                seconds: t0.elapsed().as_secs_f64(),
+            }),
+            Err(error) => on_event(EngineEvent::LoadFailed { error: error.clone() }),
+        }
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(loaded.clone());
+        }
+        for job in jobs {
+            let result = match &loaded {
+                Ok(model) => self.serve(model, &job.request),
+                Err(e) => Err(EngineError::ModelUnavailable(e.clone())),
+            };
+            (job.reply)(result);
+        }
+    }
+
+    fn serve(&mut self, model: &Model, req: &CompletionRequest) -> Result<Completion, EngineError> {
+        if req.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let prompt = fim_prompt(&model.tokenizer, &req.prefix, &req.suffix, self.config.limits);
+        let mut cache = self.take_cache(&req.document, model);
+        let patches = self.patches.read().map(|p| p.clone()).unwrap_or_default();
+        let params = GenerateParams {
+            max_tokens: self.config.max_tokens,
+            stop: req.stop,
+            temperature: self.config.temperature,
+            top_p: self.config.top_p,
+            ..GenerateParams::default()
+        };
+        let result = generate(
+            &model.weights,
+            &model.tokenizer,
+            &prompt,
+            &mut cache,
+            (!patches.is_empty()).then_some(&*patches),
+            &params,
+            &req.cancel,
+        );
+        match result {
+            Ok(generation) => {
+                self.put_cache(&req.document, cache);
+                if generation.stop == crate::model::generate::StopReason::Cancelled {
+                    return Err(EngineError::Cancelled);
+                }
+                tracing::debug!(
+                    prompt = generation.prompt_tokens,
+                    prefilled = generation.prefilled,
+                    generated = generation.tokens.len(),
+                    prefill_ms = generation.prefill_ms,
+                    decode_ms = generation.decode_ms,
+                    "completion"
+                );
+                Ok(Completion {
+                    id: self.ids.next(),
+                    generation,
+                })
+            }
+            // A failed forward pass leaves the cache in an unknown state: drop it.
+            Err(e) => Err(EngineError::Inference(e.to_string())),
+        }
+    }
+
+    fn take_cache(&mut self, doc: &str, model: &Model) -> KvCache {
+        match self.caches.iter().position(|(d, _)| d == doc) {
+            Some(i) => self.caches.remove(i).map(|(_, c)| c).unwrap_or_default(),
+            None => model.weights.new_cache(),
+        }
+    }
+
+    fn put_cache(&mut self, doc: &str, cache: KvCache) {
+        self.caches.push_front((doc.to_owned(), cache));
+        self.caches.truncate(self.config.cached_documents.max(1));
+    }
+}
+
+/// Completion ids unique across restarts: the start time, then a counter.
+struct IdGen {
+    epoch: u64,
+    next: u64,
+}
+
+impl IdGen {
+    fn new() -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self { epoch, next: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{:x}-{}", self.epoch, self.next)
+    }
+}

@@ -1,0 +1,9 @@
+//! The completion core: documents, prompts, and the engine that runs the model for them.
+
+pub mod document;
+pub mod engine;
+pub mod prompt;
+
+pub use document::{Document, PositionError};
+pub use engine::{Completion, CompletionRequest, Engine, EngineConfig, EngineError, EngineEvent};
+pub use prompt::{fim_prompt, ContextLimits};

@@ -1,0 +1,114 @@
+//! From text around the cursor to a fill-in-the-middle prompt, the same way for serving and for repair.
+
+use crate::model::{generate::Prompt, Tokenizer};
+
+/// How much context goes into a prompt.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContextLimits {
+    /// Tokens of text before the cursor.
+    pub prefix_tokens: usize,
+    /// Tokens of text after the cursor.
+    pub suffix_tokens: usize,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        Self {
+            prefix_tokens: 1024,
+            suffix_tokens: 128,
+        }
+    }
+}
+
+/// `<|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>`, built from ids so user text never turns into
+/// markers, with the prefix's last token cut off for token healing.
+///
+/// The prefix window starts at a line boundary, chosen from whole lines, so typing on the last line keeps
+/// the window's start (and so the prefix cache) stable.
+pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLimits) -> Prompt {
+    // ~3 bytes a token in code; a generous char budget first, then an exact token cut at a line start.
+    let prefix = tail_lines(prefix, limits.prefix_tokens * 4);
+    let mut prefix_ids = tok.encode(prefix);
+    let mut skip_text = 0;
+    while prefix_ids.len() > limits.prefix_tokens {
+        // Drop whole leading lines until the prefix fits.
+        let Some(nl) = prefix[skip_text..].find('\n') else { break };
+        skip_text += nl + 1;
+        prefix_ids = tok.encode(&prefix[skip_text..]);
+    }
+    let heal = prefix_ids
+        .pop()
+        .map(|id| tok.token_bytes(id).to_vec())
+        .unwrap_or_default();
+
+    let suffix = head_lines(suffix, limits.suffix_tokens * 4);
+    let mut suffix_ids = tok.encode(suffix);
+    suffix_ids.truncate(limits.suffix_tokens);
+
+    let fim = tok.fim;
+    let mut tokens = Vec::with_capacity(prefix_ids.len() + suffix_ids.len() + 3);
+    tokens.push(fim.prefix);
+    tokens.extend(prefix_ids);
+    tokens.push(fim.suffix);
+    tokens.extend(suffix_ids);
+    tokens.push(fim.middle);
+
+    let cursor_line = prefix.rsplit('\n').next().unwrap_or("");
+    Prompt {
+        tokens,
+        heal,
+        indent: crate::model::generate::indent_of(cursor_line),
+        suffix_line: suffix
+            .split('\n')
+            .skip(1)
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_owned),
+    }
+}
+
+/// The longest tail of whole lines of `text` within `max_bytes` (the cursor's partial line always kept).
+fn tail_lines(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut from = text.len() - max_bytes;
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    match text[from..].find('\n') {
+        Some(i) => &text[from + i + 1..],
+        None => &text[text.rfind('\n').map_or(0, |i| i + 1)..],
+    }
+}
+
+/// The longest head of `text` within `max_bytes`, cut at a line end.
+fn head_lines(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind('\n') {
+        Some(i) => &text[..i + 1],
+        None => &text[..end],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cut_at_line_boundaries() {
+        let text = "aaaa\nbbbb\ncc";
+        assert_eq!(tail_lines(text, 7), "cc");
+        assert_eq!(tail_lines(text, 8), "bbbb\ncc");
+        assert_eq!(tail_lines(text, 100), text);
+        assert_eq!(head_lines(text, 7), "aaaa\n");
+        assert_eq!(head_lines("é", 1), "");
+    }
+}

@@ -1,0 +1,4 @@
+//! The LSP surface (to be written).
+pub fn serve() -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

@@ -1,0 +1,61 @@
+//! The `star-ls` binary: parse the command line, set up logging, call the library.
+
+use clap::{Parser, Subcommand};
+use star_ls::model::StopAt;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(version, about = "Code completion from a local LM that learns from your corrections")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve LSP over stdio (the default).
+    Serve,
+    /// One completion at a 0-based LSP position (UTF-16 column), printed to stdout.
+    Complete {
+        file: PathBuf,
+        #[arg(long)]
+        line: u32,
+        #[arg(long)]
+        character: u32,
+        /// Complete to the end of the block instead of the line.
+        #[arg(long)]
+        multiline: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() {
+    let filter = std::env::var("STAR_LS_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => star_ls::lsp::serve(),
+        Command::Complete {
+            file,
+            line,
+            character,
+            multiline,
+            json,
+            threads,
+        } => {
+            star_ls::cli::set_threads(threads);
+            let stop = if multiline { StopAt::Block } else { StopAt::Line };
+            star_ls::cli::complete::run(&file, line, character, stop, json)
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("star-ls: {e:#}");
+        std::process::exit(1);
+    }
+}

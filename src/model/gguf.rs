@@ -1,0 +1,95 @@
+//! Opening a GGUF file: checks that turn a bad file into a one-line error before any tensor is read.
+
+use super::ModelError;
+use candle_core::quantized::gguf_file;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+/// An opened, validated GGUF: its metadata and tensor index, and a reader positioned anywhere.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    pub reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let corrupt = |reason: String| ModelError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::Missing {
+                path: path.to_owned(),
+            },
+            _ => corrupt(e.to_string()),
+        })?;
+        let len = file.metadata().map_err(|e| corrupt(e.to_string()))?.len();
+        let mut reader = BufReader::new(file);
+        let content =
+            gguf_file::Content::read(&mut reader).map_err(|e| corrupt(format!("not a GGUF file ({e})")))?;
+        // A truncated download passes the header check; catch it here instead of mid-load.
+        for (name, info) in &content.tensor_infos {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > len {
+                return Err(corrupt(format!(
+                    "truncated: tensor `{name}` ends at byte {end} but the file has {len}"
+                )));
+            }
+        }
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "qwen2" {
+            return Err(ModelError::UnsupportedArchitecture {
+                path: path.to_owned(),
+                arch,
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            content,
+            reader,
+        })
+    }
+
+    pub fn u32(&self, key: &str) -> Result<u32, ModelError> {
+        self.value(key)?.to_u32().map_err(|e| self.bad(key, e))
+    }
+
+    pub fn f32(&self, key: &str) -> Result<f32, ModelError> {
+        self.value(key)?.to_f32().map_err(|e| self.bad(key, e))
+    }
+
+    fn value(&self, key: &str) -> Result<&gguf_file::Value, ModelError> {
+        self.content.metadata.get(key).ok_or_else(|| ModelError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("missing metadata `{key}`"),
+        })
+    }
+
+    fn bad(&self, key: &str, e: candle_core::Error) -> ModelError {
+        ModelError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("metadata `{key}`: {e}"),
+        }
+    }
+
+    pub fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
+        self.content
+            .tensor(&mut self.reader, name, &candle_core::Device::Cpu)
+            .map_err(|e| ModelError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+}

@@ -1,0 +1,525 @@
+//! The qwen2 decoder, read top to bottom: `Config`, `Linear`, `Attention`, `Mlp`, `DecoderLayer`, `Qwen2`.
+//!
+//! Written after candle-transformers' `quantized_qwen2`, with three differences that matter to star-ls:
+//! the KV cache lives outside the weights (`KvCache`, so many documents share one model), the forward pass
+//! takes explicit `Hooks` (activation capture, MLP occlusion, the patch overlay) that cost nothing when
+//! empty, and any layer can be copied to dense f32 with differentiable norm/rope paths for gradient work.
+
+use super::hooks::Hooks;
+use super::gguf::GgufFile;
+use super::ModelError;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::path::Path;
+use std::sync::Arc;
+
+type Result<T> = std::result::Result<T, candle_core::Error>;
+
+/// Sizes read from the GGUF metadata; nothing else in star-ls assumes a model size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+    pub context_length: usize,
+}
+
+impl Config {
+    fn from_gguf(f: &GgufFile) -> std::result::Result<Self, ModelError> {
+        let hidden_size = f.u32("qwen2.embedding_length")? as usize;
+        let num_heads = f.u32("qwen2.attention.head_count")? as usize;
+        let vocab_size = f
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| ModelError::Corrupt {
+                path: f.path.clone(),
+                reason: "missing tensor `token_embd.weight`".into(),
+            })?;
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: f.u32("qwen2.feed_forward_length")? as usize,
+            num_layers: f.u32("qwen2.block_count")? as usize,
+            num_heads,
+            num_kv_heads: f.u32("qwen2.attention.head_count_kv")? as usize,
+            head_dim: hidden_size / num_heads,
+            rope_theta: f.f32("qwen2.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: f.f32("qwen2.attention.layer_norm_rms_epsilon")? as f64,
+            context_length: f.u32("qwen2.context_length")? as usize,
+        })
+    }
+}
+
+/// How the serving weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Re-quantize Q5_0/Q5_1/Q4_0 matrices to Q8_0 at load: candle has SIMD kernels for Q8_0 but only a
+    /// scalar one for Q5_0, which most of the default model's matrices use.
+    pub requantize_q8: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { requantize_q8: true }
+    }
+}
+
+/// `y = x Wᵀ + b`. Quantized for serving; `QMatMul::Tensor` (dense f32) in gradient copies.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The weight as a dense f32 `(out, in)` tensor.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&Device::Cpu),
+            QMatMul::Tensor(t) => Ok(t.clone()),
+            QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+        }
+    }
+
+    fn to_dense(&self) -> Result<Self> {
+        Ok(Self {
+            weight: QMatMul::Tensor(self.dense_weight()?),
+            bias: self.bias.clone(),
+        })
+    }
+}
+
+/// Rotary tables, shared by every layer.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, max_positions: usize) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
+        let t = Tensor::arange(0u32, max_positions as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    /// `x`: (1, heads, seq, head_dim) at absolute positions `start..start+seq`.
+    fn apply(&self, x: &Tensor, start: usize, differentiable: bool) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, seq)?;
+        let sin = self.sin.narrow(0, start, seq)?;
+        if differentiable {
+            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
+    } else {
+        candle_nn::ops::rms_norm(x, weight, eps as f32)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `x`: (seq, hidden) at positions `start..`; `kv` holds the keys/values of positions `..start`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+        rope: &Rope,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, hd))?.transpose(1, 2);
+        let q = rope.apply(&heads(self.q.forward(x)?, nh)?, start, differentiable)?;
+        let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, start, differentiable)?;
+        let v = heads(self.v.forward(x)?, nkv)?.contiguous()?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k.contiguous()?, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let total = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V per head: the `group` query heads that share a
+        // KV head are stacked along the sequence axis.
+        let group = nh / nkv;
+        let q = q.contiguous()?.reshape((1, nkv, group * seq, hd))?;
+        let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        if seq > 1 {
+            att = att.broadcast_add(&causal_mask(seq, start, total, group)?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (1, nkv, group*seq, hd)
+        let y = y
+            .reshape((nh, seq, hd))?
+            .transpose(0, 1)?
+            .reshape((seq, nh * hd))?;
+        self.o.forward(&y)
+    }
+}
+
+/// Additive mask (group*seq, total): row i of each group sits at absolute position `start + i`.
+fn causal_mask(seq: usize, start: usize, total: usize, group: usize) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(group * seq * total);
+    for _ in 0..group {
+        for i in 0..seq {
+            mask.extend((0..total).map(|j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    Tensor::from_vec(mask, (group * seq, total), &Device::Cpu)
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    /// `down_proj` input `z = silu(gate x) ⊙ (up x)`: the neuron activations STAR works on.
+    fn neurons(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?
+    }
+
+    pub fn down(&self) -> &Linear {
+        &self.down
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    attn_norm: Tensor,
+    attn: Attention,
+    ffn_norm: Tensor,
+    mlp: Mlp,
+    eps: f64,
+    /// Set on dense copies: use the slower norm/rope paths that candle can differentiate.
+    differentiable: bool,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        start: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+        rope: &Rope,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let d = self.differentiable;
+        let h = rms_norm(x, &self.attn_norm, self.eps, d)?;
+        let x = (self.attn.forward(&h, start, kv, rope, d)? + x)?;
+        if hooks.skip_mlp.contains(&index) {
+            return Ok(x);
+        }
+        let h = rms_norm(&x, &self.ffn_norm, self.eps, d)?;
+        let z = self.mlp.neurons(&h)?;
+        if let Some(capture) = hooks.capture.as_deref_mut() {
+            capture.record_neurons(index, &z);
+        }
+        let mut out = self.mlp.down.forward(&z)?;
+        if let Some(patch) = hooks.patches.and_then(|p| p.layer(index)) {
+            out = (out + patch.apply(&z)?)?;
+        }
+        out + x
+    }
+
+    pub fn mlp(&self) -> &Mlp {
+        &self.mlp
+    }
+
+    fn to_dense(&self) -> Result<Self> {
+        let a = &self.attn;
+        Ok(Self {
+            attn_norm: self.attn_norm.clone(),
+            attn: Attention {
+                q: a.q.to_dense()?,
+                k: a.k.to_dense()?,
+                v: a.v.to_dense()?,
+                o: a.o.to_dense()?,
+                ..a.clone()
+            },
+            ffn_norm: self.ffn_norm.clone(),
+            mlp: Mlp {
+                gate: self.mlp.gate.to_dense()?,
+                up: self.mlp.up.to_dense()?,
+                down: self.mlp.down.to_dense()?,
+            },
+            eps: self.eps,
+            differentiable: true,
+        })
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer, with the tokens themselves so a later prompt
+/// can reuse the longest common prefix.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    tokens: Vec<u32>,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Forget every position from `len` on.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.tokens.len() {
+            return Ok(());
+        }
+        self.tokens.truncate(len);
+        for kv in &mut self.layers {
+            *kv = match kv.take() {
+                Some((k, v)) if len > 0 => Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)),
+                _ => None,
+            };
+        }
+        Ok(())
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
+            .sum()
+    }
+}
+
+/// The model: weights only, immutable after load, shared by every request (`Arc<Qwen2>`).
+#[derive(Debug)]
+pub struct Qwen2 {
+    config: Config,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl Qwen2 {
+    pub fn load(path: &Path, opts: LoadOptions) -> std::result::Result<(Arc<Self>, GgufFile), ModelError> {
+        let mut f = GgufFile::open(path)?;
+        let config = Config::from_gguf(&f)?;
+        let corrupt = |e: candle_core::Error| ModelError::Corrupt {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let linear = |f: &mut GgufFile, name: &str, bias: bool| -> std::result::Result<Linear, ModelError> {
+            let w = f.tensor(&format!("{name}.weight"))?;
+            let w = if opts.requantize_q8 && needs_requantize(w.dtype()) {
+                QTensor::quantize(&w.dequantize(&Device::Cpu).map_err(corrupt)?, GgmlDType::Q8_0)
+                    .map_err(corrupt)?
+            } else {
+                w
+            };
+            let bias = if bias {
+                Some(f.tensor(&format!("{name}.bias"))?.dequantize(&Device::Cpu).map_err(corrupt)?)
+            } else {
+                None
+            };
+            Ok(Linear {
+                weight: QMatMul::from_qtensor(w).map_err(corrupt)?,
+                bias,
+            })
+        };
+        let dense = |f: &mut GgufFile, name: &str| -> std::result::Result<Tensor, ModelError> {
+            f.tensor(name)?.dequantize(&Device::Cpu).map_err(corrupt)
+        };
+
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("blk.{i}");
+            layers.push(DecoderLayer {
+                attn_norm: dense(&mut f, &format!("{p}.attn_norm.weight"))?,
+                attn: Attention {
+                    q: linear(&mut f, &format!("{p}.attn_q"), true)?,
+                    k: linear(&mut f, &format!("{p}.attn_k"), true)?,
+                    v: linear(&mut f, &format!("{p}.attn_v"), true)?,
+                    o: linear(&mut f, &format!("{p}.attn_output"), false)?,
+                    num_heads: config.num_heads,
+                    num_kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                },
+                ffn_norm: dense(&mut f, &format!("{p}.ffn_norm.weight"))?,
+                mlp: Mlp {
+                    gate: linear(&mut f, &format!("{p}.ffn_gate"), false)?,
+                    up: linear(&mut f, &format!("{p}.ffn_up"), false)?,
+                    down: linear(&mut f, &format!("{p}.ffn_down"), false)?,
+                },
+                eps: config.rms_eps,
+                differentiable: false,
+            });
+        }
+        // Embedding rows are looked up, never multiplied: f16 halves their memory at no cost in accuracy
+        // that matters (the GGUF holds them at 5 bits).
+        let embed = dense(&mut f, "token_embd.weight")?
+            .to_dtype(DType::F16)
+            .map_err(corrupt)?;
+        let head_name = if f.has_tensor("output.weight") {
+            "output"
+        } else {
+            "token_embd" // tied embeddings
+        };
+        let lm_head = linear(&mut f, head_name, false)?;
+        let norm = dense(&mut f, "output_norm.weight")?;
+        let rope = Rope::new(&config, config.context_length.min(32_768)).map_err(corrupt)?;
+        Ok((
+            Arc::new(Self {
+                config,
+                embed,
+                layers,
+                norm,
+                lm_head,
+                rope,
+            }),
+            f,
+        ))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            tokens: Vec::new(),
+            layers: vec![None; self.config.num_layers],
+        }
+    }
+
+    /// Runs `tokens` after the cache's tokens and returns the final-normed hidden states `(seq, hidden)`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, hooks: &mut Hooks) -> Result<Tensor> {
+        let start = cache.len();
+        if start + tokens.len() > self.rope.cos.dim(0)? {
+            candle_core::bail!(
+                "context of {} tokens exceeds the model's {}",
+                start + tokens.len(),
+                self.rope.cos.dim(0)?
+            );
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(capture) = hooks.capture.as_deref_mut() {
+                capture.record_residual(i, &x);
+            }
+            x = layer.forward(i, &x, start, &mut cache.layers[i], &self.rope, hooks)?;
+        }
+        cache.tokens.extend_from_slice(tokens);
+        if let Some(capture) = hooks.capture.as_deref_mut() {
+            capture.record_final(&x);
+        }
+        rms_norm(&x, &self.norm, self.config.rms_eps, false)
+    }
+
+    /// Logits `(rows, vocab)` for final-normed hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Runs `tokens` and returns the logits of the last one, as a vector.
+    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache, hooks: &mut Hooks) -> Result<Vec<f32>> {
+        let hidden = self.forward(tokens, cache, hooks)?;
+        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
+        self.logits(&last)?.squeeze(0)?.to_vec1()
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Dense f32 copies of layers `range`, with differentiable norm and rope, for gradient work.
+    pub fn dense_layers(&self, range: std::ops::Range<usize>) -> Result<Vec<DecoderLayer>> {
+        self.layers[range].iter().map(DecoderLayer::to_dense).collect()
+    }
+
+    /// Runs dense (or serving) `layers`, numbered from `first`, over residual-stream input `x` at
+    /// positions `0..seq` with no cache, then the final norm: the upper part of the model, as repair
+    /// needs it, fed with residuals captured once from the serving model.
+    pub fn forward_from(
+        &self,
+        first: usize,
+        layers: &[DecoderLayer],
+        x: &Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (j, layer) in layers.iter().enumerate() {
+            x = layer.forward(first + j, &x, 0, &mut None, &self.rope, hooks)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_eps, true)
+    }
+
+    /// Final norm gain γ and the LM head as dense f32 (`vocab × hidden`), for the semantic steer.
+    pub fn head_dense(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.norm.clone(), self.lm_head.dense_weight()?))
+    }
+}
+
+fn needs_requantize(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    )
+}

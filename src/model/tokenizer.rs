@@ -1,0 +1,120 @@
+//! The tokenizer embedded in the GGUF (`tokenizer.ggml.*`), built by candle, plus what completion needs
+//! on top: the raw bytes of every token (for token healing and streaming text out), the FIM ids, and
+//! stop ids. User text is always encoded as text: a `<|fim_prefix|>` typed in a file is not a marker.
+
+use super::gguf::GgufFile;
+use super::ModelError;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bytes: Vec<Vec<u8>>,
+    pub fim: FimTokens,
+    /// Tokens that end a completion: EOS, end of text, FIM end/pad, file separator.
+    stop: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FimTokens {
+    pub prefix: u32,
+    pub suffix: u32,
+    pub middle: u32,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
+        let corrupt = |reason: String| ModelError::Corrupt {
+            path: f.path.clone(),
+            reason,
+        };
+        let mut inner = tokenizers::Tokenizer::from_gguf(&f.content)
+            .map_err(|e| corrupt(format!("tokenizer: {e}")))?;
+        inner.set_encode_special_tokens(true);
+        let vocab = inner.get_vocab_size(true);
+        let byte_of = byte_decoder();
+        let bytes: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| {
+                let tok = inner.id_to_token(id).unwrap_or_default();
+                // Special tokens are plain strings; ordinary ones use GPT-2's byte-to-char map.
+                tok.chars()
+                    .map(|c| byte_of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| tok.into_bytes())
+            })
+            .collect();
+        let id = |name: &str| {
+            inner
+                .token_to_id(name)
+                .ok_or_else(|| corrupt(format!("the vocabulary has no `{name}` token: not a FIM code model")))
+        };
+        let fim = FimTokens {
+            prefix: id("<|fim_prefix|>")?,
+            suffix: id("<|fim_suffix|>")?,
+            middle: id("<|fim_middle|>")?,
+        };
+        let mut stop: Vec<u32> = ["<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"]
+            .iter()
+            .filter_map(|t| inner.token_to_id(t))
+            .collect();
+        if let Ok(eos) = f.u32("tokenizer.ggml.eos_token_id") {
+            stop.push(eos);
+        }
+        Ok(Self {
+            inner,
+            bytes,
+            fim,
+            stop,
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        // Encoding plain text with a BPE model cannot fail; an error here is a broken tokenizer.
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The raw bytes of one token (UTF-8 may be split across tokens).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop.contains(&id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// GPT-2's byte-level alphabet, inverted: the char each byte is written as in the vocabulary.
+fn byte_decoder() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (char::from_u32(c).expect("valid code point"), b as u8))
+        .collect()
+}
