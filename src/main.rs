@@ -5,7 +5,10 @@ use star_ls::model::StopAt;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(version, about = "Code completion from a local LM that learns from your corrections")]
+#[command(
+    version,
+    about = "Code completion from a local LM that learns from your corrections"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,7 +53,11 @@ fn main() {
             threads,
         } => {
             star_ls::cli::set_threads(threads);
-            let stop = if multiline { StopAt::Block } else { StopAt::Line };
+            let stop = if multiline {
+                StopAt::Block
+            } else {
+                StopAt::Line
+            };
             star_ls::cli::complete::run(&file, line, character, stop, json)
         }
     };

@@ -58,6 +58,15 @@ impl Document {
         Ok(start + line_text.utf16_cu_to_char(col))
     }
 
+    /// The 0-based line and UTF-16 column of char index `at` (clamped to the document).
+    pub fn position(&self, at: usize) -> (u32, u32) {
+        let at = at.min(self.text.len_chars());
+        let line = self.text.char_to_line(at);
+        let start = self.text.line_to_char(line);
+        let col = self.text.char_to_utf16_cu(at) - self.text.char_to_utf16_cu(start);
+        (line as u32, col as u32)
+    }
+
     /// Replaces chars `start..end` by `text`.
     pub fn replace(&mut self, start: usize, end: usize, text: &str) -> Result<(), PositionError> {
         if end < start {
@@ -105,7 +114,13 @@ mod tests {
         assert_eq!(d.char_at(1, 1), Ok(6));
         assert_eq!(d.char_at(2, 0), Ok(8)); // the empty last line
         assert!(matches!(d.char_at(3, 0), Ok(8)));
-        assert!(matches!(d.char_at(4, 0), Err(PositionError::LineOutOfRange { .. })));
+        assert!(matches!(
+            d.char_at(4, 0),
+            Err(PositionError::LineOutOfRange { .. })
+        ));
+        assert_eq!(d.position(2), (0, 3));
+        assert_eq!(d.position(6), (1, 1));
+        assert_eq!(d.position(99), (2, 0));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::prompt::{fim_prompt, ContextLimits};
 use crate::model::{
-    generate::{generate, Generation},
+    generate::{generate, Generation, StopReason},
     Cancel, GenerateParams, KvCache, LoadOptions, Model, ModelError, PatchSet, StopAt,
 };
 use std::collections::VecDeque;
@@ -81,11 +81,47 @@ struct Job {
     reply: Reply,
 }
 
+/// What the engine has done so far, for `star.status` and tests.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStats {
+    pub completed: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+    /// The last finished or cancelled generation.
+    pub last: Option<GenerationStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub prefilled: usize,
+    pub generated: usize,
+    pub stop: StopReason,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+impl From<&Generation> for GenerationStats {
+    fn from(g: &Generation) -> Self {
+        Self {
+            prompt_tokens: g.prompt_tokens,
+            prefilled: g.prefilled,
+            generated: g.tokens.len(),
+            stop: g.stop.clone(),
+            prefill_ms: g.prefill_ms,
+            decode_ms: g.decode_ms,
+        }
+    }
+}
+
 /// Handle to the worker. Cheap to share; dropping the last handle stops the worker after its current job.
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
     patches: Arc<RwLock<Arc<PatchSet>>>,
     model: Arc<Mutex<Option<Result<Arc<Model>, String>>>>,
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 impl Engine {
@@ -94,8 +130,10 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let patches = Arc::new(RwLock::new(Arc::new(PatchSet::default())));
         let model = Arc::new(Mutex::new(None));
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
         let worker = Worker {
             config,
+            stats: stats.clone(),
             patches: patches.clone(),
             caches: VecDeque::new(),
             ids: IdGen::new(),
@@ -109,6 +147,7 @@ impl Engine {
             jobs: tx,
             patches,
             model,
+            stats,
         }
     }
 
@@ -122,7 +161,9 @@ impl Engine {
             reply: Box::new(reply),
         };
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-            (job.reply)(Err(EngineError::ModelUnavailable("the model thread has stopped".into())));
+            (job.reply)(Err(EngineError::ModelUnavailable(
+                "the model thread has stopped".into(),
+            )));
         }
     }
 
@@ -132,8 +173,11 @@ impl Engine {
         self.complete(request, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err(EngineError::ModelUnavailable("the model thread has stopped".into())))
+        rx.recv().unwrap_or_else(|_| {
+            Err(EngineError::ModelUnavailable(
+                "the model thread has stopped".into(),
+            ))
+        })
     }
 
     /// The loaded model, once loading has finished (None while loading).
@@ -151,10 +195,15 @@ impl Engine {
     pub fn patches(&self) -> Arc<PatchSet> {
         self.patches.read().map(|p| p.clone()).unwrap_or_default()
     }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
 struct Worker {
     config: EngineConfig,
+    stats: Arc<Mutex<EngineStats>>,
     patches: Arc<RwLock<Arc<PatchSet>>>,
     caches: VecDeque<(String, KvCache)>,
     ids: IdGen,
@@ -170,13 +219,17 @@ impl Worker {
         let path = self.config.model_path.clone();
         on_event(EngineEvent::Loading { path: path.clone() });
         let t0 = Instant::now();
-        let loaded = Model::load(&path, self.config.load).map(Arc::new).map_err(|e: ModelError| e.to_string());
+        let loaded = Model::load(&path, self.config.load)
+            .map(Arc::new)
+            .map_err(|e: ModelError| e.to_string());
         match &loaded {
             Ok(_) => on_event(EngineEvent::Loaded {
                 path,
                 seconds: t0.elapsed().as_secs_f64(),
             }),
-            Err(error) => on_event(EngineEvent::LoadFailed { error: error.clone() }),
+            Err(error) => on_event(EngineEvent::LoadFailed {
+                error: error.clone(),
+            }),
         }
         if let Ok(mut s) = slot.lock() {
             *s = Some(loaded.clone());
@@ -192,9 +245,18 @@ impl Worker {
 
     fn serve(&mut self, model: &Model, req: &CompletionRequest) -> Result<Completion, EngineError> {
         if req.cancel.is_cancelled() {
+            self.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .cancelled += 1;
             return Err(EngineError::Cancelled);
         }
-        let prompt = fim_prompt(&model.tokenizer, &req.prefix, &req.suffix, self.config.limits);
+        let prompt = fim_prompt(
+            &model.tokenizer,
+            &req.prefix,
+            &req.suffix,
+            self.config.limits,
+        );
         let mut cache = self.take_cache(&req.document, model);
         let patches = self.patches.read().map(|p| p.clone()).unwrap_or_default();
         let params = GenerateParams {
@@ -213,12 +275,17 @@ impl Worker {
             &params,
             &req.cancel,
         );
+        let stats_handle = self.stats.clone();
+        let mut stats = stats_handle.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(generation) => {
                 self.put_cache(&req.document, cache);
-                if generation.stop == crate::model::generate::StopReason::Cancelled {
+                stats.last = Some(GenerationStats::from(&generation));
+                if generation.stop == StopReason::Cancelled {
+                    stats.cancelled += 1;
                     return Err(EngineError::Cancelled);
                 }
+                stats.completed += 1;
                 tracing::debug!(
                     prompt = generation.prompt_tokens,
                     prefilled = generation.prefilled,
@@ -233,7 +300,10 @@ impl Worker {
                 })
             }
             // A failed forward pass leaves the cache in an unknown state: drop it.
-            Err(e) => Err(EngineError::Inference(e.to_string())),
+            Err(e) => {
+                stats.failed += 1;
+                Err(EngineError::Inference(e.to_string()))
+            }
         }
     }
 

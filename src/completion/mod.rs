@@ -5,5 +5,7 @@ pub mod engine;
 pub mod prompt;
 
 pub use document::{Document, PositionError};
-pub use engine::{Completion, CompletionRequest, Engine, EngineConfig, EngineError, EngineEvent};
+pub use engine::{
+    Completion, CompletionRequest, Engine, EngineConfig, EngineError, EngineEvent, EngineStats,
+};
 pub use prompt::{fim_prompt, ContextLimits};

@@ -33,7 +33,9 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
     let mut skip_text = 0;
     while prefix_ids.len() > limits.prefix_tokens {
         // Drop whole leading lines until the prefix fits.
-        let Some(nl) = prefix[skip_text..].find('\n') else { break };
+        let Some(nl) = prefix[skip_text..].find('\n') else {
+            break;
+        };
         skip_text += nl + 1;
         prefix_ids = tok.encode(&prefix[skip_text..]);
     }

@@ -1,4 +1,28 @@
-//! The LSP surface (to be written).
+//! The LSP surface: the only module that knows JSON-RPC. It translates protocol messages into calls on
+//! the completion core and back (`proto`), and never waits on the model itself.
+
+mod proto;
+mod server;
+mod settings;
+
+pub use server::Server;
+pub use settings::Settings;
+
+use tower_lsp_server::{LspService, Server as Transport};
+
+/// Serves LSP on stdin/stdout until the client exits.
 pub fn serve() -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (service, socket) = LspService::build(Server::new)
+            .custom_method("textDocument/inlineCompletion", Server::inline_completion)
+            .finish();
+        Transport::new(tokio::io::stdin(), tokio::io::stdout(), socket)
+            .serve(service)
+            .await;
+    });
+    Ok(())
 }

@@ -198,7 +198,13 @@ fn sample(logits: &[f32], p: &GenerateParams, rng: &mut StdRng) -> u32 {
         logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 {
+                    (i, l)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if p.temperature <= 0.0 {

@@ -27,11 +27,12 @@ impl GgufFile {
         })?;
         let len = file.metadata().map_err(|e| corrupt(e.to_string()))?.len();
         let mut reader = BufReader::new(file);
-        let content =
-            gguf_file::Content::read(&mut reader).map_err(|e| corrupt(format!("not a GGUF file ({e})")))?;
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| corrupt(format!("not a GGUF file ({e})")))?;
         // A truncated download passes the header check; catch it here instead of mid-load.
         for (name, info) in &content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
             let end = content.tensor_data_offset + info.offset + bytes as u64;
             if end > len {
                 return Err(corrupt(format!(
@@ -67,10 +68,13 @@ impl GgufFile {
     }
 
     fn value(&self, key: &str) -> Result<&gguf_file::Value, ModelError> {
-        self.content.metadata.get(key).ok_or_else(|| ModelError::Corrupt {
-            path: self.path.clone(),
-            reason: format!("missing metadata `{key}`"),
-        })
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| ModelError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("missing metadata `{key}`"),
+            })
     }
 
     fn bad(&self, key: &str, e: candle_core::Error) -> ModelError {

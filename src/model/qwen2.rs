@@ -5,8 +5,8 @@
 //! takes explicit `Hooks` (activation capture, MLP occlusion, the patch overlay) that cost nothing when
 //! empty, and any layer can be copied to dense f32 with differentiable norm/rope paths for gradient work.
 
-use super::hooks::Hooks;
 use super::gguf::GgufFile;
+use super::hooks::Hooks;
 use super::ModelError;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -68,7 +68,9 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { requantize_q8: true }
+        Self {
+            requantize_q8: true,
+        }
     }
 }
 
@@ -207,7 +209,13 @@ fn causal_mask(seq: usize, start: usize, total: usize, group: usize) -> Result<T
     let mut mask = Vec::with_capacity(group * seq * total);
     for _ in 0..group {
         for i in 0..seq {
-            mask.extend((0..total).map(|j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }));
+            mask.extend((0..total).map(|j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
         }
     }
     Tensor::from_vec(mask, (group * seq, total), &Device::Cpu)
@@ -355,31 +363,42 @@ pub struct Qwen2 {
 }
 
 impl Qwen2 {
-    pub fn load(path: &Path, opts: LoadOptions) -> std::result::Result<(Arc<Self>, GgufFile), ModelError> {
+    pub fn load(
+        path: &Path,
+        opts: LoadOptions,
+    ) -> std::result::Result<(Arc<Self>, GgufFile), ModelError> {
         let mut f = GgufFile::open(path)?;
         let config = Config::from_gguf(&f)?;
         let corrupt = |e: candle_core::Error| ModelError::Corrupt {
             path: path.to_owned(),
             reason: e.to_string(),
         };
-        let linear = |f: &mut GgufFile, name: &str, bias: bool| -> std::result::Result<Linear, ModelError> {
-            let w = f.tensor(&format!("{name}.weight"))?;
-            let w = if opts.requantize_q8 && needs_requantize(w.dtype()) {
-                QTensor::quantize(&w.dequantize(&Device::Cpu).map_err(corrupt)?, GgmlDType::Q8_0)
+        let linear =
+            |f: &mut GgufFile, name: &str, bias: bool| -> std::result::Result<Linear, ModelError> {
+                let w = f.tensor(&format!("{name}.weight"))?;
+                let w = if opts.requantize_q8 && needs_requantize(w.dtype()) {
+                    QTensor::quantize(
+                        &w.dequantize(&Device::Cpu).map_err(corrupt)?,
+                        GgmlDType::Q8_0,
+                    )
                     .map_err(corrupt)?
-            } else {
-                w
+                } else {
+                    w
+                };
+                let bias = if bias {
+                    Some(
+                        f.tensor(&format!("{name}.bias"))?
+                            .dequantize(&Device::Cpu)
+                            .map_err(corrupt)?,
+                    )
+                } else {
+                    None
+                };
+                Ok(Linear {
+                    weight: QMatMul::from_qtensor(w).map_err(corrupt)?,
+                    bias,
+                })
             };
-            let bias = if bias {
-                Some(f.tensor(&format!("{name}.bias"))?.dequantize(&Device::Cpu).map_err(corrupt)?)
-            } else {
-                None
-            };
-            Ok(Linear {
-                weight: QMatMul::from_qtensor(w).map_err(corrupt)?,
-                bias,
-            })
-        };
         let dense = |f: &mut GgufFile, name: &str| -> std::result::Result<Tensor, ModelError> {
             f.tensor(name)?.dequantize(&Device::Cpu).map_err(corrupt)
         };
@@ -446,7 +465,12 @@ impl Qwen2 {
     }
 
     /// Runs `tokens` after the cache's tokens and returns the final-normed hidden states `(seq, hidden)`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, hooks: &mut Hooks) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         let start = cache.len();
         if start + tokens.len() > self.rope.cos.dim(0)? {
             candle_core::bail!(
@@ -479,7 +503,12 @@ impl Qwen2 {
     }
 
     /// Runs `tokens` and returns the logits of the last one, as a vector.
-    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache, hooks: &mut Hooks) -> Result<Vec<f32>> {
+    pub fn next_logits(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+    ) -> Result<Vec<f32>> {
         let hidden = self.forward(tokens, cache, hooks)?;
         let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
         self.logits(&last)?.squeeze(0)?.to_vec1()
@@ -491,7 +520,10 @@ impl Qwen2 {
 
     /// Dense f32 copies of layers `range`, with differentiable norm and rope, for gradient work.
     pub fn dense_layers(&self, range: std::ops::Range<usize>) -> Result<Vec<DecoderLayer>> {
-        self.layers[range].iter().map(DecoderLayer::to_dense).collect()
+        self.layers[range]
+            .iter()
+            .map(DecoderLayer::to_dense)
+            .collect()
     }
 
     /// Runs dense (or serving) `layers`, numbered from `first`, over residual-stream input `x` at

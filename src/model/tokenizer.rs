@@ -43,19 +43,27 @@ impl Tokenizer {
             })
             .collect();
         let id = |name: &str| {
-            inner
-                .token_to_id(name)
-                .ok_or_else(|| corrupt(format!("the vocabulary has no `{name}` token: not a FIM code model")))
+            inner.token_to_id(name).ok_or_else(|| {
+                corrupt(format!(
+                    "the vocabulary has no `{name}` token: not a FIM code model"
+                ))
+            })
         };
         let fim = FimTokens {
             prefix: id("<|fim_prefix|>")?,
             suffix: id("<|fim_suffix|>")?,
             middle: id("<|fim_middle|>")?,
         };
-        let mut stop: Vec<u32> = ["<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"]
-            .iter()
-            .filter_map(|t| inner.token_to_id(t))
-            .collect();
+        let mut stop: Vec<u32> = [
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|fim_pad|>",
+            "<|file_sep|>",
+            "<|repo_name|>",
+        ]
+        .iter()
+        .filter_map(|t| inner.token_to_id(t))
+        .collect();
         if let Ok(eos) = f.u32("tokenizer.ggml.eos_token_id") {
             stop.push(eos);
         }
@@ -80,7 +88,10 @@ impl Tokenizer {
 
     /// The raw bytes of one token (UTF-8 may be split across tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+        self.bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     pub fn is_stop(&self, id: u32) -> bool {
@@ -92,7 +103,10 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }

@@ -1,0 +1,392 @@
+//! The language server: LSP requests and notifications in, core calls out. Every handler does its
+//! document work synchronously (so edits apply in arrival order) and awaits only the engine's answer.
+
+use super::proto::{self, ACCEPTED_COMMAND};
+use super::settings::{Multiline, Settings};
+use crate::completion::{
+    Completion, CompletionRequest, Document, Engine, EngineConfig, EngineError, EngineEvent,
+};
+use crate::model::{Cancel, StopAt};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tower_lsp_server::jsonrpc::{self, Result};
+use tower_lsp_server::ls_types::*;
+use tower_lsp_server::{Client, LanguageServer};
+
+pub struct Server {
+    client: Client,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    settings: OnceLock<Settings>,
+    engine: OnceLock<Engine>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<EngineEvent>>>,
+    documents: Mutex<HashMap<String, Document>>,
+    /// Per document: the newest request's number and its cancel switch.
+    latest: Mutex<HashMap<String, (u64, Cancel)>>,
+    next_request: std::sync::atomic::AtomicU64,
+    model_status: Mutex<String>,
+}
+
+/// Cancels the engine job when the handler's future is dropped (`$/cancelRequest` drops it).
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl Server {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            state: Arc::default(),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        self.state.settings.get().cloned().unwrap_or_default()
+    }
+
+    fn lock_documents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Document>> {
+        // A panic elsewhere while holding the lock must not take the server down with it.
+        self.state
+            .documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a completion at `pos` in `uri`; `None` when superseded by a newer request or cancelled.
+    async fn complete_at(
+        &self,
+        uri: &Uri,
+        pos: Position,
+        stop: Option<StopAt>,
+    ) -> Result<Option<(Completion, String, Position)>> {
+        let key = uri.as_str().to_owned();
+        let (prefix, suffix, word_start) = {
+            let docs = self.lock_documents();
+            let doc = docs
+                .get(&key)
+                .ok_or_else(|| proto::invalid_params(format!("unknown document {key}")))?;
+            let at = proto::offset(doc, pos)?;
+            let (prefix, suffix) = doc.split_at(at);
+            let word_chars = proto::word_before(&prefix).chars().count();
+            (prefix, suffix, proto::position(doc, at - word_chars))
+        };
+        let stop = stop.unwrap_or_else(|| auto_stop(&prefix, &suffix));
+
+        let cancel = Cancel::default();
+        let _guard = CancelOnDrop(cancel.clone());
+        let number = self
+            .state
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((_, older)) = self
+            .state
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (number, cancel.clone()))
+        {
+            older.cancel();
+        }
+        let debounce = self.settings().debounce_ms;
+        if debounce > 0 {
+            tokio::time::sleep(Duration::from_millis(debounce)).await;
+        }
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let Some(engine) = self.state.engine.get() else {
+            return Err(jsonrpc::Error::invalid_request());
+        };
+        let word = proto::word_before(&prefix).to_owned();
+        let (tx, rx) = oneshot::channel();
+        engine.complete(
+            CompletionRequest {
+                document: key,
+                prefix,
+                suffix,
+                stop,
+                cancel,
+            },
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        match rx.await {
+            Ok(Ok(c)) if c.generation.text.trim().is_empty() => Ok(None),
+            Ok(Ok(c)) => Ok(Some((c, word, word_start))),
+            Ok(Err(EngineError::Cancelled)) => Ok(None),
+            Ok(Err(e)) => Err(jsonrpc::Error {
+                code: jsonrpc::ErrorCode::InternalError,
+                message: e.to_string().into(),
+                data: None,
+            }),
+            Err(_) => Err(jsonrpc::Error::internal_error()),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let settings = self.settings();
+        let model = self
+            .state
+            .model_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let engine = self.state.engine.get();
+        let patches = engine.map_or(0, |e| e.patches().iter().count());
+        json!({
+            "model": model,
+            "modelPath": settings.model_path,
+            "documents": self.lock_documents().len(),
+            "failuresPending": 0,
+            "guardCases": 0,
+            "patches": patches,
+            "repairRunning": false,
+            "lastRepair": null,
+            "completions": engine.map(Engine::stats),
+        })
+    }
+
+    /// Forwards model-load events to the editor: `$/progress` while loading, a message if it fails.
+    async fn report_model_events(
+        client: Client,
+        state: Arc<State>,
+        mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    ) {
+        let token = ProgressToken::String("star-ls/model".into());
+        let progress = match client.create_work_done_progress(token.clone()).await {
+            Ok(()) => Some(
+                client
+                    .progress(token, "star-ls")
+                    .with_message("loading model")
+                    .begin()
+                    .await,
+            ),
+            Err(_) => None, // the client does not do progress; logs still say it
+        };
+        let mut progress = progress;
+        while let Some(event) = events.recv().await {
+            let text = match &event {
+                EngineEvent::Loading { path } => format!("loading {}", path.display()),
+                EngineEvent::Loaded { path, seconds } => {
+                    format!("ready: {} ({seconds:.1} s)", path.display())
+                }
+                EngineEvent::LoadFailed { error } => format!("failed: {error}"),
+            };
+            tracing::info!("model {text}");
+            if let Ok(mut s) = state.model_status.lock() {
+                *s = text.clone();
+            }
+            match event {
+                EngineEvent::Loading { .. } => {}
+                EngineEvent::Loaded { .. } => {
+                    if let Some(p) = progress.take() {
+                        p.finish_with_message(text).await;
+                    }
+                }
+                EngineEvent::LoadFailed { error } => {
+                    if let Some(p) = progress.take() {
+                        p.finish_with_message("model failed to load").await;
+                    }
+                    client
+                        .show_message(MessageType::ERROR, format!("star-ls: {error}"))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Inline completions run to the end of the block on a blank line, else to the end of the line.
+fn auto_stop(prefix: &str, suffix: &str) -> StopAt {
+    let line_before = prefix.rsplit('\n').next().unwrap_or("");
+    let line_after = suffix.split('\n').next().unwrap_or("");
+    if line_before.trim().is_empty() && line_after.trim().is_empty() {
+        StopAt::Block
+    } else {
+        StopAt::Line
+    }
+}
+
+impl LanguageServer for Server {
+    async fn initialize(&self, params: InitializeParams) -> Result<InitializeResult> {
+        let (settings, warning) = Settings::from_options(params.initialization_options);
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+            self.client
+                .show_message(MessageType::WARNING, format!("star-ls: {w}"))
+                .await;
+        }
+        crate::cli::set_threads(settings.threads);
+        let mut config = EngineConfig::new(
+            settings
+                .model_path
+                .clone()
+                .unwrap_or_else(crate::cli::model_path),
+        );
+        config.max_tokens = settings.max_tokens.clamp(1, 1024);
+        config.limits = settings.context;
+        config.temperature = settings.temperature;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.state.engine.set(Engine::start(config, move |e| {
+            let _ = tx.send(e);
+        }));
+        *self.state.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+        let _ = self.state.settings.set(settings);
+
+        Ok(InitializeResult {
+            server_info: Some(ServerInfo {
+                name: "star-ls".into(),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+            }),
+            capabilities: ServerCapabilities {
+                text_document_sync: Some(TextDocumentSyncCapability::Kind(
+                    TextDocumentSyncKind::INCREMENTAL,
+                )),
+                completion_provider: Some(CompletionOptions::default()),
+                inline_completion_provider: Some(OneOf::Left(true)),
+                execute_command_provider: Some(ExecuteCommandOptions {
+                    commands: vec![ACCEPTED_COMMAND.into(), "star.status".into()],
+                    ..ExecuteCommandOptions::default()
+                }),
+                ..ServerCapabilities::default()
+            },
+            offset_encoding: None, // UTF-16, LSP's default
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        let events = self
+            .state
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(events) = events {
+            tokio::spawn(Self::report_model_events(
+                self.client.clone(),
+                self.state.clone(),
+                events,
+            ));
+        }
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let d = params.text_document;
+        self.lock_documents().insert(
+            d.uri.as_str().to_owned(),
+            Document::new(&d.text, d.version, &d.language_id),
+        );
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let key = params.text_document.uri.as_str().to_owned();
+        let version = params.text_document.version;
+        let mut docs = self.lock_documents();
+        let Some(doc) = docs.get_mut(&key) else {
+            tracing::warn!("didChange for unknown document {key}");
+            return;
+        };
+        if version <= doc.version {
+            tracing::warn!(
+                "stale didChange for {key}: version {version} after {}",
+                doc.version
+            );
+        }
+        for change in params.content_changes {
+            let applied = match change.range {
+                None => {
+                    doc.set_text(&change.text);
+                    Ok(())
+                }
+                Some(r) => doc
+                    .char_at(r.start.line, r.start.character)
+                    .and_then(|s| Ok((s, doc.char_at(r.end.line, r.end.character)?)))
+                    .and_then(|(s, e)| doc.replace(s, e, &change.text)),
+            };
+            if let Err(e) = applied {
+                // The client and server now disagree on the text; say so rather than guess.
+                tracing::error!("didChange for {key} could not be applied ({e}); document dropped until reopened");
+                docs.remove(&key);
+                return;
+            }
+        }
+        doc.version = version;
+    }
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        self.lock_documents()
+            .remove(params.text_document.uri.as_str());
+    }
+
+    async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
+        let p = params.text_document_position;
+        let Some((c, word, start)) = self
+            .complete_at(&p.text_document.uri, p.position, Some(StopAt::Line))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let pos = Position::new(
+            start.line,
+            start.character + word.encode_utf16().count() as u32,
+        );
+        Ok(Some(CompletionResponse::List(CompletionList {
+            // The text changes with every keystroke: ask again rather than filter this list.
+            is_incomplete: true,
+            items: vec![proto::completion_item(&c, &word, start, pos)],
+        })))
+    }
+
+    async fn execute_command(&self, params: ExecuteCommandParams) -> Result<Option<Value>> {
+        match params.command.as_str() {
+            "star.status" => Ok(Some(self.status())),
+            ACCEPTED_COMMAND => Ok(None),
+            other => Err(proto::invalid_params(format!("unknown command {other}"))),
+        }
+    }
+}
+
+impl Server {
+    /// `textDocument/inlineCompletion` (LSP 3.18), routed as a custom method.
+    pub async fn inline_completion(
+        &self,
+        params: InlineCompletionParams,
+    ) -> Result<Option<InlineCompletionResponse>> {
+        let p = params.text_document_position;
+        let stop = match self.settings().multiline {
+            Multiline::Auto => None,
+            Multiline::Line => Some(StopAt::Line),
+            Multiline::Block => Some(StopAt::Block),
+        };
+        let Some((c, word, start)) = self
+            .complete_at(&p.text_document.uri, p.position, stop)
+            .await?
+        else {
+            return Ok(Some(InlineCompletionResponse::List(InlineCompletionList {
+                items: vec![],
+            })));
+        };
+        let pos = Position::new(
+            start.line,
+            start.character + word.encode_utf16().count() as u32,
+        );
+        Ok(Some(InlineCompletionResponse::List(InlineCompletionList {
+            items: vec![proto::inline_item(&c, pos)],
+        })))
+    }
+}

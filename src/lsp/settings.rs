@@ -1,0 +1,64 @@
+//! Settings from `initializationOptions`, all optional, camelCase as editors write them.
+
+use crate::completion::ContextLimits;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Settings {
+    /// A qwen2 GGUF; default `STAR_LS_MODEL`, then the fetched model in the cache.
+    pub model_path: Option<PathBuf>,
+    /// Tokens a completion may run to.
+    pub max_tokens: usize,
+    /// Context around the cursor, in tokens.
+    pub context: ContextLimits,
+    /// Threads for inference; default: all cores.
+    pub threads: Option<usize>,
+    /// Wait this long after a request before running the model; a newer request for the same document
+    /// in the meantime replaces it.
+    pub debounce_ms: u64,
+    /// Inline completions: `auto` runs to the end of the block on an empty line, else to the end of
+    /// the line; `line` and `block` force one.
+    pub multiline: Multiline,
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Multiline {
+    Auto,
+    Line,
+    Block,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model_path: None,
+            max_tokens: 64,
+            context: ContextLimits::default(),
+            threads: None,
+            debounce_ms: 30,
+            multiline: Multiline::Auto,
+            temperature: 0.0,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads `initializationOptions`; a malformed value is reported and the defaults used.
+    pub fn from_options(options: Option<serde_json::Value>) -> (Self, Option<String>) {
+        match options {
+            None | Some(serde_json::Value::Null) => (Self::default(), None),
+            Some(v) => match serde_json::from_value(v) {
+                Ok(s) => (s, None),
+                Err(e) => (
+                    Self::default(),
+                    Some(format!("ignoring initializationOptions: {e}")),
+                ),
+            },
+        }
+    }
+}
