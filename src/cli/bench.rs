@@ -49,6 +49,10 @@ pub struct Report {
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
+    /// 1-minute load average when the bench started and when it ended: other work on the machine
+    /// skews every figure, and a shared box is the usual reason two runs disagree.
+    pub load_start: Option<f64>,
+    pub load_end: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +101,7 @@ struct PeerRun {
 pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
     crate::cli::set_threads(Some(threads));
+    let load_start = load_average();
     let model_path = crate::cli::model_path();
     // One model for everything: the engine's. A second copy would only inflate the RSS figure.
     let (engine, model) = start_engine(&model_path)?;
@@ -121,7 +126,17 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
         tracing::warn!("bench: peer unavailable: {e:#}");
     }
 
-    let report = assemble(threads, prompt.len(), &speed, &edits, cold_ms, rss_mb, rss_end_mb, peer);
+    let measured = Measured {
+        threads,
+        machine: machine(load_start, load_average()),
+        prompt_tokens: prompt.len(),
+        speed,
+        edits,
+        cold_ms,
+        rss_mb,
+        rss_end_mb,
+    };
+    let report = assemble(measured, peer);
     print_table(&report);
     if let Some(path) = json_out {
         let json = serde_json::to_string_pretty(&report).context("serializing the report")?;
@@ -332,7 +347,13 @@ fn memory() -> Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-fn machine() -> Machine {
+/// The 1-minute load average, from /proc/loadavg.
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn machine(load_start: Option<f64>, load_end: Option<f64>) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -343,7 +364,12 @@ fn machine() -> Machine {
         })
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    Machine { cpu, cores }
+    Machine {
+        cpu,
+        cores,
+        load_start,
+        load_end,
+    }
 }
 
 struct PeerResults {
@@ -434,17 +460,29 @@ fn scripts_dir() -> Result<PathBuf> {
         .context("no scripts/peer-bench.mjs next to the sources or in the current directory")
 }
 
-#[allow(clippy::too_many_arguments)]
-fn assemble(
+/// Everything measured on our side.
+struct Measured {
     threads: usize,
+    machine: Machine,
     prompt_tokens: usize,
-    speed: &Speed,
-    edits: &Edits,
+    speed: Speed,
+    edits: Edits,
     cold_ms: f64,
     rss_mb: f64,
     rss_end_mb: f64,
-    peer: Result<PeerResults>,
-) -> Report {
+}
+
+fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
+    let Measured {
+        threads,
+        machine,
+        prompt_tokens,
+        speed,
+        edits,
+        cold_ms,
+        rss_mb,
+        rss_end_mb,
+    } = m;
     let mean = |xs: &[usize]| xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64;
     let ours = Ours {
         prefill_tok_s: round2(speed.prefill_tok_s),
@@ -468,7 +506,7 @@ fn assemble(
     });
     Report {
         threads,
-        machine: machine(),
+        machine,
         prompt_tokens,
         ratio_decode: peer.as_ref().map(|p| ratio(ours.decode_tok_s, p.main.decode_tok_s)),
         ratio_prefill: peer.as_ref().map(|p| ratio(ours.prefill_tok_s, p.main.prefill_tok_s)),
@@ -495,14 +533,20 @@ fn assemble(
 fn print_table(r: &Report) {
     let peer = r.peer.as_ref();
     let opt = |x: Option<f64>, digits: usize| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
+    let load = |l: Option<f64>| opt(l, 2);
     println!(
-        "star-ls bench: {} ({} cores), {} threads, prompt {} tokens",
-        r.machine.cpu, r.machine.cores, r.threads, r.prompt_tokens
+        "star-ls bench: {} ({} cores), {} threads, prompt {} tokens, load {} -> {}",
+        r.machine.cpu,
+        r.machine.cores,
+        r.threads,
+        r.prompt_tokens,
+        load(r.machine.load_start),
+        load(r.machine.load_end)
     );
-    let peer_name = peer.map_or("peer", |p| p.name.as_str());
-    println!("{:<28} {:>12} {:>12} {:>8}", "", "star-ls", peer_name, "ratio");
+    println!("peer: {}", peer.map_or("unavailable", |p| p.name.as_str()));
+    println!("{:<28} {:>12} {:>12} {:>10}", "", "star-ls", "peer", "ours/peer");
     let row = |label: &str, ours: f64, theirs: Option<f64>, ratio: Option<f64>| {
-        println!("{label:<28} {ours:>12.1} {:>12} {:>8}", opt(theirs, 1), opt(ratio, 2));
+        println!("{label:<28} {ours:>12.1} {:>12} {:>10}", opt(theirs, 1), opt(ratio, 2));
     };
     row("prefill tok/s", r.ours.prefill_tok_s, peer.map(|p| p.prefill_tok_s), r.ratio_prefill);
     row("decode tok/s", r.ours.decode_tok_s, peer.map(|p| p.decode_tok_s), r.ratio_decode);

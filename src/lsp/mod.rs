@@ -4,6 +4,7 @@
 mod proto;
 mod server;
 mod settings;
+mod transport;
 
 pub use server::Server;
 pub use settings::Settings;
@@ -20,9 +21,13 @@ pub fn serve() -> anyhow::Result<()> {
         let (service, socket) = LspService::build(Server::new)
             .custom_method("textDocument/inlineCompletion", Server::inline_completion)
             .finish();
-        Transport::new(tokio::io::stdin(), tokio::io::stdout(), socket)
-            .serve(service)
-            .await;
+        Transport::new(
+            transport::checked_frames(tokio::io::stdin()),
+            tokio::io::stdout(),
+            socket,
+        )
+        .serve(service)
+        .await;
     });
     Ok(())
 }

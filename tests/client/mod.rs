@@ -1,0 +1,242 @@
+//! A small LSP client for tests: starts the real `star-ls` binary and speaks JSON-RPC over its stdio.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    incoming: Receiver<Value>,
+    next_id: i64,
+    /// Notifications and server requests seen so far, in order.
+    pub notifications: Vec<Value>,
+}
+
+/// The packaged model, as scripts/fetch-model puts it (tests need it: scripts/test fetches it first).
+pub fn packaged_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("STAR_LS_MODEL") {
+        return p.into();
+    }
+    let cache = std::env::var_os("STAR_LS_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+                .join("star-ls")
+        });
+    let path = cache.join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "no model at {}: run scripts/fetch-model",
+        path.display()
+    );
+    path
+}
+
+impl Client {
+    /// Starts `star-ls serve` with `env` and initializes it with `options`.
+    pub fn start(model: &Path, options: Value, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
+        cmd.arg("serve")
+            .env("STAR_LS_MODEL", model)
+            .env("STAR_LS_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting star-ls");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, incoming) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Some(msg) = read_message(&mut stdout) {
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut client = Self {
+            child,
+            stdin,
+            incoming,
+            next_id: 1,
+            notifications: Vec::new(),
+        };
+        let caps = json!({ "window": { "workDoneProgress": true } });
+        let init = client.request(
+            "initialize",
+            json!({ "processId": null, "rootUri": null, "capabilities": caps, "initializationOptions": options }),
+        );
+        assert!(init.get("result").is_some(), "initialize failed: {init}");
+        client.notify("initialized", json!({}));
+        client
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stdin.write_all(bytes).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn send(&mut self, msg: &Value) {
+        let body = serde_json::to_vec(msg).unwrap();
+        let mut framed = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        framed.extend(body);
+        self.send_raw(&framed);
+    }
+
+    pub fn notify(&mut self, method: &str, params: Value) {
+        self.send(&json!({ "jsonrpc": "2.0", "method": method, "params": params }));
+    }
+
+    /// Sends a request and returns its id without waiting.
+    pub fn request_async(&mut self, method: &str, params: Value) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }));
+        id
+    }
+
+    /// Waits for the response to `id` (the whole message: `result` or `error`).
+    pub fn response(&mut self, id: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let msg = match self
+                .incoming
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => panic!("no response to request {id}"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("server exited before answering {id}")
+                }
+            };
+            if msg.get("method").is_none() && msg.get("id") == Some(&json!(id)) {
+                return msg;
+            }
+            self.handle_incoming(msg);
+        }
+    }
+
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.request_async(method, params);
+        self.response(id)
+    }
+
+    /// The `result` of a request, failing the test on an error response.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        let r = self.request(method, params);
+        match r.get("error") {
+            Some(e) => panic!("{method} failed: {e}"),
+            None => r["result"].clone(),
+        }
+    }
+
+    fn handle_incoming(&mut self, msg: Value) {
+        // Server-to-client requests (progress tokens) get an empty success.
+        if msg.get("method").is_some() && msg.get("id").is_some() {
+            let id = msg["id"].clone();
+            self.send(&json!({ "jsonrpc": "2.0", "id": id, "result": null }));
+        }
+        self.notifications.push(msg);
+    }
+
+    /// Waits until a notification satisfying `pred` has arrived.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(n) = self.notifications.iter().find(|n| pred(n)) {
+            return n.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let msg = self
+                .incoming
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("never saw {what}"));
+            let hit = pred(&msg);
+            self.handle_incoming(msg.clone());
+            if hit {
+                return msg;
+            }
+        }
+    }
+
+    pub fn open(&mut self, uri: &str, text: &str) {
+        self.notify(
+            "textDocument/didOpen",
+            json!({ "textDocument": { "uri": uri, "languageId": "python", "version": 1, "text": text } }),
+        );
+    }
+
+    /// Inserts `text` at (line, character) as an incremental change.
+    pub fn insert(&mut self, uri: &str, version: i32, line: u32, character: u32, text: &str) {
+        let at = json!({ "line": line, "character": character });
+        self.notify(
+            "textDocument/didChange",
+            json!({ "textDocument": { "uri": uri, "version": version },
+                    "contentChanges": [{ "range": { "start": at, "end": at }, "text": text }] }),
+        );
+    }
+
+    pub fn completion_params(uri: &str, line: u32, character: u32) -> Value {
+        json!({ "textDocument": { "uri": uri }, "position": { "line": line, "character": character } })
+    }
+
+    pub fn inline_params(uri: &str, line: u32, character: u32) -> Value {
+        let mut p = Self::completion_params(uri, line, character);
+        p["context"] = json!({ "triggerKind": 1 });
+        p
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.call(
+            "workspace/executeCommand",
+            json!({ "command": "star.status" }),
+        )
+    }
+
+    /// Shuts down cleanly and returns the server's stderr.
+    pub fn shutdown(mut self) -> String {
+        let r = self.request("shutdown", Value::Null);
+        assert!(r.get("error").is_none(), "shutdown failed: {r}");
+        self.notify("exit", Value::Null);
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "star-ls exited with {status}: {err}");
+        assert!(!err.contains("panicked"), "star-ls panicked: {err}");
+        err
+    }
+}
+
+fn read_message(r: &mut impl BufRead) -> Option<Value> {
+    let mut len = None;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("Content-Length: ") {
+            len = v.parse::<usize>().ok();
+        }
+    }
+    let mut body = vec![0; len?];
+    r.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
