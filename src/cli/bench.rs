@@ -10,12 +10,18 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The prefill/decode prompt: a small Python class, ending where a new method begins.
-const PROMPT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/bench/prompt.py"));
+const PROMPT: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/bench/prompt.py"
+));
 /// A longer Python module: the document typed into, and the source of the cold 700-token prompt.
-const DOCUMENT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/bench/access_log.py"));
+const DOCUMENT: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/bench/access_log.py"
+));
 /// The edit cursor goes on a new line after this text in `DOCUMENT` (inside `LatencyReport.alerts`).
 const EDIT_ANCHOR: &str = "if stats.count < 20:\n                continue\n";
 const EDIT_INDENT: &str = "            ";
@@ -152,7 +158,10 @@ fn start_engine(model_path: &Path) -> Result<(Engine, Arc<Model>)> {
         let _ = tx.send(event);
     });
     loop {
-        match rx.recv().context("the model thread stopped while loading")? {
+        match rx
+            .recv()
+            .context("the model thread stopped while loading")?
+        {
             EngineEvent::Loading { path } => tracing::info!("bench: loading {}", path.display()),
             EngineEvent::Loaded { seconds, .. } => {
                 tracing::info!("bench: model loaded in {seconds:.1}s");
@@ -161,12 +170,16 @@ fn start_engine(model_path: &Path) -> Result<(Engine, Arc<Model>)> {
             EngineEvent::LoadFailed { error } => bail!("loading {}: {error}", model_path.display()),
         }
     }
-    let model = match engine.model() {
-        Some(Ok(m)) => m,
-        Some(Err(e)) => bail!("loading {}: {e}", model_path.display()),
-        None => bail!("the engine reported its model loaded but has none"),
-    };
-    Ok((engine, model))
+    // The worker sends `Loaded` just before it publishes the model to `Engine::model`: wait for that too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match engine.model() {
+            Some(Ok(model)) => return Ok((engine, model)),
+            Some(Err(e)) => bail!("loading {}: {e}", model_path.display()),
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            None => bail!("the engine reported its model loaded but never published it"),
+        }
+    }
 }
 
 struct Speed {
@@ -183,7 +196,10 @@ fn bench_speed(model: &Qwen2, prompt: &[u32]) -> Result<Speed> {
     let mut tokens = Vec::new();
     for rep in 0..=REPS {
         let run = greedy_run(model, prompt, DECODE, prompt.len())?;
-        let (p, d) = (prompt.len() as f64 / run.prefill_s, (DECODE - 1) as f64 / run.decode_s);
+        let (p, d) = (
+            prompt.len() as f64 / run.prefill_s,
+            (DECODE - 1) as f64 / run.decode_s,
+        );
         tracing::info!("bench: run {rep}/{REPS}: prefill {p:.1} tok/s, decode {d:.1} tok/s");
         if rep == 0 {
             continue; // warmup: pages in the weights, spins up the thread pool
@@ -237,7 +253,13 @@ fn argmax(logits: &[f32]) -> u32 {
     logits
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 {
+                (i, l)
+            } else {
+                best
+            }
+        })
         .0 as u32
 }
 
@@ -307,7 +329,10 @@ fn complete_at(
 fn cold_prompt(model: &Model) -> Result<Vec<u32>> {
     let mut ids = model.tokenizer.encode(DOCUMENT);
     if ids.len() < COLD_PROMPT {
-        bail!("fixtures/bench/access_log.py is {} tokens; the cold bench needs {COLD_PROMPT}", ids.len());
+        bail!(
+            "fixtures/bench/access_log.py is {} tokens; the cold bench needs {COLD_PROMPT}",
+            ids.len()
+        );
     }
     ids.truncate(COLD_PROMPT);
     Ok(ids)
@@ -402,7 +427,11 @@ fn peer_bench(
     ids: &[u32],
     decode: usize,
 ) -> Result<PeerRun> {
-    let ids_file = std::env::temp_dir().join(format!("star-ls-bench-{}-{}.json", std::process::id(), ids.len()));
+    let ids_file = std::env::temp_dir().join(format!(
+        "star-ls-bench-{}-{}.json",
+        std::process::id(),
+        ids.len()
+    ));
     std::fs::write(&ids_file, serde_json::to_string(ids)?)
         .with_context(|| format!("writing {}", ids_file.display()))?;
     let out = run_captured(
@@ -424,7 +453,8 @@ fn peer_bench(
         .rev()
         .find(|l| !l.trim().is_empty())
         .context("peer-bench printed nothing")?;
-    let run: PeerRun = serde_json::from_str(line).with_context(|| format!("parsing peer-bench output `{line}`"))?;
+    let run: PeerRun = serde_json::from_str(line)
+        .with_context(|| format!("parsing peer-bench output `{line}`"))?;
     if !(run.prefill_tok_s > 0.0 && run.decode_tok_s > 0.0) {
         bail!("peer-bench reported non-positive speeds: {line}");
     }
@@ -434,7 +464,9 @@ fn peer_bench(
 /// Runs a command to completion; its stdout on success, an error with the tail of its stderr otherwise.
 fn run_captured(cmd: &mut Command) -> Result<String> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd.output().with_context(|| format!("could not run `{program}`"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not run `{program}`"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     for line in stderr.lines() {
         tracing::debug!("{program}: {line}");
@@ -502,16 +534,26 @@ fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
     let ratio = |a: f64, b: f64| round2(a / b);
     let peer_cold_ms = peer.as_ref().map(|p| {
         // peer-bench's figures are medians of per-run rates, so these invert back to median times.
-        1e3 * (COLD_PROMPT as f64 / p.cold.prefill_tok_s + (COLD_DECODE - 1) as f64 / p.cold.decode_tok_s)
+        1e3 * (COLD_PROMPT as f64 / p.cold.prefill_tok_s
+            + (COLD_DECODE - 1) as f64 / p.cold.decode_tok_s)
     });
     Report {
         threads,
         machine,
         prompt_tokens,
-        ratio_decode: peer.as_ref().map(|p| ratio(ours.decode_tok_s, p.main.decode_tok_s)),
-        ratio_prefill: peer.as_ref().map(|p| ratio(ours.prefill_tok_s, p.main.prefill_tok_s)),
+        ratio_decode: peer
+            .as_ref()
+            .map(|p| ratio(ours.decode_tok_s, p.main.decode_tok_s)),
+        ratio_prefill: peer
+            .as_ref()
+            .map(|p| ratio(ours.prefill_tok_s, p.main.prefill_tok_s)),
         tokens_agree: peer.as_ref().map(|p| {
-            speed.tokens.iter().zip(&p.main.tokens).take_while(|(a, b)| a == b).count()
+            speed
+                .tokens
+                .iter()
+                .zip(&p.main.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
         }),
         cold_700: Cold {
             prompt_tokens: COLD_PROMPT,
@@ -532,7 +574,9 @@ fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
 
 fn print_table(r: &Report) {
     let peer = r.peer.as_ref();
-    let opt = |x: Option<f64>, digits: usize| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
+    let opt = |x: Option<f64>, digits: usize| {
+        x.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+    };
     let load = |l: Option<f64>| opt(l, 2);
     println!(
         "star-ls bench: {} ({} cores), {} threads, prompt {} tokens, load {} -> {}",
@@ -544,14 +588,34 @@ fn print_table(r: &Report) {
         load(r.machine.load_end)
     );
     println!("peer: {}", peer.map_or("unavailable", |p| p.name.as_str()));
-    println!("{:<28} {:>12} {:>12} {:>10}", "", "star-ls", "peer", "ours/peer");
+    println!(
+        "{:<28} {:>12} {:>12} {:>10}",
+        "", "star-ls", "peer", "ours/peer"
+    );
     let row = |label: &str, ours: f64, theirs: Option<f64>, ratio: Option<f64>| {
-        println!("{label:<28} {ours:>12.1} {:>12} {:>10}", opt(theirs, 1), opt(ratio, 2));
+        println!(
+            "{label:<28} {ours:>12.1} {:>12} {:>10}",
+            opt(theirs, 1),
+            opt(ratio, 2)
+        );
     };
-    row("prefill tok/s", r.ours.prefill_tok_s, peer.map(|p| p.prefill_tok_s), r.ratio_prefill);
-    row("decode tok/s", r.ours.decode_tok_s, peer.map(|p| p.decode_tok_s), r.ratio_decode);
     row(
-        &format!("cold {}+{} tokens, ms", r.cold_700.prompt_tokens, r.cold_700.decode_tokens),
+        "prefill tok/s",
+        r.ours.prefill_tok_s,
+        peer.map(|p| p.prefill_tok_s),
+        r.ratio_prefill,
+    );
+    row(
+        "decode tok/s",
+        r.ours.decode_tok_s,
+        peer.map(|p| p.decode_tok_s),
+        r.ratio_decode,
+    );
+    row(
+        &format!(
+            "cold {}+{} tokens, ms",
+            r.cold_700.prompt_tokens, r.cold_700.decode_tokens
+        ),
         r.cold_700.ours_ms,
         r.cold_700.peer_ms,
         r.cold_700.ratio,
@@ -564,7 +628,10 @@ fn print_table(r: &Report) {
         r.ours.edit_prompt_tokens_mean,
         r.ours.edit_generated_mean
     );
-    println!("peak RSS                    {:.1} MiB (end {:.1} MiB)", r.ours.rss_mb, r.ours.rss_end_mb);
+    println!(
+        "peak RSS                    {:.1} MiB (end {:.1} MiB)",
+        r.ours.rss_mb, r.ours.rss_end_mb
+    );
     match (r.tokens_agree, &r.peer_error) {
         (Some(n), _) => println!("greedy tokens agreeing      {n} / {DECODE}"),
         (None, Some(e)) => println!("peer unavailable: {e}"),

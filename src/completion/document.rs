@@ -112,8 +112,8 @@ mod tests {
         assert_eq!(d.char_at(0, 2), Ok(1)); // inside the surrogate pair: the emoji itself
         assert_eq!(d.char_at(0, 99), Ok(3)); // clamped before "\r\n"
         assert_eq!(d.char_at(1, 1), Ok(6));
-        assert_eq!(d.char_at(2, 0), Ok(8)); // the empty last line
-        assert!(matches!(d.char_at(3, 0), Ok(8)));
+        assert_eq!(d.char_at(2, 0), Ok(7)); // the empty last line
+        assert_eq!(d.char_at(3, 0), Ok(7)); // one past the last line: the end
         assert!(matches!(
             d.char_at(4, 0),
             Err(PositionError::LineOutOfRange { .. })

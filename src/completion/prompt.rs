@@ -16,7 +16,9 @@ impl Default for ContextLimits {
     fn default() -> Self {
         Self {
             prefix_tokens: 1024,
-            suffix_tokens: 128,
+            // The suffix follows the prefix in the prompt, so each keystroke that changes the prefix's
+            // tokens re-runs all of it: keep it short.
+            suffix_tokens: 64,
         }
     }
 }
@@ -39,10 +41,13 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
         skip_text += nl + 1;
         prefix_ids = tok.encode(&prefix[skip_text..]);
     }
-    let heal = prefix_ids
-        .pop()
-        .map(|id| tok.token_bytes(id).to_vec())
-        .unwrap_or_default();
+    let heal = match prefix_ids.last() {
+        Some(&id) if should_heal(prefix, tok.token_bytes(id)) => {
+            prefix_ids.pop();
+            tok.token_bytes(id).to_vec()
+        }
+        _ => Vec::new(),
+    };
 
     let suffix = head_lines(suffix, limits.suffix_tokens * 4);
     let mut suffix_ids = tok.encode(suffix);
@@ -68,6 +73,21 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
             .find(|l| !l.is_empty())
             .map(str::to_owned),
     }
+}
+
+/// Heal the prefix's last token when the cursor sits inside a word (`self.quan|`) or in the indentation
+/// of a blank line: there the model would otherwise continue from a token boundary it never saw in
+/// training. After a space or punctuation the boundary is a natural one, and healing measured worse
+/// (`if x in |` healed to ` not in ...`).
+fn should_heal(prefix: &str, last: &[u8]) -> bool {
+    let cursor_line = prefix.rsplit('\n').next().unwrap_or("");
+    let in_word = last
+        .last()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b >= 0x80);
+    let in_indent = !last.is_empty()
+        && last.iter().all(u8::is_ascii_whitespace)
+        && cursor_line.trim().is_empty();
+    in_word || in_indent
 }
 
 /// The longest tail of whole lines of `text` within `max_bytes` (the cursor's partial line always kept).
@@ -112,5 +132,14 @@ mod tests {
         assert_eq!(tail_lines(text, 100), text);
         assert_eq!(head_lines(text, 7), "aaaa\n");
         assert_eq!(head_lines("é", 1), "");
+    }
+
+    #[test]
+    fn heals_inside_words_and_indentation_only() {
+        assert!(should_heal("x = self.quan", b"quan"));
+        assert!(should_heal("def f():\n    ", b"    "));
+        assert!(!should_heal("def f():\n", b":\n"));
+        assert!(!should_heal("    return ", b" "));
+        assert!(!should_heal("foo(", b"("));
     }
 }
