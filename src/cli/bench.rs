@@ -34,6 +34,8 @@ const REPS: usize = 3;
 const DECODE: usize = 64;
 const COLD_PROMPT: usize = 700;
 const COLD_DECODE: usize = 32;
+/// A 1-minute load average at the start above this means other work is competing for the cores.
+const BUSY_LOAD: f64 = 1.0;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -108,6 +110,11 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
     crate::cli::set_threads(Some(threads));
     let load_start = load_average();
+    if load_start.is_some_and(|l| l >= BUSY_LOAD) {
+        tracing::warn!(
+            "bench: the machine is busy (load {load_start:?}); figures will be unreliable"
+        );
+    }
     let model_path = crate::cli::model_path();
     // One model for everything: the engine's. A second copy would only inflate the RSS figure.
     let (engine, model) = start_engine(&model_path)?;
@@ -587,6 +594,9 @@ fn print_table(r: &Report) {
         load(r.machine.load_start),
         load(r.machine.load_end)
     );
+    if r.machine.load_start.is_some_and(|l| l >= BUSY_LOAD) {
+        println!("WARNING: the machine was busy when the bench started: the figures below are unreliable");
+    }
     println!("peer: {}", peer.map_or("unavailable", |p| p.name.as_str()));
     println!(
         "{:<28} {:>12} {:>12} {:>10}",
