@@ -28,7 +28,7 @@ impl GgufFile {
         let len = file.metadata().map_err(|e| corrupt(e.to_string()))?.len();
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| corrupt(format!("not a GGUF file ({e})")))?;
+            .map_err(|e| corrupt(format!("not a GGUF file ({})", super::one_line(&e))))?;
         // A truncated download passes the header check; catch it here instead of mid-load.
         for (name, info) in &content.tensor_infos {
             let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
@@ -80,7 +80,7 @@ impl GgufFile {
     fn bad(&self, key: &str, e: candle_core::Error) -> ModelError {
         ModelError::Corrupt {
             path: self.path.clone(),
-            reason: format!("metadata `{key}`: {e}"),
+            reason: format!("metadata `{key}`: {}", super::one_line(&e)),
         }
     }
 
@@ -89,7 +89,7 @@ impl GgufFile {
             .tensor(&mut self.reader, name, &candle_core::Device::Cpu)
             .map_err(|e| ModelError::Corrupt {
                 path: self.path.clone(),
-                reason: format!("tensor `{name}`: {e}"),
+                reason: format!("tensor `{name}`: {}", super::one_line(&e)),
             })
     }
 

@@ -17,6 +17,22 @@ pub use tokenizer::{FimTokens, Tokenizer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A candle error on one line: without the backtrace it carries when RUST_BACKTRACE is set, context
+/// joined with `: `.
+pub(crate) fn one_line(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => one_line(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", one_line(inner)),
+        e => e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": "),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("no model at {path}: run scripts/fetch-model, or point STAR_LS_MODEL at a qwen2 GGUF")]
@@ -38,6 +54,10 @@ impl Model {
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Self, ModelError> {
         let (weights, file) = Qwen2::load(path, opts)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
+        weights.warm_up().map_err(|e| ModelError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("first forward pass failed: {}", one_line(&e)),
+        })?;
         if tokenizer.vocab_size() > weights.config().vocab_size {
             return Err(ModelError::Corrupt {
                 path: path.to_owned(),

@@ -28,8 +28,12 @@ impl Tokenizer {
             reason,
         };
         let mut inner = tokenizers::Tokenizer::from_gguf(&f.content)
-            .map_err(|e| corrupt(format!("tokenizer: {e}")))?;
+            .map_err(|e| corrupt(format!("tokenizer: {}", super::one_line(&e))))?;
         inner.set_encode_special_tokens(true);
+        // llama.cpp does not normalize: keep the text's code points as they are.
+        inner
+            .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+            .map_err(|e| corrupt(format!("tokenizer: {e}")))?;
         let vocab = inner.get_vocab_size(true);
         let byte_of = byte_decoder();
         let bytes: Vec<Vec<u8>> = (0..vocab as u32)

@@ -1,0 +1,216 @@
+//! The runtime against the real default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M): the tokenizer against
+//! llama.cpp's ids, logits against candle-transformers' reference qwen2, and one real completion.
+//!
+//! The model is `STAR_LS_MODEL`, else `$STAR_LS_CACHE_DIR/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`
+//! (default cache `~/.cache/star-ls`). A missing model fails these tests: run `scripts/fetch-model`.
+
+use candle_core::{Device, Tensor};
+use star_ls::completion::{fim_prompt, ContextLimits};
+use star_ls::model::generate::StopReason;
+use star_ls::model::{generate, Cancel, GenerateParams, Hooks, LoadOptions, Model, StopAt};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn model_path() -> PathBuf {
+    let path = star_ls::cli::model_path();
+    assert!(
+        path.is_file(),
+        "the default model is missing at {}: run scripts/fetch-model (or point STAR_LS_MODEL at it)",
+        path.display()
+    );
+    path
+}
+
+fn load(opts: LoadOptions) -> Model {
+    let path = model_path();
+    match Model::load(&path, opts) {
+        Ok(m) => m,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The serving configuration (requantize to Q8_0), loaded once for every test in this file.
+fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| load(LoadOptions::default()))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tokenizer")
+        .join(name)
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let tok = &model().tokenizer;
+    let text = std::fs::read_to_string(fixture("mixed-unicode.txt")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("mixed-unicode.llama-cpp.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u32> = json["ids"]
+        .as_array()
+        .expect("fixture has `ids`")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert!(want.len() > 100);
+    let got = tok.encode(&text);
+    if got != want {
+        let at = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        panic!(
+            "encoding differs from llama.cpp at token {at} (ours {} tokens, llama.cpp {}):\n ours      {:?} = {:?}\n llama.cpp {:?} = {:?}",
+            got.len(),
+            want.len(),
+            &got[at..(at + 8).min(got.len())],
+            tok.decode(&got[at..(at + 8).min(got.len())]),
+            &want[at..(at + 8).min(want.len())],
+            tok.decode(&want[at..(at + 8).min(want.len())]),
+        );
+    }
+    assert_eq!(
+        tok.decode(&want),
+        text,
+        "llama.cpp's ids decode back to the text"
+    );
+
+    // Markers typed as text are text.
+    let special = tok.fim.prefix;
+    assert!(tok.token_bytes(special) == b"<|fim_prefix|>");
+    for s in ["<|fim_prefix|>", "x = \"<|fim_prefix|>\"", "<|endoftext|>"] {
+        let ids = tok.encode(s);
+        assert!(
+            !ids.contains(&special) && ids.iter().all(|&i| !tok.is_stop(i)),
+            "{s:?} -> {ids:?}"
+        );
+        assert!(ids.len() > 1);
+        assert_eq!(tok.decode(&ids), s);
+    }
+    assert!(tok.is_stop(151643), "<|endoftext|> ends a completion");
+}
+
+const PROMPT: &str = "import numpy as np\n\ndef moving_average(values, window):\n    \"\"\"Mean of each run of `window` values.\"\"\"\n    kernel = np.ones(window) /";
+
+fn top(logits: &[f32], k: usize) -> Vec<usize> {
+    let mut ids: Vec<usize> = (0..logits.len()).collect();
+    ids.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    ids.truncate(k);
+    ids
+}
+
+#[test]
+fn logits_match_candle_transformers_qwen2() {
+    use candle_transformers::models::quantized_qwen2::ModelWeights;
+    let path = model_path();
+    // The file's own quantized weights, as the reference runs them: no requantizing, no padding.
+    let ours = load(LoadOptions {
+        requantize_q8: false,
+        pad_for_repack: false,
+    });
+    let tokens = ours.tokenizer.encode(PROMPT);
+    assert!((30..=60).contains(&tokens.len()), "{} tokens", tokens.len());
+
+    let mut cache = ours.weights.new_cache();
+    let got = ours
+        .weights
+        .next_logits(&tokens, &mut cache, &mut Hooks::default())
+        .unwrap();
+    drop(ours);
+
+    let want: Vec<f32> = {
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        reference
+            .forward(&input, 0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let mean = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / got.len() as f32;
+    // Same weights, same arithmetic: the logits agree to float rounding. A wrong mask, rope, bias or
+    // head would move them by whole units.
+    assert!(
+        diff < 1e-3 * scale && mean < 1e-4 * scale,
+        "max |logit diff| {diff}, mean {mean}, at logit scale {scale}"
+    );
+    assert_eq!(
+        top(&got, 5),
+        top(&want, 5),
+        "same top-5 next tokens, in order"
+    );
+
+    // Serving weights (Q5_0 matrices requantized to Q8_0, padded for the repacked kernels where the CPU
+    // has them): the same prediction.
+    let mut cache = model().weights.new_cache();
+    let served = model()
+        .weights
+        .next_logits(&tokens, &mut cache, &mut Hooks::default())
+        .unwrap();
+    assert_eq!(
+        top(&served, 1),
+        top(&want, 1),
+        "requantize_q8 changed the next token"
+    );
+    let t5 = top(&want, 5);
+    let common = top(&served, 5).iter().filter(|i| t5.contains(i)).count();
+    assert!(
+        common >= 4,
+        "top-5 overlap {common}: {:?} vs {:?}",
+        top(&served, 5),
+        t5
+    );
+}
+
+#[test]
+fn completes_return_a_plus_b() {
+    let m = model();
+    let prompt = fim_prompt(
+        &m.tokenizer,
+        "def add(a, b):\n    return ",
+        "",
+        ContextLimits::default(),
+    );
+    let mut cache = m.weights.new_cache();
+    let params = GenerateParams {
+        max_tokens: 16,
+        stop: StopAt::Line,
+        temperature: 0.0,
+        ..GenerateParams::default()
+    };
+    let g = generate(
+        &m.weights,
+        &m.tokenizer,
+        &prompt,
+        &mut cache,
+        None,
+        &params,
+        &Cancel::default(),
+    )
+    .unwrap();
+    assert_eq!(g.text, "a + b", "{g:?}");
+    assert!(
+        matches!(g.stop, StopReason::EndOfLine | StopReason::StopToken),
+        "{g:?}"
+    );
+    assert_eq!(g.prefilled, prompt.tokens.len());
+}
