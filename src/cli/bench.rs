@@ -57,8 +57,9 @@ pub struct Report {
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
-    /// 1-minute load average when the bench started and when it ended: other work on the machine
-    /// skews every figure, and a shared box is the usual reason two runs disagree.
+    /// 1-minute load average when the bench started and when it ended (the end includes the bench's
+    /// own threads): other work on the machine skews every figure, and a shared box is the usual
+    /// reason two runs disagree.
     pub load_start: Option<f64>,
     pub load_end: Option<f64>,
 }
@@ -110,10 +111,8 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
     crate::cli::set_threads(Some(threads));
     let load_start = load_average();
-    if load_start.is_some_and(|l| l >= BUSY_LOAD) {
-        tracing::warn!(
-            "bench: the machine is busy (load {load_start:?}); figures will be unreliable"
-        );
+    if let Some(load) = load_start.filter(|l| *l >= BUSY_LOAD) {
+        tracing::warn!("bench: the machine is busy (load {load:.2}); figures will be unreliable");
     }
     let model_path = crate::cli::model_path();
     // One model for everything: the engine's. A second copy would only inflate the RSS figure.
@@ -207,10 +206,12 @@ fn bench_speed(model: &Qwen2, prompt: &[u32]) -> Result<Speed> {
             prompt.len() as f64 / run.prefill_s,
             (DECODE - 1) as f64 / run.decode_s,
         );
-        tracing::info!("bench: run {rep}/{REPS}: prefill {p:.1} tok/s, decode {d:.1} tok/s");
         if rep == 0 {
-            continue; // warmup: pages in the weights, spins up the thread pool
+            // Warmup: pages in the weights, spins up the thread pool.
+            tracing::info!("bench: warmup: prefill {p:.1} tok/s, decode {d:.1} tok/s");
+            continue;
         }
+        tracing::info!("bench: run {rep}/{REPS}: prefill {p:.1} tok/s, decode {d:.1} tok/s");
         if tokens.is_empty() {
             tokens = run.tokens;
         } else if tokens != run.tokens {

@@ -155,6 +155,38 @@ impl Linear {
         }
     }
 
+    /// Several projections of the same input. When they are all quantized alike, candle runs them as one
+    /// fused kernel: the input is quantized once and the threads are dispatched once.
+    fn forward_shared<const N: usize>(linears: &[&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let pad = linears[0].padding();
+        let weights: Option<Vec<&QTensor>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                QMatMul::QTensor(q) if l.padding() == pad => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let fused = match weights {
+            Some(ws) => QTensor::gemv_fused_shared_lhs(&ws, &x.pad_with_zeros(D::Minus1, 0, pad)?)?,
+            None => None,
+        };
+        let outs: Vec<Tensor> = match fused {
+            Some(outs) => outs
+                .into_iter()
+                .zip(linears)
+                .map(|(y, l)| match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                })
+                .collect::<Result<_>>()?,
+            None => linears
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<Result<_>>()?,
+        };
+        Ok(outs.try_into().expect("one output per projection"))
+    }
+
     fn padding(&self) -> usize {
         match &self.weight {
             QMatMul::QTensor(q) => q.shape().dims()[1] - self.in_features,
@@ -250,9 +282,10 @@ impl Attention {
         let seq = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, hd))?.transpose(1, 2);
-        let q = rope.apply(&heads(self.q.forward(x)?, nh)?, start, differentiable)?;
-        let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, start, differentiable)?;
-        let v = heads(self.v.forward(x)?, nkv)?.contiguous()?;
+        let [q, k, v] = Linear::forward_shared(&[&self.q, &self.k, &self.v], x)?;
+        let q = rope.apply(&heads(q, nh)?, start, differentiable)?;
+        let k = rope.apply(&heads(k, nkv)?, start, differentiable)?;
+        let v = heads(v, nkv)?.contiguous()?;
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k.contiguous()?, v),
@@ -309,7 +342,8 @@ pub struct Mlp {
 impl Mlp {
     /// `down_proj` input `z = silu(gate x) ⊙ (up x)`: the neuron activations STAR works on.
     fn neurons(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?
+        let [gate, up] = Linear::forward_shared(&[&self.gate, &self.up], x)?;
+        candle_nn::ops::silu(&gate)? * up
     }
 
     pub fn down(&self) -> &Linear {
