@@ -33,6 +33,14 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Prefill and decode speed and warm edit latency, beside llama.cpp on the same GGUF and threads.
+    Bench {
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 fn main() {
@@ -60,6 +68,7 @@ fn main() {
             };
             star_ls::cli::complete::run(&file, line, character, stop, json)
         }
+        Command::Bench { json, threads } => star_ls::cli::bench::run(threads, json.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("star-ls: {e:#}");

@@ -222,6 +222,10 @@ impl Worker {
         let loaded = Model::load(&path, self.config.load)
             .map(Arc::new)
             .map_err(|e: ModelError| e.to_string());
+        // Publish the model before announcing it, so whoever reacts to the event finds it.
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(loaded.clone());
+        }
         match &loaded {
             Ok(_) => on_event(EngineEvent::Loaded {
                 path,
@@ -230,9 +234,6 @@ impl Worker {
             Err(error) => on_event(EngineEvent::LoadFailed {
                 error: error.clone(),
             }),
-        }
-        if let Ok(mut s) = slot.lock() {
-            *s = Some(loaded.clone());
         }
         for job in jobs {
             let result = match &loaded {

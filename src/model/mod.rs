@@ -2,6 +2,7 @@
 //!
 //! Architecture invariant: no I/O after `load`; everything here is a function of weights and inputs.
 
+mod gemv;
 pub mod generate;
 mod gguf;
 pub mod hooks;

@@ -5,6 +5,7 @@
 //! takes explicit `Hooks` (activation capture, MLP occlusion, the patch overlay) that cost nothing when
 //! empty, and any layer can be copied to dense f32 with differentiable norm/rope paths for gradient work.
 
+use super::gemv::RawMatrix;
 use super::gguf::GgufFile;
 use super::hooks::Hooks;
 use super::ModelError;
@@ -100,6 +101,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The real input width; the stored weight may be zero-padded past it (`LoadOptions::pad_for_repack`).
     in_features: usize,
+    /// The GGUF's own blocks, for single-row products, when `weight` was re-stored for batch kernels.
+    decode: Option<Arc<RawMatrix>>,
 }
 
 impl Linear {
@@ -122,7 +125,12 @@ impl Linear {
         } else {
             0
         };
-        let w = if pad > 0 || (opts.requantize_q8 && needs_requantize(w.dtype())) {
+        let restore = pad > 0 || (opts.requantize_q8 && needs_requantize(w.dtype()));
+        let decode = match restore {
+            true => RawMatrix::new(&w).map_err(corrupt)?.map(Arc::new),
+            false => None,
+        };
+        let w = if restore {
             let dense = w.dequantize(&Device::Cpu).map_err(corrupt)?;
             let dense = dense.pad_with_zeros(1, 0, pad).map_err(corrupt)?;
             QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(corrupt)?
@@ -141,13 +149,15 @@ impl Linear {
             weight: QMatMul::from_qtensor(w).map_err(corrupt)?,
             bias,
             in_features,
+            decode,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.padding() {
-            0 => self.weight.forward(x)?,
-            pad => self.weight.forward(&x.pad_with_zeros(D::Minus1, 0, pad)?)?,
+        let y = match (&self.decode, self.padding()) {
+            (Some(raw), _) if x.dim(0)? == 1 => raw.gemv(x)?,
+            (_, 0) => self.weight.forward(x)?,
+            (_, pad) => self.weight.forward(&x.pad_with_zeros(D::Minus1, 0, pad)?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -158,6 +168,14 @@ impl Linear {
     /// Several projections of the same input. When they are all quantized alike, candle runs them as one
     /// fused kernel: the input is quantized once and the threads are dispatched once.
     fn forward_shared<const N: usize>(linears: &[&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        if x.dim(0)? == 1 && linears.iter().all(|l| l.decode.is_some()) {
+            return Ok(linears
+                .map(|l| l.forward(x))
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+                .try_into()
+                .expect("one output per projection"));
+        }
         let pad = linears[0].padding();
         let weights: Option<Vec<&QTensor>> = linears
             .iter()
@@ -209,6 +227,7 @@ impl Linear {
             weight: QMatMul::Tensor(self.dense_weight()?),
             bias: self.bias.clone(),
             in_features: self.in_features,
+            decode: None,
         })
     }
 }
