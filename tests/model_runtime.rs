@@ -518,7 +518,19 @@ fn kv_cache_chunks_match_one_pass() {
     ] {
         let m = load_with(&path, opts);
         let t = tokens(&m);
+        // Re-stored (requantized or padded) matrices serve a single row with the decode kernel on the
+        // GGUF's own blocks, which rounds its input differently from the batch kernel: a one-token
+        // chunk moves the logits by that rounding. Otherwise chunking changes nothing.
+        let restored = path != f32_path();
         let whole = logits_of(&m, &t, &mut Hooks::default());
+        let scale = whole.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let tol = |a: usize, b: usize| {
+            if restored && (a == 1 || b == 1) {
+                0.02 * scale
+            } else {
+                1e-4
+            }
+        };
         assert_eq!(whole.len(), m.weights.config().vocab_size);
         for split in [1, 7, t.len() / 2, t.len() - 1] {
             let mut cache = m.weights.new_cache();
@@ -532,7 +544,10 @@ fn kv_cache_chunks_match_one_pass() {
                 .unwrap();
             assert_eq!(cache.tokens(), &t[..]);
             let d = max_abs_diff(&whole, &two);
-            assert!(d < 1e-4, "split at {split}: max diff {d}");
+            assert!(
+                d < tol(split, t.len() - split),
+                "split at {split}: max diff {d}"
+            );
         }
         // Token by token.
         let mut cache = m.weights.new_cache();
@@ -544,7 +559,7 @@ fn kv_cache_chunks_match_one_pass() {
                 .unwrap();
         }
         let d = max_abs_diff(&whole, &last);
-        assert!(d < 1e-4, "token by token: max diff {d}");
+        assert!(d < tol(1, 1), "token by token: max diff {d}");
         assert!(cache.bytes() > 0);
     }
 }

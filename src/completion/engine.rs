@@ -74,6 +74,9 @@ pub struct Completion {
     pub generation: Generation,
 }
 
+/// The model once loading has finished (`None` while it loads), or why it could not load.
+type ModelSlot = Arc<Mutex<Option<Result<Arc<Model>, String>>>>;
+
 type Reply = Box<dyn FnOnce(Result<Completion, EngineError>) + Send>;
 
 struct Job {
@@ -120,7 +123,7 @@ impl From<&Generation> for GenerationStats {
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
     patches: Arc<RwLock<Arc<PatchSet>>>,
-    model: Arc<Mutex<Option<Result<Arc<Model>, String>>>>,
+    model: ModelSlot,
     stats: Arc<Mutex<EngineStats>>,
 }
 
@@ -210,12 +213,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(
-        mut self,
-        jobs: mpsc::Receiver<Job>,
-        slot: Arc<Mutex<Option<Result<Arc<Model>, String>>>>,
-        on_event: impl Fn(EngineEvent),
-    ) {
+    fn run(mut self, jobs: mpsc::Receiver<Job>, slot: ModelSlot, on_event: impl Fn(EngineEvent)) {
         let path = self.config.model_path.clone();
         on_event(EngineEvent::Loading { path: path.clone() });
         let t0 = Instant::now();

@@ -29,5 +29,8 @@ pub fn serve() -> anyhow::Result<()> {
         .serve(service)
         .await;
     });
+    // Reading stdin blocks a thread that returns only when the client closes the pipe, which it need
+    // not do after `exit`: do not wait for it.
+    runtime.shutdown_background();
     Ok(())
 }
