@@ -4,7 +4,9 @@
 //! Every number printed is measured here; when the peer cannot run, its figures are `null` with the reason.
 
 use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, EngineEvent};
-use crate::model::{Cancel, GenerateParams, Hooks, KvCache, Model, Qwen2, StopAt};
+use crate::model::{
+    generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, Qwen2, StopAt,
+};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -255,20 +257,6 @@ fn greedy_run(model: &Qwen2, prompt: &[u32], n: usize, chunk: usize) -> Result<G
         decode_s: (t2 - t1).as_secs_f64(),
         tokens,
     })
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-            if l > best.1 {
-                (i, l)
-            } else {
-                best
-            }
-        })
-        .0 as u32
 }
 
 struct Edits {

@@ -193,22 +193,24 @@ fn mask_to_heal(tokenizer: &Tokenizer, logits: &mut [f32], rest: &[u8]) {
     }
 }
 
+/// The greedy choice: the first token with the highest logit.
+pub fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 {
+                (i, l)
+            } else {
+                best
+            }
+        })
+        .0 as u32
+}
+
 fn sample(logits: &[f32], p: &GenerateParams, rng: &mut StdRng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-                if l > best.1 {
-                    (i, l)
-                } else {
-                    best
-                }
-            })
-            .0 as u32
-    };
     if p.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<(u32, f32)> = logits
@@ -236,7 +238,7 @@ fn sample(logits: &[f32], p: &GenerateParams, rng: &mut StdRng) -> u32 {
             return *id;
         }
     }
-    probs.last().map_or_else(argmax, |x| x.0)
+    probs.last().map_or_else(|| argmax(logits), |x| x.0)
 }
 
 /// Stop rules over the completion text as it grows.
