@@ -14,7 +14,7 @@ pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> 
         .with_context(|| format!("position {line}:{character} in {}", file.display()))?;
     let (prefix, suffix) = doc.split_at(at);
     let engine = Engine::start(EngineConfig::new(super::model_path()), |e| {
-        tracing::info!(?e, "model")
+        tracing::debug!(?e, "model")
     });
     let completion = engine.complete_blocking(CompletionRequest {
         document: file.display().to_string(),

@@ -1,0 +1,86 @@
+//! The `star-ls` command line: one completion without an editor, and its errors.
+
+mod client;
+
+use std::process::Command;
+
+fn star_ls(model: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .args(args)
+        .env("STAR_LS_MODEL", model)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running star-ls")
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/fixtures/python/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn complete_prints_one_completion() {
+    let out = star_ls(
+        &client::packaged_model(),
+        &[
+            "complete",
+            &fixture("demo.py"),
+            "--line",
+            "5",
+            "--character",
+            "11",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "math.sqrt(a**2 + b**2)"
+    );
+}
+
+#[test]
+fn bad_models_and_positions_fail_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("star-ls-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    let bytes = std::fs::read(client::packaged_model()).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a model").unwrap();
+    let file = fixture("demo.py");
+    let at = [
+        "complete",
+        file.as_str(),
+        "--line",
+        "5",
+        "--character",
+        "11",
+    ];
+    for (model, args, expect) in [
+        (dir.join("missing.gguf"), &at[..], "scripts/fetch-model"),
+        (truncated, &at[..], "truncated"),
+        (garbage, &at[..], "not a GGUF file"),
+        (
+            client::packaged_model(),
+            &[
+                "complete",
+                file.as_str(),
+                "--line",
+                "999",
+                "--character",
+                "0",
+            ][..],
+            "past the end",
+        ),
+    ] {
+        let out = star_ls(&model, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{model:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert!(err.contains(expect), "{model:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
