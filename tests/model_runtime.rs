@@ -1509,3 +1509,46 @@ fn token_healing_with_line_stop_excludes_heal_and_newline() {
         assert_eq!(bytes, want, "seed {seed}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The completion engine on the tiny model
+
+#[test]
+fn engine_swaps_the_patch_overlay_between_requests() {
+    use star_ls::completion::{CompletionRequest, Engine, EngineConfig};
+    let engine = Engine::start(
+        EngineConfig {
+            max_tokens: 8,
+            ..EngineConfig::new(mixed_path())
+        },
+        |_| {},
+    );
+    let complete = || {
+        engine
+            .complete_blocking(CompletionRequest {
+                document: "a.py".into(),
+                prefix: "def add(a, b):\n    return ".into(),
+                suffix: "\n".into(),
+                stop: StopAt::Block,
+                cancel: Cancel::default(),
+            })
+            .unwrap()
+            .generation
+            .tokens
+    };
+    let before = complete();
+    assert!(!before.is_empty());
+    let model = engine.model().expect("loaded").expect("loads");
+    let cfg = model.weights.config();
+    let delta = random((cfg.hidden_size, cfg.intermediate_size), 5.0, 11);
+    let patch = LayerPatch::new((0..cfg.intermediate_size as u32).collect(), delta).unwrap();
+    engine.set_patches(PatchSet::default().with(cfg.num_layers - 1, patch).unwrap());
+    assert_eq!(engine.patches().iter().count(), 1);
+    assert_ne!(
+        complete(),
+        before,
+        "the live overlay changes what the model proposes"
+    );
+    engine.set_patches(PatchSet::default());
+    assert_eq!(complete(), before, "an empty overlay restores the model");
+}
