@@ -329,8 +329,17 @@ impl LanguageServer for Server {
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
-        self.lock_documents()
-            .remove(params.text_document.uri.as_str());
+        let key = params.text_document.uri.as_str();
+        self.lock_documents().remove(key);
+        let latest = self
+            .state
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some((_, cancel)) = latest {
+            cancel.cancel();
+        }
     }
 
     async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
