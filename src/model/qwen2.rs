@@ -293,11 +293,11 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        span: &Span,
         kv: &mut Option<(Tensor, Tensor)>,
-        rope: &Rope,
         differentiable: bool,
     ) -> Result<Tensor> {
+        let (start, rope) = (span.start, span.rope);
         let seq = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, hd))?.transpose(1, 2);
@@ -317,8 +317,11 @@ impl Attention {
         let group = nh / nkv;
         let q = q.contiguous()?.reshape((1, nkv, group * seq, hd))?;
         let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        if seq > 1 {
-            att = att.broadcast_add(&causal_mask(seq, start, total, group)?)?;
+        if let Some(mask) = &span.mask {
+            att = att
+                .reshape((1, nkv, group, seq, total))?
+                .broadcast_add(mask)?
+                .reshape((1, nkv, group * seq, total))?;
         }
         let att = if differentiable {
             candle_nn::ops::softmax(&att, D::Minus1)?
@@ -334,21 +337,37 @@ impl Attention {
     }
 }
 
-/// Additive mask (group*seq, total): row i of each group sits at absolute position `start + i`.
-fn causal_mask(seq: usize, start: usize, total: usize, group: usize) -> Result<Tensor> {
-    let mut mask = Vec::with_capacity(group * seq * total);
-    for _ in 0..group {
-        for i in 0..seq {
-            mask.extend((0..total).map(|j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            }));
-        }
+/// Where one forward pass sits: its first absolute position, the rotary tables, and the causal mask that
+/// every layer shares.
+struct Span<'a> {
+    start: usize,
+    rope: &'a Rope,
+    /// Additive `(seq, start + seq)`: row `i` sits at position `start + i`. None for a single token,
+    /// which sees every position.
+    mask: Option<Tensor>,
+}
+
+impl<'a> Span<'a> {
+    fn new(rope: &'a Rope, start: usize, seq: usize) -> Result<Self> {
+        let mask = if seq > 1 {
+            let total = start + seq;
+            let mask: Vec<f32> = (0..seq)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            Some(Tensor::from_vec(mask, (seq, total), &Device::Cpu)?)
+        } else {
+            None
+        };
+        Ok(Self { start, rope, mask })
     }
-    Tensor::from_vec(mask, (group * seq, total), &Device::Cpu)
 }
 
 #[derive(Debug, Clone)]
@@ -386,14 +405,13 @@ impl DecoderLayer {
         &self,
         index: usize,
         x: &Tensor,
-        start: usize,
+        span: &Span,
         kv: &mut Option<(Tensor, Tensor)>,
-        rope: &Rope,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         let d = self.differentiable;
         let h = rms_norm(x, &self.attn_norm, self.eps, d)?;
-        let x = (self.attn.forward(&h, start, kv, rope, d)? + x)?;
+        let x = (self.attn.forward(&h, span, kv, d)? + x)?;
         if hooks.skip_mlp.contains(&index) {
             return Ok(x);
         }
@@ -635,11 +653,12 @@ impl Qwen2 {
             cache.layers = vec![None; self.layers.len()];
         }
         let mut x = self.embed.rows(tokens)?;
+        let span = Span::new(&self.rope, start, tokens.len())?;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(i, &x);
             }
-            x = layer.forward(i, &x, start, &mut cache.layers[i], &self.rope, hooks)?;
+            x = layer.forward(i, &x, &span, &mut cache.layers[i], hooks)?;
         }
         cache.tokens.extend_from_slice(tokens);
         if let Some(capture) = hooks.capture.as_deref_mut() {
@@ -688,8 +707,9 @@ impl Qwen2 {
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         let mut x = x.clone();
+        let span = Span::new(&self.rope, 0, x.dim(0)?)?;
         for (j, layer) in layers.iter().enumerate() {
-            x = layer.forward(first + j, &x, 0, &mut None, &self.rope, hooks)?;
+            x = layer.forward(first + j, &x, &span, &mut None, hooks)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_eps, true)
     }
