@@ -129,6 +129,23 @@ fn tokens(m: &Model) -> Vec<u32> {
     t
 }
 
+/// A forward pass of `t` from an empty cache, recording `layers`.
+fn captured<const N: usize>(m: &Model, t: &[u32], layers: [usize; N]) -> Capture {
+    let mut cap = Capture::layers(layers);
+    let mut cache = m.weights.new_cache();
+    m.weights
+        .forward(
+            t,
+            &mut cache,
+            &mut Hooks {
+                capture: Some(&mut cap),
+                ..Hooks::default()
+            },
+        )
+        .unwrap();
+    cap
+}
+
 fn random(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -700,18 +717,7 @@ fn captured_neurons_times_down_proj_is_the_mlp_output() {
     // With layer 1's MLP skipped, the hidden state before the final norm lacks exactly down(z_1).
     let m = load_exact(&f32_path());
     let t = tokens(&m);
-    let mut cap = Capture::layers([1]);
-    let mut c = m.weights.new_cache();
-    m.weights
-        .forward(
-            &t,
-            &mut c,
-            &mut Hooks {
-                capture: Some(&mut cap),
-                ..Hooks::default()
-            },
-        )
-        .unwrap();
+    let cap = captured(&m, &t, [1]);
     let with_mlp = cap.final_hidden.clone().unwrap();
     let z = cap.neurons[&1].clone();
     let mut cap_skip = Capture::layers([1]);
@@ -1003,18 +1009,7 @@ fn dense_loss(
 fn check_gradients(layer: usize) {
     let m = load_exact(&f32_path());
     let t = tokens(&m);
-    let mut cap = Capture::layers([0]);
-    let mut c = m.weights.new_cache();
-    m.weights
-        .forward(
-            &t,
-            &mut c,
-            &mut Hooks {
-                capture: Some(&mut cap),
-                ..Hooks::default()
-            },
-        )
-        .unwrap();
+    let cap = captured(&m, &t, [0]);
     let x0 = cap.residual[&0].clone();
     let targets = Tensor::new(&t[1..], &Device::Cpu).unwrap();
     let columns = [4u32, 30, 99];
