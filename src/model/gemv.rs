@@ -255,9 +255,19 @@ mod tests {
         if !available() {
             return;
         }
+        use rand::{Rng, SeedableRng};
         let (rows, cols) = (70, 96);
-        let w = Tensor::randn(0f32, 0.5, (rows, cols), &Device::Cpu).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut normal = |n: usize, scale: f32| -> Vec<f32> {
+            // A sum of uniforms: near-normal, seeded, so the test is the same on every run.
+            (0..n)
+                .map(|_| scale * ((0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0))
+                .collect()
+        };
+        let w = Tensor::from_vec(normal(rows * cols, 0.5), (rows, cols), &Device::Cpu).unwrap();
+        let xs = normal(cols, 1.0);
+        let x = Tensor::from_vec(xs.clone(), (1, cols), &Device::Cpu).unwrap();
+        let xq = quantize_row(&xs);
         for dtype in [GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let m = RawMatrix::new(&q).unwrap().unwrap();
@@ -268,27 +278,34 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let xq = quantize_row(&x.flatten_all().unwrap().to_vec1().unwrap());
-            let row_bytes = cols / BLOCK * m.kind.block_bytes();
-            let exact: Vec<f32> = q
+            let dense: Vec<f32> = q
                 .dequantize(&Device::Cpu)
-                .unwrap()
-                .matmul(&x.t().unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
+            let row_bytes = cols / BLOCK * m.kind.block_bytes();
             for r in 0..rows {
+                let wr = &dense[r * cols..(r + 1) * cols];
+                let exact: f32 = wr.iter().zip(&xs).map(|(a, b)| a * b).sum();
+                // Rounding x to 8 bits moves each term by at most |w_i| * (its block's max |x|) / 254.
+                let bound: f32 = wr
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let block = &xs[i / BLOCK * BLOCK..(i / BLOCK + 1) * BLOCK];
+                        a.abs() * block.iter().fold(0f32, |m, v| m.max(v.abs()))
+                    })
+                    .sum();
                 let reference =
                     dot_reference(m.kind, &m.data[r * row_bytes..(r + 1) * row_bytes], &xq);
                 assert!(
-                    (got[r] - reference).abs() < 1e-4 * (1.0 + reference.abs()),
+                    (got[r] - reference).abs() < 1e-5 * bound + 1e-6,
                     "{dtype:?} row {r}"
                 );
-                // Only the input's 8-bit rounding separates it from the f32 product.
                 assert!(
-                    (got[r] - exact[r]).abs() < 0.05 * (1.0 + exact[r].abs()),
+                    (got[r] - exact).abs() < bound / 200.0 + 1e-4,
                     "{dtype:?} row {r}"
                 );
             }
