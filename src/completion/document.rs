@@ -96,6 +96,17 @@ impl Document {
     pub fn len_chars(&self) -> usize {
         self.text.len_chars()
     }
+
+    /// The text of chars `start..end` (clamped to the document).
+    pub fn slice(&self, start: usize, end: usize) -> String {
+        let len = self.text.len_chars();
+        self.text.slice(start.min(len)..end.min(len)).to_string()
+    }
+
+    /// The 0-based line of char index `at` (clamped to the document).
+    pub fn line_of(&self, at: usize) -> usize {
+        self.text.char_to_line(at.min(self.text.len_chars()))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,248 @@
+//! Outcome inference: completions followed through the edits an editor sends, as the server applies them.
+
+use star_ls::capture::{CaseKind, Edit, Outcome, Resolved, Tracker};
+use star_ls::completion::Document;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "file:///w/a.py";
+
+/// A document and a tracker, edited the way the server does it.
+struct Session {
+    doc: Document,
+    tracker: Tracker,
+    now: Instant,
+    resolved: Vec<Resolved>,
+}
+
+impl Session {
+    fn new(text: &str) -> Self {
+        Self {
+            doc: Document::new(text, 1, "python"),
+            tracker: Tracker::default(),
+            now: Instant::now(),
+            resolved: Vec::new(),
+        }
+    }
+
+    fn offset(&self, line: u32, col: u32) -> usize {
+        self.doc.char_at(line, col).unwrap()
+    }
+
+    fn show(&mut self, id: Option<&str>, line: u32, col: u32, proposed: &str) {
+        let at = self.offset(line, col);
+        let r = self.tracker.shown(
+            KEY,
+            &self.doc,
+            id.map(str::to_owned),
+            at,
+            proposed.into(),
+            self.now,
+        );
+        self.resolved.extend(r);
+    }
+
+    fn replace(&mut self, start: usize, end: usize, text: &str) {
+        let removed = self.doc.slice(start, end);
+        self.doc.replace(start, end, text).unwrap();
+        let edit = Edit {
+            start,
+            removed,
+            inserted: text.into(),
+        };
+        let r = self.tracker.edited(KEY, &self.doc, edit, self.now);
+        self.resolved.extend(r);
+    }
+
+    /// Types `text` one character at a time at (line, col).
+    fn type_at(&mut self, line: u32, col: u32, text: &str) {
+        let mut at = self.offset(line, col);
+        for ch in text.chars() {
+            self.replace(at, at, &ch.to_string());
+            at += 1;
+        }
+    }
+
+    fn close(&mut self) -> Vec<Resolved> {
+        let r = self.tracker.close(KEY, &self.doc);
+        self.resolved.extend(r);
+        std::mem::take(&mut self.resolved)
+    }
+}
+
+fn cases(resolved: &[Resolved]) -> Vec<(CaseKind, Outcome, &str, &str)> {
+    resolved
+        .iter()
+        .filter_map(|r| r.case.as_ref())
+        .map(|c| (c.kind, c.outcome, c.target.as_str(), c.proposed.as_str()))
+        .collect()
+}
+
+#[test]
+fn an_inserted_completion_is_accepted_and_becomes_a_guard_case() {
+    let mut s = Session::new("def add(a, b):\n    return \n\nprint(add(1, 2))\n");
+    s.show(Some("c1"), 1, 11, "a + b");
+    let at = s.offset(1, 11);
+    s.replace(at, at, "a + b");
+    // The cursor moves on: an edit two lines down decides it.
+    let below = s.offset(2, 0);
+    s.replace(below, below, "x = 1");
+    assert_eq!(
+        cases(&s.resolved),
+        [(CaseKind::Guard, Outcome::Accepted, "a + b", "a + b")]
+    );
+    let case = s.resolved[0].case.as_ref().unwrap();
+    assert_eq!(case.prefix, "def add(a, b):\n    return ");
+    assert_eq!(case.suffix, "x = 1\nprint(add(1, 2))\n");
+    assert_eq!(s.resolved[0].completion_id.as_deref(), Some("c1"));
+}
+
+#[test]
+fn typing_something_else_is_a_rejection_with_the_typed_line_as_target() {
+    let mut s = Session::new("def add(a, b):\n    return \n");
+    s.show(Some("c1"), 1, 11, "a + b");
+    // The editor asks again after each key; those later completions on the same line add no cases.
+    s.type_at(1, 11, "a");
+    s.show(Some("c2"), 1, 12, " + b");
+    s.type_at(1, 12, " - b");
+    s.type_at(1, 16, "\n");
+    let got = std::mem::take(&mut s.resolved);
+    assert_eq!(
+        cases(&got),
+        [(CaseKind::Failure, Outcome::Rejected, "a - b", "a + b")],
+        "{got:?}"
+    );
+    // Both completions are decided as rejected; the line yields one case.
+    let outcomes: Vec<_> = got.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, [Some(Outcome::Rejected); 2]);
+    let rest = s.close();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn accepted_then_edited_is_a_correction() {
+    let mut s = Session::new("xs = [1, 2]\ntotal = \n");
+    s.show(Some("c1"), 1, 8, "sum(xs)");
+    let at = s.offset(1, 8);
+    s.replace(at, at, "sum(xs)");
+    s.tracker.accept("c1");
+    // The developer edits inside the inserted text: sum(xs) -> sum(xs) / len(xs)
+    s.type_at(1, 15, " / len(xs)");
+    let r = s.close();
+    assert_eq!(
+        cases(&r),
+        [(
+            CaseKind::Failure,
+            Outcome::Corrected,
+            "sum(xs) / len(xs)",
+            "sum(xs)"
+        )]
+    );
+}
+
+#[test]
+fn a_completion_item_replacing_the_typed_word_counts_as_an_insertion() {
+    let mut s = Session::new("import os\nos.pa\n");
+    s.show(Some("c1"), 1, 5, "th.join(a, b)");
+    // Editors apply list items as "replace `pa` by `path.join(a, b)`".
+    let (start, end) = (s.offset(1, 3), s.offset(1, 5));
+    s.replace(start, end, "path.join(a, b)");
+    let r = s.close();
+    assert_eq!(
+        cases(&r),
+        [(
+            CaseKind::Guard,
+            Outcome::Accepted,
+            "th.join(a, b)",
+            "th.join(a, b)"
+        )]
+    );
+}
+
+#[test]
+fn changing_the_text_before_the_position_abandons_the_completion() {
+    let mut s = Session::new("x = foo\n");
+    s.show(Some("c1"), 0, 7, "(1)");
+    let end = s.offset(0, 7);
+    s.replace(end - 1, end, ""); // backspace
+    s.type_at(0, 6, "bar()");
+    let r = s.close();
+    assert!(cases(&r).is_empty(), "{r:?}");
+}
+
+#[test]
+fn a_dismissed_completion_with_nothing_typed_is_rejected_without_a_case() {
+    let mut s = Session::new("def f():\n    \n");
+    s.show(Some("c1"), 1, 4, "pass");
+    s.tracker.reject("c1");
+    let r = s.close();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].outcome, Some(Outcome::Rejected));
+    assert!(r[0].case.is_none());
+}
+
+#[test]
+fn where_the_model_proposed_nothing_the_typed_line_is_a_failure() {
+    let mut s = Session::new("def f(n):\n    \n");
+    s.show(None, 1, 4, "");
+    s.type_at(1, 4, "return n * 2");
+    let r = s.close();
+    assert_eq!(
+        cases(&r),
+        [(CaseKind::Failure, Outcome::Rejected, "return n * 2", "")]
+    );
+    assert_eq!(r[0].completion_id, None);
+}
+
+#[test]
+fn edits_elsewhere_shift_completions_and_idle_ones_are_decided() {
+    let mut s = Session::new("a = 1\nb = \n");
+    s.show(Some("c1"), 1, 4, "2");
+    s.type_at(1, 4, "3");
+    // A line inserted above (a paste elsewhere): the completion keeps its place.
+    s.replace(0, 0, "import sys\n");
+    let r = std::mem::take(&mut s.resolved);
+    // The paste counts as the cursor leaving the line: decided with the shifted text.
+    assert_eq!(
+        cases(&r),
+        [(CaseKind::Failure, Outcome::Rejected, "3", "2")]
+    );
+    assert_eq!(
+        r[0].case.as_ref().unwrap().prefix,
+        "import sys\na = 1\nb = "
+    );
+
+    s.show(Some("c2"), 2, 5, "\nc = 4");
+    s.type_at(2, 5, "\nc = 5");
+    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
+    let later = s.now + Duration::from_secs(3);
+    assert!(s
+        .tracker
+        .idle(
+            &docs,
+            s.now + Duration::from_millis(500),
+            Duration::from_secs(1)
+        )
+        .is_empty());
+    let r = s.tracker.idle(&docs, later, Duration::from_secs(1));
+    assert_eq!(
+        cases(&r),
+        [(CaseKind::Failure, Outcome::Rejected, "c = 5", "\nc = 4")]
+    );
+}
+
+#[test]
+fn an_explicit_correction_is_decided_at_once() {
+    let mut s = Session::new("name = \n");
+    s.show(Some("c1"), 0, 7, "input()");
+    let r = s
+        .tracker
+        .correct(KEY, &s.doc, "c1", "input().strip()")
+        .unwrap();
+    let c = r.case.unwrap();
+    assert_eq!(
+        (c.kind, c.outcome, c.target.as_str()),
+        (CaseKind::Failure, Outcome::Corrected, "input().strip()")
+    );
+    assert!(s.close().is_empty(), "decided once only");
+}
