@@ -6,6 +6,7 @@ pub mod cli;
 pub mod completion;
 pub mod lsp;
 pub mod model;
+pub mod store;
 
 /// File name of the default model in `$STAR_LS_CACHE_DIR/models/` (what scripts/fetch-model writes).
 pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";

@@ -1,0 +1,161 @@
+//! The feedback store on a real SQLite file: permissions, schema, deduplication, pruning, and writes
+//! that survive a locked database.
+
+use star_ls::capture::{CaseKind, CaseText, Outcome};
+use star_ls::store::{NewCase, ShownRecord, Store, StoreHandle, StoreOp, FILE_NAME};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("star-ls-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("data") // not yet there: the store creates it
+}
+
+fn case(target: &str, kind: CaseKind) -> NewCase {
+    NewCase {
+        case: CaseText {
+            kind,
+            outcome: match kind {
+                CaseKind::Failure => Outcome::Rejected,
+                CaseKind::Guard => Outcome::Accepted,
+            },
+            prefix: "def f(x):\n    return ".into(),
+            target: target.into(),
+            suffix: "\n".into(),
+            proposed: "x".into(),
+        },
+        completion_id: Some("c1".into()),
+        language: "python".into(),
+        document: "file:///w/f.py".into(),
+        workspace: "file:///w".into(),
+        created_ms: 1,
+    }
+}
+
+fn shown(id: &str, prefix_len: usize, shown_ms: i64) -> ShownRecord {
+    ShownRecord {
+        id: id.into(),
+        document: "file:///w/f.py".into(),
+        workspace: "file:///w".into(),
+        language: "python".into(),
+        version: 1,
+        line: 1,
+        character: 11,
+        prefix: "x".repeat(prefix_len),
+        suffix: String::new(),
+        proposed: "a + b".into(),
+        patches: vec!["p1".into()],
+        shown_ms,
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn files_are_private_and_the_schema_is_versioned() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("perm");
+    let store = Store::open(&dir, 1 << 30).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(FILE_NAME)), 0o600);
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((version, journal.as_str()), (1, "wal"));
+    // A store from a newer star-ls is refused, not misread.
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Store::open(&dir, 1 << 30).err().unwrap().to_string();
+    assert!(err.contains("newer star-ls"), "{err}");
+}
+
+#[test]
+fn identical_cases_are_stored_once_and_counted() {
+    let dir = temp_dir("dedup");
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    assert!(store.add_case(&case("x + 1", CaseKind::Failure)).unwrap());
+    assert!(!store.add_case(&case("x + 1", CaseKind::Failure)).unwrap());
+    assert!(store.add_case(&case("x + 2", CaseKind::Failure)).unwrap());
+    assert!(store.add_case(&case("x", CaseKind::Guard)).unwrap());
+    let counts = store.counts().unwrap();
+    assert_eq!((counts.failures_pending, counts.guard_cases), (2, 1));
+    let failures = store.cases(Some(CaseKind::Failure)).unwrap();
+    let targets: Vec<_> = failures.iter().map(|c| c.target.as_str()).collect();
+    assert_eq!(targets, ["x + 1", "x + 2"]);
+    assert_eq!(failures[0].id, "case-1");
+    store.record_shown(&shown("c1", 10, 1)).unwrap();
+    assert_eq!(
+        store.completion_patches("c1").unwrap(),
+        Some(vec!["p1".to_owned()])
+    );
+    assert_eq!(store.completion_patches("nope").unwrap(), None);
+}
+
+#[test]
+fn the_size_cap_prunes_oldest_first() {
+    let dir = temp_dir("prune");
+    let mut store = Store::open(&dir, 256 * 1024).unwrap();
+    for i in 0..200 {
+        store
+            .record_shown(&shown(&format!("c{i}"), 4096, i))
+            .unwrap();
+    }
+    store.add_case(&case("x + 1", CaseKind::Failure)).unwrap();
+    assert!(store.used_bytes().unwrap() > 256 * 1024);
+    let deleted = store.prune().unwrap();
+    assert!(deleted > 0);
+    assert!(store.used_bytes().unwrap() <= 256 * 1024);
+    // Shown completions go first, oldest first; the case stays.
+    assert_eq!(store.completion_patches("c0").unwrap(), None);
+    assert!(store.completion_patches("c199").unwrap().is_some());
+    assert_eq!(store.counts().unwrap().failures_pending, 1);
+}
+
+#[test]
+fn writes_wait_out_a_locked_database_and_the_trouble_is_reported_once() {
+    let dir = temp_dir("locked");
+    drop(Store::open(&dir, 1 << 30).unwrap());
+    let locker = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let (errors_tx, errors) = mpsc::channel();
+    let handle = StoreHandle::start(dir.clone(), 1 << 30, move |e| {
+        let _ = errors_tx.send(e.kind());
+    });
+    let resolved = |target: &str| StoreOp::Resolved {
+        completion_id: None,
+        outcome: Some(Outcome::Rejected),
+        case: Some(case(target, CaseKind::Failure)),
+        at_ms: 1,
+    };
+    handle.send(resolved("x + 1"));
+    handle.send(resolved("x + 2"));
+    assert_eq!(
+        errors.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "database locked"
+    );
+    locker.execute_batch("COMMIT").unwrap();
+    drop(locker);
+
+    // The queued writes land on the next operation; nothing was lost.
+    handle.send(resolved("x + 3"));
+    let (tx, rx) = mpsc::channel();
+    handle.send(StoreOp::Flush(Box::new(move || tx.send(()).unwrap())));
+    rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let store = Store::open_read_only(&dir).unwrap();
+    let targets: Vec<_> = store
+        .cases(None)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.target)
+        .collect();
+    assert_eq!(targets, ["x + 1", "x + 2", "x + 3"]);
+    assert!(errors.try_recv().is_err(), "reported once");
+}
