@@ -1,6 +1,7 @@
 //! The `star-ls` binary: parse the command line, set up logging, call the library.
 
 use clap::{Parser, Subcommand};
+use star_ls::capture::CaseKind;
 use star_ls::model::StopAt;
 use std::path::PathBuf;
 
@@ -41,6 +42,21 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// The failure and guard cases recorded from your edits.
+    Cases {
+        #[command(subcommand)]
+        action: CasesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CasesAction {
+    /// Print the stored cases as cases-JSONL on stdout.
+    Export {
+        /// Only this kind: failure (rejected or corrected completions) or guard (accepted ones).
+        #[arg(long)]
+        kind: Option<CaseKind>,
+    },
 }
 
 fn main() {
@@ -69,6 +85,9 @@ fn main() {
             star_ls::cli::complete::run(&file, line, character, stop, json)
         }
         Command::Bench { json, threads } => star_ls::cli::bench::run(threads, json.as_deref()),
+        Command::Cases {
+            action: CasesAction::Export { kind },
+        } => star_ls::cli::cases::export(kind),
     };
     if let Err(e) = result {
         eprintln!("star-ls: {e:#}");

@@ -1,6 +1,7 @@
 //! Command-line entry points other than `serve`: each parses nothing itself (clap did) and calls the library.
 
 pub mod bench;
+pub mod cases;
 pub mod complete;
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! The LSP surface: the only module that knows JSON-RPC. It translates protocol messages into calls on
 //! the completion core and back (`proto`), and never waits on the model itself.
 
+mod feedback;
 mod proto;
 mod server;
 mod settings;
@@ -20,6 +21,9 @@ pub fn serve() -> anyhow::Result<()> {
     runtime.block_on(async {
         let (service, socket) = LspService::build(Server::new)
             .custom_method("textDocument/inlineCompletion", Server::inline_completion)
+            .custom_method("star/didAccept", Server::did_accept)
+            .custom_method("star/didReject", Server::did_reject)
+            .custom_method("star/didCorrect", Server::did_correct)
             .finish();
         Transport::new(
             transport::checked_frames(tokio::io::stdin()),

@@ -15,6 +15,16 @@ pub fn invalid_params(message: impl Into<String>) -> jsonrpc::Error {
     jsonrpc::Error::invalid_params(message.into())
 }
 
+/// The completion id a command names as its first argument.
+pub fn completion_id_arg(arg: Option<serde_json::Value>) -> jsonrpc::Result<String> {
+    match arg {
+        Some(serde_json::Value::String(id)) => Ok(id),
+        _ => Err(invalid_params(
+            "expected a completion id as the first argument",
+        )),
+    }
+}
+
 /// The char offset of an LSP position, or an `InvalidParams` error that says why.
 pub fn offset(doc: &Document, pos: Position) -> jsonrpc::Result<usize> {
     doc.char_at(pos.line, pos.character)

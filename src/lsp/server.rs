@@ -3,10 +3,12 @@
 
 use super::proto::{self, ACCEPTED_COMMAND};
 use super::settings::{Multiline, Settings};
+use crate::capture::{Edit, Tracker};
 use crate::completion::{
     Completion, CompletionRequest, Document, Engine, EngineConfig, EngineError, EngineEvent,
 };
 use crate::model::{Cancel, StopAt};
+use crate::store::StoreHandle;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,16 +19,21 @@ use tower_lsp_server::ls_types::*;
 use tower_lsp_server::{Client, LanguageServer};
 
 pub struct Server {
-    client: Client,
-    state: Arc<State>,
+    pub(super) client: Client,
+    pub(super) state: Arc<State>,
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     settings: OnceLock<Settings>,
     engine: OnceLock<Engine>,
     events: Mutex<Option<mpsc::UnboundedReceiver<EngineEvent>>>,
-    documents: Mutex<HashMap<String, Document>>,
+    /// Lock order: `documents` before `tracker`.
+    pub(super) documents: Mutex<HashMap<String, Document>>,
+    pub(super) tracker: Mutex<Tracker>,
+    pub(super) store: OnceLock<StoreHandle>,
+    /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
+    pub(super) workspace: OnceLock<String>,
     /// Per document: the newest request's number and its cancel switch.
     latest: Mutex<HashMap<String, (u64, Cancel)>>,
     next_request: std::sync::atomic::AtomicU64,
@@ -50,11 +57,11 @@ impl Server {
         }
     }
 
-    fn settings(&self) -> Settings {
+    pub(super) fn settings(&self) -> Settings {
         self.state.settings.get().cloned().unwrap_or_default()
     }
 
-    fn lock_documents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Document>> {
+    pub(super) fn lock_documents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Document>> {
         // A panic elsewhere while holding the lock must not take the server down with it.
         self.state
             .documents
@@ -70,7 +77,7 @@ impl Server {
         stop: Option<StopAt>,
     ) -> Result<Option<(Completion, String, Position)>> {
         let key = uri.as_str().to_owned();
-        let (prefix, suffix, word_start) = {
+        let (prefix, suffix, word_start, at, version) = {
             let docs = self.lock_documents();
             let doc = docs
                 .get(&key)
@@ -78,7 +85,14 @@ impl Server {
             let at = proto::offset(doc, pos)?;
             let (prefix, suffix) = doc.split_at(at);
             let word_chars = proto::word_before(&prefix).chars().count();
-            (prefix, suffix, proto::position(doc, at - word_chars))
+            let word_start = proto::position(doc, at - word_chars);
+            (prefix, suffix, word_start, at, doc.version)
+        };
+        let shown = super::feedback::Shown {
+            document: key.clone(),
+            at,
+            version,
+            position: pos,
         };
         let stop = stop.unwrap_or_else(|| auto_stop(&prefix, &suffix));
 
@@ -112,8 +126,8 @@ impl Server {
         engine.complete(
             CompletionRequest {
                 document: key,
-                prefix,
-                suffix,
+                prefix: prefix.clone(),
+                suffix: suffix.clone(),
                 stop,
                 cancel,
             },
@@ -122,8 +136,14 @@ impl Server {
             },
         );
         match rx.await {
-            Ok(Ok(c)) if c.generation.text.trim().is_empty() => Ok(None),
-            Ok(Ok(c)) => Ok(Some((c, word, word_start))),
+            Ok(Ok(c)) if c.generation.text.trim().is_empty() => {
+                self.track_shown(shown, None, &prefix, &suffix);
+                Ok(None)
+            }
+            Ok(Ok(c)) => {
+                self.track_shown(shown, Some(&c), &prefix, &suffix);
+                Ok(Some((c, word, word_start)))
+            }
             Ok(Err(EngineError::Cancelled)) => Ok(None),
             Ok(Err(e)) => Err(jsonrpc::Error {
                 code: jsonrpc::ErrorCode::InternalError,
@@ -134,7 +154,7 @@ impl Server {
         }
     }
 
-    fn status(&self) -> Value {
+    async fn status(&self) -> Value {
         let settings = self.settings();
         let model = self
             .state
@@ -144,12 +164,19 @@ impl Server {
             .unwrap_or_default();
         let engine = self.state.engine.get();
         let patches = engine.map_or(0, |e| e.patches().iter().count());
+        let documents = self.lock_documents().len();
+        let (counts, store_error) = match self.store_counts().await {
+            Ok(c) => (c, None),
+            Err(e) => (Default::default(), Some(e)),
+        };
         json!({
             "model": model,
             "modelPath": settings.model_path,
-            "documents": self.lock_documents().len(),
-            "failuresPending": 0,
-            "guardCases": 0,
+            "documents": documents,
+            "failuresPending": counts.failures_pending,
+            "guardCases": counts.guard_cases,
+            "completionsRecorded": counts.completions,
+            "storeError": store_error,
             "patches": patches,
             "repairRunning": false,
             "lastRepair": null,
@@ -228,6 +255,16 @@ impl LanguageServer for Server {
                 .await;
         }
         crate::cli::set_threads(settings.threads);
+        #[allow(deprecated)] // root_uri: older clients send only it
+        let workspace = params
+            .workspace_folders
+            .as_ref()
+            .and_then(|f| f.first())
+            .map(|f| f.uri.as_str().to_owned())
+            .or_else(|| params.root_uri.as_ref().map(|u| u.as_str().to_owned()))
+            .unwrap_or_default();
+        let _ = self.state.workspace.set(workspace);
+        let _ = self.state.store.set(self.start_store(&settings));
         let mut config = EngineConfig::new(
             settings
                 .model_path
@@ -256,7 +293,11 @@ impl LanguageServer for Server {
                 completion_provider: Some(CompletionOptions::default()),
                 inline_completion_provider: Some(OneOf::Left(true)),
                 execute_command_provider: Some(ExecuteCommandOptions {
-                    commands: vec![ACCEPTED_COMMAND.into(), "star.status".into()],
+                    commands: vec![
+                        ACCEPTED_COMMAND.into(),
+                        "star.status".into(),
+                        "star.explain".into(),
+                    ],
                     ..ExecuteCommandOptions::default()
                 }),
                 ..ServerCapabilities::default()
@@ -279,9 +320,11 @@ impl LanguageServer for Server {
                 events,
             ));
         }
+        self.spawn_idle_capture();
     }
 
     async fn shutdown(&self) -> Result<()> {
+        self.capture_all().await;
         Ok(())
     }
 
@@ -307,30 +350,58 @@ impl LanguageServer for Server {
                 doc.version
             );
         }
+        let mut resolved = Vec::new();
+        let now = std::time::Instant::now();
         for change in params.content_changes {
             let applied = match change.range {
                 None => {
+                    let removed = doc.text();
                     doc.set_text(&change.text);
-                    Ok(())
+                    Ok(Edit {
+                        start: 0,
+                        removed,
+                        inserted: change.text,
+                    })
                 }
                 Some(r) => doc
                     .char_at(r.start.line, r.start.character)
                     .and_then(|s| Ok((s, doc.char_at(r.end.line, r.end.character)?)))
-                    .and_then(|(s, e)| doc.replace(s, e, &change.text)),
+                    .and_then(|(s, e)| {
+                        let removed = doc.slice(s, e);
+                        doc.replace(s, e, &change.text)?;
+                        Ok(Edit {
+                            start: s,
+                            removed,
+                            inserted: change.text,
+                        })
+                    }),
             };
-            if let Err(e) = applied {
-                // The client and server now disagree on the text; say so rather than guess.
-                tracing::error!("didChange for {key} could not be applied ({e}); document dropped until reopened");
-                docs.remove(&key);
-                return;
+            match applied {
+                Ok(edit) => resolved.extend(self.lock_tracker().edited(&key, doc, edit, now)),
+                Err(e) => {
+                    // The client and server now disagree on the text; say so rather than guess.
+                    tracing::error!("didChange for {key} could not be applied ({e}); document dropped until reopened");
+                    resolved.extend(self.lock_tracker().close(&key, doc));
+                    self.record(resolved, &docs);
+                    docs.remove(&key);
+                    return;
+                }
             }
         }
         doc.version = version;
+        self.record(resolved, &docs);
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
         let key = params.text_document.uri.as_str();
-        self.lock_documents().remove(key);
+        {
+            let mut docs = self.lock_documents();
+            if let Some(doc) = docs.get(key) {
+                let resolved = self.lock_tracker().close(key, doc);
+                self.record(resolved, &docs);
+            }
+            docs.remove(key);
+        }
         let latest = self
             .state
             .latest
@@ -362,9 +433,27 @@ impl LanguageServer for Server {
     }
 
     async fn execute_command(&self, params: ExecuteCommandParams) -> Result<Option<Value>> {
+        let first = params.arguments.first().cloned();
         match params.command.as_str() {
-            "star.status" => Ok(Some(self.status())),
-            ACCEPTED_COMMAND => Ok(None),
+            "star.status" => Ok(Some(self.status().await)),
+            ACCEPTED_COMMAND => {
+                let id = proto::completion_id_arg(first)?;
+                self.lock_tracker().accept(&id);
+                Ok(None)
+            }
+            "star.explain" => self
+                .explain(proto::completion_id_arg(first)?)
+                .await
+                .map(Some),
+            "star.repairNow" | "star.listPatches" | "star.rollback" => Err(jsonrpc::Error {
+                code: jsonrpc::ErrorCode::InvalidRequest,
+                message: format!(
+                    "{}: repair is not available in this build yet",
+                    params.command
+                )
+                .into(),
+                data: None,
+            }),
             other => Err(proto::invalid_params(format!("unknown command {other}"))),
         }
     }

@@ -23,6 +23,10 @@ pub struct Settings {
     pub multiline: Multiline,
     /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
+    /// A shown completion untouched this long is decided (accepted, rejected or corrected).
+    pub capture_idle_ms: u64,
+    /// The feedback store's size cap; beyond it the oldest records are pruned.
+    pub store_max_mb: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -43,6 +47,8 @@ impl Default for Settings {
             debounce_ms: 30,
             multiline: Multiline::Auto,
             temperature: 0.0,
+            capture_idle_ms: 8000,
+            store_max_mb: 256,
         }
     }
 }

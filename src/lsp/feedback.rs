@@ -1,0 +1,275 @@
+//! The server's side of capture: completions shown go to the tracker and the store; edits and the
+//! `star/did*` notifications decide their outcomes; decided cases go to the store's thread.
+
+use super::server::Server;
+use super::settings::Settings;
+use crate::capture::{Resolved, Tracker};
+use crate::completion::{Completion, Document};
+use crate::store::{Counts, NewCase, ShownRecord, StoreHandle, StoreOp};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tower_lsp_server::jsonrpc::{self, Result};
+use tower_lsp_server::ls_types::{MessageType, Position};
+
+/// Where a completion was asked for, as the document stood then.
+pub struct Shown {
+    pub document: String,
+    pub at: usize,
+    pub version: i32,
+    pub position: Position,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionRef {
+    completion_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Correction {
+    completion_id: String,
+    text: String,
+}
+
+/// The context stored with each shown completion: about what the prompt uses, not the whole file.
+const STORED_PREFIX_BYTES: usize = 8192;
+const STORED_SUFFIX_BYTES: usize = 2048;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    let mut from = s.len().saturating_sub(max);
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    &s[from..]
+}
+
+fn head(s: &str, max: usize) -> &str {
+    let mut to = s.len().min(max);
+    while !s.is_char_boundary(to) {
+        to -= 1;
+    }
+    &s[..to]
+}
+
+impl Server {
+    pub(super) fn lock_tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.state.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self) -> Option<&StoreHandle> {
+        self.state.store.get()
+    }
+
+    /// Starts the store thread; its troubles reach the editor once per kind, as a warning.
+    pub(super) fn start_store(&self, settings: &Settings) -> StoreHandle {
+        let client = self.client.clone();
+        let runtime = tokio::runtime::Handle::current();
+        StoreHandle::start(
+            crate::cli::data_dir(),
+            settings.store_max_mb.saturating_mul(1 << 20),
+            move |e| {
+                let client = client.clone();
+                let message = format!("star-ls: feedback is not being saved ({}): {e}", e.kind());
+                runtime.spawn(async move {
+                    client.show_message(MessageType::WARNING, message).await;
+                });
+            },
+        )
+    }
+
+    /// Starts following a completion (or, with `None`, a place where the model proposed nothing).
+    pub(super) fn track_shown(
+        &self,
+        shown: Shown,
+        completion: Option<&Completion>,
+        prefix: &str,
+        suffix: &str,
+    ) {
+        let docs = self.lock_documents();
+        let Some(doc) = docs.get(&shown.document) else {
+            return;
+        };
+        // The document moved on while the model ran: the offset no longer means the same place.
+        if doc.version != shown.version {
+            return;
+        }
+        let proposed = completion.map_or(String::new(), |c| c.generation.text.clone());
+        let resolved = self.lock_tracker().shown(
+            &shown.document,
+            doc,
+            completion.map(|c| c.id.clone()),
+            shown.at,
+            proposed.clone(),
+            Instant::now(),
+        );
+        if let (Some(c), Some(store)) = (completion, self.store()) {
+            store.send(StoreOp::Shown(ShownRecord {
+                id: c.id.clone(),
+                document: shown.document.clone(),
+                workspace: self.workspace(),
+                language: doc.language.clone(),
+                version: shown.version,
+                line: shown.position.line,
+                character: shown.position.character,
+                prefix: tail(prefix, STORED_PREFIX_BYTES).to_owned(),
+                suffix: head(suffix, STORED_SUFFIX_BYTES).to_owned(),
+                proposed,
+                // Patches get ids with the repair ledger; until then none can be named.
+                patches: Vec::new(),
+                shown_ms: now_ms(),
+            }));
+        }
+        self.record(resolved, &docs);
+    }
+
+    fn workspace(&self) -> String {
+        self.state.workspace.get().cloned().unwrap_or_default()
+    }
+
+    /// Sends decided completions to the store.
+    pub(super) fn record(&self, resolved: Vec<Resolved>, docs: &HashMap<String, Document>) {
+        let Some(store) = self.store() else {
+            return;
+        };
+        for r in resolved {
+            tracing::debug!(
+                completion = ?r.completion_id,
+                outcome = ?r.outcome,
+                case = ?r.case.as_ref().map(|c| (c.kind, &c.target)),
+                "completion decided"
+            );
+            let language = docs
+                .get(&r.document)
+                .map_or(String::new(), |d| d.language.clone());
+            let case = r.case.map(|case| NewCase {
+                case,
+                completion_id: r.completion_id.clone(),
+                language,
+                document: r.document.clone(),
+                workspace: self.workspace(),
+                created_ms: now_ms(),
+            });
+            store.send(StoreOp::Resolved {
+                completion_id: r.completion_id,
+                outcome: r.outcome,
+                case,
+                at_ms: now_ms(),
+            });
+        }
+    }
+
+    /// Every `captureIdleMs / 4` (at least 100 ms), decides the completions left idle.
+    pub(super) fn spawn_idle_capture(&self) {
+        let server = Self {
+            client: self.client.clone(),
+            state: self.state.clone(),
+        };
+        let timeout = Duration::from_millis(self.settings().capture_idle_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(100)));
+            loop {
+                tick.tick().await;
+                let docs = server.lock_documents();
+                let resolved = server.lock_tracker().idle(&docs, Instant::now(), timeout);
+                server.record(resolved, &docs);
+            }
+        });
+    }
+
+    /// Decides every open completion and waits until the store has written them (at shutdown).
+    pub(super) async fn capture_all(&self) {
+        {
+            let docs = self.lock_documents();
+            let keys = self.lock_tracker().open_documents();
+            for key in keys {
+                if let Some(doc) = docs.get(&key) {
+                    let resolved = self.lock_tracker().close(&key, doc);
+                    self.record(resolved, &docs);
+                }
+            }
+        }
+        if let Some(store) = self.store() {
+            let (tx, rx) = oneshot::channel();
+            store.send(StoreOp::Flush(Box::new(move || {
+                let _ = tx.send(());
+            })));
+            if tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .is_err()
+            {
+                tracing::error!("the feedback store did not finish writing within 10 s");
+            }
+        }
+    }
+
+    pub(super) async fn store_counts(&self) -> std::result::Result<Counts, String> {
+        let store = self.store().ok_or("no store")?;
+        let (tx, rx) = oneshot::channel();
+        store.send(StoreOp::Counts(Box::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.await
+            .map_err(|_| "the store thread stopped".to_owned())?
+    }
+
+    /// `star.explain`: the patches that were live when a completion was made.
+    pub(super) async fn explain(&self, id: String) -> Result<Value> {
+        let store = self.store().ok_or_else(jsonrpc::Error::internal_error)?;
+        let (tx, rx) = oneshot::channel();
+        store.send(StoreOp::Explain(
+            id.clone(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        match rx.await {
+            Ok(Ok(Some(patches))) => Ok(json!({ "completionId": id, "patches": patches })),
+            Ok(Ok(None)) => Err(super::proto::invalid_params(format!(
+                "unknown completion {id}"
+            ))),
+            Ok(Err(e)) => Err(jsonrpc::Error {
+                code: jsonrpc::ErrorCode::InternalError,
+                message: e.into(),
+                data: None,
+            }),
+            Err(_) => Err(jsonrpc::Error::internal_error()),
+        }
+    }
+
+    /// `star/didAccept`: the editor inserted the completion.
+    pub async fn did_accept(&self, params: CompletionRef) {
+        self.lock_tracker().accept(&params.completion_id);
+    }
+
+    /// `star/didReject`: the editor dismissed it; what the developer writes there next is the target.
+    pub async fn did_reject(&self, params: CompletionRef) {
+        self.lock_tracker().reject(&params.completion_id);
+    }
+
+    /// `star/didCorrect`: the developer wrote `text` in place of the completion.
+    pub async fn did_correct(&self, params: Correction) {
+        let docs = self.lock_documents();
+        let resolved = docs.iter().find_map(|(key, doc)| {
+            self.lock_tracker()
+                .correct(key, doc, &params.completion_id, &params.text)
+        });
+        match resolved {
+            Some(r) => self.record(vec![r], &docs),
+            None => tracing::warn!(
+                "star/didCorrect for unknown or already decided completion {}",
+                params.completion_id
+            ),
+        }
+    }
+}
