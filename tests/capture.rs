@@ -56,10 +56,8 @@ impl Session {
 
     /// Types `text` one character at a time at (line, col).
     fn type_at(&mut self, line: u32, col: u32, text: &str) {
-        let mut at = self.offset(line, col);
-        for ch in text.chars() {
+        for (at, ch) in (self.offset(line, col)..).zip(text.chars()) {
             self.replace(at, at, &ch.to_string());
-            at += 1;
         }
     }
 

@@ -124,8 +124,8 @@ impl Worker {
                 reply(r.map_err(|e| e.to_string()));
             }
             StoreOp::Flush(reply) => reply(),
-            write => {
-                if let Err((op, e)) = self.write(write) {
+            op => {
+                if let Err(e) = self.write(&op) {
                     self.report(&e);
                     if self.queued.len() == MAX_QUEUED {
                         self.queued.pop_front();
@@ -139,18 +139,18 @@ impl Worker {
 
     fn retry_queued(&mut self) {
         while let Some(op) = self.queued.pop_front() {
-            if let Err((op, _)) = self.write(op) {
+            if self.write(&op).is_err() {
                 self.queued.push_front(op);
                 return;
             }
         }
     }
 
-    /// Applies a write; on failure hands the operation back to be queued.
-    fn write(&mut self, op: StoreOp) -> Result<(), (StoreOp, StoreError)> {
+    /// Applies a write (the caller queues it again on failure).
+    fn write(&mut self, op: &StoreOp) -> Result<(), StoreError> {
         let result = match self.store() {
             Err(e) => Err(e),
-            Ok(store) => match &op {
+            Ok(store) => match op {
                 StoreOp::Shown(r) => store.record_shown(r),
                 StoreOp::Resolved {
                     completion_id,
@@ -170,7 +170,7 @@ impl Worker {
         match result {
             Ok(()) => {
                 self.writes += 1;
-                if self.writes % PRUNE_EVERY_WRITES == 0 {
+                if self.writes.is_multiple_of(PRUNE_EVERY_WRITES) {
                     self.prune();
                 }
                 Ok(())
@@ -178,7 +178,7 @@ impl Worker {
             Err(e) => {
                 // A handle that failed may be stale (file deleted, permissions changed): reopen next time.
                 self.store = None;
-                Err((op, e))
+                Err(e)
             }
         }
     }
