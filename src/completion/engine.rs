@@ -254,7 +254,7 @@ impl Worker {
             &model.tokenizer,
             &req.prefix,
             &req.suffix,
-            self.config.limits,
+            self.limits(model),
         );
         let mut cache = self.take_cache(&req.document, model);
         let patches = self.patches.read().map(|p| p.clone()).unwrap_or_default();
@@ -301,9 +301,23 @@ impl Worker {
             // A failed forward pass leaves the cache in an unknown state: drop it.
             Err(e) => {
                 stats.failed += 1;
-                Err(EngineError::Inference(e.to_string()))
+                Err(EngineError::Inference(crate::model::one_line(&e)))
             }
         }
+    }
+
+    /// The configured context limits, shrunk to fit the model's context with room for the answer.
+    fn limits(&self, model: &Model) -> ContextLimits {
+        let mut limits = self.config.limits;
+        let room = model
+            .weights
+            .max_positions()
+            .saturating_sub(self.config.max_tokens + 3); // + the three FIM markers
+        if limits.prefix_tokens + limits.suffix_tokens > room {
+            limits.suffix_tokens = limits.suffix_tokens.min(room / 8);
+            limits.prefix_tokens = room - limits.suffix_tokens;
+        }
+        limits
     }
 
     fn take_cache(&mut self, doc: &str, model: &Model) -> KvCache {

@@ -634,6 +634,11 @@ impl Qwen2 {
         }
     }
 
+    /// The longest context a forward pass accepts (the model's, capped by the rope table).
+    pub fn max_positions(&self) -> usize {
+        self.rope.cos.dims()[0]
+    }
+
     /// Runs `tokens` after the cache's tokens and returns the final-normed hidden states `(seq, hidden)`.
     pub fn forward(
         &self,
@@ -642,11 +647,11 @@ impl Qwen2 {
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         let start = cache.len();
-        if start + tokens.len() > self.rope.cos.dim(0)? {
+        if start + tokens.len() > self.max_positions() {
             candle_core::bail!(
                 "context of {} tokens exceeds the model's {}",
                 start + tokens.len(),
-                self.rope.cos.dim(0)?
+                self.max_positions()
             );
         }
         if cache.layers.len() != self.layers.len() {
