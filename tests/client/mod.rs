@@ -202,6 +202,12 @@ impl Client {
         )
     }
 
+    /// Kills the server with SIGKILL, as a crash would end it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Shuts down cleanly and returns the server's stderr.
     pub fn shutdown(mut self) -> String {
         let r = self.request("shutdown", Value::Null);
