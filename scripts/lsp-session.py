@@ -3,9 +3,12 @@
 
 Opens a file, asks for an inline completion, then types a few characters one at a time and asks again
 after each, printing what the server proposed and how many prompt tokens it had to run (the rest came
-from its prefix cache). Usage: lsp-session.py STAR_LS_BINARY MODEL FILE
+from its prefix cache). Then the developer writes something else than the last proposal and moves on:
+the server records that correction as a failure case (in STAR_LS_DATA_DIR).
+Usage: lsp-session.py STAR_LS_BINARY MODEL FILE
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +17,8 @@ import time
 class Lsp:
     def __init__(self, binary, model):
         env = {"STAR_LS_MODEL": model, "STAR_LS_LOG": "warn", "PATH": "/usr/bin:/bin"}
+        if "STAR_LS_DATA_DIR" in os.environ:
+            env["STAR_LS_DATA_DIR"] = os.environ["STAR_LS_DATA_DIR"]
         self.p = subprocess.Popen([binary, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.next_id = 0
 
@@ -72,15 +77,33 @@ def main(binary, model, path):
         shown = items[0]["insertText"] if items else "(nothing)"
         typed = lines[line][:col].strip()
         print(f"  {typed!r:>22} -> {shown!r:<28} {ms:6.0f} ms, ran {last['prefilled']:3} of {last['promptTokens']} prompt tokens")
+        return shown
+
+    version = 1
+
+    def insert(at_line, at_col, text):
+        nonlocal version
+        version += 1
+        lsp.notify("textDocument/didChange", {
+            "textDocument": {"uri": uri, "version": version},
+            "contentChanges": [{"range": {"start": {"line": at_line, "character": at_col},
+                                          "end": {"line": at_line, "character": at_col}}, "text": text}]})
 
     complete()  # cold: loads the model and fills the cache
     for ch in "math.":
-        lsp.notify("textDocument/didChange", {
-            "textDocument": {"uri": uri, "version": 2 + col},
-            "contentChanges": [{"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}}, "text": ch}]})
+        insert(line, col, ch)
         lines[line] += ch
         col += 1
-        complete()
+        shown = complete()
+
+    # The developer prefers math.hypot: they type it over the proposal, then go to the next line.
+    wanted = "hypot(a, b)"
+    print(f"\n  the developer writes {'math.' + wanted!r} instead of {'math.' + shown!r}, then moves on")
+    for i, ch in enumerate(wanted):
+        insert(line, col + i, ch)
+    insert(line, col + len(wanted), "\n")
+    status = lsp.request("workspace/executeCommand", {"command": "star.status"})
+    print(f"  star.status: failuresPending={status['failuresPending']}, guardCases={status['guardCases']}")
     lsp.request("shutdown", None)
     lsp.notify("exit", None)
     lsp.p.wait()
