@@ -63,6 +63,8 @@ fn main() {
     let filter = std::env::var("STAR_LS_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Editors show the log in a panel: colour codes only for a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .init();
     let cli = Cli::parse();

@@ -145,6 +145,22 @@ fn cancellation_stops_a_decode_and_newer_requests_supersede_older() {
             .contains(','),
         "{second}"
     );
+
+    // A completion list and an inline completion at the same keystroke do not supersede each other.
+    let list = c.request_async(
+        "textDocument/completion",
+        Client::completion_params(uri, 5, 4),
+    );
+    let inline = c.request_async(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, 5, 4),
+    );
+    let (list, inline) = (c.response(list), c.response(inline));
+    assert!(list["result"]["items"][0]["textEdit"].is_object(), "{list}");
+    assert!(
+        inline["result"]["items"][0]["insertText"].is_string(),
+        "{inline}"
+    );
     c.shutdown();
 }
 

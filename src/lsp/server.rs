@@ -34,8 +34,10 @@ pub(super) struct State {
     pub(super) store: OnceLock<StoreHandle>,
     /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
     pub(super) workspace: OnceLock<String>,
-    /// Per document: the newest request's number and its cancel switch.
-    latest: Mutex<HashMap<String, (u64, Cancel)>>,
+    /// Per document and method: the newest request's number and its cancel switch. A newer request
+    /// supersedes an older one of the same method only, so a client asking for both an inline completion
+    /// and a completion list at one keystroke gets both.
+    latest: Mutex<HashMap<(String, &'static str), (u64, Cancel)>>,
     next_request: std::sync::atomic::AtomicU64,
     model_status: Mutex<String>,
 }
@@ -72,6 +74,7 @@ impl Server {
     /// Runs a completion at `pos` in `uri`; `None` when superseded by a newer request or cancelled.
     async fn complete_at(
         &self,
+        method: &'static str,
         uri: &Uri,
         pos: Position,
         stop: Option<StopAt>,
@@ -107,7 +110,7 @@ impl Server {
             .latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), (number, cancel.clone()))
+            .insert((key.clone(), method), (number, cancel.clone()))
         {
             older.cancel();
         }
@@ -402,21 +405,27 @@ impl LanguageServer for Server {
             }
             docs.remove(key);
         }
-        let latest = self
-            .state
+        self.state
             .latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        if let Some((_, cancel)) = latest {
-            cancel.cancel();
-        }
+            .retain(|(doc, _), (_, cancel)| {
+                if doc == key {
+                    cancel.cancel();
+                }
+                doc != key
+            });
     }
 
     async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
         let p = params.text_document_position;
         let Some((c, word, start)) = self
-            .complete_at(&p.text_document.uri, p.position, Some(StopAt::Line))
+            .complete_at(
+                "textDocument/completion",
+                &p.text_document.uri,
+                p.position,
+                Some(StopAt::Line),
+            )
             .await?
         else {
             return Ok(None);
@@ -472,7 +481,12 @@ impl Server {
             Multiline::Block => Some(StopAt::Block),
         };
         let Some((c, word, start)) = self
-            .complete_at(&p.text_document.uri, p.position, stop)
+            .complete_at(
+                "textDocument/inlineCompletion",
+                &p.text_document.uri,
+                p.position,
+                stop,
+            )
             .await?
         else {
             return Ok(Some(InlineCompletionResponse::List(InlineCompletionList {
