@@ -37,10 +37,13 @@ pub(super) struct State {
     /// Per document and method: the newest request's number and its cancel switch. A newer request
     /// supersedes an older one of the same method only, so a client asking for both an inline completion
     /// and a completion list at one keystroke gets both.
-    latest: Mutex<HashMap<(String, &'static str), (u64, Cancel)>>,
+    latest: Mutex<HashMap<(String, &'static str), Newest>>,
     next_request: std::sync::atomic::AtomicU64,
     model_status: Mutex<String>,
 }
+
+/// A request's number and its cancel switch.
+type Newest = (u64, Cancel);
 
 /// Cancels the engine job when the handler's future is dropped (`$/cancelRequest` drops it).
 struct CancelOnDrop(Cancel);
