@@ -244,3 +244,28 @@ fn an_explicit_correction_is_decided_at_once() {
     );
     assert!(s.close().is_empty(), "decided once only");
 }
+
+#[test]
+fn a_proposal_nobody_typed_at_is_not_decided_by_idleness() {
+    // The developer may look at a proposal a while, and editors may send their edits late.
+    let mut s = Session::new("total = \n");
+    s.show(Some("c1"), 0, 8, "sum(xs)");
+    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
+    let later = s.now + Duration::from_secs(60);
+    assert!(s
+        .tracker
+        .idle(&docs, later, Duration::from_secs(1))
+        .is_empty());
+    s.now = later;
+    s.type_at(0, 8, "0");
+    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
+    let r = s.tracker.idle(
+        &docs,
+        later + Duration::from_secs(2),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        cases(&r),
+        [(CaseKind::Failure, Outcome::Rejected, "0", "sum(xs)")]
+    );
+}

@@ -177,7 +177,9 @@ impl Tracker {
         })
     }
 
-    /// Decides the completions untouched for `timeout`.
+    /// Decides the completions the developer typed at and then left alone for `timeout`. One nobody
+    /// typed at stays open (until the cursor leaves, the document closes or newer ones push it out):
+    /// looking at a proposal for a while is not a verdict, and edits may reach us late.
     pub fn idle(
         &mut self,
         documents: &HashMap<String, Document>,
@@ -189,7 +191,7 @@ impl Tracker {
         for key in keys {
             match documents.get(&key) {
                 Some(doc) => resolved.extend(self.resolve(&key, doc, |t| {
-                    now.saturating_duration_since(t.touched) >= timeout
+                    t.end > t.anchor && now.saturating_duration_since(t.touched) >= timeout
                 })),
                 None => {
                     self.documents.remove(&key);
