@@ -6,6 +6,7 @@ pub mod cli;
 pub mod completion;
 pub mod lsp;
 pub mod model;
+pub mod repair;
 pub mod store;
 
 /// File name of the default model in `$STAR_LS_CACHE_DIR/models/` (what scripts/fetch-model writes).

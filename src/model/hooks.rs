@@ -13,6 +13,9 @@ pub struct Hooks<'a> {
     pub capture: Option<&'a mut Capture>,
     /// Layers whose MLP output is zeroed (the residual passes through): occlusion for layer ranking.
     pub skip_mlp: &'a [usize],
+    /// Zero tensors added to `z_l` `(seq, intermediate)` per layer: make them `Var`s and their gradient
+    /// is `∂loss/∂z_l`, which candle does not keep for intermediate tensors (neuron attribution).
+    pub neuron_probes: Option<&'a BTreeMap<usize, Tensor>>,
 }
 
 impl<'a> Hooks<'a> {

@@ -106,6 +106,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Input width (neurons, for `down_proj`), as the model defines it (before any padding).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
     fn load(
         f: &mut GgufFile,
         name: &str,
@@ -416,7 +421,10 @@ impl DecoderLayer {
             return Ok(x);
         }
         let h = rms_norm(&x, &self.ffn_norm, self.eps, d)?;
-        let z = self.mlp.neurons(&h)?;
+        let mut z = self.mlp.neurons(&h)?;
+        if let Some(probe) = hooks.neuron_probes.and_then(|p| p.get(&index)) {
+            z = (z + probe)?;
+        }
         if let Some(capture) = hooks.capture.as_deref_mut() {
             capture.record_neurons(index, &z);
         }
@@ -715,6 +723,9 @@ impl Qwen2 {
         let span = Span::new(&self.rope, 0, x.dim(0)?)?;
         for (j, layer) in layers.iter().enumerate() {
             x = layer.forward(first + j, &x, &span, &mut None, hooks)?;
+        }
+        if let Some(capture) = hooks.capture.as_deref_mut() {
+            capture.record_final(&x);
         }
         rms_norm(&x, &self.norm, self.config.rms_eps, true)
     }

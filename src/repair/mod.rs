@@ -1,0 +1,60 @@
+//! The repair engine: from failure cases (and the guard cases a repair must not break) to neuron patches
+//! for the live model's overlay, by STAR (`star.rs`; ../shared/star/METHOD.md names every step).
+//!
+//! Architecture invariant: a pure function of (model, failure cases, guard cases, settings) → patches;
+//! no I/O, no protocol, no store. Serving is untouched until the caller swaps the patches in.
+
+mod linalg;
+mod star;
+mod steer;
+mod targets;
+
+pub use star::{project_off, solve_patch, RepairOutcome, Star};
+pub use steer::Head;
+pub use targets::{
+    complete_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
+};
+
+use crate::completion::ContextLimits;
+
+/// The engine's knobs; defaults follow METHOD.md's measured recipe.
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RepairSettings {
+    /// Context used around each case; the window before the cursor bounds repair's cost.
+    pub context: ContextLimits,
+    /// The top fraction of layers that may be patched (candidates for occlusion).
+    pub candidate_fraction: f32,
+    /// Layers patched, chosen among the candidates by occlusion.
+    pub layers: usize,
+    /// Fraction of a layer's neurons patched, chosen by attribution.
+    pub neuron_fraction: f32,
+    /// How far past the model's token the steer pushes the developer's, in logits.
+    pub margin: f32,
+    /// `η` of the guided update `W ← W − η·|P| ⊙ sign(∇W)`.
+    pub step: f32,
+    pub max_steps: usize,
+    /// Project patches off the span of the guard activations before optimizing.
+    pub guard_projection: bool,
+    /// A patch that lowers the guard pass rate by more than this is refused.
+    pub max_guard_drop: f32,
+}
+
+impl Default for RepairSettings {
+    fn default() -> Self {
+        Self {
+            context: ContextLimits {
+                prefix_tokens: 256,
+                suffix_tokens: 64,
+            },
+            candidate_fraction: 0.25,
+            layers: 3,
+            neuron_fraction: 0.05,
+            margin: 1.0,
+            step: 0.2,
+            max_steps: 10,
+            guard_projection: true,
+            max_guard_drop: 0.0,
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! STAR, step by step as METHOD.md names them: `failure_positions`, `locate_layers`, `select_neurons`,
+//! `steer`, `solve_patch` (with the guard projection), `guided_update`, `guard_check`.
+//!
+//! The lower layers are frozen: every case runs through the serving model once, and its residual stream
+//! entering the first candidate layer is kept. Everything after runs on dense f32 copies of the upper
+//! layers, where candle can take gradients.
+
+use super::steer::{row_rms, Head};
+use super::targets::{complete_case, passes, same_line, teacher_forced, Case, TeacherForced};
+use super::{linalg, RepairSettings};
+use crate::model::{Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// What a repair did. `patches` is empty when nothing needed repair or the guard refused the patch.
+#[derive(Debug, Clone)]
+pub struct RepairOutcome {
+    pub patches: Vec<(usize, LayerPatch)>,
+    /// Cases that failed (some target position wrong) before the repair.
+    pub failures: usize,
+    /// Of those, the cases whose every target position is right with the patch.
+    pub fixed: usize,
+    pub guard_before: f32,
+    pub guard_after: f32,
+    pub layers: Vec<usize>,
+    pub neurons_per_layer: usize,
+    pub steps: usize,
+    pub seconds: f64,
+    /// Why no patch came out although there were failures.
+    pub refused: Option<String>,
+}
+
+/// A case after the frozen lower layers.
+struct Prepared {
+    tf: TeacherForced,
+    /// The residual stream entering the first candidate layer `(seq, hidden)`.
+    residual: Tensor,
+}
+
+/// The neurons chosen per layer, and their activations `(failure positions, chosen)` per layer.
+struct Selection {
+    columns: BTreeMap<usize, Vec<u32>>,
+    z: BTreeMap<usize, Tensor>,
+}
+
+/// One scoring pass over a case: logits at its target rows, their pre-norm RMS, and the loss.
+struct Scored {
+    logits: Tensor,
+    rms: Vec<f32>,
+    loss: Tensor,
+}
+
+pub struct Star<'a> {
+    pub model: &'a Qwen2,
+    pub tokenizer: &'a Tokenizer,
+    pub head: &'a Head,
+    pub settings: RepairSettings,
+}
+
+impl Star<'_> {
+    /// The first layer that may be patched: the top `candidate_fraction` of the layers.
+    fn first_candidate(&self) -> usize {
+        let n = self.model.layers().len();
+        let k = ((n as f32 * self.settings.candidate_fraction).ceil() as usize).clamp(1, n);
+        n - k
+    }
+
+    fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
+        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
+        let mut capture = Capture::layers([first]);
+        let mut cache = self.model.new_cache();
+        self.model.forward(
+            &tf.tokens,
+            &mut cache,
+            &mut Hooks {
+                capture: Some(&mut capture),
+                ..Hooks::default()
+            },
+        )?;
+        let residual = capture
+            .residual
+            .remove(&first)
+            .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))?;
+        Ok(Prepared { tf, residual })
+    }
+
+    /// Runs the dense upper layers over a prepared case and scores its target tokens.
+    fn score(
+        &self,
+        first: usize,
+        dense: &[DecoderLayer],
+        case: &Prepared,
+        residual: &Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Scored> {
+        let mut own = Capture::layers([]);
+        let capture = match hooks.capture.as_deref_mut() {
+            Some(c) => c,
+            None => &mut own,
+        };
+        let mut inner = Hooks {
+            patches: hooks.patches,
+            capture: Some(capture),
+            skip_mlp: hooks.skip_mlp,
+            neuron_probes: hooks.neuron_probes,
+        };
+        let normed = self
+            .model
+            .forward_from(first, dense, residual, &mut inner)?;
+        let rows: Vec<u32> = (0..case.tf.target.len())
+            .map(|i| case.tf.row(i) as u32)
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        let logits = normed
+            .index_select(&rows, 0)?
+            .matmul(&self.head.weight.t()?)?;
+        let pre_norm = inner
+            .capture
+            .and_then(|c| c.final_hidden.clone())
+            .ok_or_else(|| candle_core::Error::Msg("no final hidden captured".into()))?;
+        let rms = row_rms(&pre_norm.index_select(&rows, 0)?)?;
+        let target = Tensor::new(case.tf.target.as_slice(), &Device::Cpu)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+        Ok(Scored { logits, rms, loss })
+    }
+
+    /// STAR's failure positions: target indices whose top-1 token would change the line.
+    fn failure_positions(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
+        let top: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        Ok(top
+            .iter()
+            .zip(&case.tf.target)
+            .enumerate()
+            .filter(|(_, (got, want))| !same_line(self.tokenizer, **got, **want))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// Whether the serving model's greedy line for `case` is the developer's, under `patches`.
+    fn greedy_passes(&self, case: &Case, patches: Option<&PatchSet>) -> Result<bool> {
+        let line = complete_case(
+            self.model,
+            self.tokenizer,
+            case,
+            self.settings.context,
+            patches,
+        )?;
+        Ok(passes(&line, case))
+    }
+
+    /// Layers ranked by MLP occlusion: how far skipping a layer's MLP moves the failures' loss.
+    fn locate_layers(
+        &self,
+        first: usize,
+        dense: &[DecoderLayer],
+        cases: &[Prepared],
+    ) -> Result<Vec<usize>> {
+        let loss_with = |skip: &[usize]| -> Result<f32> {
+            let mut total = 0.0;
+            for c in cases {
+                let s = self.score(
+                    first,
+                    dense,
+                    c,
+                    &c.residual,
+                    &mut Hooks {
+                        skip_mlp: skip,
+                        ..Hooks::default()
+                    },
+                )?;
+                total += s.loss.to_scalar::<f32>()?;
+            }
+            Ok(total)
+        };
+        let base = loss_with(&[])?;
+        let mut effects = Vec::new();
+        for l in first..first + dense.len() {
+            effects.push((l, (loss_with(&[l])? - base).abs()));
+        }
+        effects.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut layers: Vec<usize> = effects
+            .iter()
+            .take(self.settings.layers.max(1))
+            .map(|(l, _)| *l)
+            .collect();
+        layers.sort_unstable();
+        Ok(layers)
+    }
+
+    /// Neurons ranked by `|∂CE/∂z ⊙ z|` summed over the failure positions, per layer; and the
+    /// activations `z` at those positions, `(positions, intermediate)` per layer.
+    fn select_neurons(
+        &self,
+        first: usize,
+        dense: &[DecoderLayer],
+        cases: &[Prepared],
+        failing: &[Vec<usize>],
+        layers: &[usize],
+    ) -> Result<Selection> {
+        let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
+        let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        for (case, rows) in cases.iter().zip(failing) {
+            let seq = case.residual.dim(0)?;
+            let mut probes = BTreeMap::new();
+            let mut vars = BTreeMap::new();
+            for &l in layers {
+                let m = dense[l - first].mlp().down().in_features();
+                let v = Var::zeros((seq, m), DType::F32, &Device::Cpu)?;
+                probes.insert(l, v.as_tensor().clone());
+                vars.insert(l, v);
+            }
+            let mut capture = Capture::layers(layers.iter().copied());
+            let scored = self.score(
+                first,
+                dense,
+                case,
+                &case.residual,
+                &mut Hooks {
+                    capture: Some(&mut capture),
+                    neuron_probes: Some(&probes),
+                    ..Hooks::default()
+                },
+            )?;
+            // Only the failure positions drive attribution.
+            let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+            let target: Vec<u32> = rows.iter().map(|&i| case.tf.target[i]).collect();
+            let target = Tensor::new(target.as_slice(), &Device::Cpu)?;
+            let loss =
+                candle_nn::loss::cross_entropy(&scored.logits.index_select(&idx, 0)?, &target)?;
+            let grads = loss.backward()?;
+            let seq_rows: Vec<u32> = rows.iter().map(|&i| case.tf.row(i) as u32).collect();
+            let seq_rows = Tensor::new(seq_rows.as_slice(), &Device::Cpu)?;
+            for &l in layers {
+                let z = capture.neurons[&l].detach().index_select(&seq_rows, 0)?;
+                let g = grads
+                    .get(vars[&l].as_tensor())
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("no gradient for a neuron probe".into())
+                    })?
+                    .index_select(&seq_rows, 0)?;
+                let score = (g * &z)?.abs()?.sum(0)?;
+                let total = match attribution.remove(&l) {
+                    Some(t) => (t + score)?,
+                    None => score,
+                };
+                attribution.insert(l, total);
+                at_failures.entry(l).or_default().push(z);
+            }
+        }
+        let mut columns = BTreeMap::new();
+        let mut z = BTreeMap::new();
+        for (l, scores) in attribution {
+            let scores: Vec<f32> = scores.to_vec1()?;
+            let k = ((scores.len() as f32 * self.settings.neuron_fraction).ceil() as usize)
+                .clamp(1, scores.len());
+            let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+            order.sort_by(|a, b| scores[*b as usize].total_cmp(&scores[*a as usize]));
+            order.truncate(k);
+            order.sort_unstable();
+            let idx = Tensor::new(order.as_slice(), &Device::Cpu)?;
+            z.insert(l, Tensor::cat(&at_failures[&l], 0)?.index_select(&idx, 1)?);
+            columns.insert(l, order);
+        }
+        Ok(Selection { columns, z })
+    }
+
+    /// The steers `S` `(positions, hidden)` of all failure positions, each split across `parts` layers.
+    fn steers(
+        &self,
+        cases: &[Scored],
+        prepared: &[Prepared],
+        failing: &[Vec<usize>],
+        parts: usize,
+    ) -> Result<Tensor> {
+        let mut rows = Vec::new();
+        for ((scored, case), positions) in cases.iter().zip(prepared).zip(failing) {
+            let top: Vec<u32> = scored.logits.argmax(D::Minus1)?.to_vec1()?;
+            for &i in positions {
+                let logits: Vec<f32> = scored.logits.get(i)?.to_vec1()?;
+                let s = self.head.steer(
+                    top[i],
+                    case.tf.target[i],
+                    &logits,
+                    scored.rms[i],
+                    self.settings.margin,
+                )?;
+                rows.push(
+                    Tensor::new(s.as_slice(), &Device::Cpu)?.affine(1.0 / parts as f64, 0.0)?,
+                );
+            }
+        }
+        Tensor::stack(&rows, 0)
+    }
+
+    /// The guard activations `(positions, intermediate)` per layer, at every target row of the guards.
+    fn guard_activations(
+        &self,
+        first: usize,
+        dense: &[DecoderLayer],
+        guards: &[Prepared],
+        layers: &[usize],
+    ) -> Result<BTreeMap<usize, Tensor>> {
+        let mut parts: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        for g in guards {
+            let mut capture = Capture::layers(layers.iter().copied());
+            self.score(
+                first,
+                dense,
+                g,
+                &g.residual,
+                &mut Hooks {
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?;
+            let rows: Vec<u32> = (0..g.tf.target.len()).map(|i| g.tf.row(i) as u32).collect();
+            let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+            for &l in layers {
+                parts
+                    .entry(l)
+                    .or_default()
+                    .push(capture.neurons[&l].index_select(&rows, 0)?);
+            }
+        }
+        parts
+            .into_iter()
+            .map(|(l, p)| Ok((l, Tensor::cat(&p, 0)?)))
+            .collect()
+    }
+
+    pub fn repair(&self, failures: &[Case], guards: &[Case]) -> Result<RepairOutcome> {
+        let t0 = Instant::now();
+        let n_layers = self.model.layers().len();
+        let first = self.first_candidate();
+        let dense = self.model.dense_layers(first..n_layers)?;
+        let guard_cases = guards;
+        let guards = guards
+            .iter()
+            .map(|c| self.prepare(c, first))
+            .collect::<Result<Vec<_>>>()?;
+
+        // 1. The failing cases (greedy line wrong), and their failure positions under teacher forcing.
+        let mut failed = Vec::new();
+        let mut cases = Vec::new();
+        let mut failing = Vec::new();
+        for c in failures {
+            if self.greedy_passes(c, None)? {
+                continue;
+            }
+            let p = self.prepare(c, first)?;
+            let scored = self.score(first, &dense, &p, &p.residual, &mut Hooks::default())?;
+            failing.push(self.failure_positions(&p, &scored.logits)?);
+            cases.push(p);
+            failed.push(c);
+        }
+        let mut outcome = RepairOutcome {
+            patches: Vec::new(),
+            failures: failed.len(),
+            fixed: 0,
+            guard_before: 1.0,
+            guard_after: 1.0,
+            layers: Vec::new(),
+            neurons_per_layer: 0,
+            steps: 0,
+            seconds: 0.0,
+            refused: None,
+        };
+        if cases.is_empty() {
+            outcome.seconds = t0.elapsed().as_secs_f64();
+            return Ok(outcome);
+        }
+        if failing.iter().all(Vec::is_empty) {
+            // The greedy line differs only through a tokenization the teacher-forced targets do not see.
+            outcome.refused = Some("no failing position under teacher forcing".into());
+            outcome.seconds = t0.elapsed().as_secs_f64();
+            return Ok(outcome);
+        }
+
+        // 2. Where: layers by occlusion, neurons by attribution.
+        let layers = self.locate_layers(first, &dense, &cases)?;
+        let Selection { columns, z } =
+            self.select_neurons(first, &dense, &cases, &failing, &layers)?;
+        outcome.layers = layers.clone();
+        outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
+
+        // 3. What: the steers, and the analytical patch per layer, off the guard span.
+        let scored = cases
+            .iter()
+            .map(|c| self.score(first, &dense, c, &c.residual, &mut Hooks::default()))
+            .collect::<Result<Vec<_>>>()?;
+        let steers = self.steers(&scored, &cases, &failing, layers.len())?;
+        let guard_z = if self.settings.guard_projection && !guards.is_empty() {
+            Some(self.guard_activations(first, &dense, &guards, &layers)?)
+        } else {
+            None
+        };
+        // The guard activations on the selected neurons: patches and every update stay off their span.
+        let guard_span: BTreeMap<usize, Tensor> = match &guard_z {
+            Some(g) => layers
+                .iter()
+                .map(|l| {
+                    let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
+                    Ok((*l, g[l].index_select(&idx, 1)?))
+                })
+                .collect::<Result<_>>()?,
+            None => BTreeMap::new(),
+        };
+        let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
+            Some(g) => project_off(&p, g),
+            None => Ok(p),
+        };
+        let mut priors = BTreeMap::new();
+        for &l in &layers {
+            priors.insert(l, off_guards(l, solve_patch(&z[&l], &steers)?)?);
+        }
+
+        // 4. Guided optimization from the analytical patch, until every failure position is fixed.
+        let deltas: BTreeMap<usize, Var> = priors
+            .iter()
+            .map(|(l, p)| Ok((*l, Var::from_tensor(p)?)))
+            .collect::<Result<_>>()?;
+        let patch_set = |deltas: &BTreeMap<usize, Var>| -> Result<PatchSet> {
+            let mut set = PatchSet::default();
+            for (l, d) in deltas {
+                set = set.with(
+                    *l,
+                    LayerPatch::new(columns[l].clone(), d.as_tensor().clone())?,
+                )?;
+            }
+            Ok(set)
+        };
+        for step in 0..=self.settings.max_steps {
+            let set = patch_set(&deltas)?;
+            let mut loss: Option<Tensor> = None;
+            let mut all_fixed = true;
+            for c in &cases {
+                let s = self.score(
+                    first,
+                    &dense,
+                    c,
+                    &c.residual,
+                    &mut Hooks {
+                        patches: Some(&set),
+                        ..Hooks::default()
+                    },
+                )?;
+                all_fixed &= self.failure_positions(c, &s.logits)?.is_empty();
+                loss = Some(match loss {
+                    Some(l) => (l + s.loss)?,
+                    None => s.loss,
+                });
+            }
+            outcome.steps = step;
+            if all_fixed || step == self.settings.max_steps {
+                break;
+            }
+            let grads = loss.expect("at least one case").backward()?;
+            for (l, d) in &deltas {
+                if let Some(g) = grads.get(d.as_tensor()) {
+                    let update =
+                        (priors[l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
+                    d.set(&(d.as_tensor() - off_guards(*l, update)?)?)?;
+                }
+            }
+        }
+
+        // 5. The verdict on the serving model, greedy as completions are made: fixed failures, and the
+        // guard check.
+        let set = patch_set(&deltas)?;
+        for c in &failed {
+            outcome.fixed += self.greedy_passes(c, Some(&set))? as usize;
+        }
+        if !guard_cases.is_empty() {
+            let rate = |patches: Option<&PatchSet>| -> Result<f32> {
+                let mut pass = 0;
+                for g in guard_cases {
+                    pass += self.greedy_passes(g, patches)? as usize;
+                }
+                Ok(pass as f32 / guard_cases.len() as f32)
+            };
+            outcome.guard_before = rate(None)?;
+            outcome.guard_after = rate(Some(&set))?;
+        }
+        outcome.seconds = t0.elapsed().as_secs_f64();
+        if outcome.guard_after + self.settings.max_guard_drop < outcome.guard_before {
+            outcome.refused = Some(format!(
+                "the patch lowers the guard pass rate from {:.2} to {:.2}",
+                outcome.guard_before, outcome.guard_after
+            ));
+            return Ok(outcome);
+        }
+        if outcome.fixed == 0 {
+            outcome.refused = Some("the patch fixes none of the failures".into());
+            return Ok(outcome);
+        }
+        outcome.patches = deltas
+            .into_iter()
+            .map(|(l, d)| {
+                Ok((
+                    l,
+                    LayerPatch::new(columns[&l].clone(), d.as_tensor().detach())?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(outcome)
+    }
+}
+
+/// STAR's analytical patch: the least-norm `P` `(hidden, k)` with `P zᵢ = sᵢ` at every failure position,
+/// `P = (Z⁺ S)ᵀ = Sᵀ (Z Zᵀ)⁻¹ Z` for `Z` `(N, k)` and `S` `(N, hidden)`.
+pub fn solve_patch(z: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let (n, k) = z.dims2()?;
+    let gram = linalg::gram_rows(&z.flatten_all()?.to_vec1()?, n, k);
+    let chol = linalg::Cholesky::new(&gram, n, 1e-6);
+    // Y = (Z Zᵀ)⁻¹ S, one column of S at a time.
+    let st: Vec<Vec<f32>> = s.t()?.contiguous()?.to_vec2()?;
+    let yt: Vec<f32> = st
+        .iter()
+        .flat_map(|col| {
+            let col: Vec<f64> = col.iter().map(|v| *v as f64).collect();
+            chol.solve(&col).into_iter().map(|v| v as f32)
+        })
+        .collect();
+    let yt = Tensor::from_vec(yt, (st.len(), n), &Device::Cpu)?;
+    yt.matmul(z)
+}
+
+/// `P (I − Gᵀ (G Gᵀ)⁻¹ G)`: the patch with its action on the guard activations `G` `(positions, k)`
+/// removed, so the guard positions' MLP outputs stay as they were (METHOD.md, "beyond the paper").
+pub fn project_off(p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (n, k) = g.dims2()?;
+    let gram = linalg::gram_rows(&g.flatten_all()?.to_vec1()?, n, k);
+    let chol = linalg::Cholesky::new(&gram, n, 1e-6);
+    let a: Vec<Vec<f32>> = p.matmul(&g.t()?)?.to_vec2()?;
+    let b: Vec<f32> = a
+        .iter()
+        .flat_map(|row| {
+            let row: Vec<f64> = row.iter().map(|v| *v as f64).collect();
+            chol.solve(&row).into_iter().map(|v| v as f32)
+        })
+        .collect();
+    let b = Tensor::from_vec(b, (a.len(), n), &Device::Cpu)?;
+    p - b.matmul(g)?
+}

@@ -1,0 +1,64 @@
+//! The semantic steer: the least-norm change of the final hidden state that closes the logit gap between
+//! the model's token `a` and the developer's token `t`, through the norm-folded LM head
+//! `Ŵ_U = W_U · diag(γ)`: `s = Ŵ_U⁺ (e_t − e_a) = (Ŵ_UᵀŴ_U)⁻¹ (û_t − û_a)`, then scaled (METHOD.md,
+//! "what worked") to close the gap by `margin` past zero and multiplied by the RMS of the hidden state
+//! the final norm divides by.
+
+use super::linalg::Cholesky;
+use candle_core::{DType, Result, Tensor, D};
+
+/// The factored head, built once per model.
+pub struct Head {
+    /// `W_U` as dense f32 `(vocab, hidden)`: the repair forward computes its logits with it.
+    pub weight: Tensor,
+    /// `Ŵ_U` rows, read one at a time for steers.
+    folded: Tensor,
+    gram: Cholesky,
+}
+
+impl Head {
+    /// `gamma` is the final norm's gain, `weight` the LM head `(vocab, hidden)`.
+    pub fn new(gamma: &Tensor, weight: Tensor) -> Result<Self> {
+        let folded = weight.broadcast_mul(&gamma.unsqueeze(0)?)?;
+        let hidden = folded.dim(1)?;
+        let gram: Vec<f64> = folded
+            .t()?
+            .matmul(&folded)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok(Self {
+            weight,
+            folded,
+            gram: Cholesky::new(&gram, hidden, 1e-6),
+        })
+    }
+
+    /// The pre-norm hidden-state change `(hidden,)` that moves the logit of `want` above that of `got`
+    /// by `margin`, for a position whose logits are `logits` and whose pre-norm state has RMS `rms`.
+    pub fn steer(
+        &self,
+        got: u32,
+        want: u32,
+        logits: &[f32],
+        rms: f32,
+        margin: f32,
+    ) -> Result<Vec<f32>> {
+        let row = |i: u32| -> Result<Vec<f64>> {
+            self.folded.get(i as usize)?.to_dtype(DType::F64)?.to_vec1()
+        };
+        let (ut, ua) = (row(want)?, row(got)?);
+        let v: Vec<f64> = ut.iter().zip(&ua).map(|(t, a)| t - a).collect();
+        let x = self.gram.solve(&v);
+        // How much one unit of `x` closes the gap (in normed space), and how much must close.
+        let per_unit: f64 = v.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let gap = (logits[got as usize] - logits[want as usize]).max(0.0) as f64;
+        let scale = (gap + margin as f64) / per_unit.max(f64::MIN_POSITIVE) * rms as f64;
+        Ok(x.iter().map(|v| (v * scale) as f32).collect())
+    }
+}
+
+/// RMS of each row of `(rows, hidden)`: what the final RMSNorm divides by.
+pub fn row_rms(x: &Tensor) -> Result<Vec<f32>> {
+    x.sqr()?.mean(D::Minus1)?.sqrt()?.to_vec1()
+}

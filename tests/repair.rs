@@ -1,0 +1,212 @@
+//! The STAR engine on a tiny random-weight model: a planted failure is found, repaired, and the greedy
+//! completion then says what the developer wrote; a guard case keeps its completion; the analytical
+//! patch and the guard projection do what their algebra promises.
+
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use candle_core::{Device, Tensor};
+use star_ls::completion::fim_prompt;
+use star_ls::model::generate::StopReason;
+use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, PatchSet, StopAt};
+use star_ls::repair::{
+    complete_case, project_off, solve_patch, text_after_cursor, Case, Head, RepairSettings, Star,
+};
+use tiny_model::*;
+
+fn model() -> Model {
+    let path = cached(
+        "repair-f32-nl9.5",
+        TinySpec {
+            seed: 5,
+            quant: Quant::F32,
+            newline_logit: 9.5,
+            ..TinySpec::default()
+        },
+    );
+    // Unpadded: the serving model then runs the very weights its dense copies hold.
+    let opts = LoadOptions {
+        pad_for_repack: false,
+        ..LoadOptions::default()
+    };
+    Model::load(&path, opts).unwrap()
+}
+
+fn settings() -> RepairSettings {
+    RepairSettings {
+        candidate_fraction: 1.0,
+        layers: 2,
+        neuron_fraction: 0.5,
+        max_steps: 40,
+        ..RepairSettings::default()
+    }
+}
+
+fn case(id: &str, prefix: &str, target: &str) -> Case {
+    Case {
+        id: id.into(),
+        language: "python".into(),
+        prefix: prefix.into(),
+        suffix: "print(f(2))\n".into(),
+        target: target.into(),
+        group: String::new(),
+    }
+}
+
+/// The greedy line the serving model completes a case with, under `patches`.
+fn greedy(m: &Model, c: &Case, patches: &PatchSet) -> String {
+    let patches = (!patches.is_empty()).then_some(patches);
+    complete_case(&m.weights, &m.tokenizer, c, settings().context, patches).unwrap()
+}
+
+/// A free-running greedy line (up to 64 tokens), and why it stopped.
+fn greedy_run(m: &Model, c: &Case, patches: &PatchSet) -> star_ls::model::Generation {
+    let prompt = fim_prompt(
+        &m.tokenizer,
+        &c.prefix,
+        &text_after_cursor(c),
+        settings().context,
+    );
+    let params = GenerateParams {
+        max_tokens: 64,
+        stop: StopAt::Line,
+        ..GenerateParams::default()
+    };
+    generate(
+        &m.weights,
+        &m.tokenizer,
+        &prompt,
+        &mut m.weights.new_cache(),
+        (!patches.is_empty()).then_some(patches),
+        &params,
+        &Cancel::default(),
+    )
+    .unwrap()
+}
+
+fn patch_set(patches: &[(usize, star_ls::model::LayerPatch)]) -> PatchSet {
+    patches.iter().fold(PatchSet::default(), |set, (l, p)| {
+        set.with(*l, p.clone()).unwrap()
+    })
+}
+
+/// A case whose target is a line the model completes by itself (ended by its own newline).
+fn self_completed(m: &Model) -> Case {
+    [
+        "def g(y):\n    y = ",
+        "def g(y):\n    ",
+        "z = ",
+        "def h(",
+        "import ",
+    ]
+    .iter()
+    .find_map(|prefix| {
+        let mut c = case("g1", prefix, "");
+        let g = greedy_run(m, &c, &PatchSet::default());
+        c.target = g.text;
+        (g.stop == StopReason::EndOfLine && !c.target.trim().is_empty()).then_some(c)
+    })
+    .expect("a prefix the tiny model completes with a line of its own")
+}
+
+#[test]
+fn a_planted_failure_is_found_and_repaired() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let head = Head::new(&gamma, weight).unwrap();
+    let failure = case("f1", "def f(x):\n    return ", "x + 1");
+    assert_ne!(
+        greedy(&m, &failure, &PatchSet::default()),
+        "x + 1",
+        "the random model knows it"
+    );
+    let star = Star {
+        model: &m.weights,
+        tokenizer: &m.tokenizer,
+        head: &head,
+        settings: settings(),
+    };
+    let out = star.repair(std::slice::from_ref(&failure), &[]).unwrap();
+    assert_eq!(
+        (out.failures, out.fixed, &out.refused),
+        (1, 1, &None),
+        "{out:?}"
+    );
+    assert_eq!(out.layers, [0, 1]);
+    assert!(out.steps <= settings().max_steps);
+    assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+
+    // A case that already passes needs nothing.
+    let out = star.repair(&[self_completed(&m)], &[]).unwrap();
+    assert_eq!((out.failures, out.patches.len()), (0, 0));
+}
+
+#[test]
+fn a_patch_never_leaves_a_guard_worse() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let head = Head::new(&gamma, weight).unwrap();
+    let failure = case("f1", "def f(x):\n    return ", "x + 1");
+    let guard = self_completed(&m);
+    for guard_projection in [true, false] {
+        let star = Star {
+            model: &m.weights,
+            tokenizer: &m.tokenizer,
+            head: &head,
+            settings: RepairSettings {
+                guard_projection,
+                ..settings()
+            },
+        };
+        let out = star
+            .repair(std::slice::from_ref(&failure), std::slice::from_ref(&guard))
+            .unwrap();
+        assert_eq!(out.guard_before, 1.0, "{out:?}");
+        if out.patches.is_empty() {
+            assert!(out.refused.is_some(), "{out:?}");
+        } else {
+            assert_eq!(out.guard_after, 1.0, "{out:?}");
+            assert_eq!(greedy(&m, &guard, &patch_set(&out.patches)), guard.target);
+        }
+    }
+}
+
+#[test]
+fn the_analytical_patch_hits_every_steer_and_spares_the_guard_span() {
+    let dev = Device::Cpu;
+    let z = Tensor::randn(0f32, 1.0, (3, 10), &dev).unwrap();
+    let s = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+    let p = solve_patch(&z, &s).unwrap(); // (6, 10)
+    let hit = z.matmul(&p.t().unwrap()).unwrap(); // P zᵢ for every i, as rows
+    let err: f32 = (hit - &s)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(0)
+        .unwrap()
+        .max(1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(err < 1e-3, "P z = s off by {err}");
+
+    let g = Tensor::randn(0f32, 1.0, (2, 10), &dev).unwrap();
+    let q = project_off(&p, &g).unwrap();
+    let on_guard: f32 = q
+        .matmul(&g.t().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        on_guard < 1e-3,
+        "the projected patch still moves guard rows by {on_guard}"
+    );
+}
