@@ -44,11 +44,38 @@ struct Selection {
     z: BTreeMap<usize, Tensor>,
 }
 
-/// One scoring pass over a case: logits at its target rows, their pre-norm RMS, and the loss.
+/// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
+/// their logits (not in it), and their pre-norm RMS.
 struct Scored {
+    hidden: Tensor,
     logits: Tensor,
     rms: Vec<f32>,
-    loss: Tensor,
+    target: Vec<u32>,
+}
+
+impl Scored {
+    /// The mean cross-entropy of target positions `at`, as a tensor whose value is the loss and whose
+    /// gradient is the loss's. The LM head stays out of the graph: candle computes a gradient for
+    /// both sides of a matmul, and the head's `(vocab, hidden)` one would cost 545 MB per case for the
+    /// default model, for nothing. `∂CE/∂h = (softmax(logits) − onehot(target)) W_U / n` is exact.
+    fn loss(&self, at: &[usize], head: &Tensor) -> Result<Tensor> {
+        let idx: Vec<u32> = at.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        let target: Vec<u32> = at.iter().map(|&i| self.target[i]).collect();
+        let target = Tensor::new(target.as_slice(), &Device::Cpu)?;
+        let logits = self.logits.index_select(&idx, 0)?;
+        let hidden = self.hidden.index_select(&idx, 0)?;
+        let value = candle_nn::loss::cross_entropy(&logits, &target)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let grad = (probs.matmul(head)? - head.index_select(&target, 0)?)?
+            .affine(1.0 / at.len().max(1) as f64, 0.0)?;
+        let linear = (&hidden * &grad)?.sum_all()?;
+        linear.clone() + (value - linear.detach())?
+    }
+
+    fn all(&self) -> Vec<usize> {
+        (0..self.target.len()).collect()
+    }
 }
 
 pub struct Star<'a> {
@@ -112,17 +139,19 @@ impl Star<'_> {
             .map(|i| case.tf.row(i) as u32)
             .collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-        let logits = normed
-            .index_select(&rows, 0)?
-            .matmul(&self.head.weight.t()?)?;
+        let hidden = normed.index_select(&rows, 0)?;
+        let logits = hidden.detach().matmul(&self.head.weight.t()?)?;
         let pre_norm = inner
             .capture
             .and_then(|c| c.final_hidden.clone())
             .ok_or_else(|| candle_core::Error::Msg("no final hidden captured".into()))?;
-        let rms = row_rms(&pre_norm.index_select(&rows, 0)?)?;
-        let target = Tensor::new(case.tf.target.as_slice(), &Device::Cpu)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
-        Ok(Scored { logits, rms, loss })
+        let rms = row_rms(&pre_norm.index_select(&rows, 0)?.detach())?;
+        Ok(Scored {
+            hidden,
+            logits,
+            rms,
+            target: case.tf.target.clone(),
+        })
     }
 
     /// STAR's failure positions: target indices whose top-1 token would change the line.
@@ -169,7 +198,7 @@ impl Star<'_> {
                         ..Hooks::default()
                     },
                 )?;
-                total += s.loss.to_scalar::<f32>()?;
+                total += s.loss(&s.all(), &self.head.weight)?.to_scalar::<f32>()?;
             }
             Ok(total)
         };
@@ -223,13 +252,7 @@ impl Star<'_> {
                 },
             )?;
             // Only the failure positions drive attribution.
-            let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
-            let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
-            let target: Vec<u32> = rows.iter().map(|&i| case.tf.target[i]).collect();
-            let target = Tensor::new(target.as_slice(), &Device::Cpu)?;
-            let loss =
-                candle_nn::loss::cross_entropy(&scored.logits.index_select(&idx, 0)?, &target)?;
-            let grads = loss.backward()?;
+            let grads = scored.loss(rows, &self.head.weight)?.backward()?;
             let seq_rows: Vec<u32> = rows.iter().map(|&i| case.tf.row(i) as u32).collect();
             let seq_rows = Tensor::new(seq_rows.as_slice(), &Device::Cpu)?;
             for &l in layers {
@@ -433,8 +456,9 @@ impl Star<'_> {
         };
         for step in 0..=self.settings.max_steps {
             let set = patch_set(&deltas)?;
-            let mut loss: Option<Tensor> = None;
             let mut all_fixed = true;
+            // One case at a time, gradients summed: a case's graph is freed before the next is built.
+            let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
             for c in &cases {
                 let s = self.score(
                     first,
@@ -447,18 +471,26 @@ impl Star<'_> {
                     },
                 )?;
                 all_fixed &= self.failure_positions(c, &s.logits)?.is_empty();
-                loss = Some(match loss {
-                    Some(l) => (l + s.loss)?,
-                    None => s.loss,
-                });
+                if step == self.settings.max_steps {
+                    continue;
+                }
+                let grads = s.loss(&s.all(), &self.head.weight)?.backward()?;
+                for (l, d) in &deltas {
+                    if let Some(g) = grads.get(d.as_tensor()) {
+                        let sum = match grad_sum.remove(l) {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        };
+                        grad_sum.insert(*l, sum);
+                    }
+                }
             }
             outcome.steps = step;
             if all_fixed || step == self.settings.max_steps {
                 break;
             }
-            let grads = loss.expect("at least one case").backward()?;
             for (l, d) in &deltas {
-                if let Some(g) = grads.get(d.as_tensor()) {
+                if let Some(g) = grad_sum.get(l) {
                     let update =
                         (priors[l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
                     d.set(&(d.as_tensor() - off_guards(*l, update)?)?)?;

@@ -11,25 +11,33 @@ use candle_core::{DType, Result, Tensor, D};
 pub struct Head {
     /// `W_U` as dense f32 `(vocab, hidden)`: the repair forward computes its logits with it.
     pub weight: Tensor,
-    /// `Ŵ_U` rows, read one at a time for steers.
-    folded: Tensor,
+    /// The final norm's gain `γ`: a row of `Ŵ_U` is a row of `W_U` times it (not stored twice).
+    gamma: Vec<f64>,
     gram: Cholesky,
 }
 
 impl Head {
     /// `gamma` is the final norm's gain, `weight` the LM head `(vocab, hidden)`.
     pub fn new(gamma: &Tensor, weight: Tensor) -> Result<Self> {
-        let folded = weight.broadcast_mul(&gamma.unsqueeze(0)?)?;
-        let hidden = folded.dim(1)?;
-        let gram: Vec<f64> = folded
+        // Contiguous: a padded serving matrix comes back as a narrowed view.
+        let weight = weight.contiguous()?;
+        let hidden = weight.dim(1)?;
+        // Ŵ_UᵀŴ_U = diag(γ) (W_UᵀW_U) diag(γ): one pass over the big matrix, no folded copy.
+        let gamma: Vec<f64> = gamma.to_dtype(DType::F64)?.to_vec1()?;
+        let mut gram: Vec<f64> = weight
             .t()?
-            .matmul(&folded)?
+            .matmul(&weight)?
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1()?;
+        for i in 0..hidden {
+            for j in 0..hidden {
+                gram[i * hidden + j] *= gamma[i] * gamma[j];
+            }
+        }
         Ok(Self {
             weight,
-            folded,
+            gamma,
             gram: Cholesky::new(&gram, hidden, 1e-6),
         })
     }
@@ -45,7 +53,11 @@ impl Head {
         margin: f32,
     ) -> Result<Vec<f32>> {
         let row = |i: u32| -> Result<Vec<f64>> {
-            self.folded.get(i as usize)?.to_dtype(DType::F64)?.to_vec1()
+            let w: Vec<f32> = self.weight.get(i as usize)?.to_vec1()?;
+            Ok(w.iter()
+                .zip(&self.gamma)
+                .map(|(w, g)| *w as f64 * g)
+                .collect())
         };
         let (ut, ua) = (row(want)?, row(got)?);
         let v: Vec<f64> = ut.iter().zip(&ua).map(|(t, a)| t - a).collect();
