@@ -68,7 +68,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (1, "wal"));
+    assert_eq!((version, journal.as_str()), (2, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -158,4 +158,53 @@ fn writes_wait_out_a_locked_database_and_the_trouble_is_reported_once() {
         .collect();
     assert_eq!(targets, ["x + 1", "x + 2", "x + 3"]);
     assert!(errors.try_recv().is_err(), "reported once");
+}
+
+#[test]
+fn the_ledger_keeps_patches_and_their_cases_together() {
+    use star_ls::store::PatchLayer;
+    let dir = temp_dir("ledger");
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    store.add_case(&case("x + 1", CaseKind::Failure)).unwrap();
+    store.add_case(&case("x + 2", CaseKind::Failure)).unwrap();
+    let layer = PatchLayer {
+        layer: 20,
+        hidden: 2,
+        columns: vec![3, 9],
+        delta: vec![0.5, -1.0, 2.0, 0.25],
+    };
+    let report = serde_json::json!({ "fixed": 1 });
+    let id = store
+        .add_patch(
+            "sha",
+            5,
+            &report,
+            std::slice::from_ref(&layer),
+            &["case-1".into()],
+        )
+        .unwrap();
+    assert_eq!(id, "patch-1");
+    assert_eq!(store.counts().unwrap().failures_pending, 1);
+    let patches = store.patches(Some("sha"), true).unwrap();
+    assert_eq!(patches.len(), 1);
+    assert_eq!(
+        (patches[0].layers.clone(), patches[0].cases.clone()),
+        (vec![layer], vec!["case-1".to_owned()])
+    );
+    assert_eq!(patches[0].report["fixed"], 1);
+    assert!(store.patches(Some("other model"), true).unwrap().is_empty());
+
+    assert!(store.rollback(Some("patch-9")).is_err());
+    assert_eq!(store.rollback(None).unwrap(), ["patch-1"]);
+    assert_eq!(
+        store.counts().unwrap().failures_pending,
+        2,
+        "its cases are pending again"
+    );
+    assert!(store.patches(None, true).unwrap().is_empty());
+    assert_eq!(
+        store.patches(None, false).unwrap().len(),
+        1,
+        "rolled back, not forgotten"
+    );
 }

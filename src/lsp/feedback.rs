@@ -125,8 +125,12 @@ impl Server {
                 prefix: tail(prefix, STORED_PREFIX_BYTES).to_owned(),
                 suffix: head(suffix, STORED_SUFFIX_BYTES).to_owned(),
                 proposed,
-                // Patches get ids with the repair ledger; until then none can be named.
-                patches: Vec::new(),
+                patches: self
+                    .state
+                    .live_patches
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default(),
                 shown_ms: now_ms(),
             }));
         }

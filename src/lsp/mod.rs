@@ -3,6 +3,7 @@
 
 mod feedback;
 mod proto;
+mod repair;
 mod server;
 mod settings;
 mod transport;

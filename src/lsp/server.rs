@@ -34,6 +34,14 @@ pub(super) struct State {
     pub(super) store: OnceLock<StoreHandle>,
     /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
     pub(super) workspace: OnceLock<String>,
+    /// The loaded model file's sha256: the ledger's patches apply to this model only.
+    pub(super) model_sha: OnceLock<String>,
+    /// The factored LM head for the semantic steer, built by the first repair.
+    pub(super) head: Arc<Mutex<Option<Arc<crate::repair::Head>>>>,
+    pub(super) repair_running: std::sync::atomic::AtomicBool,
+    pub(super) last_repair: Mutex<Option<Value>>,
+    /// Ids of the patches in the live overlay (recorded with each completion, for `star.explain`).
+    pub(super) live_patches: Mutex<Vec<String>>,
     /// Per document and method: the newest request's number and its cancel switch. A newer request
     /// supersedes an older one of the same method only, so a client asking for both an inline completion
     /// and a completion list at one keystroke gets both.
@@ -60,6 +68,10 @@ impl Server {
             client,
             state: Arc::default(),
         }
+    }
+
+    pub(super) fn engine(&self) -> Option<&Engine> {
+        self.state.engine.get()
     }
 
     pub(super) fn settings(&self) -> Settings {
@@ -169,7 +181,8 @@ impl Server {
             .map(|s| s.clone())
             .unwrap_or_default();
         let engine = self.state.engine.get();
-        let patches = engine.map_or(0, |e| e.patches().iter().count());
+        let patches = self.state.live_patches.lock().map_or(0, |p| p.len());
+        let last_repair = self.state.last_repair.lock().ok().and_then(|r| r.clone());
         let documents = self.lock_documents().len();
         let (counts, store_error) = match self.store_counts().await {
             Ok(c) => (c, None),
@@ -184,8 +197,8 @@ impl Server {
             "completionsRecorded": counts.completions,
             "storeError": store_error,
             "patches": patches,
-            "repairRunning": false,
-            "lastRepair": null,
+            "repairRunning": self.state.repair_running.load(std::sync::atomic::Ordering::SeqCst),
+            "lastRepair": last_repair,
             "completions": engine.map(Engine::stats),
         })
     }
@@ -222,10 +235,15 @@ impl Server {
             }
             match event {
                 EngineEvent::Loading { .. } => {}
-                EngineEvent::Loaded { .. } => {
+                EngineEvent::Loaded { path, .. } => {
                     if let Some(p) = progress.take() {
                         p.finish_with_message(text).await;
                     }
+                    let server = Server {
+                        client: client.clone(),
+                        state: state.clone(),
+                    };
+                    tokio::spawn(async move { server.restore_patches(path).await });
                 }
                 EngineEvent::LoadFailed { error } => {
                     if let Some(p) = progress.take() {
@@ -309,6 +327,9 @@ impl LanguageServer for Server {
                         ACCEPTED_COMMAND.into(),
                         "star.status".into(),
                         "star.explain".into(),
+                        "star.repairNow".into(),
+                        "star.listPatches".into(),
+                        "star.rollback".into(),
                     ],
                     ..ExecuteCommandOptions::default()
                 }),
@@ -463,15 +484,9 @@ impl LanguageServer for Server {
                 .explain(proto::completion_id_arg(first)?)
                 .await
                 .map(Some),
-            "star.repairNow" | "star.listPatches" | "star.rollback" => Err(jsonrpc::Error {
-                code: jsonrpc::ErrorCode::InvalidRequest,
-                message: format!(
-                    "{}: repair is not available in this build yet",
-                    params.command
-                )
-                .into(),
-                data: None,
-            }),
+            "star.repairNow" => self.repair_now().await.map(Some),
+            "star.listPatches" => self.list_patches().await.map(Some),
+            "star.rollback" => self.rollback(first).await.map(Some),
             other => Err(proto::invalid_params(format!("unknown command {other}"))),
         }
     }

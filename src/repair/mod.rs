@@ -16,6 +16,9 @@ pub use targets::{
 };
 
 use crate::completion::ContextLimits;
+use crate::model::{LayerPatch, PatchSet};
+use crate::store::{PatchLayer, PatchRecord, StoredCase};
+use candle_core::{Device, Tensor};
 
 /// The engine's knobs; defaults follow METHOD.md's measured recipe.
 #[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
@@ -57,4 +60,47 @@ impl Default for RepairSettings {
             max_guard_drop: 0.0,
         }
     }
+}
+
+impl From<&StoredCase> for Case {
+    fn from(c: &StoredCase) -> Self {
+        Self {
+            id: c.id.clone(),
+            language: c.language.clone(),
+            prefix: c.prefix.clone(),
+            suffix: c.suffix.clone(),
+            target: c.target.clone(),
+            group: c.group.clone(),
+        }
+    }
+}
+
+/// A repair's patches as the ledger stores them.
+pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec<PatchLayer>> {
+    patches
+        .iter()
+        .map(|(layer, p)| {
+            let (hidden, _) = p.delta().dims2()?;
+            Ok(PatchLayer {
+                layer: *layer,
+                hidden,
+                columns: p.columns().to_vec(),
+                delta: p.delta().flatten_all()?.to_vec1()?,
+            })
+        })
+        .collect()
+}
+
+/// The overlay the ledger's active patches make, summed in the order they were accepted.
+pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
+    let mut set = PatchSet::default();
+    for layer in records.iter().flat_map(|r| &r.layers) {
+        let delta = Tensor::from_vec(
+            layer.delta.clone(),
+            (layer.hidden, layer.columns.len()),
+            &Device::Cpu,
+        )?;
+        set = set.with(layer.layer, LayerPatch::new(layer.columns.clone(), delta)?)?;
+    }
+    Ok(set)
 }

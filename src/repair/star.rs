@@ -19,8 +19,10 @@ pub struct RepairOutcome {
     pub patches: Vec<(usize, LayerPatch)>,
     /// Cases that failed (some target position wrong) before the repair.
     pub failures: usize,
-    /// Of those, the cases whose every target position is right with the patch.
+    /// Of those, the cases whose greedy line is the developer's with the patch.
     pub fixed: usize,
+    /// Their ids.
+    pub fixed_ids: Vec<String>,
     pub guard_before: f32,
     pub guard_after: f32,
     pub layers: Vec<usize>,
@@ -382,6 +384,7 @@ impl Star<'_> {
             patches: Vec::new(),
             failures: failed.len(),
             fixed: 0,
+            fixed_ids: Vec::new(),
             guard_before: 1.0,
             guard_after: 1.0,
             layers: Vec::new(),
@@ -502,7 +505,10 @@ impl Star<'_> {
         // guard check.
         let set = patch_set(&deltas)?;
         for c in &failed {
-            outcome.fixed += self.greedy_passes(c, Some(&set))? as usize;
+            if self.greedy_passes(c, Some(&set))? {
+                outcome.fixed += 1;
+                outcome.fixed_ids.push(c.id.clone());
+            }
         }
         if !guard_cases.is_empty() {
             let rate = |patches: Option<&PatchSet>| -> Result<f32> {

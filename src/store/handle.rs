@@ -24,6 +24,9 @@ pub enum StoreOp {
     Explain(String, Reply<Option<Vec<String>>>),
     /// Answers once every write sent before it has been tried.
     Flush(Box<dyn FnOnce() + Send>),
+    /// Runs on the store thread with the open store (or why it cannot be opened): reads and writes
+    /// whose caller wants the answer, such as the patch ledger's.
+    With(Box<dyn FnOnce(Result<&mut Store, StoreError>) + Send>),
 }
 
 /// Writes waiting for the database to take them again; beyond this many the oldest are dropped (and
@@ -124,6 +127,7 @@ impl Worker {
                 reply(r.map_err(|e| e.to_string()));
             }
             StoreOp::Flush(reply) => reply(),
+            StoreOp::With(f) => f(self.store()),
             op => {
                 if let Err(e) = self.write(&op) {
                     self.report(&e);

@@ -6,9 +6,11 @@
 //! [`StoreHandle`], which owns the connection on its own thread.
 
 mod handle;
+mod ledger;
 mod schema;
 
 pub use handle::{StoreHandle, StoreOp};
+pub use ledger::{patch_number, PatchLayer, PatchRecord};
 
 use crate::capture::{CaseKind, CaseText};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -30,6 +32,8 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("no active patch {0}")]
+    UnknownPatch(String),
     #[error("{path} was written by a newer star-ls (schema {found}, this one knows {known})")]
     NewerSchema {
         path: PathBuf,
@@ -105,6 +109,8 @@ pub struct StoredCase {
     pub document: String,
     pub workspace: String,
     pub created_ms: i64,
+    /// The patch that repaired it (failure cases), if one is active.
+    pub repaired_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -169,7 +175,7 @@ impl Store {
         &self.path
     }
 
-    fn wrap(&self, source: rusqlite::Error) -> StoreError {
+    pub(crate) fn wrap(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -281,7 +287,7 @@ impl Store {
             .conn
             .prepare(
                 "SELECT id, language, prefix, suffix, target, grp, kind, outcome, proposed,
-                        completion_id, document, workspace, created_ms
+                        completion_id, document, workspace, created_ms, repaired_by
                  FROM cases WHERE ?1 IS NULL OR kind = ?1 ORDER BY id",
             )
             .map_err(|e| self.wrap(e))?;
@@ -301,6 +307,7 @@ impl Store {
                     document: r.get(10)?,
                     workspace: r.get(11)?,
                     created_ms: r.get(12)?,
+                    repaired_by: r.get(13)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -364,7 +371,7 @@ impl Store {
         Ok(deleted)
     }
 
-    fn write<T>(
+    pub(crate) fn write<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {

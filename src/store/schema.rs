@@ -42,6 +42,22 @@ const MIGRATIONS: &[&str] = &[
         repaired_by TEXT
      );
      CREATE INDEX cases_pending ON cases (kind, repaired_by);",
+    // 2: the patch ledger: each accepted repair, its per-layer deltas, and the cases it repaired.
+    "CREATE TABLE patches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model_sha TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1,
+        report TEXT NOT NULL
+     );
+     CREATE TABLE patch_layers (
+        patch_id INTEGER NOT NULL REFERENCES patches (id),
+        layer INTEGER NOT NULL,
+        hidden INTEGER NOT NULL,
+        columns BLOB NOT NULL,
+        delta BLOB NOT NULL,
+        PRIMARY KEY (patch_id, layer)
+     );",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -1,0 +1,155 @@
+//! The whole loop through the real `star-ls` binary with the packaged model: corrections typed over
+//! completions are recorded, `star.repairNow` patches the live model, the next completion says what the
+//! developer wrote, the patch survives a restart (the ledger), and rolling it back undoes it.
+
+mod client;
+
+use client::{packaged_model, Client};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn data_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("star-ls-repair-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn start(data: &Path) -> Client {
+    let mut c = Client::start(
+        &packaged_model(),
+        json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000 }),
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+    );
+    c.wait_for("model loaded", |m| {
+        m["method"] == "$/progress"
+            && m["params"]["token"] == "star-ls/model"
+            && m["params"]["value"]["kind"] == "end"
+    });
+    c
+}
+
+const HYPOT: &str = "import math\n\n\ndef hypotenuse(a: float, b: float) -> float:\n    \"\"\"Length of the hypotenuse of a right triangle with legs a and b.\"\"\"\n    return \n";
+const DISTANCE: &str =
+    "import math\n\n\ndef distance(p, q):\n    dx = q[0] - p[0]\n    dy = q[1] - p[1]\n    return \n";
+
+fn inline(c: &mut Client, uri: &str, line: u32, character: u32) -> (String, String) {
+    let r = c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, line, character),
+    );
+    let item = &r["items"][0];
+    (
+        item["insertText"].as_str().unwrap_or_default().to_owned(),
+        item["command"]["arguments"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+fn command(c: &mut Client, name: &str, args: Value) -> Value {
+    c.call(
+        "workspace/executeCommand",
+        json!({ "command": name, "arguments": args }),
+    )
+}
+
+/// Types `text` over the completion at (line, character), then goes to the next line: a failure case.
+fn correct(c: &mut Client, uri: &str, doc: &str, line: u32, character: u32, text: &str) -> String {
+    c.open(uri, doc);
+    let (proposed, _) = inline(c, uri, line, character);
+    c.insert(uri, 2, line, character, text);
+    c.insert(uri, 3, line, character + text.len() as u32, "\n");
+    proposed
+}
+
+#[test]
+fn corrections_repair_the_live_model_persistently_and_roll_back() {
+    let data = data_dir();
+    let mut c = start(&data);
+    let before = correct(
+        &mut c,
+        "file:///w/hypot.py",
+        HYPOT,
+        5,
+        11,
+        "math.hypot(a, b)",
+    );
+    assert!(before.contains("sqrt"), "{before}");
+    correct(
+        &mut c,
+        "file:///w/dist.py",
+        DISTANCE,
+        6,
+        11,
+        "math.hypot(dx, dy)",
+    );
+    // A guard: an accepted completion.
+    c.open("file:///w/add.py", "def add(a, b):\n    return \n");
+    let (add, add_id) = inline(&mut c, "file:///w/add.py", 1, 11);
+    c.insert("file:///w/add.py", 2, 1, 11, &add);
+    command(&mut c, "star.accepted", json!([add_id]));
+    c.notify(
+        "textDocument/didClose",
+        json!({ "textDocument": { "uri": "file:///w/add.py" } }),
+    );
+    let status = c.status();
+    assert_eq!(
+        (
+            status["failuresPending"].as_u64(),
+            status["guardCases"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{status}"
+    );
+
+    let report = command(&mut c, "star.repairNow", json!([]));
+    let patch = report["patchId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no patch: {report}"))
+        .to_owned();
+    assert_eq!(report["failures"], 2, "{report}");
+    assert!(report["fixed"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        report["guardAfter"].as_f64() >= report["guardBefore"].as_f64(),
+        "{report}"
+    );
+    let status = c.status();
+    assert_eq!(status["patches"], 1, "{status}");
+    assert_eq!(status["lastRepair"]["patchId"], patch.as_str());
+    assert_eq!(
+        status["failuresPending"].as_u64(),
+        Some(2 - report["fixed"].as_u64().unwrap())
+    );
+
+    // The live model now completes the way the developer writes.
+    c.open("file:///w/hypot2.py", HYPOT);
+    let (after, id) = inline(&mut c, "file:///w/hypot2.py", 5, 11);
+    assert_eq!(after, "math.hypot(a, b)");
+    let explained = command(&mut c, "star.explain", json!([id]));
+    assert_eq!(explained["patches"], json!([patch]), "{explained}");
+    let listed = command(&mut c, "star.listPatches", json!([]));
+    assert_eq!(listed[0]["id"], patch.as_str(), "{listed}");
+    c.shutdown();
+
+    // A restart re-applies the ledger; rolling back undoes the patch.
+    let mut c = start(&data);
+    c.open("file:///w/hypot3.py", HYPOT);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while c.status()["patches"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger was not re-applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        inline(&mut c, "file:///w/hypot3.py", 5, 11).0,
+        "math.hypot(a, b)"
+    );
+    let rolled = command(&mut c, "star.rollback", json!(["all"]));
+    assert_eq!(rolled["rolledBack"], json!([patch]));
+    assert_eq!(inline(&mut c, "file:///w/hypot3.py", 5, 11).0, before);
+    assert_eq!(c.status()["failuresPending"], 2);
+    c.shutdown();
+}
