@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 type Reply<T> = Box<dyn FnOnce(Result<T, String>) + Send>;
+type Job = Box<dyn FnOnce(Result<&mut Store, StoreError>) + Send>;
 
 pub enum StoreOp {
     Shown(ShownRecord),
@@ -26,7 +27,7 @@ pub enum StoreOp {
     Flush(Box<dyn FnOnce() + Send>),
     /// Runs on the store thread with the open store (or why it cannot be opened): reads and writes
     /// whose caller wants the answer, such as the patch ledger's.
-    With(Box<dyn FnOnce(Result<&mut Store, StoreError>) + Send>),
+    With(Job),
 }
 
 /// Writes waiting for the database to take them again; beyond this many the oldest are dropped (and
