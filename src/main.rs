@@ -42,11 +42,26 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// The patch ledger: the repairs applied to the model.
+    Patches {
+        #[command(subcommand)]
+        action: PatchesAction,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// The failure and guard cases recorded from your edits.
     Cases {
         #[command(subcommand)]
         action: CasesAction,
     },
+}
+
+#[derive(Subcommand)]
+enum PatchesAction {
+    /// Every patch, rolled back ones included, oldest first.
+    List,
+    /// Roll back a patch by id (`patch-3`), or `all`; its cases become pending failures again.
+    Rollback { id: String },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +102,12 @@ fn main() {
             star_ls::cli::complete::run(&file, line, character, stop, json)
         }
         Command::Bench { json, threads } => star_ls::cli::bench::run(threads, json.as_deref()),
+        Command::Patches { action, json } => match action {
+            PatchesAction::List => star_ls::cli::patches::list(json),
+            PatchesAction::Rollback { id } => {
+                star_ls::cli::patches::rollback((id != "all").then_some(id.as_str()), json)
+            }
+        },
         Command::Cases {
             action: CasesAction::Export { kind },
         } => star_ls::cli::cases::export(kind),

@@ -32,6 +32,19 @@ const HYPOT: &str = "import math\n\n\ndef hypotenuse(a: float, b: float) -> floa
 const DISTANCE: &str =
     "import math\n\n\ndef distance(p, q):\n    dx = q[0] - p[0]\n    dy = q[1] - p[1]\n    return \n";
 
+/// `star-ls patches ARGS --json` on the test's store.
+fn patches_cli(data: &Path, args: &[&str]) -> (bool, Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .arg("patches")
+        .args(args)
+        .arg("--json")
+        .env("STAR_LS_DATA_DIR", data)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), json)
+}
+
 fn inline(c: &mut Client, uri: &str, line: u32, character: u32) -> (String, String) {
     let r = c.call(
         "textDocument/inlineCompletion",
@@ -131,6 +144,14 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
     let listed = command(&mut c, "star.listPatches", json!([]));
     assert_eq!(listed[0]["id"], patch.as_str(), "{listed}");
     c.shutdown();
+    let (ok, listed) = patches_cli(&data, &["list"]);
+    assert!(ok);
+    assert_eq!(
+        (listed[0]["id"].as_str(), listed[0]["active"].as_bool()),
+        (Some(patch.as_str()), Some(true))
+    );
+    let (ok, _) = patches_cli(&data, &["rollback", "patch-99"]);
+    assert!(!ok, "an unknown patch is an error");
 
     // A restart re-applies the ledger; rolling back undoes the patch.
     let mut c = start(&data);
@@ -152,4 +173,6 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
     assert_eq!(inline(&mut c, "file:///w/hypot3.py", 5, 11).0, before);
     assert_eq!(c.status()["failuresPending"], 2);
     c.shutdown();
+    let (_, listed) = patches_cli(&data, &["list"]);
+    assert_eq!(listed[0]["active"], false, "rolled back, still listed");
 }

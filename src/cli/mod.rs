@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cases;
 pub mod complete;
+pub mod patches;
 
 use std::path::PathBuf;
 
