@@ -4,7 +4,8 @@
 Opens a file, asks for an inline completion, then types a few characters one at a time and asks again
 after each, printing what the server proposed and how many prompt tokens it had to run (the rest came
 from its prefix cache). Then the developer writes something else than the last proposal and moves on:
-the server records that correction as a failure case (in STAR_LS_DATA_DIR).
+the server records that correction as a failure case (in STAR_LS_DATA_DIR). Then it asks the server to
+repair the model (star.repairNow) and completes the same place again, in a fresh copy of the file.
 Usage: lsp-session.py STAR_LS_BINARY MODEL FILE
 """
 import json
@@ -104,6 +105,19 @@ def main(binary, model, path):
     insert(line, col + len(wanted), "\n")
     status = lsp.request("workspace/executeCommand", {"command": "star.status"})
     print(f"  star.status: failuresPending={status['failuresPending']}, guardCases={status['guardCases']}")
+
+    print("\n  star.repairNow (STAR: locate layers and neurons, solve the patch, check the guard cases) ...")
+    report = lsp.request("workspace/executeCommand", {"command": "star.repairNow"})
+    print(f"  {report['patchId']}: fixed {report['fixed']} of {report['failures']}, layers {report['layers']}, "
+          f"{report['neuronsPerLayer']} neurons each, guard {report['guardBefore']} -> {report['guardAfter']}, "
+          f"{report['seconds']:.1f} s")
+    fresh = uri.replace(".py", "-again.py")
+    lsp.notify("textDocument/didOpen", {"textDocument": {"uri": fresh, "languageId": "python", "version": 1, "text": text}})
+    result = lsp.request("textDocument/inlineCompletion", {
+        "textDocument": {"uri": fresh}, "position": {"line": line, "character": len(text.split("\n")[line])},
+        "context": {"triggerKind": 2}})
+    again = result["items"][0]["insertText"] if result and result["items"] else "(nothing)"
+    print(f"  the same place in a fresh copy now completes: 'return' -> {again!r}")
     lsp.request("shutdown", None)
     lsp.notify("exit", None)
     lsp.p.wait()
