@@ -18,7 +18,7 @@ fn data_dir(name: &str) -> PathBuf {
 fn start(data: &Path) -> Client {
     let mut c = Client::start(
         &packaged_model(),
-        json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000 }),
+        json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000, "repairThreshold": 0 }),
         &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
     );
     c.wait_for("model loaded", |m| {

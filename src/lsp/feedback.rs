@@ -3,12 +3,13 @@
 
 use super::server::Server;
 use super::settings::Settings;
-use crate::capture::{Resolved, Tracker};
+use crate::capture::{CaseKind, Resolved, Tracker};
 use crate::completion::{Completion, Document};
 use crate::store::{Counts, NewCase, ShownRecord, StoreHandle, StoreOp};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -164,13 +165,46 @@ impl Server {
                 workspace: self.workspace(),
                 created_ms: now_ms(),
             });
+            let failure = case
+                .as_ref()
+                .is_some_and(|c| c.case.kind == CaseKind::Failure);
             store.send(StoreOp::Resolved {
                 completion_id: r.completion_id,
                 outcome: r.outcome,
                 case,
                 at_ms: now_ms(),
             });
+            if failure {
+                self.schedule_repair();
+            }
         }
+    }
+
+    /// The scheduler: a repair in the background once `repairThreshold` failures are pending, counted
+    /// from the last repair (failures a repair could not fix do not trigger it again on their own).
+    fn schedule_repair(&self) {
+        let threshold = self.settings().repair_threshold;
+        if threshold == 0 || self.state.repair_running.load(Ordering::SeqCst) {
+            return;
+        }
+        let server = Self {
+            client: self.client.clone(),
+            state: self.state.clone(),
+        };
+        tokio::spawn(async move {
+            let Ok(counts) = server.store_counts().await else {
+                return;
+            };
+            let pending = counts.failures_pending.max(0) as u64;
+            let base = server.state.pending_after_repair.load(Ordering::SeqCst);
+            if pending < base + threshold {
+                return;
+            }
+            match server.repair_now().await {
+                Ok(report) => tracing::info!("scheduled repair: {report}"),
+                Err(e) => tracing::warn!("scheduled repair: {}", e.message),
+            }
+        });
     }
 
     /// Every `captureIdleMs / 4` (at least 100 ms), decides the completions left idle.

@@ -127,6 +127,12 @@ impl Server {
             Err(_) => None,
         };
         let report = self.repair_once().await;
+        if let Ok(counts) = self.store_counts().await {
+            let pending = counts.failures_pending.max(0) as u64;
+            self.state
+                .pending_after_repair
+                .store(pending, Ordering::SeqCst);
+        }
         self.state.repair_running.store(false, Ordering::SeqCst);
         if let Some(p) = progress {
             p.finish_with_message("repair done").await;

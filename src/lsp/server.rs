@@ -39,6 +39,8 @@ pub(super) struct State {
     /// The factored LM head for the semantic steer, built by the first repair.
     pub(super) head: Arc<Mutex<Option<Arc<crate::repair::Head>>>>,
     pub(super) repair_running: std::sync::atomic::AtomicBool,
+    /// Failures still pending after the last repair: the scheduler counts new ones from here.
+    pub(super) pending_after_repair: std::sync::atomic::AtomicU64,
     pub(super) last_repair: Mutex<Option<Value>>,
     /// Ids of the patches in the live overlay (recorded with each completion, for `star.explain`).
     pub(super) live_patches: Mutex<Vec<String>>,

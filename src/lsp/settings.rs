@@ -27,6 +27,8 @@ pub struct Settings {
     pub capture_idle_ms: u64,
     /// The feedback store's size cap; beyond it the oldest records are pruned.
     pub store_max_mb: u64,
+    /// Repair in the background once this many new failures are pending; 0: only on `star.repairNow`.
+    pub repair_threshold: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -49,6 +51,7 @@ impl Default for Settings {
             temperature: 0.0,
             capture_idle_ms: 8000,
             store_max_mb: 256,
+            repair_threshold: 4,
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Capture under faults, through the real binary on a tiny random-weight model (its completions are
-//! noise, which is all capture needs): SIGKILL at random moments loses no committed case and never
-//! corrupts the store; bad notifications and edits are survived.
+//! The real binary on a tiny random-weight model (its completions are noise, which is all capture and
+//! the scheduler need): SIGKILL at random moments loses no committed case and never corrupts the store;
+//! bad notifications and edits are survived; enough new failures start a repair by themselves.
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -23,9 +23,14 @@ fn data_dir(name: &str) -> PathBuf {
 }
 
 fn start(model: &Path, data: &Path) -> Client {
+    start_with(model, data, 0)
+}
+
+fn start_with(model: &Path, data: &Path, repair_threshold: u64) -> Client {
     Client::start(
         model,
-        json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000 }),
+        json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000,
+                "repairThreshold": repair_threshold }),
         &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
     )
 }
@@ -152,4 +157,37 @@ fn bad_capture_traffic_is_survived() {
     assert!(stored(&mut c) >= 1);
     let err = c.shutdown();
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn enough_new_failures_start_a_repair() {
+    let model = tiny_model();
+    let data = data_dir("scheduler");
+    let mut c = start_with(&model, &data, 2);
+    let uri = "file:///w/s.py";
+    c.open(uri, "");
+    let mut version = 1;
+    for line in 0..2 {
+        write_line(
+            &mut c,
+            uri,
+            &mut version,
+            line,
+            &format!("v{line} = {line}"),
+        );
+    }
+    // The repair reports when done: with a patch, or why not.
+    let shown = c.wait_for("the scheduled repair's report", |m| {
+        m["method"] == "window/showMessage"
+            && m["params"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("failures"))
+    });
+    let status = c.status();
+    assert!(
+        status["lastRepair"]["failures"].as_u64().is_some(),
+        "{status} {shown}"
+    );
+    assert_eq!(status["repairRunning"], false);
+    c.shutdown();
 }
