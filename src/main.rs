@@ -42,6 +42,24 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// STAR on cases-JSONL files, as a dry run: what a repair would fix and keep (store untouched).
+    Repair {
+        #[arg(long)]
+        cases: PathBuf,
+        /// Repair the first N cases; the rest are held out and only checked.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Accepted completions the repair must not break.
+        #[arg(long)]
+        guards: Option<PathBuf>,
+        /// Do not project patches off the guard activations.
+        #[arg(long)]
+        no_guard_projection: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// The patch ledger: the repairs applied to the model.
     Patches {
         #[command(subcommand)]
@@ -102,6 +120,23 @@ fn main() {
             star_ls::cli::complete::run(&file, line, character, stop, json)
         }
         Command::Bench { json, threads } => star_ls::cli::bench::run(threads, json.as_deref()),
+        Command::Repair {
+            cases,
+            limit,
+            guards,
+            no_guard_projection,
+            json,
+            threads,
+        } => {
+            star_ls::cli::set_threads(threads);
+            star_ls::cli::repair::run(star_ls::cli::repair::Options {
+                cases: &cases,
+                limit,
+                guards: guards.as_deref(),
+                guard_projection: !no_guard_projection,
+                json,
+            })
+        }
         Command::Patches { action, json } => match action {
             PatchesAction::List => star_ls::cli::patches::list(json),
             PatchesAction::Rollback { id } => {

@@ -84,3 +84,45 @@ fn bad_models_and_positions_fail_with_one_line() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn repair_dry_run_reports_what_a_patch_would_fix() {
+    let cases = format!("{}/fixtures/cases/hypot.jsonl", env!("CARGO_MANIFEST_DIR"));
+    let out = star_ls(
+        &client::packaged_model(),
+        &["repair", "--cases", &cases, "--limit", "1", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["failures"].as_u64(), report["fixed"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    let rows = report["cases"].as_array().unwrap();
+    assert_eq!(rows[0]["role"], "repaired");
+    assert_eq!(rows[0]["after"], "math.hypot(a, b)");
+    assert_eq!(rows[1]["role"], "held out");
+    assert!(report["seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn repair_rejects_a_malformed_cases_file() {
+    let path = std::env::temp_dir().join(format!("star-ls-bad-cases-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &path,
+        "{\"id\": \"a\", \"prefix\": \"x\", \"suffix\": \"\", \"target\": \"y\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = star_ls(
+        &client::packaged_model(),
+        &["repair", "--cases", path.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":2: not a case"), "{err}");
+}

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cases;
 pub mod complete;
 pub mod patches;
+pub mod repair;
 
 use std::path::PathBuf;
 

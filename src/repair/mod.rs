@@ -91,6 +91,13 @@ pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec
         .collect()
 }
 
+/// The overlay of one repair's patches.
+pub fn overlay_of(patches: &[(usize, LayerPatch)]) -> candle_core::Result<PatchSet> {
+    patches
+        .iter()
+        .try_fold(PatchSet::default(), |set, (l, p)| set.with(*l, p.clone()))
+}
+
 /// The overlay the ledger's active patches make, summed in the order they were accepted.
 pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
     let mut set = PatchSet::default();

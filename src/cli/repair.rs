@@ -1,0 +1,124 @@
+//! `star-ls repair --cases FILE`: STAR on cases-JSONL files, outside the server and without touching the
+//! store or the ledger: a dry run that shows what a repair would fix and keep, line by line.
+
+use crate::model::{LoadOptions, Model, PatchSet};
+use crate::repair::{self, complete_case, passes, Case, Head, RepairSettings, Star};
+use anyhow::Context;
+use serde_json::json;
+use std::io::BufRead;
+use std::path::Path;
+
+pub fn read_cases(path: &Path) -> anyhow::Result<Vec<Case>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|(i, l)| {
+            let l = l?;
+            serde_json::from_str(&l)
+                .with_context(|| format!("{}:{}: not a case", path.display(), i + 1))
+        })
+        .collect()
+}
+
+pub struct Options<'a> {
+    pub cases: &'a Path,
+    /// Failures repaired: the first `limit` cases (the rest are held out and only checked).
+    pub limit: Option<usize>,
+    pub guards: Option<&'a Path>,
+    pub guard_projection: bool,
+    pub json: bool,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let cases = read_cases(o.cases)?;
+    let guards = match o.guards {
+        Some(p) => read_cases(p)?,
+        None => Vec::new(),
+    };
+    let model = Model::load(&super::model_path(), LoadOptions::default())?;
+    let (gamma, weight) = model.weights.head_dense()?;
+    let head = Head::new(&gamma, weight)?;
+    let settings = RepairSettings {
+        guard_projection: o.guard_projection,
+        ..RepairSettings::default()
+    };
+    let star = Star {
+        model: &model.weights,
+        tokenizer: &model.tokenizer,
+        head: &head,
+        settings,
+    };
+    let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
+    let lines = |patches: Option<&PatchSet>| -> anyhow::Result<Vec<String>> {
+        cases
+            .iter()
+            .chain(&guards)
+            .map(|c| {
+                Ok(complete_case(
+                    &model.weights,
+                    &model.tokenizer,
+                    c,
+                    settings.context,
+                    patches,
+                )?)
+            })
+            .collect()
+    };
+    let before = lines(None)?;
+    let outcome = star.repair(repaired, &guards)?;
+    let set = repair::overlay_of(&outcome.patches)?;
+    let after = lines(Some(&set))?;
+
+    let rows: Vec<_> = cases
+        .iter()
+        .chain(&guards)
+        .zip(before.iter().zip(&after))
+        .enumerate()
+        .map(|(i, (c, (b, a)))| {
+            let role = if i >= cases.len() {
+                "guard"
+            } else if i < repaired.len() {
+                "repaired"
+            } else {
+                "held out"
+            };
+            json!({ "id": c.id, "role": role, "target": c.target, "before": b, "after": a,
+                    "passesBefore": passes(b, c), "passesAfter": passes(a, c) })
+        })
+        .collect();
+    let report = json!({
+        "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
+        "guardAfter": outcome.guard_after, "layers": outcome.layers,
+        "neuronsPerLayer": outcome.neurons_per_layer, "steps": outcome.steps,
+        "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows,
+    });
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for r in &rows {
+        println!(
+            "{:<9} {:<6} {} -> {}   (target {})",
+            r["role"].as_str().unwrap_or_default(),
+            r["id"].as_str().unwrap_or_default(),
+            r["before"],
+            r["after"],
+            r["target"]
+        );
+    }
+    println!(
+        "fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} steps; {:.1} s{}",
+        outcome.fixed,
+        outcome.failures,
+        outcome.guard_before,
+        outcome.guard_after,
+        outcome.layers,
+        outcome.neurons_per_layer,
+        outcome.steps,
+        outcome.seconds,
+        outcome.refused.map(|r| format!("; refused: {r}")).unwrap_or_default()
+    );
+    Ok(())
+}
