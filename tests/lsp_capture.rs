@@ -4,28 +4,10 @@
 
 mod client;
 
-use client::{packaged_model, Client};
+use client::{fresh_data_dir, Client};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("star-ls-capture-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn start(data: &Path) -> Client {
-    let mut c = Client::start(
-        &packaged_model(),
-        json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000, "repairThreshold": 0 }),
-        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
-    );
-    c.wait_for("model loaded", |m| {
-        m["method"] == "$/progress" && m["params"]["value"]["kind"] == "end"
-    });
-    c
-}
 
 fn export(data: &Path, kind: Option<&str>) -> Vec<Value> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
@@ -63,8 +45,8 @@ fn inline(c: &mut Client, uri: &str, line: u32, character: u32) -> (String, Stri
 
 #[test]
 fn outcomes_from_edits_and_notifications_are_stored_and_exported() {
-    let data = data_dir("edits");
-    let mut c = start(&data);
+    let data = fresh_data_dir("capture-edits");
+    let mut c = Client::start_recording(&data);
     let (add_uri, sub_uri, mul_uri) = ("file:///w/add.py", "file:///w/sub.py", "file:///w/mul.py");
     c.open(add_uri, "def add(a, b):\n    return \n");
     c.open(sub_uri, "def sub(a, b):\n    return \n\nprint(sub(3, 1))\n");
@@ -138,13 +120,13 @@ fn outcomes_from_edits_and_notifications_are_stored_and_exported() {
 
 #[test]
 fn a_locked_store_is_reported_and_completion_goes_on() {
-    let data = data_dir("locked");
+    let data = fresh_data_dir("capture-locked");
     std::fs::create_dir_all(&data).unwrap();
     // Another process holds the database: writes cannot land.
     let locker = rusqlite::Connection::open(data.join("feedback.sqlite3")).unwrap();
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
 
-    let mut c = start(&data);
+    let mut c = Client::start_recording(&data);
     let uri = "file:///w/add.py";
     c.open(uri, "def add(a, b):\n    return \n");
     let (text, _) = inline(&mut c, uri, 1, 11);

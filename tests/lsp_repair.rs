@@ -4,29 +4,9 @@
 
 mod client;
 
-use client::{packaged_model, Client};
+use client::{fresh_data_dir, Client};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-
-fn data_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("star-ls-repair-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn start(data: &Path) -> Client {
-    let mut c = Client::start(
-        &packaged_model(),
-        json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000, "repairThreshold": 0 }),
-        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
-    );
-    c.wait_for("model loaded", |m| {
-        m["method"] == "$/progress"
-            && m["params"]["token"] == "star-ls/model"
-            && m["params"]["value"]["kind"] == "end"
-    });
-    c
-}
+use std::path::Path;
 
 const HYPOT: &str = "import math\n\n\ndef hypotenuse(a: float, b: float) -> float:\n    \"\"\"Length of the hypotenuse of a right triangle with legs a and b.\"\"\"\n    return \n";
 const DISTANCE: &str =
@@ -78,8 +58,8 @@ fn correct(c: &mut Client, uri: &str, doc: &str, line: u32, character: u32, text
 
 #[test]
 fn corrections_repair_the_live_model_persistently_and_roll_back() {
-    let data = data_dir();
-    let mut c = start(&data);
+    let data = fresh_data_dir("repair");
+    let mut c = Client::start_recording(&data);
     let before = correct(
         &mut c,
         "file:///w/hypot.py",
@@ -154,7 +134,7 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
     assert!(!ok, "an unknown patch is an error");
 
     // A restart re-applies the ledger; rolling back undoes the patch.
-    let mut c = start(&data);
+    let mut c = Client::start_recording(&data);
     c.open("file:///w/hypot3.py", HYPOT);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while c.status()["patches"] != 1 {

@@ -69,14 +69,17 @@ impl Server {
         }
     }
 
-    /// Puts the ledger's active patches for this model live (after load, and after every change).
-    pub(super) async fn reload_overlay(&self) -> Result<usize> {
-        let sha = self
-            .state
+    fn model_sha(&self) -> Result<String> {
+        self.state
             .model_sha
             .get()
             .cloned()
-            .ok_or_else(|| internal("the model's sha is not known yet"))?;
+            .ok_or_else(|| internal("the model's sha is not known yet"))
+    }
+
+    /// Puts the ledger's active patches for this model live (after load, and after every change).
+    pub(super) async fn reload_overlay(&self) -> Result<usize> {
+        let sha = self.model_sha()?;
         let records = self
             .with_store(move |s| s.patches(Some(&sha), true))
             .await?;
@@ -164,12 +167,7 @@ impl Server {
 
     async fn repair_once(&self) -> Result<Value> {
         let model = self.loaded_model()?;
-        let sha = self
-            .state
-            .model_sha
-            .get()
-            .cloned()
-            .ok_or_else(|| internal("the model's sha is not known yet"))?;
+        let sha = self.model_sha()?;
         let stored = self.with_store(|s| s.cases(None)).await?;
         let failures: Vec<Case> = stored
             .iter()

@@ -546,39 +546,31 @@ impl Star<'_> {
     }
 }
 
-/// STAR's analytical patch: the least-norm `P` `(hidden, k)` with `P zᵢ = sᵢ` at every failure position,
-/// `P = (Z⁺ S)ᵀ = Sᵀ (Z Zᵀ)⁻¹ Z` for `Z` `(N, k)` and `S` `(N, hidden)`.
-pub fn solve_patch(z: &Tensor, s: &Tensor) -> Result<Tensor> {
-    let (n, k) = z.dims2()?;
-    let gram = linalg::gram_rows(&z.flatten_all()?.to_vec1()?, n, k);
+/// `R (A Aᵀ)⁻¹` for `A` `(n, k)` and the rows of `R` `(m, n)`: the ridge-regularized solve both the patch
+/// and the guard projection need, one row at a time through one Cholesky factor.
+fn solve_gram(a: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let (n, k) = a.dims2()?;
+    let gram = linalg::gram_rows(&a.flatten_all()?.to_vec1()?, n, k);
     let chol = linalg::Cholesky::new(&gram, n, 1e-6);
-    // Y = (Z Zᵀ)⁻¹ S, one column of S at a time.
-    let st: Vec<Vec<f32>> = s.t()?.contiguous()?.to_vec2()?;
-    let yt: Vec<f32> = st
-        .iter()
-        .flat_map(|col| {
-            let col: Vec<f64> = col.iter().map(|v| *v as f64).collect();
-            chol.solve(&col).into_iter().map(|v| v as f32)
-        })
-        .collect();
-    let yt = Tensor::from_vec(yt, (st.len(), n), &Device::Cpu)?;
-    yt.matmul(z)
-}
-
-/// `P (I − Gᵀ (G Gᵀ)⁻¹ G)`: the patch with its action on the guard activations `G` `(positions, k)`
-/// removed, so the guard positions' MLP outputs stay as they were (METHOD.md, "beyond the paper").
-pub fn project_off(p: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let (n, k) = g.dims2()?;
-    let gram = linalg::gram_rows(&g.flatten_all()?.to_vec1()?, n, k);
-    let chol = linalg::Cholesky::new(&gram, n, 1e-6);
-    let a: Vec<Vec<f32>> = p.matmul(&g.t()?)?.to_vec2()?;
-    let b: Vec<f32> = a
+    let rows: Vec<Vec<f32>> = r.contiguous()?.to_vec2()?;
+    let solved: Vec<f32> = rows
         .iter()
         .flat_map(|row| {
             let row: Vec<f64> = row.iter().map(|v| *v as f64).collect();
             chol.solve(&row).into_iter().map(|v| v as f32)
         })
         .collect();
-    let b = Tensor::from_vec(b, (a.len(), n), &Device::Cpu)?;
-    p - b.matmul(g)?
+    Tensor::from_vec(solved, (rows.len(), n), &Device::Cpu)
+}
+
+/// STAR's analytical patch: the least-norm `P` `(hidden, k)` with `P zᵢ = sᵢ` at every failure position,
+/// `P = (Z⁺ S)ᵀ = Sᵀ (Z Zᵀ)⁻¹ Z` for `Z` `(N, k)` and `S` `(N, hidden)`.
+pub fn solve_patch(z: &Tensor, s: &Tensor) -> Result<Tensor> {
+    solve_gram(z, &s.t()?)?.matmul(z)
+}
+
+/// `P (I − Gᵀ (G Gᵀ)⁻¹ G)`: the patch with its action on the guard activations `G` `(positions, k)`
+/// removed, so the guard positions' MLP outputs stay as they were (METHOD.md, "beyond the paper").
+pub fn project_off(p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    p - solve_gram(g, &p.matmul(&g.t()?)?)?.matmul(g)?
 }

@@ -40,7 +40,30 @@ pub fn packaged_model() -> PathBuf {
     path
 }
 
+/// A fresh, not yet existing data directory for one test.
+pub fn fresh_data_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("star-ls-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 impl Client {
+    /// The packaged model with its store in `data`, capture decided explicitly (no idle timer, no
+    /// scheduled repairs); returns once the model has loaded.
+    pub fn start_recording(data: &Path) -> Self {
+        let mut c = Self::start(
+            &packaged_model(),
+            json!({ "threads": 2, "debounceMs": 0, "captureIdleMs": 600000, "repairThreshold": 0 }),
+            &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+        );
+        c.wait_for("model loaded", |m| {
+            m["method"] == "$/progress"
+                && m["params"]["token"] == "star-ls/model"
+                && m["params"]["value"]["kind"] == "end"
+        });
+        c
+    }
+
     /// Starts `star-ls serve` with `env` and initializes it with `options`.
     pub fn start(model: &Path, options: Value, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
