@@ -11,12 +11,14 @@ local has_011 = vim.fn.has('nvim-0.11') == 1
 --- Per buffer: { timer, request = {client, id}?, item? }
 local state = {}
 
+--- Calls a client method: `client:m(...)` since 0.11, `client.m(...)` before (init.lua uses it too).
 local function call(client, method, ...)
   if has_011 then
     return client[method](client, ...)
   end
   return client[method](...)
 end
+M.call = call
 
 local function text_of(item)
   return type(item.insert_text) == 'table' and item.insert_text.value or item.insert_text

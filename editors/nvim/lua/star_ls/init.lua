@@ -30,13 +30,7 @@ M.last_completion_id = nil
 
 local has_011 = vim.fn.has('nvim-0.11') == 1
 
---- Calls a client method: `client:m(...)` since 0.11, `client.m(...)` before.
-local function call(client, method, ...)
-  if has_011 then
-    return client[method](client, ...)
-  end
-  return client[method](...)
-end
+local call = require('star_ls.fallback').call
 
 local function client_for(bufnr)
   return vim.lsp.get_clients({ name = NAME, bufnr = bufnr })[1]
