@@ -28,7 +28,6 @@ M.config = vim.deepcopy(M.defaults)
 --- The id of the last completion the developer accepted, took a word of, or dismissed (:StarExplain).
 M.last_completion_id = nil
 
-local has_011 = vim.fn.has('nvim-0.11') == 1
 
 local call = require('star_ls.fallback').call
 
