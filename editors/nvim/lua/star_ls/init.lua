@@ -28,7 +28,6 @@ M.config = vim.deepcopy(M.defaults)
 --- The id of the last completion the developer accepted, took a word of, or dismissed (:StarExplain).
 M.last_completion_id = nil
 
-
 local call = require('star_ls.fallback').call
 
 local function client_for(bufnr)
