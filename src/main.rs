@@ -55,6 +55,9 @@ enum Command {
         /// Do not project patches off the guard activations.
         #[arg(long)]
         no_guard_projection: bool,
+        /// star, or a baseline from the paper: mint, sgd.
+        #[arg(long, default_value = "star", value_parser = parse_method)]
+        method: star_ls::repair::Method,
         #[arg(long)]
         json: bool,
         #[arg(long)]
@@ -92,6 +95,11 @@ enum CasesAction {
     },
 }
 
+fn parse_method(s: &str) -> Result<star_ls::repair::Method, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("unknown method {s:?} (star, mint or sgd)"))
+}
+
 fn main() {
     let filter = std::env::var("STAR_LS_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
@@ -125,6 +133,7 @@ fn main() {
             limit,
             guards,
             no_guard_projection,
+            method,
             json,
             threads,
         } => {
@@ -134,6 +143,7 @@ fn main() {
                 limit,
                 guards: guards.as_deref(),
                 guard_projection: !no_guard_projection,
+                method,
                 json,
             })
         }

@@ -10,7 +10,8 @@ use star_ls::completion::fim_prompt;
 use star_ls::model::generate::StopReason;
 use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, PatchSet, StopAt};
 use star_ls::repair::{
-    complete_case, project_off, solve_patch, text_after_cursor, Case, Head, RepairSettings, Star,
+    complete_case, project_off, solve_patch, text_after_cursor, Case, Head, Method, RepairSettings,
+    Star,
 };
 use tiny_model::*;
 
@@ -208,5 +209,45 @@ fn the_analytical_patch_hits_every_steer_and_spares_the_guard_span() {
     assert!(
         on_guard < 1e-3,
         "the projected patch still moves guard rows by {on_guard}"
+    );
+}
+
+#[test]
+fn the_baselines_run_on_the_same_batch_and_verdict() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let head = Head::new(&gamma, weight).unwrap();
+    let failure = case("f1", "def f(x):\n    return ", "x + 1");
+    let star = Star {
+        model: &m.weights,
+        tokenizer: &m.tokenizer,
+        head: &head,
+        settings: RepairSettings {
+            sgd_learning_rate: 0.5,
+            ..settings()
+        },
+    };
+    for method in [Method::Sgd, Method::Mint] {
+        let out = star
+            .repair_by(method, std::slice::from_ref(&failure), &[])
+            .unwrap();
+        eprintln!("{method:?}: {out:?}");
+        assert_eq!(out.failures, 1, "{method:?}");
+        assert_eq!(out.layers, [0, 1], "{method:?}: the same layers as STAR");
+        assert!(out.steps >= 1, "{method:?}");
+        // A kept patch fixed something, and the greedy line proves it.
+        if !out.patches.is_empty() {
+            assert_eq!(out.fixed, 1, "{method:?}");
+            assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+        } else {
+            assert!(out.refused.is_some());
+        }
+    }
+    let sgd = star
+        .repair_by(Method::Sgd, std::slice::from_ref(&failure), &[])
+        .unwrap();
+    assert_eq!(
+        sgd.neurons_per_layer, FFN,
+        "SGD trains every neuron of the layers"
     );
 }

@@ -2,7 +2,7 @@
 //! store or the ledger: a dry run that shows what a repair would fix and keep, line by line.
 
 use crate::model::{LoadOptions, Model, PatchSet};
-use crate::repair::{self, complete_case, passes, Case, Head, RepairSettings, Star};
+use crate::repair::{self, complete_case, passes, Case, Head, Method, RepairSettings, Star};
 use anyhow::Context;
 use serde_json::json;
 use std::io::BufRead;
@@ -28,6 +28,7 @@ pub struct Options<'a> {
     pub limit: Option<usize>,
     pub guards: Option<&'a Path>,
     pub guard_projection: bool,
+    pub method: Method,
     pub json: bool,
 }
 
@@ -67,7 +68,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .collect()
     };
     let before = lines(None)?;
-    let outcome = star.repair(repaired, &guards)?;
+    let outcome = star.repair_by(o.method, repaired, &guards)?;
     let set = repair::overlay_of(&outcome.patches)?;
     let after = lines(Some(&set))?;
 
@@ -89,7 +90,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         })
         .collect();
     let report = json!({
-        "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
+        "method": o.method, "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
         "guardAfter": outcome.guard_after, "layers": outcome.layers,
         "neuronsPerLayer": outcome.neurons_per_layer, "steps": outcome.steps,
         "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows,
@@ -109,7 +110,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} steps; {:.1} s{}",
+        "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} steps; {:.1} s{}",
+        o.method,
         outcome.fixed,
         outcome.failures,
         outcome.guard_before,

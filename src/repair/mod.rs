@@ -4,12 +4,13 @@
 //! Architecture invariant: a pure function of (model, failure cases, guard cases, settings) → patches;
 //! no I/O, no protocol, no store. Serving is untouched until the caller swaps the patches in.
 
+mod baselines;
 mod linalg;
 mod star;
 mod steer;
 mod targets;
 
-pub use star::{project_off, solve_patch, RepairOutcome, Star};
+pub use star::{project_off, solve_patch, Method, RepairOutcome, Star};
 pub use steer::Head;
 pub use targets::{
     complete_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
@@ -41,6 +42,8 @@ pub struct RepairSettings {
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
     pub max_guard_drop: f32,
+    /// The SGD baseline's learning rate (its epochs are `max_steps`).
+    pub sgd_learning_rate: f32,
 }
 
 impl Default for RepairSettings {
@@ -58,6 +61,7 @@ impl Default for RepairSettings {
             max_steps: 10,
             guard_projection: true,
             max_guard_drop: 0.0,
+            sgd_learning_rate: 0.01,
         }
     }
 }

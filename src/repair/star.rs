@@ -33,12 +33,34 @@ pub struct RepairOutcome {
     pub refused: Option<String>,
 }
 
+/// Which method repairs: STAR, or one of the paper's baselines (METHOD.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Star,
+    Mint,
+    Sgd,
+}
+
+/// What every method starts from: the failing cases after the frozen lower layers, and dense copies of
+/// the upper ones.
+pub(super) struct Batch {
+    pub first: usize,
+    pub dense: Vec<DecoderLayer>,
+    pub cases: Vec<Prepared>,
+    /// Per case, its failure positions.
+    pub failing: Vec<Vec<usize>>,
+}
+
 /// A case after the frozen lower layers.
-struct Prepared {
+pub(super) struct Prepared {
     tf: TeacherForced,
     /// The residual stream entering the first candidate layer `(seq, hidden)`.
-    residual: Tensor,
+    pub residual: Tensor,
 }
+
+/// A value per layer index.
+pub(super) type PerLayer<T> = BTreeMap<usize, T>;
 
 /// The neurons chosen per layer, and their activations `(failure positions, chosen)` per layer.
 struct Selection {
@@ -48,9 +70,9 @@ struct Selection {
 
 /// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
 /// their logits (not in it), and their pre-norm RMS.
-struct Scored {
+pub(super) struct Scored {
     hidden: Tensor,
-    logits: Tensor,
+    pub logits: Tensor,
     rms: Vec<f32>,
     target: Vec<u32>,
 }
@@ -60,7 +82,7 @@ impl Scored {
     /// gradient is the loss's. The LM head stays out of the graph: candle computes a gradient for
     /// both sides of a matmul, and the head's `(vocab, hidden)` one would cost 545 MB per case for the
     /// default model, for nothing. `∂CE/∂h = (softmax(logits) − onehot(target)) W_U / n` is exact.
-    fn loss(&self, at: &[usize], head: &Tensor) -> Result<Tensor> {
+    pub(super) fn loss(&self, at: &[usize], head: &Tensor) -> Result<Tensor> {
         let idx: Vec<u32> = at.iter().map(|&i| i as u32).collect();
         let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
         let target: Vec<u32> = at.iter().map(|&i| self.target[i]).collect();
@@ -75,7 +97,7 @@ impl Scored {
         linear.clone() + (value - linear.detach())?
     }
 
-    fn all(&self) -> Vec<usize> {
+    pub(super) fn all(&self) -> Vec<usize> {
         (0..self.target.len()).collect()
     }
 }
@@ -115,7 +137,7 @@ impl Star<'_> {
     }
 
     /// Runs the dense upper layers over a prepared case and scores its target tokens.
-    fn score(
+    pub(super) fn score(
         &self,
         first: usize,
         dense: &[DecoderLayer],
@@ -157,7 +179,7 @@ impl Star<'_> {
     }
 
     /// STAR's failure positions: target indices whose top-1 token would change the line.
-    fn failure_positions(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
+    pub(super) fn failure_positions(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
         let top: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         Ok(top
             .iter()
@@ -219,16 +241,16 @@ impl Star<'_> {
         Ok(layers)
     }
 
-    /// Neurons ranked by `|∂CE/∂z ⊙ z|` summed over the failure positions, per layer; and the
-    /// activations `z` at those positions, `(positions, intermediate)` per layer.
-    fn select_neurons(
+    /// Every neuron's attribution `|∂CE/∂z ⊙ z|` summed over the failure positions, per layer; and the
+    /// activations `z` at those positions `(positions, intermediate)`, per layer.
+    pub(super) fn attribution(
         &self,
         first: usize,
         dense: &[DecoderLayer],
         cases: &[Prepared],
         failing: &[Vec<usize>],
         layers: &[usize],
-    ) -> Result<Selection> {
+    ) -> Result<(PerLayer<Vec<f32>>, PerLayer<Tensor>)> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
         for (case, rows) in cases.iter().zip(failing) {
@@ -274,10 +296,29 @@ impl Star<'_> {
                 at_failures.entry(l).or_default().push(z);
             }
         }
+        let mut scores = BTreeMap::new();
+        let mut z = BTreeMap::new();
+        for (l, total) in attribution {
+            scores.insert(l, total.to_vec1()?);
+            z.insert(l, Tensor::cat(&at_failures[&l], 0)?);
+        }
+        Ok((scores, z))
+    }
+
+    /// STAR's neurons: the top `neuron_fraction` of each layer by attribution, with their activations at
+    /// the failure positions.
+    fn select_neurons(
+        &self,
+        first: usize,
+        dense: &[DecoderLayer],
+        cases: &[Prepared],
+        failing: &[Vec<usize>],
+        layers: &[usize],
+    ) -> Result<Selection> {
+        let (attribution, at_failures) = self.attribution(first, dense, cases, failing, layers)?;
         let mut columns = BTreeMap::new();
         let mut z = BTreeMap::new();
         for (l, scores) in attribution {
-            let scores: Vec<f32> = scores.to_vec1()?;
             let k = ((scores.len() as f32 * self.settings.neuron_fraction).ceil() as usize)
                 .clamp(1, scores.len());
             let mut order: Vec<u32> = (0..scores.len() as u32).collect();
@@ -285,14 +326,14 @@ impl Star<'_> {
             order.truncate(k);
             order.sort_unstable();
             let idx = Tensor::new(order.as_slice(), &Device::Cpu)?;
-            z.insert(l, Tensor::cat(&at_failures[&l], 0)?.index_select(&idx, 1)?);
+            z.insert(l, at_failures[&l].index_select(&idx, 1)?);
             columns.insert(l, order);
         }
         Ok(Selection { columns, z })
     }
 
     /// The steers `S` `(positions, hidden)` of all failure positions, each split across `parts` layers.
-    fn steers(
+    pub(super) fn steers(
         &self,
         cases: &[Scored],
         prepared: &[Prepared],
@@ -355,16 +396,23 @@ impl Star<'_> {
             .collect()
     }
 
+    /// STAR on `failures`, checked against `guards`.
     pub fn repair(&self, failures: &[Case], guards: &[Case]) -> Result<RepairOutcome> {
+        self.repair_by(Method::Star, failures, guards)
+    }
+
+    /// Repairs with `method`. Every method gets the same failing cases, the same layers (chosen by
+    /// occlusion), the same verdict and the same clock, so they compare fairly.
+    pub fn repair_by(
+        &self,
+        method: Method,
+        failures: &[Case],
+        guards: &[Case],
+    ) -> Result<RepairOutcome> {
         let t0 = Instant::now();
         let n_layers = self.model.layers().len();
         let first = self.first_candidate();
         let dense = self.model.dense_layers(first..n_layers)?;
-        let guard_cases = guards;
-        let guards = guards
-            .iter()
-            .map(|c| self.prepare(c, first))
-            .collect::<Result<Vec<_>>>()?;
 
         // 1. The failing cases (greedy line wrong), and their failure positions under teacher forcing.
         let mut failed = Vec::new();
@@ -404,35 +452,61 @@ impl Star<'_> {
             return Ok(outcome);
         }
 
-        // 2. Where: layers by occlusion, neurons by attribution.
-        let layers = self.locate_layers(first, &dense, &cases)?;
+        // 2. Where: layers by occlusion, shared by every method.
+        let batch = Batch {
+            first,
+            dense,
+            cases,
+            failing,
+        };
+        outcome.layers = self.locate_layers(first, &batch.dense, &batch.cases)?;
+        let patches = match method {
+            Method::Star => self.star_patches(&batch, guards, &mut outcome)?,
+            Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
+            Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?,
+        };
+        self.verdict(patches, &failed, guards, &mut outcome)?;
+        outcome.seconds = t0.elapsed().as_secs_f64();
+        Ok(outcome)
+    }
+
+    /// STAR's steps 2–4 on a batch: neurons by attribution, the steers, the analytical patch off the
+    /// guard span, and the guided updates.
+    fn star_patches(
+        &self,
+        batch: &Batch,
+        guards: &[Case],
+        outcome: &mut RepairOutcome,
+    ) -> Result<Vec<(usize, LayerPatch)>> {
+        let Batch {
+            first,
+            dense,
+            cases,
+            failing,
+        } = batch;
+        let (first, layers) = (*first, outcome.layers.clone());
         let Selection { columns, z } =
-            self.select_neurons(first, &dense, &cases, &failing, &layers)?;
-        outcome.layers = layers.clone();
+            self.select_neurons(first, dense, cases, failing, &layers)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
-        // 3. What: the steers, and the analytical patch per layer, off the guard span.
         let scored = cases
             .iter()
-            .map(|c| self.score(first, &dense, c, &c.residual, &mut Hooks::default()))
+            .map(|c| self.score(first, dense, c, &c.residual, &mut Hooks::default()))
             .collect::<Result<Vec<_>>>()?;
-        let steers = self.steers(&scored, &cases, &failing, layers.len())?;
-        let guard_z = if self.settings.guard_projection && !guards.is_empty() {
-            Some(self.guard_activations(first, &dense, &guards, &layers)?)
-        } else {
-            None
-        };
+        let steers = self.steers(&scored, cases, failing, layers.len())?;
         // The guard activations on the selected neurons: patches and every update stay off their span.
-        let guard_span: BTreeMap<usize, Tensor> = match &guard_z {
-            Some(g) => layers
+        let mut guard_span: BTreeMap<usize, Tensor> = BTreeMap::new();
+        if self.settings.guard_projection && !guards.is_empty() {
+            let prepared = guards
                 .iter()
-                .map(|l| {
-                    let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
-                    Ok((*l, g[l].index_select(&idx, 1)?))
-                })
-                .collect::<Result<_>>()?,
-            None => BTreeMap::new(),
-        };
+                .map(|c| self.prepare(c, first))
+                .collect::<Result<Vec<_>>>()?;
+            let g = self.guard_activations(first, dense, &prepared, &layers)?;
+            for l in &layers {
+                let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
+                guard_span.insert(*l, g[l].index_select(&idx, 1)?);
+            }
+        }
         let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
             Some(g) => project_off(&p, g),
             None => Ok(p),
@@ -442,30 +516,51 @@ impl Star<'_> {
             priors.insert(l, off_guards(l, solve_patch(&z[&l], &steers)?)?);
         }
 
-        // 4. Guided optimization from the analytical patch, until every failure position is fixed.
+        // Guided optimization from the analytical patch, until every failure position is fixed.
         let deltas: BTreeMap<usize, Var> = priors
             .iter()
             .map(|(l, p)| Ok((*l, Var::from_tensor(p)?)))
             .collect::<Result<_>>()?;
-        let patch_set = |deltas: &BTreeMap<usize, Var>| -> Result<PatchSet> {
-            let mut set = PatchSet::default();
-            for (l, d) in deltas {
-                set = set.with(
-                    *l,
-                    LayerPatch::new(columns[l].clone(), d.as_tensor().clone())?,
-                )?;
-            }
-            Ok(set)
+        let columns = &columns;
+        let optimized = self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
+            let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
+            d.set(&(d.as_tensor() - off_guards(l, update)?)?)
+        })?;
+        Ok(optimized)
+    }
+
+    /// Steps `deltas` (one per layer, on `columns`) with `update` until every failure position of the
+    /// batch is right or `max_steps` is reached; returns the patches.
+    pub(super) fn optimize(
+        &self,
+        batch: &Batch,
+        columns: &BTreeMap<usize, Vec<u32>>,
+        deltas: &BTreeMap<usize, Var>,
+        outcome: &mut RepairOutcome,
+        mut update: impl FnMut(usize, &Var, &Tensor) -> Result<()>,
+    ) -> Result<Vec<(usize, LayerPatch)>> {
+        let patches = |detach: bool| -> Result<Vec<(usize, LayerPatch)>> {
+            deltas
+                .iter()
+                .map(|(l, d)| {
+                    let t = if detach {
+                        d.as_tensor().detach()
+                    } else {
+                        d.as_tensor().clone()
+                    };
+                    Ok((*l, LayerPatch::new(columns[l].clone(), t)?))
+                })
+                .collect()
         };
         for step in 0..=self.settings.max_steps {
-            let set = patch_set(&deltas)?;
+            let set = super::overlay_of(&patches(false)?)?;
             let mut all_fixed = true;
             // One case at a time, gradients summed: a case's graph is freed before the next is built.
             let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
-            for c in &cases {
+            for c in &batch.cases {
                 let s = self.score(
-                    first,
-                    &dense,
+                    batch.first,
+                    &batch.dense,
                     c,
                     &c.residual,
                     &mut Hooks {
@@ -478,7 +573,7 @@ impl Star<'_> {
                     continue;
                 }
                 let grads = s.loss(&s.all(), &self.head.weight)?.backward()?;
-                for (l, d) in &deltas {
+                for (l, d) in deltas {
                     if let Some(g) = grads.get(d.as_tensor()) {
                         let sum = match grad_sum.remove(l) {
                             Some(acc) => (acc + g)?,
@@ -492,57 +587,54 @@ impl Star<'_> {
             if all_fixed || step == self.settings.max_steps {
                 break;
             }
-            for (l, d) in &deltas {
+            for (l, d) in deltas {
                 if let Some(g) = grad_sum.get(l) {
-                    let update =
-                        (priors[l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
-                    d.set(&(d.as_tensor() - off_guards(*l, update)?)?)?;
+                    update(*l, d, g)?;
                 }
             }
         }
+        patches(true)
+    }
 
-        // 5. The verdict on the serving model, greedy as completions are made: fixed failures, and the
-        // guard check.
-        let set = patch_set(&deltas)?;
-        for c in &failed {
+    /// Step 5, the same for every method: greedy completions on the serving model with the patches,
+    /// the failures they fix and the guard pass rate before and after; a patch that fixes nothing or
+    /// lowers the guard is refused (and not returned).
+    fn verdict(
+        &self,
+        patches: Vec<(usize, LayerPatch)>,
+        failed: &[&Case],
+        guards: &[Case],
+        outcome: &mut RepairOutcome,
+    ) -> Result<()> {
+        let set = super::overlay_of(&patches)?;
+        for c in failed {
             if self.greedy_passes(c, Some(&set))? {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(c.id.clone());
             }
         }
-        if !guard_cases.is_empty() {
+        if !guards.is_empty() {
             let rate = |patches: Option<&PatchSet>| -> Result<f32> {
                 let mut pass = 0;
-                for g in guard_cases {
+                for g in guards {
                     pass += self.greedy_passes(g, patches)? as usize;
                 }
-                Ok(pass as f32 / guard_cases.len() as f32)
+                Ok(pass as f32 / guards.len() as f32)
             };
             outcome.guard_before = rate(None)?;
             outcome.guard_after = rate(Some(&set))?;
         }
-        outcome.seconds = t0.elapsed().as_secs_f64();
         if outcome.guard_after + self.settings.max_guard_drop < outcome.guard_before {
             outcome.refused = Some(format!(
                 "the patch lowers the guard pass rate from {:.2} to {:.2}",
                 outcome.guard_before, outcome.guard_after
             ));
-            return Ok(outcome);
-        }
-        if outcome.fixed == 0 {
+        } else if outcome.fixed == 0 {
             outcome.refused = Some("the patch fixes none of the failures".into());
-            return Ok(outcome);
+        } else {
+            outcome.patches = patches;
         }
-        outcome.patches = deltas
-            .into_iter()
-            .map(|(l, d)| {
-                Ok((
-                    l,
-                    LayerPatch::new(columns[&l].clone(), d.as_tensor().detach())?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        Ok(outcome)
+        Ok(())
     }
 }
 

@@ -1,0 +1,151 @@
+//! The paper's baselines, as METHOD.md describes them, on the same batch, layers and verdict as STAR
+//! (`Star::repair_by`): plain SGD on the layers' `down_proj`, and MINT's one-failure-at-a-time neuron
+//! patches.
+
+use super::star::{Batch, RepairOutcome, Star};
+use crate::model::{Hooks, LayerPatch};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::BTreeMap;
+
+/// SGD: gradient descent on every `down_proj` column of the chosen layers (`sgd_learning_rate`,
+/// `max_steps` epochs), cross-entropy on all target tokens, stopping once every failure position is
+/// right.
+pub(super) fn sgd(
+    star: &Star,
+    batch: &Batch,
+    outcome: &mut RepairOutcome,
+) -> Result<Vec<(usize, LayerPatch)>> {
+    let hidden = star.head.weight.dim(1)?;
+    let mut columns = BTreeMap::new();
+    let mut deltas = BTreeMap::new();
+    for &l in &outcome.layers {
+        let m = batch.dense[l - batch.first].mlp().down().in_features();
+        columns.insert(l, (0..m as u32).collect::<Vec<_>>());
+        deltas.insert(l, Var::zeros((hidden, m), DType::F32, &Device::Cpu)?);
+        outcome.neurons_per_layer = m;
+    }
+    let lr = star.settings.sgd_learning_rate as f64;
+    star.optimize(batch, &columns, &deltas, outcome, |_, d, g| {
+        d.set(&(d.as_tensor() - g.affine(lr, 0.0)?)?)
+    })
+}
+
+/// Candidate neurons MINT tries per patch, and patches per failure.
+const MINT_CANDIDATES: usize = 10;
+const MINT_PATCHES: usize = 10;
+/// MINT's step toward the steer: `col ← (col + f·τ) / (1 + f)`.
+const MINT_FACTOR: f32 = 0.01;
+
+/// MINT: one failure at a time. Neurons of the chosen layers are scored by gradient × activation; each
+/// of the top candidates is tried as a patch moving its `down_proj` column toward the failure's steer
+/// `τ`, and the one that lowers the failure's loss most is kept; up to `MINT_PATCHES` patches, until the
+/// failure is fixed, and a failure still not fixed has its patches rolled back.
+pub(super) fn mint(
+    star: &Star,
+    batch: &Batch,
+    outcome: &mut RepairOutcome,
+) -> Result<Vec<(usize, LayerPatch)>> {
+    let layers = outcome.layers.clone();
+    let downs: BTreeMap<usize, Tensor> = layers
+        .iter()
+        .map(|&l| Ok((l, batch.dense[l - batch.first].mlp().down().dense_weight()?)))
+        .collect::<Result<_>>()?;
+    // Column deltas kept so far: (layer, neuron) → (hidden,).
+    let mut kept: BTreeMap<(usize, u32), Tensor> = BTreeMap::new();
+    let mut steps = 0;
+    for (case, positions) in batch.cases.iter().zip(&batch.failing) {
+        if positions.is_empty() {
+            continue;
+        }
+        let one = std::slice::from_ref(case);
+        let at = std::slice::from_ref(positions);
+        let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
+            let set = super::overlay_of(&to_patches(deltas)?)?;
+            let s = star.score(
+                batch.first,
+                &batch.dense,
+                case,
+                &case.residual,
+                &mut Hooks {
+                    patches: Some(&set),
+                    ..Hooks::default()
+                },
+            )?;
+            let fixed = star.failure_positions(case, &s.logits)?.is_empty();
+            Ok((s.loss(&s.all(), &star.head.weight)?.to_scalar()?, fixed))
+        };
+        let scored = star.score(
+            batch.first,
+            &batch.dense,
+            case,
+            &case.residual,
+            &mut Hooks::default(),
+        )?;
+        // τ: the failure's steer at its first failure position.
+        let tau = star
+            .steers(std::slice::from_ref(&scored), one, at, 1)?
+            .get(0)?;
+        let mut trial = kept.clone();
+        let (mut best_loss, mut fixed) = loss_of(&trial)?;
+        for _ in 0..MINT_PATCHES {
+            if fixed {
+                break;
+            }
+            steps += 1;
+            let (scores, _) = star.attribution(batch.first, &batch.dense, one, at, &layers)?;
+            let mut candidates: Vec<(usize, u32, f32)> = scores
+                .iter()
+                .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
+                .collect();
+            candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let mut best: Option<((usize, u32), Tensor, f32, bool)> = None;
+            for &(l, n, _) in candidates.iter().take(MINT_CANDIDATES) {
+                // col + delta → (col + f·τ) / (1 + f), i.e. delta = f (τ − col) / (1 + f), with
+                // `col` the column as patched so far.
+                let col = downs[&l].narrow(1, n as usize, 1)?.squeeze(1)?;
+                let col = match trial.get(&(l, n)) {
+                    Some(d) => (col + d)?,
+                    None => col,
+                };
+                let step = ((&tau - &col)? * (MINT_FACTOR / (1.0 + MINT_FACTOR)) as f64)?;
+                let mut candidate = trial.clone();
+                let total = match candidate.remove(&(l, n)) {
+                    Some(d) => (d + &step)?,
+                    None => step,
+                };
+                candidate.insert((l, n), total.clone());
+                let (loss, ok) = loss_of(&candidate)?;
+                if best.as_ref().is_none_or(|b| loss < b.2) {
+                    best = Some(((l, n), total, loss, ok));
+                }
+            }
+            match best {
+                Some((key, delta, loss, ok)) if loss < best_loss => {
+                    trial.insert(key, delta);
+                    best_loss = loss;
+                    fixed = ok;
+                }
+                _ => break, // no candidate helps any more
+            }
+        }
+        if fixed {
+            kept = trial;
+        }
+    }
+    outcome.steps = steps;
+    outcome.neurons_per_layer = kept.len();
+    to_patches(&kept)
+}
+
+fn to_patches(deltas: &BTreeMap<(usize, u32), Tensor>) -> Result<Vec<(usize, LayerPatch)>> {
+    let mut by_layer: BTreeMap<usize, (Vec<u32>, Vec<Tensor>)> = BTreeMap::new();
+    for ((l, n), d) in deltas {
+        let e = by_layer.entry(*l).or_default();
+        e.0.push(*n);
+        e.1.push(d.unsqueeze(1)?);
+    }
+    by_layer
+        .into_iter()
+        .map(|(l, (cols, ds))| Ok((l, LayerPatch::new(cols, Tensor::cat(&ds, 1)?)?)))
+        .collect()
+}
