@@ -53,7 +53,7 @@ pub(super) fn mint(
     // Column deltas kept so far: (layer, neuron) → (hidden,).
     let mut kept: BTreeMap<(usize, u32), Tensor> = BTreeMap::new();
     let mut steps = 0;
-    for (case, positions) in batch.cases.iter().zip(&batch.failing) {
+    for ((case, positions), scored) in batch.cases.iter().zip(&batch.failing).zip(&batch.scored) {
         if positions.is_empty() {
             continue;
         }
@@ -74,17 +74,17 @@ pub(super) fn mint(
             let fixed = star.failure_positions(case, &s.logits)?.is_empty();
             Ok((s.loss(&s.all(), &star.head.weight)?.to_scalar()?, fixed))
         };
-        let scored = star.score(
-            batch.first,
-            &batch.dense,
-            case,
-            &case.residual,
-            &mut Hooks::default(),
-        )?;
         // τ: the failure's steer at its first failure position.
         let tau = star
-            .steers(std::slice::from_ref(&scored), one, at, 1)?
+            .steers(std::slice::from_ref(scored), one, at, 1)?
             .get(0)?;
+        // Scored once on the unpatched layers: the candidates are the same for every patch.
+        let (scores, _) = star.attribution(batch.first, &batch.dense, one, at, &layers)?;
+        let mut candidates: Vec<(usize, u32, f32)> = scores
+            .iter()
+            .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
+            .collect();
+        candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
         let mut trial = kept.clone();
         let (mut best_loss, mut fixed) = loss_of(&trial)?;
         for _ in 0..MINT_PATCHES {
@@ -92,12 +92,6 @@ pub(super) fn mint(
                 break;
             }
             steps += 1;
-            let (scores, _) = star.attribution(batch.first, &batch.dense, one, at, &layers)?;
-            let mut candidates: Vec<(usize, u32, f32)> = scores
-                .iter()
-                .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
-                .collect();
-            candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
             let mut best: Option<((usize, u32), Tensor, f32, bool)> = None;
             for &(l, n, _) in candidates.iter().take(MINT_CANDIDATES) {
                 // col + delta → (col + f·τ) / (1 + f), i.e. delta = f (τ − col) / (1 + f), with

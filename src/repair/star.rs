@@ -50,6 +50,8 @@ pub(super) struct Batch {
     pub cases: Vec<Prepared>,
     /// Per case, its failure positions.
     pub failing: Vec<Vec<usize>>,
+    /// Per case, its scoring on the unpatched layers (logits, RMS, loss).
+    pub scored: Vec<Scored>,
 }
 
 /// A case after the frozen lower layers.
@@ -203,12 +205,15 @@ impl Star<'_> {
     }
 
     /// Layers ranked by MLP occlusion: how far skipping a layer's MLP moves the failures' loss.
-    fn locate_layers(
-        &self,
-        first: usize,
-        dense: &[DecoderLayer],
-        cases: &[Prepared],
-    ) -> Result<Vec<usize>> {
+    fn locate_layers(&self, batch: &Batch) -> Result<Vec<usize>> {
+        let Batch {
+            first,
+            dense,
+            cases,
+            scored,
+            ..
+        } = batch;
+        let first = *first;
         let loss_with = |skip: &[usize]| -> Result<f32> {
             let mut total = 0.0;
             for c in cases {
@@ -226,7 +231,10 @@ impl Star<'_> {
             }
             Ok(total)
         };
-        let base = loss_with(&[])?;
+        let mut base = 0.0;
+        for s in scored {
+            base += s.loss(&s.all(), &self.head.weight)?.to_scalar::<f32>()?;
+        }
         let mut effects = Vec::new();
         for l in first..first + dense.len() {
             effects.push((l, (loss_with(&[l])? - base).abs()));
@@ -418,6 +426,7 @@ impl Star<'_> {
         let mut failed = Vec::new();
         let mut cases = Vec::new();
         let mut failing = Vec::new();
+        let mut scored_all = Vec::new();
         for c in failures {
             if self.greedy_passes(c, None)? {
                 continue;
@@ -425,6 +434,7 @@ impl Star<'_> {
             let p = self.prepare(c, first)?;
             let scored = self.score(first, &dense, &p, &p.residual, &mut Hooks::default())?;
             failing.push(self.failure_positions(&p, &scored.logits)?);
+            scored_all.push(scored);
             cases.push(p);
             failed.push(c);
         }
@@ -458,8 +468,9 @@ impl Star<'_> {
             dense,
             cases,
             failing,
+            scored: scored_all,
         };
-        outcome.layers = self.locate_layers(first, &batch.dense, &batch.cases)?;
+        outcome.layers = self.locate_layers(&batch)?;
         let patches = match method {
             Method::Star => self.star_patches(&batch, guards, &mut outcome)?,
             Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
@@ -483,17 +494,14 @@ impl Star<'_> {
             dense,
             cases,
             failing,
+            scored,
         } = batch;
         let (first, layers) = (*first, outcome.layers.clone());
         let Selection { columns, z } =
             self.select_neurons(first, dense, cases, failing, &layers)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
-        let scored = cases
-            .iter()
-            .map(|c| self.score(first, dense, c, &c.residual, &mut Hooks::default()))
-            .collect::<Result<Vec<_>>>()?;
-        let steers = self.steers(&scored, cases, failing, layers.len())?;
+        let steers = self.steers(scored, cases, failing, layers.len())?;
         // The guard activations on the selected neurons: patches and every update stay off their span.
         let mut guard_span: BTreeMap<usize, Tensor> = BTreeMap::new();
         if self.settings.guard_projection && !guards.is_empty() {
