@@ -16,12 +16,36 @@ use tokio::sync::oneshot;
 use tower_lsp_server::jsonrpc::{self, Result};
 use tower_lsp_server::ls_types::{MessageType, Position};
 
-/// Where a completion was asked for, as the document stood then.
+/// Where a completion was asked for, as the document stood then, with the context to store.
 pub struct Shown {
     pub document: String,
     pub at: usize,
     pub version: i32,
     pub position: Position,
+    /// The end of the text before the cursor and the start of the text after it: about what the
+    /// prompt uses, copied now so the whole document is not kept for the store.
+    pub prefix: String,
+    pub suffix: String,
+}
+
+impl Shown {
+    pub fn new(
+        document: String,
+        at: usize,
+        version: i32,
+        position: Position,
+        prefix: &str,
+        suffix: &str,
+    ) -> Self {
+        Self {
+            document,
+            at,
+            version,
+            position,
+            prefix: tail(prefix, STORED_PREFIX_BYTES).to_owned(),
+            suffix: head(suffix, STORED_SUFFIX_BYTES).to_owned(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -90,13 +114,7 @@ impl Server {
     }
 
     /// Starts following a completion (or, with `None`, a place where the model proposed nothing).
-    pub(super) fn track_shown(
-        &self,
-        shown: Shown,
-        completion: Option<&Completion>,
-        prefix: &str,
-        suffix: &str,
-    ) {
+    pub(super) fn track_shown(&self, shown: Shown, completion: Option<&Completion>) {
         let docs = self.lock_documents();
         let Some(doc) = docs.get(&shown.document) else {
             return;
@@ -123,8 +141,8 @@ impl Server {
                 version: shown.version,
                 line: shown.position.line,
                 character: shown.position.character,
-                prefix: tail(prefix, STORED_PREFIX_BYTES).to_owned(),
-                suffix: head(suffix, STORED_SUFFIX_BYTES).to_owned(),
+                prefix: shown.prefix,
+                suffix: shown.suffix,
                 proposed,
                 patches: self
                     .state

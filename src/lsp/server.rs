@@ -108,12 +108,7 @@ impl Server {
             let word_start = proto::position(doc, at - word_chars);
             (prefix, suffix, word_start, at, doc.version)
         };
-        let shown = super::feedback::Shown {
-            document: key.clone(),
-            at,
-            version,
-            position: pos,
-        };
+        let shown = super::feedback::Shown::new(key.clone(), at, version, pos, &prefix, &suffix);
         let stop = stop.unwrap_or_else(|| auto_stop(&prefix, &suffix));
 
         let cancel = Cancel::default();
@@ -146,8 +141,8 @@ impl Server {
         engine.complete(
             CompletionRequest {
                 document: key,
-                prefix: prefix.clone(),
-                suffix: suffix.clone(),
+                prefix,
+                suffix,
                 stop,
                 cancel,
             },
@@ -157,11 +152,11 @@ impl Server {
         );
         match rx.await {
             Ok(Ok(c)) if c.generation.text.trim().is_empty() => {
-                self.track_shown(shown, None, &prefix, &suffix);
+                self.track_shown(shown, None);
                 Ok(None)
             }
             Ok(Ok(c)) => {
-                self.track_shown(shown, Some(&c), &prefix, &suffix);
+                self.track_shown(shown, Some(&c));
                 Ok(Some((c, word, word_start)))
             }
             Ok(Err(EngineError::Cancelled)) => Ok(None),
