@@ -390,7 +390,7 @@ fn padding_for_repacked_kernels_keeps_weights_and_outputs() {
         .weights
         .forward(&t, &mut c, &mut Hooks::default())
         .unwrap();
-    let dense = padded.weights.dense_layers(0..LAYERS).unwrap();
+    let dense = padded.weights.dense_layers(0..LAYERS, None).unwrap();
     let h_dense = padded
         .weights
         .forward_from(0, &dense, &cap.residual[&0], &mut Hooks::default())
@@ -852,7 +852,7 @@ fn patch_equals_model_with_edited_down_proj() {
             },
         )
         .unwrap();
-    let dense = base.weights.dense_layers(0..LAYERS).unwrap();
+    let dense = base.weights.dense_layers(0..LAYERS, None).unwrap();
     let x0 = cap.residual[&0].clone();
     let from_dense = base
         .weights
@@ -883,7 +883,7 @@ fn patch_equals_model_with_edited_down_proj() {
             },
         )
         .unwrap();
-    let upper = base.weights.dense_layers(1..LAYERS).unwrap();
+    let upper = base.weights.dense_layers(1..LAYERS, None).unwrap();
     let h = base
         .weights
         .forward_from(
@@ -915,7 +915,7 @@ fn dense_copy_of_quantized_model_tracks_serving() {
             },
         )
         .unwrap();
-    let dense = m.weights.dense_layers(0..LAYERS).unwrap();
+    let dense = m.weights.dense_layers(0..LAYERS, None).unwrap();
     let from_dense = m
         .weights
         .forward_from(0, &dense, &cap.residual[&0], &mut Hooks::default())
@@ -989,7 +989,7 @@ fn dense_loss(
     x0: &Tensor,
     targets: &Tensor,
 ) -> Tensor {
-    let dense = m.weights.dense_layers(0..LAYERS).unwrap();
+    let dense = m.weights.dense_layers(0..LAYERS, None).unwrap();
     let set = PatchSet::default()
         .with(
             layer,

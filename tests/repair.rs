@@ -121,12 +121,7 @@ fn a_planted_failure_is_found_and_repaired() {
         "x + 1",
         "the random model knows it"
     );
-    let star = Star {
-        model: &m.weights,
-        tokenizer: &m.tokenizer,
-        head: &head,
-        settings: settings(),
-    };
+    let star = Star::new(&m.weights, &m.tokenizer, &head, settings());
     let out = star.repair(std::slice::from_ref(&failure), &[]).unwrap();
     assert_eq!(
         (out.failures, out.fixed, &out.refused),
@@ -136,10 +131,26 @@ fn a_planted_failure_is_found_and_repaired() {
     assert_eq!(out.layers, [0, 1]);
     assert!(out.steps <= settings().max_steps);
     assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+    let out_patches = out.patches;
 
     // A case that already passes needs nothing.
     let out = star.repair(&[self_completed(&m)], &[]).unwrap();
     assert_eq!((out.failures, out.patches.len()), (0, 0));
+
+    // A repair starts from the model as it serves: under the first patch the failure is fixed already,
+    // and a new failure is repaired on top of it (the overlay then serves both patches summed).
+    let live = star.served(&out_patches).unwrap();
+    let on_live = Star {
+        live: Some(&live),
+        ..Star::new(&m.weights, &m.tokenizer, &head, settings())
+    };
+    let again = on_live.repair(std::slice::from_ref(&failure), &[]).unwrap();
+    assert_eq!((again.failures, again.patches.len()), (0, 0), "{again:?}");
+    let second = case("f2", "def g(y):\n    return ", "y + 1");
+    let out = on_live.repair(std::slice::from_ref(&second), &[]).unwrap();
+    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
+    let both = on_live.served(&out.patches).unwrap();
+    assert_eq!(greedy(&m, &second, &both), "y + 1");
 }
 
 #[test]
@@ -150,15 +161,15 @@ fn a_patch_never_leaves_a_guard_worse() {
     let failure = case("f1", "def f(x):\n    return ", "x + 1");
     let guard = self_completed(&m);
     for guard_projection in [true, false] {
-        let star = Star {
-            model: &m.weights,
-            tokenizer: &m.tokenizer,
-            head: &head,
-            settings: RepairSettings {
+        let star = Star::new(
+            &m.weights,
+            &m.tokenizer,
+            &head,
+            RepairSettings {
                 guard_projection,
                 ..settings()
             },
-        };
+        );
         let out = star
             .repair(std::slice::from_ref(&failure), std::slice::from_ref(&guard))
             .unwrap();
@@ -218,15 +229,15 @@ fn the_baselines_run_on_the_same_batch_and_verdict() {
     let (gamma, weight) = m.weights.head_dense().unwrap();
     let head = Head::new(&gamma, weight).unwrap();
     let failure = case("f1", "def f(x):\n    return ", "x + 1");
-    let star = Star {
-        model: &m.weights,
-        tokenizer: &m.tokenizer,
-        head: &head,
-        settings: RepairSettings {
+    let star = Star::new(
+        &m.weights,
+        &m.tokenizer,
+        &head,
+        RepairSettings {
             sgd_learning_rate: 0.5,
             ..settings()
         },
-    };
+    );
     for method in [Method::Sgd, Method::Mint] {
         let out = star
             .repair_by(method, std::slice::from_ref(&failure), &[])

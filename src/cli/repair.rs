@@ -2,7 +2,7 @@
 //! store or the ledger: a dry run that shows what a repair would fix and keep, line by line.
 
 use crate::model::{LoadOptions, Model, PatchSet};
-use crate::repair::{self, complete_case, passes, Case, Head, Method, RepairSettings, Star};
+use crate::repair::{complete_case, passes, Case, Head, Method, RepairSettings, Star};
 use anyhow::Context;
 use serde_json::json;
 use std::io::BufRead;
@@ -45,12 +45,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         guard_projection: o.guard_projection,
         ..RepairSettings::default()
     };
-    let star = Star {
-        model: &model.weights,
-        tokenizer: &model.tokenizer,
-        head: &head,
-        settings,
-    };
+    let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
     let lines = |patches: Option<&PatchSet>| -> anyhow::Result<Vec<String>> {
         cases
@@ -69,7 +64,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     };
     let before = lines(None)?;
     let outcome = star.repair_by(o.method, repaired, &guards)?;
-    let set = repair::overlay_of(&outcome.patches)?;
+    let set = star.served(&outcome.patches)?;
     let after = lines(Some(&set))?;
 
     let rows: Vec<_> = cases

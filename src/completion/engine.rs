@@ -10,6 +10,7 @@ use crate::model::{
 };
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -122,6 +123,8 @@ impl From<&Generation> for GenerationStats {
 /// Handle to the worker. Cheap to share; dropping the last handle stops the worker after its current job.
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    /// Requests sent and not yet answered.
+    in_flight: Arc<AtomicUsize>,
     patches: Arc<RwLock<Arc<PatchSet>>>,
     model: ModelSlot,
     stats: Arc<Mutex<EngineStats>>,
@@ -142,12 +145,15 @@ impl Engine {
             ids: IdGen::new(),
         };
         let slot = model.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let answered = in_flight.clone();
         std::thread::Builder::new()
             .name("star-ls-model".into())
-            .spawn(move || worker.run(rx, slot, on_event))
+            .spawn(move || worker.run(rx, slot, &answered, on_event))
             .expect("spawning the model thread");
         Self {
             jobs: tx,
+            in_flight,
             patches,
             model,
             stats,
@@ -163,7 +169,9 @@ impl Engine {
             request,
             reply: Box::new(reply),
         };
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             (job.reply)(Err(EngineError::ModelUnavailable(
                 "the model thread has stopped".into(),
             )));
@@ -181,6 +189,11 @@ impl Engine {
                 "the model thread has stopped".into(),
             ))
         })
+    }
+
+    /// Whether a completion is queued or running: background work (repair) waits for it.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
     }
 
     /// The loaded model, once loading has finished (None while loading).
@@ -213,7 +226,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, jobs: mpsc::Receiver<Job>, slot: ModelSlot, on_event: impl Fn(EngineEvent)) {
+    fn run(
+        mut self,
+        jobs: mpsc::Receiver<Job>,
+        slot: ModelSlot,
+        in_flight: &AtomicUsize,
+        on_event: impl Fn(EngineEvent),
+    ) {
         let path = self.config.model_path.clone();
         on_event(EngineEvent::Loading { path: path.clone() });
         let t0 = Instant::now();
@@ -239,6 +258,7 @@ impl Worker {
                 Err(e) => Err(EngineError::ModelUnavailable(e.clone())),
             };
             (job.reply)(result);
+            in_flight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 

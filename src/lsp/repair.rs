@@ -180,6 +180,7 @@ impl Server {
             .map(Case::from)
             .collect();
         let head_slot = self.state.head.clone();
+        let state = self.state.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let head = {
                 let mut slot = head_slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -193,11 +194,24 @@ impl Server {
                     }
                 }
             };
+            let engine = state.engine.get();
+            let live = engine.map(|e| e.patches());
+            // Completions take priority: between its steps the repair waits while one is queued or running.
+            let yield_to_completions = || {
+                while engine.is_some_and(|e| e.busy()) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Ok(())
+            };
             let star = Star {
-                model: &model.weights,
-                tokenizer: &model.tokenizer,
-                head: &head,
-                settings: RepairSettings::default(),
+                live: live.as_deref(),
+                between_steps: Some(&yield_to_completions),
+                ..Star::new(
+                    &model.weights,
+                    &model.tokenizer,
+                    &head,
+                    RepairSettings::default(),
+                )
             };
             star.repair(&failures, &guards)
         })

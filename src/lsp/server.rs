@@ -26,7 +26,7 @@ pub struct Server {
 #[derive(Default)]
 pub(super) struct State {
     settings: OnceLock<Settings>,
-    engine: OnceLock<Engine>,
+    pub(super) engine: OnceLock<Engine>,
     events: Mutex<Option<mpsc::UnboundedReceiver<EngineEvent>>>,
     /// Lock order: `documents` before `tracker`.
     pub(super) documents: Mutex<HashMap<String, Document>>,

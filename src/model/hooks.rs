@@ -94,6 +94,10 @@ impl LayerPatch {
         &self.delta
     }
 
+    pub(super) fn index(&self) -> &Tensor {
+        &self.index
+    }
+
     /// The overlay's contribution for neuron activations `z` `(seq, intermediate)`.
     pub(super) fn apply(&self, z: &Tensor) -> Result<Tensor> {
         z.index_select(&self.index, 1)?.matmul(&self.delta.t()?)

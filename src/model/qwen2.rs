@@ -7,7 +7,7 @@
 
 use super::gemv::RawMatrix;
 use super::gguf::GgufFile;
-use super::hooks::Hooks;
+use super::hooks::{Hooks, LayerPatch, PatchSet};
 use super::ModelError;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -439,8 +439,15 @@ impl DecoderLayer {
         &self.mlp
     }
 
-    fn to_dense(&self) -> Result<Self> {
+    /// A dense f32 copy with differentiable paths; `patch` (the live overlay's, if any) folded into its
+    /// `down_proj`, so gradient work starts from the model as it serves.
+    fn to_dense(&self, patch: Option<&LayerPatch>) -> Result<Self> {
         let a = &self.attn;
+        let mut down = self.mlp.down.to_dense()?;
+        if let Some(p) = patch {
+            down.weight =
+                QMatMul::Tensor(down.dense_weight()?.index_add(p.index(), p.delta(), 1)?);
+        }
         Ok(Self {
             attn_norm: self.attn_norm.clone(),
             attn: Attention {
@@ -454,7 +461,7 @@ impl DecoderLayer {
             mlp: Mlp {
                 gate: self.mlp.gate.to_dense()?,
                 up: self.mlp.up.to_dense()?,
-                down: self.mlp.down.to_dense()?,
+                down,
             },
             eps: self.eps,
             differentiable: true,
@@ -701,11 +708,15 @@ impl Qwen2 {
         &self.layers
     }
 
-    /// Dense f32 copies of layers `range`, with differentiable norm and rope, for gradient work.
-    pub fn dense_layers(&self, range: std::ops::Range<usize>) -> Result<Vec<DecoderLayer>> {
-        self.layers[range]
-            .iter()
-            .map(DecoderLayer::to_dense)
+    /// Dense f32 copies of layers `range`, with differentiable norm and rope, for gradient work, with the
+    /// `live` overlay's patches folded in.
+    pub fn dense_layers(
+        &self,
+        range: std::ops::Range<usize>,
+        live: Option<&PatchSet>,
+    ) -> Result<Vec<DecoderLayer>> {
+        range
+            .map(|i| self.layers[i].to_dense(live.and_then(|p| p.layer(i))))
             .collect()
     }
 

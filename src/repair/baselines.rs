@@ -91,6 +91,7 @@ pub(super) fn mint(
             if fixed {
                 break;
             }
+            star.checkpoint()?;
             steps += 1;
             let mut best: Option<((usize, u32), Tensor, f32, bool)> = None;
             for &(l, n, _) in candidates.iter().take(MINT_CANDIDATES) {

@@ -109,9 +109,44 @@ pub struct Star<'a> {
     pub tokenizer: &'a Tokenizer,
     pub head: &'a Head,
     pub settings: RepairSettings,
+    /// The overlay already serving: a repair starts from the model as it serves, and its patches are
+    /// summed onto this overlay.
+    pub live: Option<&'a PatchSet>,
+    /// Called between steps: the server waits there while completions run (they take priority), eval
+    /// stops a repair past its deadline by returning an error.
+    pub between_steps: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
 }
 
-impl Star<'_> {
+impl<'a> Star<'a> {
+    pub fn new(
+        model: &'a Qwen2,
+        tokenizer: &'a Tokenizer,
+        head: &'a Head,
+        settings: RepairSettings,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            head,
+            settings,
+            live: None,
+            between_steps: None,
+        }
+    }
+
+    pub(super) fn checkpoint(&self) -> Result<()> {
+        self.between_steps.map_or(Ok(()), |f| f())
+    }
+
+    /// The overlay the serving model would run with `patches` added to the live one.
+    pub fn served(&self, patches: &[(usize, LayerPatch)]) -> Result<PatchSet> {
+        patches
+            .iter()
+            .try_fold(self.live.cloned().unwrap_or_default(), |set, (l, p)| {
+                set.with(*l, p.clone())
+            })
+    }
+
     /// The first layer that may be patched: the top `candidate_fraction` of the layers.
     fn first_candidate(&self) -> usize {
         let n = self.model.layers().len();
@@ -128,6 +163,7 @@ impl Star<'_> {
             &mut cache,
             &mut Hooks {
                 capture: Some(&mut capture),
+                patches: self.live,
                 ..Hooks::default()
             },
         )?;
@@ -237,6 +273,7 @@ impl Star<'_> {
         }
         let mut effects = Vec::new();
         for l in first..first + dense.len() {
+            self.checkpoint()?;
             effects.push((l, (loss_with(&[l])? - base).abs()));
         }
         effects.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -262,6 +299,7 @@ impl Star<'_> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
         for (case, rows) in cases.iter().zip(failing) {
+            self.checkpoint()?;
             let seq = case.residual.dim(0)?;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
@@ -420,7 +458,7 @@ impl Star<'_> {
         let t0 = Instant::now();
         let n_layers = self.model.layers().len();
         let first = self.first_candidate();
-        let dense = self.model.dense_layers(first..n_layers)?;
+        let dense = self.model.dense_layers(first..n_layers, self.live)?;
 
         // 1. The failing cases (greedy line wrong), and their failure positions under teacher forcing.
         let mut failed = Vec::new();
@@ -428,7 +466,8 @@ impl Star<'_> {
         let mut failing = Vec::new();
         let mut scored_all = Vec::new();
         for c in failures {
-            if self.greedy_passes(c, None)? {
+            self.checkpoint()?;
+            if self.greedy_passes(c, self.live)? {
                 continue;
             }
             let p = self.prepare(c, first)?;
@@ -561,6 +600,7 @@ impl Star<'_> {
                 .collect()
         };
         for step in 0..=self.settings.max_steps {
+            self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
             let mut all_fixed = true;
             // One case at a time, gradients summed: a case's graph is freed before the next is built.
@@ -614,8 +654,9 @@ impl Star<'_> {
         guards: &[Case],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
-        let set = super::overlay_of(&patches)?;
+        let set = self.served(&patches)?;
         for c in failed {
+            self.checkpoint()?;
             if self.greedy_passes(c, Some(&set))? {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(c.id.clone());
@@ -625,11 +666,12 @@ impl Star<'_> {
             let rate = |patches: Option<&PatchSet>| -> Result<f32> {
                 let mut pass = 0;
                 for g in guards {
+                    self.checkpoint()?;
                     pass += self.greedy_passes(g, patches)? as usize;
                 }
                 Ok(pass as f32 / guards.len() as f32)
             };
-            outcome.guard_before = rate(None)?;
+            outcome.guard_before = rate(self.live)?;
             outcome.guard_after = rate(Some(&set))?;
         }
         if outcome.guard_after + self.settings.max_guard_drop < outcome.guard_before {
