@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod cli;
 pub mod completion;
+pub mod eval;
 pub mod lsp;
 pub mod model;
 pub mod repair;

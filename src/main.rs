@@ -63,6 +63,37 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// The paper's comparison on a cases file: STAR, MINT and SGD from the same unpatched model
+    /// (CONTRACT.md's protocol); a table on stdout, JSON and SVG charts on request.
+    Eval {
+        #[arg(long)]
+        cases: PathBuf,
+        /// star, mint, sgd, or all.
+        #[arg(long, default_value = "all", value_parser = parse_methods)]
+        method: Methods,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Only the first N cases of the file.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Seeds the specificity sample (and the guard sample).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size of the specificity sample.
+        #[arg(long, default_value_t = 40)]
+        sample: usize,
+        /// Passing cases given to every repair as guards (0: none).
+        #[arg(long, default_value_t = 0)]
+        guards: usize,
+        /// Seconds after which a repair is stopped and reported as timed out.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Write measures.svg, seconds.svg and cumulative.svg here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// The patch ledger: the repairs applied to the model.
     Patches {
         #[command(subcommand)]
@@ -93,6 +124,17 @@ enum CasesAction {
         #[arg(long)]
         kind: Option<CaseKind>,
     },
+}
+
+#[derive(Clone)]
+struct Methods(Vec<star_ls::repair::Method>);
+
+fn parse_methods(s: &str) -> Result<Methods, String> {
+    use star_ls::repair::Method;
+    match s {
+        "all" => Ok(Methods(vec![Method::Star, Method::Mint, Method::Sgd])),
+        one => parse_method(one).map(|m| Methods(vec![m])),
+    }
 }
 
 fn parse_method(s: &str) -> Result<star_ls::repair::Method, String> {
@@ -145,6 +187,34 @@ fn main() {
                 guard_projection: !no_guard_projection,
                 method,
                 json,
+            })
+        }
+        Command::Eval {
+            cases,
+            method,
+            json,
+            limit,
+            seed,
+            sample,
+            guards,
+            timeout,
+            plot,
+            threads,
+        } => {
+            star_ls::cli::set_threads(threads);
+            star_ls::cli::eval::run(star_ls::cli::eval::Options {
+                cases: &cases,
+                json: json.as_deref(),
+                limit,
+                plot: plot.as_deref(),
+                eval: star_ls::eval::EvalOptions {
+                    methods: method.0,
+                    seed,
+                    sample,
+                    guards,
+                    timeout: std::time::Duration::from_secs(timeout),
+                    ..Default::default()
+                },
             })
         }
         Command::Patches { action, json } => match action {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cases;
 pub mod complete;
+pub mod eval;
 pub mod patches;
 pub mod repair;
 

@@ -183,7 +183,7 @@ fn utf8_prefix(bytes: &[u8]) -> String {
 
 /// Keep only tokens consistent with the bytes still to heal: the token is a prefix of them, or
 /// starts with all of them.
-fn mask_to_heal(tokenizer: &Tokenizer, logits: &mut [f32], rest: &[u8]) {
+pub fn mask_to_heal(tokenizer: &Tokenizer, logits: &mut [f32], rest: &[u8]) {
     for (id, l) in logits.iter_mut().enumerate() {
         let b = tokenizer.token_bytes(id as u32);
         let ok = !b.is_empty() && (rest.starts_with(b) || b.starts_with(rest));

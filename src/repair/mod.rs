@@ -13,7 +13,8 @@ mod targets;
 pub use star::{project_off, solve_patch, Method, RepairOutcome, Star};
 pub use steer::Head;
 pub use targets::{
-    complete_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
+    complete_case, greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case,
+    TeacherForced,
 };
 
 use crate::completion::ContextLimits;

@@ -34,7 +34,9 @@ pub struct RepairOutcome {
 }
 
 /// Which method repairs: STAR, or one of the paper's baselines (METHOD.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Star,
@@ -148,7 +150,7 @@ impl<'a> Star<'a> {
     }
 
     /// The first layer that may be patched: the top `candidate_fraction` of the layers.
-    fn first_candidate(&self) -> usize {
+    pub fn first_candidate(&self) -> usize {
         let n = self.model.layers().len();
         let k = ((n as f32 * self.settings.candidate_fraction).ceil() as usize).clamp(1, n);
         n - k

@@ -2,7 +2,10 @@
 //! cursor, then the developer's text and the end of the line, fed in teacher-forced.
 
 use crate::completion::{fim_prompt, ContextLimits};
-use crate::model::{generate, Cancel, GenerateParams, PatchSet, Qwen2, StopAt, Tokenizer};
+use crate::model::{
+    generate, Cancel, GenerateParams, Generation, KvCache, PatchSet, Prompt, Qwen2, StopAt,
+    Tokenizer,
+};
 
 /// A case as the repair engine sees it (CONTRACT.md's cases-JSONL fields).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -76,22 +79,33 @@ pub fn complete_case(
     patches: Option<&PatchSet>,
 ) -> candle_core::Result<String> {
     let prompt = fim_prompt(tok, &case.prefix, &text_after_cursor(case), limits);
+    Ok(greedy_case(model, tok, case, &prompt, &mut model.new_cache(), patches)?.text)
+}
+
+/// `complete_case` from a `prompt` already built, reusing what `cache` holds of it.
+pub fn greedy_case(
+    model: &Qwen2,
+    tok: &Tokenizer,
+    case: &Case,
+    prompt: &Prompt,
+    cache: &mut KvCache,
+    patches: Option<&PatchSet>,
+) -> candle_core::Result<Generation> {
     let params = GenerateParams {
         // Room for the target's tokens and some: a line that runs on is wrong either way.
         max_tokens: tok.encode(&case.target).len() + 8,
         stop: StopAt::Line,
         ..GenerateParams::default()
     };
-    let g = generate(
+    generate(
         model,
         tok,
-        &prompt,
-        &mut model.new_cache(),
+        prompt,
+        cache,
         patches,
         &params,
         &Cancel::default(),
-    )?;
-    Ok(g.text)
+    )
 }
 
 pub fn passes(completion: &str, case: &Case) -> bool {

@@ -1,0 +1,484 @@
+//! `star-ls eval`: the paper's comparison (STAR vs MINT vs SGD) on a cases file, by CONTRACT.md's
+//! protocol. Every method starts from the same unpatched model and repairs the same units; the measures
+//! are METHOD.md's (effectiveness, generalization, specificity, cumulative impact, time and memory).
+//!
+//! Architecture invariant: a function of (model, cases, options) → `Report`; the CLI prints, writes and
+//! plots it (`cli/eval.rs`, `plot.rs`).
+
+mod plot;
+mod probe;
+mod report;
+
+pub use plot::plot;
+pub use probe::Probe;
+pub use report::{CumulativePoint, MethodReport, RepairRecord, Report, Status};
+
+use crate::model::{PatchSet, Qwen2, Tokenizer};
+use crate::repair::{
+    complete_case, passes, Case, Head, Method, RepairOutcome, RepairSettings, Star,
+};
+use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub methods: Vec<Method>,
+    /// Size of the seeded specificity sample (CONTRACT.md: default 40).
+    pub sample: usize,
+    /// Passing cases (outside the sample) given to every repair as its guard set; 0 for none.
+    pub guards: usize,
+    pub seed: u64,
+    /// A repair still running after this is stopped at its next step and reported as timed out.
+    pub timeout: Duration,
+    /// Most points of the cumulative curve (each re-checks every case repaired so far).
+    pub cumulative_points: usize,
+    pub settings: RepairSettings,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            methods: vec![Method::Star, Method::Mint, Method::Sgd],
+            sample: 40,
+            guards: 0,
+            seed: 0,
+            timeout: Duration::from_secs(600),
+            cumulative_points: 8,
+            settings: RepairSettings::default(),
+        }
+    }
+}
+
+/// What the run is doing, for a progress display.
+pub enum Progress<'a> {
+    /// A new stage of `total` steps.
+    Stage { name: &'a str, total: usize },
+    /// One step of the stage done.
+    Step { message: String },
+}
+
+/// One repair of the protocol: a group's failing cases but the last (held out), or a batch of failing
+/// singletons. Indices into the cases.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub name: String,
+    pub repaired: Vec<usize>,
+    pub held_out: Option<usize>,
+}
+
+/// CONTRACT.md's units: each group with at least two failing cases is repaired on all of them but the
+/// last by id, which is held out; the other failing cases (singletons, and groups with one failure)
+/// are repaired in batches of 8, in id order.
+pub fn units(cases: &[Case], failing: &[bool]) -> Vec<Unit> {
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut loose = Vec::new();
+    for (i, c) in cases.iter().enumerate().filter(|(i, _)| failing[*i]) {
+        match c.group.as_str() {
+            "" => loose.push(i),
+            g => groups.entry(g).or_default().push(i),
+        }
+    }
+    let by_id = |v: &mut Vec<usize>| v.sort_by(|a, b| cases[*a].id.cmp(&cases[*b].id));
+    let mut out = Vec::new();
+    for (group, mut members) in groups {
+        if members.len() < 2 {
+            loose.extend(members);
+            continue;
+        }
+        by_id(&mut members);
+        let held_out = members.pop();
+        out.push(Unit {
+            name: group.to_owned(),
+            repaired: members,
+            held_out,
+        });
+    }
+    by_id(&mut loose);
+    for (i, batch) in loose.chunks(8).enumerate() {
+        out.push(Unit {
+            name: format!("singletons-{}", i + 1),
+            repaired: batch.to_vec(),
+            held_out: None,
+        });
+    }
+    out
+}
+
+/// Resident-set figures of this process, from /proc (Linux); `None` elsewhere.
+mod rss {
+    fn status_kb(key: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub fn current_mb() -> Option<f64> {
+        status_kb("VmRSS:").map(|kb| kb as f64 / 1024.0)
+    }
+
+    /// The peak since the last `reset_peak` (or since start).
+    pub fn peak_mb() -> Option<f64> {
+        status_kb("VmHWM:").map(|kb| kb as f64 / 1024.0)
+    }
+
+    /// Starts a new peak from the current RSS (`clear_refs` value 5, Linux ≥ 4.0).
+    pub fn reset_peak() {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+}
+
+/// Runs the protocol on `cases` with every method of `options`.
+pub fn run(
+    model: &Qwen2,
+    tok: &Tokenizer,
+    head: &Head,
+    model_name: &str,
+    cases: &[Case],
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> candle_core::Result<Report> {
+    let settings = options.settings;
+    let star = Star::new(model, tok, head, settings);
+    let first = star.first_candidate();
+    let model_rss_mb = rss::current_mb().unwrap_or(0.0);
+
+    // Every case completed once on the unpatched model, shared by all methods.
+    progress(Progress::Stage {
+        name: "completing every case",
+        total: cases.len(),
+    });
+    let mut probes = Vec::with_capacity(cases.len());
+    for c in cases {
+        probes.push(Probe::new(model, tok, c, settings.context, first)?);
+        progress(Progress::Step {
+            message: c.id.clone(),
+        });
+    }
+    let failing: Vec<bool> = probes.iter().map(|p| !p.passes).collect();
+    let units = units(cases, &failing);
+
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let sampled: Vec<usize> =
+        sample(&mut rng, cases.len(), options.sample.min(cases.len())).into_vec();
+    let in_sample: BTreeSet<usize> = sampled.iter().copied().collect();
+    let passing_outside: Vec<usize> = (0..cases.len())
+        .filter(|i| !failing[*i] && !in_sample.contains(i))
+        .collect();
+    let guards: Vec<Case> = sample(
+        &mut rng,
+        passing_outside.len(),
+        options.guards.min(passing_outside.len()),
+    )
+    .into_iter()
+    .map(|j| cases[passing_outside[j]].clone())
+    .collect();
+
+    let mut methods = BTreeMap::new();
+    for &method in &options.methods {
+        let protocol = Protocol {
+            model,
+            tok,
+            cases,
+            probes: &probes,
+            sampled: &sampled,
+            model_rss_mb,
+        };
+        let report = protocol.method(&star, method, &units, &guards, options, progress)?;
+        methods.insert(method, report);
+    }
+    Ok(Report {
+        model: model_name.to_owned(),
+        cases: cases.len(),
+        passing_before: failing.iter().filter(|f| !**f).count(),
+        failing_before: failing.iter().filter(|f| **f).count(),
+        units: units.len(),
+        sample: sampled.len(),
+        guards: guards.len(),
+        seed: options.seed,
+        methods,
+    })
+}
+
+/// What every method's run shares.
+struct Protocol<'a> {
+    model: &'a Qwen2,
+    tok: &'a Tokenizer,
+    cases: &'a [Case],
+    probes: &'a [Probe],
+    sampled: &'a [usize],
+    model_rss_mb: f64,
+}
+
+/// The sampled cases unrelated to some repaired cases: not among them, not in their groups.
+fn unrelated(cases: &[Case], sampled: &[usize], repaired: &BTreeSet<usize>) -> Vec<usize> {
+    let groups: BTreeSet<&str> = repaired
+        .iter()
+        .map(|i| cases[*i].group.as_str())
+        .filter(|g| !g.is_empty())
+        .collect();
+    sampled
+        .iter()
+        .copied()
+        .filter(|i| !repaired.contains(i) && !groups.contains(cases[*i].group.as_str()))
+        .collect()
+}
+
+fn share(n: usize, of: usize) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 / of as f64
+    }
+}
+
+impl Protocol<'_> {
+    fn method(
+        &self,
+        star: &Star,
+        method: Method,
+        units: &[Unit],
+        guards: &[Case],
+        options: &EvalOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> candle_core::Result<MethodReport> {
+        let name = format!("{method:?}").to_lowercase();
+        progress(Progress::Stage {
+            name: &format!("{name}: repairs"),
+            total: units.len(),
+        });
+        let mut records = Vec::new();
+        let mut accepted: Vec<(usize, PatchSet)> = Vec::new();
+        for (u, unit) in units.iter().enumerate() {
+            let (record, patches) = self.repair_unit(star, method, unit, guards, options)?;
+            progress(Progress::Step {
+                message: format!(
+                    "{}: {:?}, {} of {} fixed",
+                    unit.name, record.status, record.fixed, record.cases
+                ),
+            });
+            if let Some(p) = patches {
+                accepted.push((u, p));
+            }
+            records.push(record);
+        }
+        let cumulative = self.cumulative(units, &accepted, options, &name, progress)?;
+
+        let sum = |f: fn(&RepairRecord) -> usize| records.iter().map(f).sum::<usize>();
+        let seconds: Vec<f64> = records.iter().map(|r| r.seconds).collect();
+        let total: f64 = seconds.iter().sum();
+        Ok(MethodReport {
+            effectiveness: share(sum(|r| r.fixed), sum(|r| r.cases)),
+            generalization: share(
+                sum(|r| r.generalized as usize),
+                sum(|r| r.held_out as usize),
+            ),
+            specificity: share(sum(|r| r.unchanged), sum(|r| r.sampled)),
+            passing_kept: share(sum(|r| r.kept), sum(|r| r.passing_sampled)),
+            repairs: records.len(),
+            repaired_cases: sum(|r| r.cases),
+            held_out_cases: sum(|r| r.held_out as usize),
+            repair_seconds_mean: if records.is_empty() {
+                0.0
+            } else {
+                total / records.len() as f64
+            },
+            repair_seconds_total: total,
+            peak_rss_mb: records.iter().map(|r| r.peak_rss_mb).fold(0.0, f64::max),
+            repair_rss_mb: records.iter().map(|r| r.repair_rss_mb).fold(0.0, f64::max),
+            statuses: records.iter().fold(BTreeMap::new(), |mut m, r| {
+                *m.entry(r.status).or_insert(0) += 1;
+                m
+            }),
+            cumulative,
+            per_repair: records,
+        })
+    }
+
+    /// One unit repaired from the unpatched model and measured; the patches if one was accepted.
+    fn repair_unit(
+        &self,
+        star: &Star,
+        method: Method,
+        unit: &Unit,
+        guards: &[Case],
+        options: &EvalOptions,
+    ) -> candle_core::Result<(RepairRecord, Option<PatchSet>)> {
+        let failures: Vec<Case> = unit
+            .repaired
+            .iter()
+            .map(|i| self.cases[*i].clone())
+            .collect();
+        let deadline = Instant::now() + options.timeout;
+        let timed_out = std::sync::atomic::AtomicBool::new(false);
+        let check_deadline = || {
+            if Instant::now() > deadline {
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                candle_core::bail!("timed out after {:?}", options.timeout);
+            }
+            Ok(())
+        };
+        let bounded = Star {
+            between_steps: Some(&check_deadline),
+            ..Star::new(star.model, star.tokenizer, star.head, star.settings)
+        };
+        let rss_before = rss::current_mb().unwrap_or(0.0);
+        rss::reset_peak();
+        let t0 = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            bounded.repair_by(method, &failures, guards)
+        }));
+        let seconds = t0.elapsed().as_secs_f64();
+        let peak = rss::peak_mb().unwrap_or(0.0);
+        let mut record = RepairRecord {
+            unit: unit.name.clone(),
+            cases: unit.repaired.len(),
+            held_out: unit.held_out.is_some(),
+            status: Status::Patched,
+            message: None,
+            fixed: 0,
+            generalized: false,
+            sampled: 0,
+            unchanged: 0,
+            passing_sampled: 0,
+            kept: 0,
+            seconds,
+            // The process peak, less what eval itself holds beyond the model (its cached residuals):
+            // what a server holding the model would reach running this repair.
+            peak_rss_mb: self.model_rss_mb + (peak - rss_before).max(0.0),
+            repair_rss_mb: (peak - rss_before).max(0.0),
+            layers: Vec::new(),
+            steps: 0,
+        };
+        let outcome: RepairOutcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                record.status = match timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+                    true => Status::TimedOut,
+                    false => Status::Failed,
+                };
+                record.message = Some(crate::model::one_line(&e));
+                return Ok((record, None));
+            }
+            Err(panic) => {
+                record.status = Status::Crashed;
+                record.message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                return Ok((record, None));
+            }
+        };
+        record.layers = outcome.layers.clone();
+        record.steps = outcome.steps;
+        if outcome.patches.is_empty() {
+            record.status = Status::Refused;
+            record.message = outcome.refused.clone();
+            return Ok((record, None));
+        }
+        let set = bounded.served(&outcome.patches)?;
+        // Effectiveness by the verdict's own greedy completions on the serving model.
+        record.fixed = outcome.fixed;
+        if let Some(h) = unit.held_out {
+            let line = complete_case(
+                self.model,
+                self.tok,
+                &self.cases[h],
+                star.settings.context,
+                Some(&set),
+            )?;
+            record.generalized = passes(&line, &self.cases[h]);
+        }
+        let repaired: BTreeSet<usize> =
+            unit.repaired.iter().copied().chain(unit.held_out).collect();
+        for i in unrelated(self.cases, self.sampled, &repaired) {
+            let probe = &self.probes[i];
+            let unchanged = probe.unchanged(self.model, self.tok, &set)?;
+            record.sampled += 1;
+            record.unchanged += unchanged as usize;
+            if probe.passes {
+                record.passing_sampled += 1;
+                // A changed completion may still be the developer's: complete it to know.
+                record.kept += match unchanged {
+                    true => 1,
+                    false => {
+                        let line = complete_case(
+                            self.model,
+                            self.tok,
+                            &self.cases[i],
+                            star.settings.context,
+                            Some(&set),
+                        )?;
+                        passes(&line, &self.cases[i]) as usize
+                    }
+                };
+            }
+        }
+        Ok((record, Some(set)))
+    }
+
+    /// The accepted patches applied one after another to one model: after each (at most
+    /// `cumulative_points` evenly spaced points), the share of the cases repaired so far that the model
+    /// says right, and the share of unrelated sampled completions left unchanged.
+    fn cumulative(
+        &self,
+        units: &[Unit],
+        accepted: &[(usize, PatchSet)],
+        options: &EvalOptions,
+        name: &str,
+        progress: &mut dyn FnMut(Progress),
+    ) -> candle_core::Result<Vec<CumulativePoint>> {
+        let steps = units.len();
+        let points: BTreeSet<usize> = match steps {
+            0 => BTreeSet::new(),
+            _ => {
+                let n = options.cumulative_points.clamp(1, steps);
+                (1..=n).map(|k| (k * steps).div_ceil(n)).collect()
+            }
+        };
+        progress(Progress::Stage {
+            name: &format!("{name}: cumulative"),
+            total: points.len(),
+        });
+        let mut stacked = PatchSet::default();
+        let mut out = Vec::new();
+        let mut next = accepted.iter().peekable();
+        let mut repaired = BTreeSet::new();
+        for (u, unit) in units.iter().enumerate() {
+            while let Some((_, set)) = next.next_if(|(k, _)| *k == u) {
+                for (layer, patch) in set.iter() {
+                    stacked = stacked.with(layer, patch.clone())?;
+                }
+            }
+            repaired.extend(unit.repaired.iter().copied());
+            let step = u + 1;
+            if !points.contains(&step) {
+                continue;
+            }
+            let mut said = 0;
+            for i in &repaired {
+                said += self.probes[*i].says_target(self.model, self.tok, &stacked)? as usize;
+            }
+            let related: BTreeSet<usize> = repaired
+                .iter()
+                .copied()
+                .chain(units[..step].iter().flat_map(|u| u.held_out))
+                .collect();
+            let sample = unrelated(self.cases, self.sampled, &related);
+            let mut unchanged = 0;
+            for i in &sample {
+                unchanged += self.probes[*i].unchanged(self.model, self.tok, &stacked)? as usize;
+            }
+            out.push(CumulativePoint {
+                step,
+                repaired: repaired.len(),
+                effectiveness: share(said, repaired.len()),
+                specificity: share(unchanged, sample.len()),
+            });
+            progress(Progress::Step {
+                message: format!("after repair {step}"),
+            });
+        }
+        Ok(out)
+    }
+}

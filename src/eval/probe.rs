@@ -1,0 +1,153 @@
+//! A case made cheap to re-check under many overlays. Patches live only in the layers a repair may
+//! touch, so the residual stream entering the first of them is the same under every overlay: it is
+//! captured once from the unpatched model, and each check is one teacher-forced pass through the
+//! upper layers (a quarter of the model for the defaults) instead of a prefill and a decode.
+
+use crate::completion::{fim_prompt, ContextLimits};
+use crate::model::generate::{argmax, mask_to_heal, StopReason};
+use crate::model::{Capture, Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
+use crate::repair::{greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case};
+use candle_core::{Result, Tensor};
+
+/// Tokens fed after the prompt; decision `i` predicts `forced[i]`.
+struct Forced {
+    forced: Vec<u32>,
+    /// The residual entering the first patchable layer at `forced[..len - 1]` (None when that is empty).
+    residual: Option<Tensor>,
+}
+
+pub struct Probe {
+    /// The unpatched model's greedy line, and whether it is the developer's.
+    pub completion: String,
+    pub passes: bool,
+    first: usize,
+    prompt_len: usize,
+    heal: Vec<u8>,
+    prompt_residual: Tensor,
+    /// The unpatched greedy tokens (and a stop row if a stop token ended them).
+    greedy: Forced,
+    /// The developer's healed text and the end of the line.
+    target: Forced,
+    /// The decisions the unpatched model makes along `greedy`, by this same path.
+    base: Vec<u32>,
+}
+
+/// Runs `tokens` after `cache`, returning the residual entering layer `first` at each of them.
+fn residual_at(model: &Qwen2, tokens: &[u32], cache: &mut KvCache, first: usize) -> Result<Tensor> {
+    let mut capture = Capture::layers([first]);
+    model.forward(
+        tokens,
+        cache,
+        &mut Hooks {
+            capture: Some(&mut capture),
+            ..Hooks::default()
+        },
+    )?;
+    capture
+        .residual
+        .remove(&first)
+        .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))
+}
+
+impl Probe {
+    /// Completes `case` greedily on the unpatched model (the same line `complete_case` gives) and keeps
+    /// what later checks need.
+    pub fn new(
+        model: &Qwen2,
+        tok: &Tokenizer,
+        case: &Case,
+        limits: ContextLimits,
+        first: usize,
+    ) -> Result<Self> {
+        let prompt = fim_prompt(tok, &case.prefix, &text_after_cursor(case), limits);
+        let mut cache = model.new_cache();
+        let prompt_residual = residual_at(model, &prompt.tokens, &mut cache, first)?;
+        let after_prompt = cache.clone();
+        let g = greedy_case(model, tok, case, &prompt, &mut cache, None)?;
+        let forced = |mut forced: Vec<u32>, stop_row: bool| -> Result<Forced> {
+            if stop_row {
+                forced.push(0); // never fed: only its decision is compared
+            }
+            let input = &forced[..forced.len().saturating_sub(1)];
+            let residual = match input.is_empty() {
+                true => None,
+                false => Some(residual_at(model, input, &mut after_prompt.clone(), first)?),
+            };
+            Ok(Forced { forced, residual })
+        };
+        let greedy = forced(g.tokens.clone(), g.stop == StopReason::StopToken)?;
+        let tf = teacher_forced(tok, case, limits);
+        let target = forced(tf.target, false)?;
+        let mut probe = Self {
+            passes: passes(&g.text, case),
+            completion: g.text,
+            first,
+            prompt_len: prompt.tokens.len(),
+            heal: prompt.heal,
+            prompt_residual,
+            greedy,
+            target,
+            base: Vec::new(),
+        };
+        probe.base = probe.decisions(model, tok, &probe.greedy, None)?;
+        Ok(probe)
+    }
+
+    /// The greedy decision at each forced position under `patches` (healing masks as in generation).
+    fn decisions(
+        &self,
+        model: &Qwen2,
+        tok: &Tokenizer,
+        f: &Forced,
+        patches: Option<&PatchSet>,
+    ) -> Result<Vec<u32>> {
+        if f.forced.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = match &f.residual {
+            Some(r) => Tensor::cat(&[&self.prompt_residual, r], 0)?,
+            None => self.prompt_residual.clone(),
+        };
+        let hidden = model.forward_from(
+            self.first,
+            &model.layers()[self.first..],
+            &x,
+            &mut Hooks {
+                patches,
+                ..Hooks::default()
+            },
+        )?;
+        let rows = hidden.narrow(0, self.prompt_len - 1, f.forced.len())?;
+        let mut consumed = 0;
+        let mut out = Vec::with_capacity(f.forced.len());
+        for (mut logits, token) in model
+            .logits(&rows)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .zip(&f.forced)
+        {
+            if consumed < self.heal.len() {
+                mask_to_heal(tok, &mut logits, &self.heal[consumed..]);
+            }
+            out.push(argmax(&logits));
+            consumed += tok.token_bytes(*token).len();
+        }
+        Ok(out)
+    }
+
+    /// Whether `patches` leave every decision of the unpatched greedy completion as it was (so the
+    /// completion is unchanged).
+    pub fn unchanged(&self, model: &Qwen2, tok: &Tokenizer, patches: &PatchSet) -> Result<bool> {
+        Ok(self.decisions(model, tok, &self.greedy, Some(patches))? == self.base)
+    }
+
+    /// Whether under `patches` the model says the developer's text at every target position, end of
+    /// line included (the criterion repair itself stops on).
+    pub fn says_target(&self, model: &Qwen2, tok: &Tokenizer, patches: &PatchSet) -> Result<bool> {
+        let got = self.decisions(model, tok, &self.target, Some(patches))?;
+        Ok(got
+            .iter()
+            .zip(&self.target.forced)
+            .all(|(g, w)| same_line(tok, *g, *w)))
+    }
+}

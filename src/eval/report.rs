@@ -1,0 +1,160 @@
+//! What `star-ls eval` reports: CONTRACT.md's JSON keys (and more), and the table printed on stdout.
+
+use crate::repair::Method;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub cases: usize,
+    pub passing_before: usize,
+    pub failing_before: usize,
+    /// Repairs per method: groups with a held-out case, then batches of failing singletons.
+    pub units: usize,
+    /// Cases in the specificity sample.
+    pub sample: usize,
+    /// Passing cases given to every repair as guards.
+    pub guards: usize,
+    pub seed: u64,
+    pub methods: BTreeMap<Method, MethodReport>,
+}
+
+/// How one repair ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// A patch came out and was applied.
+    Patched,
+    /// The method's verdict kept no patch (it fixed nothing, or lowered the guard).
+    Refused,
+    /// The method returned an error.
+    Failed,
+    /// The method panicked.
+    Crashed,
+    /// Still running at the deadline.
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodReport {
+    /// Share of repaired cases whose greedy line is the developer's after their repair.
+    pub effectiveness: f64,
+    /// Share of held-out cases (same group, not repaired on) that pass after their group's repair.
+    pub generalization: f64,
+    /// Share of unrelated sampled cases whose greedy completion the repair leaves unchanged.
+    pub specificity: f64,
+    /// Share of unrelated sampled cases that passed before and still pass.
+    pub passing_kept: f64,
+    pub repairs: usize,
+    pub repaired_cases: usize,
+    pub held_out_cases: usize,
+    pub repair_seconds_mean: f64,
+    pub repair_seconds_total: f64,
+    /// Highest resident set a process holding the model reaches during one of the repairs.
+    pub peak_rss_mb: f64,
+    /// The most a repair added to the resident set.
+    pub repair_rss_mb: f64,
+    /// Repairs by how they ended: crashes and timeouts are counted here, never dropped.
+    pub statuses: BTreeMap<Status, usize>,
+    pub cumulative: Vec<CumulativePoint>,
+    pub per_repair: Vec<RepairRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CumulativePoint {
+    /// Repairs applied so far.
+    pub step: usize,
+    /// Cases repaired so far.
+    pub repaired: usize,
+    /// Share of them the model says right (teacher-forced) with every patch so far.
+    pub effectiveness: f64,
+    /// Share of the unrelated sampled completions still unchanged.
+    pub specificity: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairRecord {
+    pub unit: String,
+    pub cases: usize,
+    pub held_out: bool,
+    pub status: Status,
+    pub message: Option<String>,
+    pub fixed: usize,
+    pub generalized: bool,
+    pub sampled: usize,
+    pub unchanged: usize,
+    pub passing_sampled: usize,
+    pub kept: usize,
+    pub seconds: f64,
+    pub peak_rss_mb: f64,
+    pub repair_rss_mb: f64,
+    pub layers: Vec<usize>,
+    pub steps: usize,
+}
+
+impl Report {
+    /// The summary table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{}: {} cases, {} pass before, {} fail; {} repairs per method, specificity sample {}, {} guards, seed {}",
+            self.model,
+            self.cases,
+            self.passing_before,
+            self.failing_before,
+            self.units,
+            self.sample,
+            self.guards,
+            self.seed
+        );
+        let _ = writeln!(
+            out,
+            "{:<6} {:>13} {:>14} {:>11} {:>12} {:>9} {:>9} {:>8}  repairs",
+            "method",
+            "effectiveness",
+            "generalization",
+            "specificity",
+            "passing kept",
+            "s/repair",
+            "total s",
+            "peak MB",
+        );
+        for (method, m) in &self.methods {
+            let statuses: Vec<String> = m
+                .statuses
+                .iter()
+                .map(|(s, n)| format!("{n} {s:?}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<6} {:>13.3} {:>14.3} {:>11.3} {:>12.3} {:>9.1} {:>9.1} {:>8.0}  {}",
+                format!("{method:?}").to_lowercase(),
+                m.effectiveness,
+                m.generalization,
+                m.specificity,
+                m.passing_kept,
+                m.repair_seconds_mean,
+                m.repair_seconds_total,
+                m.peak_rss_mb,
+                statuses.join(", ").to_lowercase()
+            );
+        }
+        if let Some(star) = self.methods.get(&Method::Star) {
+            for (method, m) in self.methods.iter().filter(|(k, _)| **k != Method::Star) {
+                if star.repair_seconds_mean > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "star vs {}: {:.2}x faster per repair, effectiveness {:+.3}",
+                        format!("{method:?}").to_lowercase(),
+                        m.repair_seconds_mean / star.repair_seconds_mean,
+                        star.effectiveness - m.effectiveness
+                    );
+                }
+            }
+        }
+        out
+    }
+}
