@@ -91,6 +91,9 @@ enum Command {
         /// Write measures.svg, seconds.svg and cumulative.svg here.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Repair settings as JSON, over the defaults (e.g. '{"layers": 2, "maxSteps": 20}').
+        #[arg(long, value_parser = parse_settings)]
+        repair_settings: Option<star_ls::repair::RepairSettings>,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -135,6 +138,10 @@ fn parse_methods(s: &str) -> Result<Methods, String> {
         "all" => Ok(Methods(vec![Method::Star, Method::Mint, Method::Sgd])),
         one => parse_method(one).map(|m| Methods(vec![m])),
     }
+}
+
+fn parse_settings(s: &str) -> Result<star_ls::repair::RepairSettings, String> {
+    serde_json::from_str(s).map_err(|e| format!("not repair settings: {e}"))
 }
 
 fn parse_method(s: &str) -> Result<star_ls::repair::Method, String> {
@@ -199,6 +206,7 @@ fn main() {
             guards,
             timeout,
             plot,
+            repair_settings,
             threads,
         } => {
             star_ls::cli::set_threads(threads);
@@ -213,6 +221,7 @@ fn main() {
                     sample,
                     guards,
                     timeout: std::time::Duration::from_secs(timeout),
+                    settings: repair_settings.unwrap_or_default(),
                     ..Default::default()
                 },
             })

@@ -34,6 +34,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     );
     let mut on_progress = |p: Progress| match p {
         Progress::Stage { name, total } => {
+            // The bar draws only on a terminal; the log says where the run is anywhere.
+            tracing::info!("{name}: {total} steps");
             bar.set_prefix(name.to_owned());
             bar.set_length(total as u64);
             bar.reset();

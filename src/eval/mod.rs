@@ -182,6 +182,7 @@ pub fn run(
             cases,
             probes: &probes,
             sampled: &sampled,
+            context: settings.context,
             model_rss_mb,
         };
         let report = protocol.method(&star, method, &units, &guards, options, progress)?;
@@ -207,6 +208,7 @@ struct Protocol<'a> {
     cases: &'a [Case],
     probes: &'a [Probe],
     sampled: &'a [usize],
+    context: crate::completion::ContextLimits,
     model_rss_mb: f64,
 }
 
@@ -350,15 +352,15 @@ impl Protocol<'_> {
             layers: Vec::new(),
             steps: 0,
         };
-        let outcome: RepairOutcome = match result {
-            Ok(Ok(o)) => o,
+        let set = match result {
+            Ok(Ok(outcome)) => self.judge(&bounded, outcome, &mut record)?,
             Ok(Err(e)) => {
                 record.status = match timed_out.load(std::sync::atomic::Ordering::SeqCst) {
                     true => Status::TimedOut,
                     false => Status::Failed,
                 };
                 record.message = Some(crate::model::one_line(&e));
-                return Ok((record, None));
+                None
             }
             Err(panic) => {
                 record.status = Status::Crashed;
@@ -366,55 +368,63 @@ impl Protocol<'_> {
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                return Ok((record, None));
+                None
             }
         };
-        record.layers = outcome.layers.clone();
-        record.steps = outcome.steps;
-        if outcome.patches.is_empty() {
-            record.status = Status::Refused;
-            record.message = outcome.refused.clone();
-            return Ok((record, None));
+        if let (Some(h), Some(set)) = (unit.held_out, &set) {
+            let case = &self.cases[h];
+            let line = complete_case(self.model, self.tok, case, self.context, Some(set))?;
+            record.generalized = passes(&line, case);
         }
-        let set = bounded.served(&outcome.patches)?;
-        // Effectiveness by the verdict's own greedy completions on the serving model.
-        record.fixed = outcome.fixed;
-        if let Some(h) = unit.held_out {
-            let line = complete_case(
-                self.model,
-                self.tok,
-                &self.cases[h],
-                star.settings.context,
-                Some(&set),
-            )?;
-            record.generalized = passes(&line, &self.cases[h]);
-        }
+        // Specificity: without a patch the model is as it was, every completion unchanged.
         let repaired: BTreeSet<usize> =
             unit.repaired.iter().copied().chain(unit.held_out).collect();
         for i in unrelated(self.cases, self.sampled, &repaired) {
             let probe = &self.probes[i];
-            let unchanged = probe.unchanged(self.model, self.tok, &set)?;
+            let unchanged = match &set {
+                Some(set) => probe.unchanged(self.model, self.tok, set)?,
+                None => true,
+            };
             record.sampled += 1;
             record.unchanged += unchanged as usize;
             if probe.passes {
                 record.passing_sampled += 1;
                 // A changed completion may still be the developer's: complete it to know.
-                record.kept += match unchanged {
-                    true => 1,
-                    false => {
+                record.kept += match (unchanged, &set) {
+                    (false, Some(set)) => {
                         let line = complete_case(
                             self.model,
                             self.tok,
                             &self.cases[i],
-                            star.settings.context,
-                            Some(&set),
+                            self.context,
+                            Some(set),
                         )?;
                         passes(&line, &self.cases[i]) as usize
                     }
+                    _ => 1,
                 };
             }
         }
-        Ok((record, Some(set)))
+        Ok((record, set))
+    }
+
+    /// A finished repair's patches (if the method kept one) as the overlay to measure, and its
+    /// effectiveness by the verdict's own greedy completions on the serving model.
+    fn judge(
+        &self,
+        star: &Star,
+        outcome: RepairOutcome,
+        record: &mut RepairRecord,
+    ) -> candle_core::Result<Option<PatchSet>> {
+        record.layers = outcome.layers.clone();
+        record.steps = outcome.steps;
+        if outcome.patches.is_empty() {
+            record.status = Status::Refused;
+            record.message = outcome.refused;
+            return Ok(None);
+        }
+        record.fixed = outcome.fixed;
+        star.served(&outcome.patches).map(Some)
     }
 
     /// The accepted patches applied one after another to one model: after each (at most

@@ -1,0 +1,170 @@
+//! `star-ls eval` on a tiny random-weight model, through the real binary: a planted failure is found,
+//! repaired and counted; the passing cases are the specificity sample; the JSON has CONTRACT.md's keys.
+
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use serde_json::Value;
+use star_ls::completion::fim_prompt;
+use star_ls::model::generate::StopReason;
+use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, StopAt};
+use star_ls::repair::{text_after_cursor, Case, RepairSettings};
+use std::process::Command;
+use tiny_model::*;
+
+fn case(id: &str, prefix: &str, target: &str, group: &str) -> Case {
+    Case {
+        id: id.into(),
+        language: "python".into(),
+        prefix: prefix.into(),
+        suffix: "print(f(2))\n".into(),
+        target: target.into(),
+        group: group.into(),
+    }
+}
+
+/// Cases whose target is the line the model completes by itself: they pass before any repair.
+fn passing_cases(m: &Model) -> Vec<Case> {
+    let limits = RepairSettings::default().context;
+    [
+        "def g(y):\n    y = ",
+        "def g(y):\n    ",
+        "z = ",
+        "def h(",
+        "import ",
+        "x = 1\ny = ",
+    ]
+    .iter()
+    .enumerate()
+    .filter_map(|(i, prefix)| {
+        let mut c = case(&format!("p{i}"), prefix, "", "");
+        let prompt = fim_prompt(&m.tokenizer, prefix, &text_after_cursor(&c), limits);
+        let params = GenerateParams {
+            max_tokens: 24,
+            stop: StopAt::Line,
+            ..GenerateParams::default()
+        };
+        let g = generate(
+            &m.weights,
+            &m.tokenizer,
+            &prompt,
+            &mut m.weights.new_cache(),
+            None,
+            &params,
+            &Cancel::default(),
+        )
+        .unwrap();
+        c.target = g.text;
+        (g.stop == StopReason::EndOfLine && !c.target.trim().is_empty()).then_some(c)
+    })
+    .collect()
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+}
+
+#[test]
+fn eval_finds_repairs_and_counts_a_planted_failure() {
+    let model_path = cached(
+        "repair-f32-nl9.5",
+        TinySpec {
+            seed: 5,
+            quant: Quant::F32,
+            newline_logit: 9.5,
+            ..TinySpec::default()
+        },
+    );
+    let m = Model::load(&model_path, LoadOptions::default()).unwrap();
+    let passing = passing_cases(&m);
+    assert!(passing.len() >= 2, "{passing:?}");
+    // The planted failure: a line the random model does not say.
+    let mut cases = vec![case("f1", "def f(x):\n    return ", "x + 1", "")];
+    cases.extend(passing.iter().cloned());
+
+    let dir = tmp_path("eval-planted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cases.jsonl");
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let json = dir.join("eval.json");
+    let plots = dir.join("plots");
+    // The repair settings the tiny model needs (two layers, all of them candidates).
+    let settings =
+        r#"{"candidateFraction": 1.0, "layers": 2, "neuronFraction": 0.5, "maxSteps": 40}"#;
+    let out = Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .args(["eval", "--cases"])
+        .arg(&file)
+        .args(["--method", "all", "--repair-settings", settings, "--json"])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&plots)
+        .env("STAR_LS_MODEL", &model_path)
+        .output()
+        .expect("running star-ls eval");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("star") && stdout.contains("effectiveness"),
+        "{stdout}"
+    );
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["cases"], cases.len());
+    assert_eq!(report["failing_before"], 1, "{report}");
+    assert_eq!(report["passing_before"], passing.len());
+    assert!(report["model"].is_string());
+    for method in ["star", "mint", "sgd"] {
+        let m = &report["methods"][method];
+        for key in [
+            "effectiveness",
+            "generalization",
+            "specificity",
+            "passing_kept",
+        ] {
+            let v = number(m, key);
+            assert!((0.0..=1.0).contains(&v), "{method}.{key} = {v}");
+        }
+        for key in ["repair_seconds_mean", "repair_seconds_total", "peak_rss_mb"] {
+            assert!(number(m, key) >= 0.0);
+        }
+        // One unit: the planted failure, a batch of one singleton; every case is in the sample
+        // (fewer cases than its size), so the passing ones are its unrelated part.
+        assert_eq!(m["repairs"], 1, "{method}: {m}");
+        let repair = &m["per_repair"][0];
+        assert_eq!(repair["cases"], 1);
+        assert_eq!(repair["sampled"], passing.len(), "{method}: {repair}");
+        assert_eq!(repair["passing_sampled"], passing.len());
+        let cumulative = m["cumulative"].as_array().expect("cumulative points");
+        assert_eq!(cumulative.len(), 1);
+        for key in ["step", "effectiveness", "specificity"] {
+            assert!(
+                cumulative[0][key].is_number(),
+                "{method}: {}",
+                cumulative[0]
+            );
+        }
+    }
+    // STAR repairs the planted failure, and the repair is counted.
+    let star = &report["methods"]["star"];
+    assert_eq!(star["per_repair"][0]["status"], "patched", "{star}");
+    assert_eq!(number(star, "effectiveness"), 1.0, "{star}");
+    assert_eq!(
+        number(&star["cumulative"][0], "effectiveness"),
+        1.0,
+        "{star}"
+    );
+    for chart in ["measures.svg", "seconds.svg", "cumulative.svg"] {
+        let svg = std::fs::read_to_string(plots.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("star"), "{chart}");
+    }
+}
