@@ -262,3 +262,75 @@ fn the_baselines_run_on_the_same_batch_and_verdict() {
         "SGD trains every neuron of the layers"
     );
 }
+
+/// Greedy checks under a patch re-run only the layers from the patched one up, over the residual
+/// captured below it (`Qwen2::refill_from`): the generation must be the full run's, token for token.
+#[test]
+fn refilling_the_top_layers_equals_a_full_run_under_a_patch() {
+    let m = model();
+    let hidden = m.weights.config().hidden_size;
+    let delta = Tensor::randn(0f32, 0.5, (hidden, 3), &Device::Cpu).unwrap();
+    let patch = star_ls::model::LayerPatch::new(vec![1, 5, 9], delta).unwrap();
+    let set = PatchSet::default().with(1, patch).unwrap();
+    let c = case("r1", "def f(x):\n    y = x * 2\n    return ", "y");
+    let prompt = fim_prompt(
+        &m.tokenizer,
+        &c.prefix,
+        &text_after_cursor(&c),
+        settings().context,
+    );
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..GenerateParams::default()
+    };
+    let run = |cache: &mut star_ls::model::KvCache| {
+        generate(
+            &m.weights,
+            &m.tokenizer,
+            &prompt,
+            cache,
+            Some(&set),
+            &params,
+            &Cancel::default(),
+        )
+        .unwrap()
+        .tokens
+    };
+    let full = run(&mut m.weights.new_cache());
+
+    let mut cache = m.weights.new_cache();
+    let mut capture = star_ls::model::Capture::layers([1]);
+    m.weights
+        .forward(
+            &prompt.tokens,
+            &mut cache,
+            &mut star_ls::model::Hooks {
+                capture: Some(&mut capture),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let residual = capture.residual.remove(&1).unwrap();
+    m.weights
+        .refill_from(
+            1,
+            &residual,
+            &mut cache,
+            &mut star_ls::model::Hooks::with_patches(&set),
+        )
+        .unwrap();
+    assert!(!full.is_empty());
+    assert_eq!(run(&mut cache), full);
+    let unpatched = generate(
+        &m.weights,
+        &m.tokenizer,
+        &prompt,
+        &mut m.weights.new_cache(),
+        None,
+        &params,
+        &Cancel::default(),
+    )
+    .unwrap()
+    .tokens;
+    assert_ne!(unpatched, full, "the patch changes the completion");
+}

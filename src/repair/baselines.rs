@@ -53,7 +53,14 @@ pub(super) fn mint(
     // Column deltas kept so far: (layer, neuron) → (hidden,).
     let mut kept: BTreeMap<(usize, u32), Tensor> = BTreeMap::new();
     let mut steps = 0;
-    for ((case, positions), scored) in batch.cases.iter().zip(&batch.failing).zip(&batch.scored) {
+    let lo = layers.iter().copied().min().unwrap_or(batch.first);
+    for (i, ((case, positions), scored)) in batch
+        .cases
+        .iter()
+        .zip(&batch.failing)
+        .zip(&batch.scored)
+        .enumerate()
+    {
         if positions.is_empty() {
             continue;
         }
@@ -61,11 +68,10 @@ pub(super) fn mint(
         let at = std::slice::from_ref(positions);
         let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
             let set = super::overlay_of(&to_patches(deltas)?)?;
-            let s = star.score(
-                batch.first,
-                &batch.dense,
-                case,
-                &case.residual,
+            let s = batch.score_from(
+                star,
+                lo,
+                i,
                 &mut Hooks {
                     patches: Some(&set),
                     ..Hooks::default()
@@ -79,7 +85,7 @@ pub(super) fn mint(
             .steers(std::slice::from_ref(scored), one, at, 1)?
             .get(0)?;
         // Scored once on the unpatched layers: the candidates are the same for every patch.
-        let (scores, _) = star.attribution(batch.first, &batch.dense, one, at, &layers)?;
+        let (scores, _) = star.attribution(batch, &[i], &layers)?;
         let mut candidates: Vec<(usize, u32, f32)> = scores
             .iter()
             .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))

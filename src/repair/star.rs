@@ -6,9 +6,14 @@
 //! layers, where candle can take gradients.
 
 use super::steer::{row_rms, Head};
-use super::targets::{complete_case, passes, same_line, teacher_forced, Case, TeacherForced};
+use super::targets::{
+    greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
+};
 use super::{linalg, RepairSettings};
-use crate::model::{Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer};
+use crate::completion::fim_prompt;
+use crate::model::{
+    Capture, DecoderLayer, Hooks, KvCache, LayerPatch, PatchSet, Prompt, Qwen2, Tokenizer,
+};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -54,6 +59,41 @@ pub(super) struct Batch {
     pub failing: Vec<Vec<usize>>,
     /// Per case, its scoring on the unpatched layers (logits, RMS, loss).
     pub scored: Vec<Scored>,
+    /// Per case, the residual entering each candidate layer (from `first`): occluding a layer re-runs
+    /// only the layers from it up.
+    pub inputs: Vec<Vec<Tensor>>,
+}
+
+impl Batch {
+    /// Scores case `i` running only the layers from `lo` up: nothing below is patched, so the residual
+    /// entering `lo` is the one captured at the start.
+    pub(super) fn score_from(
+        &self,
+        star: &Star,
+        lo: usize,
+        i: usize,
+        hooks: &mut Hooks,
+    ) -> Result<Scored> {
+        let k = lo - self.first;
+        star.score(
+            lo,
+            &self.dense[k..],
+            &self.cases[i],
+            &self.inputs[i][k],
+            hooks,
+        )
+    }
+}
+
+/// A case run once through the serving model with the live overlay: its prompt's keys and values, the
+/// residual entering the first candidate layer, and whether its greedy line already passes. A later
+/// greedy check under new patches (which sit at that layer or above) re-runs only the top layers.
+pub(super) struct Checked {
+    prompt: Prompt,
+    cache: KvCache,
+    /// `(prompt tokens, hidden)`.
+    residual: Tensor,
+    passes: bool,
 }
 
 /// A case after the frozen lower layers.
@@ -156,23 +196,89 @@ impl<'a> Star<'a> {
         n - k
     }
 
-    fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
-        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
+    /// The residual entering layer `first` at each of `tokens`, run after `cache` on the serving model
+    /// (with the live overlay).
+    fn residual_at(&self, tokens: &[u32], cache: &mut KvCache, first: usize) -> Result<Tensor> {
         let mut capture = Capture::layers([first]);
-        let mut cache = self.model.new_cache();
         self.model.forward(
-            &tf.tokens,
-            &mut cache,
+            tokens,
+            cache,
             &mut Hooks {
                 capture: Some(&mut capture),
                 patches: self.live,
                 ..Hooks::default()
             },
         )?;
-        let residual = capture
+        capture
             .residual
             .remove(&first)
-            .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))
+    }
+
+    /// One prefill of the case's prompt on the serving model, kept, and its greedy line.
+    fn check(&self, case: &Case, first: usize) -> Result<Checked> {
+        let prompt = fim_prompt(
+            self.tokenizer,
+            &case.prefix,
+            &text_after_cursor(case),
+            self.settings.context,
+        );
+        let mut cache = self.model.new_cache();
+        let residual = self.residual_at(&prompt.tokens, &mut cache, first)?;
+        let g = greedy_case(
+            self.model,
+            self.tokenizer,
+            case,
+            &prompt,
+            &mut cache.clone(),
+            self.live,
+        )?;
+        Ok(Checked {
+            passes: passes(&g.text, case),
+            prompt,
+            cache,
+            residual,
+        })
+    }
+
+    /// Whether the case's greedy line is the developer's under `set` (the live overlay and new patches,
+    /// which sit at `first` or above): the top layers re-run over the kept prompt, then a decode.
+    fn passes_with(
+        &self,
+        case: &Case,
+        checked: &Checked,
+        first: usize,
+        set: &PatchSet,
+    ) -> Result<bool> {
+        let mut cache = checked.cache.clone();
+        self.model.refill_from(
+            first,
+            &checked.residual,
+            &mut cache,
+            &mut Hooks::with_patches(set),
+        )?;
+        let g = greedy_case(
+            self.model,
+            self.tokenizer,
+            case,
+            &checked.prompt,
+            &mut cache,
+            Some(set),
+        )?;
+        Ok(passes(&g.text, case))
+    }
+
+    /// A checked case with its target tokens run after the prompt: the residual at every position.
+    fn prepare(&self, case: &Case, checked: &Checked, first: usize) -> Result<Prepared> {
+        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
+        let fed = &tf.tokens[tf.prompt_len..];
+        let residual = match fed.is_empty() {
+            true => checked.residual.clone(),
+            false => {
+                let tail = self.residual_at(fed, &mut checked.cache.clone(), first)?;
+                Tensor::cat(&[&checked.residual, &tail], 0)?
+            }
+        };
         Ok(Prepared { tf, residual })
     }
 
@@ -230,18 +336,6 @@ impl<'a> Star<'a> {
             .collect())
     }
 
-    /// Whether the serving model's greedy line for `case` is the developer's, under `patches`.
-    fn greedy_passes(&self, case: &Case, patches: Option<&PatchSet>) -> Result<bool> {
-        let line = complete_case(
-            self.model,
-            self.tokenizer,
-            case,
-            self.settings.context,
-            patches,
-        )?;
-        Ok(passes(&line, case))
-    }
-
     /// Layers ranked by MLP occlusion: how far skipping a layer's MLP moves the failures' loss.
     fn locate_layers(&self, batch: &Batch) -> Result<Vec<usize>> {
         let Batch {
@@ -249,19 +343,20 @@ impl<'a> Star<'a> {
             dense,
             cases,
             scored,
+            inputs,
             ..
         } = batch;
         let first = *first;
-        let loss_with = |skip: &[usize]| -> Result<f32> {
+        let loss_with = |l: usize| -> Result<f32> {
             let mut total = 0.0;
-            for c in cases {
+            for (c, inputs) in cases.iter().zip(inputs) {
                 let s = self.score(
-                    first,
-                    dense,
+                    l,
+                    &dense[l - first..],
                     c,
-                    &c.residual,
+                    &inputs[l - first],
                     &mut Hooks {
-                        skip_mlp: skip,
+                        skip_mlp: &[l],
                         ..Hooks::default()
                     },
                 )?;
@@ -276,7 +371,7 @@ impl<'a> Star<'a> {
         let mut effects = Vec::new();
         for l in first..first + dense.len() {
             self.checkpoint()?;
-            effects.push((l, (loss_with(&[l])? - base).abs()));
+            effects.push((l, (loss_with(l)? - base).abs()));
         }
         effects.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut layers: Vec<usize> = effects
@@ -292,31 +387,30 @@ impl<'a> Star<'a> {
     /// activations `z` at those positions `(positions, intermediate)`, per layer.
     pub(super) fn attribution(
         &self,
-        first: usize,
-        dense: &[DecoderLayer],
-        cases: &[Prepared],
-        failing: &[Vec<usize>],
+        batch: &Batch,
+        which: &[usize],
         layers: &[usize],
     ) -> Result<(PerLayer<Vec<f32>>, PerLayer<Tensor>)> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-        for (case, rows) in cases.iter().zip(failing) {
+        let lo = layers.iter().copied().min().unwrap_or(batch.first);
+        for &i in which {
             self.checkpoint()?;
+            let (case, rows) = (&batch.cases[i], &batch.failing[i]);
             let seq = case.residual.dim(0)?;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
             for &l in layers {
-                let m = dense[l - first].mlp().down().in_features();
+                let m = batch.dense[l - batch.first].mlp().down().in_features();
                 let v = Var::zeros((seq, m), DType::F32, &Device::Cpu)?;
                 probes.insert(l, v.as_tensor().clone());
                 vars.insert(l, v);
             }
             let mut capture = Capture::layers(layers.iter().copied());
-            let scored = self.score(
-                first,
-                dense,
-                case,
-                &case.residual,
+            let scored = batch.score_from(
+                self,
+                lo,
+                i,
                 &mut Hooks {
                     capture: Some(&mut capture),
                     neuron_probes: Some(&probes),
@@ -355,15 +449,9 @@ impl<'a> Star<'a> {
 
     /// STAR's neurons: the top `neuron_fraction` of each layer by attribution, with their activations at
     /// the failure positions.
-    fn select_neurons(
-        &self,
-        first: usize,
-        dense: &[DecoderLayer],
-        cases: &[Prepared],
-        failing: &[Vec<usize>],
-        layers: &[usize],
-    ) -> Result<Selection> {
-        let (attribution, at_failures) = self.attribution(first, dense, cases, failing, layers)?;
+    fn select_neurons(&self, batch: &Batch, layers: &[usize]) -> Result<Selection> {
+        let all: Vec<usize> = (0..batch.cases.len()).collect();
+        let (attribution, at_failures) = self.attribution(batch, &all, layers)?;
         let mut columns = BTreeMap::new();
         let mut z = BTreeMap::new();
         for (l, scores) in attribution {
@@ -467,17 +555,35 @@ impl<'a> Star<'a> {
         let mut cases = Vec::new();
         let mut failing = Vec::new();
         let mut scored_all = Vec::new();
+        let mut inputs = Vec::new();
         for c in failures {
             self.checkpoint()?;
-            if self.greedy_passes(c, self.live)? {
+            let checked = self.check(c, first)?;
+            if checked.passes {
                 continue;
             }
-            let p = self.prepare(c, first)?;
-            let scored = self.score(first, &dense, &p, &p.residual, &mut Hooks::default())?;
+            let p = self.prepare(c, &checked, first)?;
+            let mut capture = Capture::layers(first..n_layers);
+            let scored = self.score(
+                first,
+                &dense,
+                &p,
+                &p.residual,
+                &mut Hooks {
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?;
             failing.push(self.failure_positions(&p, &scored.logits)?);
             scored_all.push(scored);
+            inputs.push(
+                (first..n_layers)
+                    .map(|l| capture.residual.remove(&l))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))?,
+            );
             cases.push(p);
-            failed.push(c);
+            failed.push((c, checked));
         }
         let mut outcome = RepairOutcome {
             patches: Vec::new(),
@@ -503,6 +609,12 @@ impl<'a> Star<'a> {
             return Ok(outcome);
         }
 
+        let mut guard_checks = Vec::with_capacity(guards.len());
+        for g in guards {
+            self.checkpoint()?;
+            guard_checks.push((g, self.check(g, first)?));
+        }
+
         // 2. Where: layers by occlusion, shared by every method.
         let batch = Batch {
             first,
@@ -510,14 +622,27 @@ impl<'a> Star<'a> {
             cases,
             failing,
             scored: scored_all,
+            inputs,
         };
+        let t_scored = t0.elapsed().as_secs_f64();
         outcome.layers = self.locate_layers(&batch)?;
+        let t_located = t0.elapsed().as_secs_f64();
         let patches = match method {
-            Method::Star => self.star_patches(&batch, guards, &mut outcome)?,
+            Method::Star => self.star_patches(&batch, &guard_checks, &mut outcome)?,
             Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
             Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?,
         };
-        self.verdict(patches, &failed, guards, &mut outcome)?;
+        let t_patched = t0.elapsed().as_secs_f64();
+        self.verdict(patches, first, &failed, &guard_checks, &mut outcome)?;
+        tracing::debug!(
+            ?method,
+            scored = t_scored,
+            located = t_located - t_scored,
+            patched = t_patched - t_located,
+            verdict = t0.elapsed().as_secs_f64() - t_patched,
+            steps = outcome.steps,
+            "repair phases, seconds"
+        );
         outcome.seconds = t0.elapsed().as_secs_f64();
         Ok(outcome)
     }
@@ -527,7 +652,7 @@ impl<'a> Star<'a> {
     fn star_patches(
         &self,
         batch: &Batch,
-        guards: &[Case],
+        guards: &[(&Case, Checked)],
         outcome: &mut RepairOutcome,
     ) -> Result<Vec<(usize, LayerPatch)>> {
         let Batch {
@@ -536,10 +661,10 @@ impl<'a> Star<'a> {
             cases,
             failing,
             scored,
+            ..
         } = batch;
         let (first, layers) = (*first, outcome.layers.clone());
-        let Selection { columns, z } =
-            self.select_neurons(first, dense, cases, failing, &layers)?;
+        let Selection { columns, z } = self.select_neurons(batch, &layers)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
@@ -548,7 +673,7 @@ impl<'a> Star<'a> {
         if self.settings.guard_projection && !guards.is_empty() {
             let prepared = guards
                 .iter()
-                .map(|c| self.prepare(c, first))
+                .map(|(c, checked)| self.prepare(c, checked, first))
                 .collect::<Result<Vec<_>>>()?;
             let g = self.guard_activations(first, dense, &prepared, &layers)?;
             for l in &layers {
@@ -601,18 +726,18 @@ impl<'a> Star<'a> {
                 })
                 .collect()
         };
+        let lo = deltas.keys().copied().min().unwrap_or(batch.first);
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
             let mut all_fixed = true;
             // One case at a time, gradients summed: a case's graph is freed before the next is built.
             let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
-            for c in &batch.cases {
-                let s = self.score(
-                    batch.first,
-                    &batch.dense,
-                    c,
-                    &c.residual,
+            for (i, c) in batch.cases.iter().enumerate() {
+                let s = batch.score_from(
+                    self,
+                    lo,
+                    i,
                     &mut Hooks {
                         patches: Some(&set),
                         ..Hooks::default()
@@ -652,29 +777,28 @@ impl<'a> Star<'a> {
     fn verdict(
         &self,
         patches: Vec<(usize, LayerPatch)>,
-        failed: &[&Case],
-        guards: &[Case],
+        first: usize,
+        failed: &[(&Case, Checked)],
+        guards: &[(&Case, Checked)],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
         let set = self.served(&patches)?;
-        for c in failed {
+        for (c, checked) in failed {
             self.checkpoint()?;
-            if self.greedy_passes(c, Some(&set))? {
+            if self.passes_with(c, checked, first, &set)? {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(c.id.clone());
             }
         }
         if !guards.is_empty() {
-            let rate = |patches: Option<&PatchSet>| -> Result<f32> {
-                let mut pass = 0;
-                for g in guards {
-                    self.checkpoint()?;
-                    pass += self.greedy_passes(g, patches)? as usize;
-                }
-                Ok(pass as f32 / guards.len() as f32)
-            };
-            outcome.guard_before = rate(self.live)?;
-            outcome.guard_after = rate(Some(&set))?;
+            let mut kept = 0;
+            for (g, checked) in guards {
+                self.checkpoint()?;
+                kept += self.passes_with(g, checked, first, &set)? as usize;
+            }
+            let before = guards.iter().filter(|(_, c)| c.passes).count();
+            outcome.guard_before = before as f32 / guards.len() as f32;
+            outcome.guard_after = kept as f32 / guards.len() as f32;
         }
         if outcome.guard_after + self.settings.max_guard_drop < outcome.guard_before {
             outcome.refused = Some(format!(
