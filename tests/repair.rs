@@ -334,3 +334,30 @@ fn refilling_the_top_layers_equals_a_full_run_under_a_patch() {
     .tokens;
     assert_ne!(unpatched, full, "the patch changes the completion");
 }
+
+/// The factored head is cached on disk: a second build reads it and steers the same; a corrupt file is
+/// recomputed, not trusted.
+#[test]
+fn the_head_factor_is_cached_and_checked() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let file = tmp_path("head-cache").join("model-sha.chol");
+    let _ = std::fs::remove_file(&file);
+    let logits = vec![0.0f32; m.tokenizer.vocab_size()];
+    let steer = |h: &Head| h.steer(3, 7, &logits, 1.5, 1.0).unwrap();
+    let fresh = steer(&Head::new(&gamma, weight.clone()).unwrap());
+    assert_eq!(
+        steer(&Head::cached(&gamma, weight.clone(), &file).unwrap()),
+        fresh
+    );
+    let written = std::fs::read(&file).expect("the factor was written");
+    assert_eq!(
+        steer(&Head::cached(&gamma, weight.clone(), &file).unwrap()),
+        fresh
+    );
+    let mut corrupt = written.clone();
+    corrupt[100] ^= 0xff;
+    std::fs::write(&file, &corrupt).unwrap();
+    assert_eq!(steer(&Head::cached(&gamma, weight, &file).unwrap()), fresh);
+    assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
+}

@@ -180,6 +180,9 @@ impl Server {
             .map(Case::from)
             .collect();
         let head_slot = self.state.head.clone();
+        let head_file = crate::cli::cache_dir()
+            .join("heads")
+            .join(format!("{sha}.chol"));
         let state = self.state.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let head = {
@@ -188,7 +191,7 @@ impl Server {
                     Some(h) => h.clone(),
                     None => {
                         let (gamma, weight) = model.weights.head_dense()?;
-                        let h = Arc::new(Head::new(&gamma, weight)?);
+                        let h = Arc::new(Head::cached(&gamma, weight, &head_file)?);
                         *slot = Some(h.clone());
                         h
                     }

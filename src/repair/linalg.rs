@@ -32,6 +32,29 @@ impl Cholesky {
         Self { n, l }
     }
 
+    /// The factor as bytes: `n` (u64), then `L` row-major (f64), little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.l.len() * 8);
+        out.extend_from_slice(&(self.n as u64).to_le_bytes());
+        for v in &self.l {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// The factor `to_bytes` wrote, if `bytes` is one of size `n`.
+    pub fn from_bytes(bytes: &[u8], n: usize) -> Option<Self> {
+        let (head, body) = bytes.split_first_chunk::<8>()?;
+        if u64::from_le_bytes(*head) != n as u64 || body.len() != n * n * 8 {
+            return None;
+        }
+        let l = body
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunks")))
+            .collect();
+        Some(Self { n, l })
+    }
+
     /// Solves `(a + ridge) x = b` for one right-hand side.
     pub fn solve(&self, b: &[f64]) -> Vec<f64> {
         let (n, l) = (self.n, &self.l);
