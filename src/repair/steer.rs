@@ -73,7 +73,7 @@ impl Head {
         // Ŵ_UᵀŴ_U = diag(γ) (W_UᵀW_U) diag(γ): one pass over the big matrix, no folded copy.
         let mut gram: Vec<f64> = weight
             .t()?
-            .matmul(&weight)?
+            .matmul(weight)?
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1()?;
