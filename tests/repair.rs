@@ -361,3 +361,25 @@ fn the_head_factor_is_cached_and_checked() {
     assert_eq!(steer(&Head::cached(&gamma, weight, &file).unwrap()), fresh);
     assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
 }
+
+/// Iterative mode (METHOD.md): the guided steps fix the target token by token, left to right, and
+/// reach the same end: the developer's line.
+#[test]
+fn iterative_mode_repairs_token_by_token() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let head = Head::new(&gamma, weight).unwrap();
+    let failure = case("f1", "def f(x):\n    return ", "x + 1");
+    let star = Star::new(
+        &m.weights,
+        &m.tokenizer,
+        &head,
+        RepairSettings {
+            mode: star_ls::repair::Mode::Iterative,
+            ..settings()
+        },
+    );
+    let out = star.repair(std::slice::from_ref(&failure), &[]).unwrap();
+    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
+    assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+}

@@ -39,12 +39,25 @@ pub struct RepairSettings {
     /// `η` of the guided update `W ← W − η·|P| ⊙ sign(∇W)`.
     pub step: f32,
     pub max_steps: usize,
+    /// Which target tokens the guided steps train on.
+    pub mode: Mode,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
     pub max_guard_drop: f32,
     /// The SGD baseline's learning rate (its epochs are `max_steps`).
     pub sgd_learning_rate: f32,
+}
+
+/// METHOD.md's two modes of guided optimization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every target token of every failure teacher-forced together.
+    Batch,
+    /// Token by token, left to right: each step trains on a case's first wrong token (and the ones
+    /// before it).
+    Iterative,
 }
 
 impl Default for RepairSettings {
@@ -60,6 +73,7 @@ impl Default for RepairSettings {
             margin: 1.0,
             step: 0.2,
             max_steps: 10,
+            mode: Mode::Batch,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

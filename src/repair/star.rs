@@ -9,7 +9,7 @@ use super::steer::{row_rms, Head};
 use super::targets::{
     greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
 };
-use super::{linalg, RepairSettings};
+use super::{linalg, Mode, RepairSettings};
 use crate::completion::fim_prompt;
 use crate::model::{
     Capture, DecoderLayer, Hooks, KvCache, LayerPatch, PatchSet, Prompt, Qwen2, Tokenizer,
@@ -743,11 +743,18 @@ impl<'a> Star<'a> {
                         ..Hooks::default()
                     },
                 )?;
-                all_fixed &= self.failure_positions(c, &s.logits)?.is_empty();
+                let wrong = self.failure_positions(c, &s.logits)?;
+                all_fixed &= wrong.is_empty();
                 if step == self.settings.max_steps {
                     continue;
                 }
-                let grads = s.loss(&s.all(), &self.head.weight)?.backward()?;
+                let at: Vec<usize> = match (self.settings.mode, wrong.first()) {
+                    (Mode::Batch, _) => s.all(),
+                    // Left to right: the first wrong token, and the ones before it so they stay right.
+                    (Mode::Iterative, Some(&f)) => (0..=f).collect(),
+                    (Mode::Iterative, None) => continue,
+                };
+                let grads = s.loss(&at, &self.head.weight)?.backward()?;
                 for (l, d) in deltas {
                     if let Some(g) = grads.get(d.as_tensor()) {
                         let sum = match grad_sum.remove(l) {
