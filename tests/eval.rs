@@ -7,8 +7,8 @@ mod tiny_model;
 use serde_json::Value;
 use star_ls::completion::fim_prompt;
 use star_ls::model::generate::StopReason;
-use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, StopAt};
-use star_ls::repair::{text_after_cursor, Case, RepairSettings};
+use star_ls::model::{LoadOptions, Model};
+use star_ls::repair::{greedy_case, text_after_cursor, Case, RepairSettings};
 use std::process::Command;
 use tiny_model::*;
 
@@ -39,19 +39,14 @@ fn passing_cases(m: &Model) -> Vec<Case> {
     .filter_map(|(i, prefix)| {
         let mut c = case(&format!("p{i}"), prefix, "", "");
         let prompt = fim_prompt(&m.tokenizer, prefix, &text_after_cursor(&c), limits);
-        let params = GenerateParams {
-            max_tokens: 24,
-            stop: StopAt::Line,
-            ..GenerateParams::default()
-        };
-        let g = generate(
+        // Its own line, if it ends within the 8 tokens an empty target leaves room for.
+        let g = greedy_case(
             &m.weights,
             &m.tokenizer,
+            &c,
             &prompt,
             &mut m.weights.new_cache(),
             None,
-            &params,
-            &Cancel::default(),
         )
         .unwrap();
         c.target = g.text;

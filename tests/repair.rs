@@ -133,6 +133,17 @@ fn a_planted_failure_is_found_and_repaired() {
     assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
     let out_patches = out.patches;
 
+    // Iterative mode (METHOD.md: token by token, left to right) reaches the same line.
+    let iterative = RepairSettings {
+        mode: star_ls::repair::Mode::Iterative,
+        ..settings()
+    };
+    let out = Star::new(&m.weights, &m.tokenizer, &head, iterative)
+        .repair(std::slice::from_ref(&failure), &[])
+        .unwrap();
+    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
+    assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+
     // A case that already passes needs nothing.
     let out = star.repair(&[self_completed(&m)], &[]).unwrap();
     assert_eq!((out.failures, out.patches.len()), (0, 0));
@@ -360,26 +371,4 @@ fn the_head_factor_is_cached_and_checked() {
     std::fs::write(&file, &corrupt).unwrap();
     assert_eq!(steer(&Head::cached(&gamma, weight, &file).unwrap()), fresh);
     assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
-}
-
-/// Iterative mode (METHOD.md): the guided steps fix the target token by token, left to right, and
-/// reach the same end: the developer's line.
-#[test]
-fn iterative_mode_repairs_token_by_token() {
-    let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    let head = Head::new(&gamma, weight).unwrap();
-    let failure = case("f1", "def f(x):\n    return ", "x + 1");
-    let star = Star::new(
-        &m.weights,
-        &m.tokenizer,
-        &head,
-        RepairSettings {
-            mode: star_ls::repair::Mode::Iterative,
-            ..settings()
-        },
-    );
-    let out = star.repair(std::slice::from_ref(&failure), &[]).unwrap();
-    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
-    assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
 }

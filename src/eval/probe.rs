@@ -5,7 +5,7 @@
 
 use crate::completion::{fim_prompt, ContextLimits};
 use crate::model::generate::{argmax, mask_to_heal, StopReason};
-use crate::model::{Capture, Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
+use crate::model::{Hooks, PatchSet, Qwen2, Tokenizer};
 use crate::repair::{greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case};
 use candle_core::{Result, Tensor};
 
@@ -32,23 +32,6 @@ pub struct Probe {
     base: Vec<u32>,
 }
 
-/// Runs `tokens` after `cache`, returning the residual entering layer `first` at each of them.
-fn residual_at(model: &Qwen2, tokens: &[u32], cache: &mut KvCache, first: usize) -> Result<Tensor> {
-    let mut capture = Capture::layers([first]);
-    model.forward(
-        tokens,
-        cache,
-        &mut Hooks {
-            capture: Some(&mut capture),
-            ..Hooks::default()
-        },
-    )?;
-    capture
-        .residual
-        .remove(&first)
-        .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))
-}
-
 impl Probe {
     /// Completes `case` greedily on the unpatched model (the same line `complete_case` gives) and keeps
     /// what later checks need.
@@ -61,7 +44,7 @@ impl Probe {
     ) -> Result<Self> {
         let prompt = fim_prompt(tok, &case.prefix, &text_after_cursor(case), limits);
         let mut cache = model.new_cache();
-        let prompt_residual = residual_at(model, &prompt.tokens, &mut cache, first)?;
+        let prompt_residual = model.residual_entering(first, &prompt.tokens, &mut cache, None)?;
         let after_prompt = cache.clone();
         let g = greedy_case(model, tok, case, &prompt, &mut cache, None)?;
         let forced = |mut forced: Vec<u32>, stop_row: bool| -> Result<Forced> {
@@ -71,7 +54,9 @@ impl Probe {
             let input = &forced[..forced.len().saturating_sub(1)];
             let residual = match input.is_empty() {
                 true => None,
-                false => Some(residual_at(model, input, &mut after_prompt.clone(), first)?),
+                false => {
+                    Some(model.residual_entering(first, input, &mut after_prompt.clone(), None)?)
+                }
             };
             Ok(Forced { forced, residual })
         };

@@ -7,7 +7,7 @@
 
 use super::gemv::RawMatrix;
 use super::gguf::GgufFile;
-use super::hooks::{Hooks, LayerPatch, PatchSet};
+use super::hooks::{Capture, Hooks, LayerPatch, PatchSet};
 use super::ModelError;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -685,6 +685,31 @@ impl Qwen2 {
             capture.record_final(&x);
         }
         rms_norm(&x, &self.norm, self.config.rms_eps, false)
+    }
+
+    /// Runs `tokens` after `cache` under `patches` and returns the residual stream entering layer `layer`
+    /// at each of them: what the layers from `layer` up start from, whatever is patched there.
+    pub fn residual_entering(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        patches: Option<&PatchSet>,
+    ) -> Result<Tensor> {
+        let mut capture = Capture::layers([layer]);
+        self.forward(
+            tokens,
+            cache,
+            &mut Hooks {
+                capture: Some(&mut capture),
+                patches,
+                ..Hooks::default()
+            },
+        )?;
+        capture
+            .residual
+            .remove(&layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {layer}")))
     }
 
     /// Logits `(rows, vocab)` for final-normed hidden states.

@@ -199,20 +199,8 @@ impl<'a> Star<'a> {
     /// The residual entering layer `first` at each of `tokens`, run after `cache` on the serving model
     /// (with the live overlay).
     fn residual_at(&self, tokens: &[u32], cache: &mut KvCache, first: usize) -> Result<Tensor> {
-        let mut capture = Capture::layers([first]);
-        self.model.forward(
-            tokens,
-            cache,
-            &mut Hooks {
-                capture: Some(&mut capture),
-                patches: self.live,
-                ..Hooks::default()
-            },
-        )?;
-        capture
-            .residual
-            .remove(&first)
-            .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))
+        self.model
+            .residual_entering(first, tokens, cache, self.live)
     }
 
     /// One prefill of the case's prompt on the serving model, kept, and its greedy line.
