@@ -147,7 +147,7 @@ impl Report {
                 if star.repair_seconds_mean > 0.0 {
                     let _ = writeln!(
                         out,
-                        "star vs {}: {:.2}x faster per repair, effectiveness {:+.3}",
+                        "star vs {}: {:.2}x its speed per repair, effectiveness {:+.3}",
                         format!("{method:?}").to_lowercase(),
                         m.repair_seconds_mean / star.repair_seconds_mean,
                         star.effectiveness - m.effectiveness
