@@ -10,7 +10,7 @@ mod probe;
 mod report;
 
 pub use plot::plot;
-pub use probe::Probe;
+use probe::Probe;
 pub use report::{CumulativePoint, MethodReport, RepairRecord, Report, Status};
 
 use crate::model::{PatchSet, Qwen2, Tokenizer};

@@ -17,8 +17,7 @@ struct Forced {
 }
 
 pub struct Probe {
-    /// The unpatched model's greedy line, and whether it is the developer's.
-    pub completion: String,
+    /// Whether the unpatched model's greedy line is the developer's.
     pub passes: bool,
     first: usize,
     prompt_len: usize,
@@ -65,7 +64,6 @@ impl Probe {
         let target = forced(tf.target, false)?;
         let mut probe = Self {
             passes: passes(&g.text, case),
-            completion: g.text,
             first,
             prompt_len: prompt.tokens.len(),
             heal: prompt.heal,
