@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod cli;
 pub mod completion;
+pub mod env;
 pub mod eval;
 pub mod lsp;
 pub mod model;

@@ -168,7 +168,7 @@ fn main() {
             json,
             threads,
         } => {
-            star_ls::cli::set_threads(threads);
+            star_ls::env::set_threads(threads);
             let stop = if multiline {
                 StopAt::Block
             } else {
@@ -186,7 +186,7 @@ fn main() {
             json,
             threads,
         } => {
-            star_ls::cli::set_threads(threads);
+            star_ls::env::set_threads(threads);
             star_ls::cli::repair::run(star_ls::cli::repair::Options {
                 cases: &cases,
                 limit,
@@ -209,7 +209,7 @@ fn main() {
             repair_settings,
             threads,
         } => {
-            star_ls::cli::set_threads(threads);
+            star_ls::env::set_threads(threads);
             star_ls::cli::eval::run(star_ls::cli::eval::Options {
                 cases: &cases,
                 json: json.as_deref(),

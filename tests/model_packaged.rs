@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn model_path() -> PathBuf {
-    let path = star_ls::cli::model_path();
+    let path = star_ls::env::model_path();
     assert!(
         path.is_file(),
         "the default model is missing at {}: run scripts/fetch-model (or point STAR_LS_MODEL at it)",

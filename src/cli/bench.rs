@@ -111,12 +111,12 @@ struct PeerRun {
 
 pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
-    crate::cli::set_threads(Some(threads));
+    crate::env::set_threads(Some(threads));
     let load_start = load_average();
     if let Some(load) = load_start.filter(|l| *l >= BUSY_LOAD) {
         tracing::warn!("bench: the machine is busy (load {load:.2}); figures will be unreliable");
     }
-    let model_path = crate::cli::model_path();
+    let model_path = crate::env::model_path();
     // One model for everything: the engine's. A second copy would only inflate the RSS figure.
     let (engine, model) = start_engine(&model_path)?;
 

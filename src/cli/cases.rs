@@ -6,7 +6,7 @@ use anyhow::Context;
 use std::io::Write;
 
 pub fn export(kind: Option<CaseKind>) -> anyhow::Result<()> {
-    let dir = super::data_dir();
+    let dir = crate::env::data_dir();
     if !dir.join(FILE_NAME).exists() {
         eprintln!(
             "star-ls: no feedback recorded yet ({} does not exist)",

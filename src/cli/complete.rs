@@ -13,7 +13,7 @@ pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> 
         .char_at(line, character)
         .with_context(|| format!("position {line}:{character} in {}", file.display()))?;
     let (prefix, suffix) = doc.split_at(at);
-    let engine = Engine::start(EngineConfig::new(super::model_path()), |e| {
+    let engine = Engine::start(EngineConfig::new(crate::env::model_path()), |e| {
         tracing::debug!(?e, "model")
     });
     let completion = engine.complete_blocking(CompletionRequest {

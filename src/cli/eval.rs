@@ -19,7 +19,7 @@ pub struct Options<'a> {
 pub fn run(o: Options) -> anyhow::Result<()> {
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
-    let path = super::model_path();
+    let path = crate::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;

@@ -5,7 +5,7 @@ use crate::store::{PatchRecord, Store, FILE_NAME};
 use std::io::Write;
 
 fn open() -> anyhow::Result<Option<Store>> {
-    let dir = super::data_dir();
+    let dir = crate::env::data_dir();
     if !dir.join(FILE_NAME).exists() {
         eprintln!(
             "star-ls: no feedback recorded yet ({} does not exist)",

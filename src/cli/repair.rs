@@ -38,7 +38,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         Some(p) => read_cases(p)?,
         None => Vec::new(),
     };
-    let model = Model::load(&super::model_path(), LoadOptions::default())?;
+    let model = Model::load(&crate::env::model_path(), LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;
     let settings = RepairSettings {

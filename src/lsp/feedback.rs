@@ -101,7 +101,7 @@ impl Server {
         let client = self.client.clone();
         let runtime = tokio::runtime::Handle::current();
         StoreHandle::start(
-            crate::cli::data_dir(),
+            crate::env::data_dir(),
             settings.store_max_mb.saturating_mul(1 << 20),
             move |e| {
                 let client = client.clone();

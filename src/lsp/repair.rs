@@ -180,7 +180,7 @@ impl Server {
             .map(Case::from)
             .collect();
         let head_slot = self.state.head.clone();
-        let head_file = crate::cli::cache_dir()
+        let head_file = crate::env::cache_dir()
             .join("heads")
             .join(format!("{sha}.chol"));
         let state = self.state.clone();

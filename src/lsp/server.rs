@@ -275,7 +275,7 @@ impl LanguageServer for Server {
                 .show_message(MessageType::WARNING, format!("star-ls: {w}"))
                 .await;
         }
-        crate::cli::set_threads(settings.threads);
+        crate::env::set_threads(settings.threads);
         #[allow(deprecated)] // root_uri: older clients send only it
         let workspace = params
             .workspace_folders
@@ -290,7 +290,7 @@ impl LanguageServer for Server {
             settings
                 .model_path
                 .clone()
-                .unwrap_or_else(crate::cli::model_path),
+                .unwrap_or_else(crate::env::model_path),
         );
         config.max_tokens = settings.max_tokens.clamp(1, 1024);
         config.limits = settings.context;

@@ -1,0 +1,39 @@
+//! CONTRACT.md's environment: where the model, the cache and the data live (`STAR_LS_MODEL`,
+//! `STAR_LS_CACHE_DIR`, `STAR_LS_DATA_DIR`), and the thread cap. Read by the server and the CLI alike.
+
+use std::path::PathBuf;
+
+/// The model path: `STAR_LS_MODEL`, or the fetched default in the cache.
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("STAR_LS_MODEL") {
+        return PathBuf::from(p);
+    }
+    cache_dir().join("models").join(crate::DEFAULT_MODEL_FILE)
+}
+
+/// `STAR_LS_CACHE_DIR`, else `$XDG_CACHE_HOME/star-ls`, else `~/.cache/star-ls`.
+pub fn cache_dir() -> PathBuf {
+    xdg_dir("STAR_LS_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
+}
+
+/// `STAR_LS_DATA_DIR`, else `$XDG_DATA_HOME/star-ls`, else `~/.local/share/star-ls`.
+pub fn data_dir() -> PathBuf {
+    xdg_dir("STAR_LS_DATA_DIR", "XDG_DATA_HOME", ".local/share")
+}
+
+fn xdg_dir(own: &str, xdg: &str, home_default: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(own) {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os(xdg).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(home_default)
+    });
+    base.join("star-ls")
+}
+
+/// Caps candle's worker threads; must run before the first model operation.
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
