@@ -112,9 +112,17 @@ pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec
 
 /// The overlay of one repair's patches.
 pub fn overlay_of(patches: &[(usize, LayerPatch)]) -> candle_core::Result<PatchSet> {
+    overlay_on(PatchSet::default(), patches)
+}
+
+/// `base` with a repair's patches summed onto it.
+pub fn overlay_on(
+    base: PatchSet,
+    patches: &[(usize, LayerPatch)],
+) -> candle_core::Result<PatchSet> {
     patches
         .iter()
-        .try_fold(PatchSet::default(), |set, (l, p)| set.with(*l, p.clone()))
+        .try_fold(base, |set, (l, p)| set.with(*l, p.clone()))
 }
 
 /// The overlay the ledger's active patches make, summed in the order they were accepted.

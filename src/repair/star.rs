@@ -182,11 +182,7 @@ impl<'a> Star<'a> {
 
     /// The overlay the serving model would run with `patches` added to the live one.
     pub fn served(&self, patches: &[(usize, LayerPatch)]) -> Result<PatchSet> {
-        patches
-            .iter()
-            .try_fold(self.live.cloned().unwrap_or_default(), |set, (l, p)| {
-                set.with(*l, p.clone())
-            })
+        super::overlay_on(self.live.cloned().unwrap_or_default(), patches)
     }
 
     /// The first layer that may be patched: the top `candidate_fraction` of the layers.
