@@ -109,6 +109,17 @@ enum Command {
         #[command(subcommand)]
         action: CasesAction,
     },
+    /// Wipe a workspace's recorded cases and shown completions, and every patch learned from them.
+    Forget {
+        /// The workspace: its root directory, or its URI as the editor sent it.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        workspace: Option<String>,
+        /// Every workspace: all cases, completions and patches.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +246,9 @@ fn main() {
         Command::Cases {
             action: CasesAction::Export { kind },
         } => star_ls::cli::cases::export(kind),
+        Command::Forget {
+            workspace, json, ..
+        } => star_ls::cli::cases::forget(workspace.as_deref(), json),
     };
     if let Err(e) = result {
         eprintln!("star-ls: {e:#}");

@@ -208,3 +208,73 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
         "rolled back, not forgotten"
     );
 }
+
+#[test]
+fn forget_wipes_a_workspace_and_the_patches_that_learned_from_it() {
+    use star_ls::store::PatchLayer;
+    let dir = temp_dir("forget");
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    let in_workspace = |target: &str, workspace: &str| NewCase {
+        workspace: workspace.into(),
+        ..case(target, CaseKind::Failure)
+    };
+    let secret = "SECRET_TOKEN_1234567890";
+    store.add_case(&in_workspace(secret, "file:///a")).unwrap(); // case-1
+    store.add_case(&in_workspace("x + 2", "file:///b")).unwrap(); // case-2
+    store.add_case(&in_workspace("x + 3", "file:///b")).unwrap(); // case-3
+    store.record_shown(&shown("c1", 4, 1)).unwrap(); // workspace file:///w
+    let layer = PatchLayer {
+        layer: 1,
+        hidden: 1,
+        columns: vec![0],
+        delta: vec![1.0],
+    };
+    let report = serde_json::json!({});
+    let mut patch = |cases: &[&str]| {
+        let cases: Vec<String> = cases.iter().map(|c| c.to_string()).collect();
+        store
+            .add_patch("sha", 1, &report, std::slice::from_ref(&layer), &cases)
+            .unwrap()
+    };
+    let mixed = patch(&["case-1", "case-2"]); // learned from a and b
+    let only_b = patch(&["case-3"]);
+    assert_eq!(store.counts().unwrap().failures_pending, 0);
+    assert_eq!(
+        store.workspaces().unwrap(),
+        [
+            ("file:///a".to_owned(), 1),
+            ("file:///b".to_owned(), 2),
+            ("file:///w".to_owned(), 0)
+        ]
+    );
+
+    let gone = store.forget(Some("file:///a")).unwrap();
+    assert_eq!((gone.cases, gone.completions), (1, 0));
+    assert_eq!(gone.patches, [mixed.clone()], "a patch that learned from a goes");
+    let left = store.patches(None, false).unwrap();
+    assert_eq!(left.iter().map(|p| &p.id).collect::<Vec<_>>(), [&only_b]);
+    let cases = store.cases(None).unwrap();
+    assert_eq!(cases.len(), 2);
+    assert!(cases.iter().all(|c| c.workspace == "file:///b"));
+    assert_eq!(
+        store.counts().unwrap().failures_pending,
+        1,
+        "b's case that the forgotten patch repaired is pending again"
+    );
+    // Nothing of the forgotten text is left in the files (secure_delete, WAL truncated).
+    drop(store);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the forgotten case's text is still on disk"
+        );
+    }
+
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    let gone = store.forget(None).unwrap();
+    assert_eq!((gone.cases, gone.completions), (2, 1));
+    assert_eq!(gone.patches, [only_b]);
+    assert!(store.workspaces().unwrap().is_empty());
+    assert!(store.patches(None, false).unwrap().is_empty());
+}

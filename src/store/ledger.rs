@@ -173,4 +173,82 @@ impl Store {
         }
         Ok(ids.into_iter().map(|n| format!("patch-{n}")).collect())
     }
+
+    /// Wipes one workspace's data (`Some(root URI)`) or everyone's: its shown completions, its cases,
+    /// and every patch that learned from any of its cases (other workspaces' cases those patches
+    /// repaired become pending again). Deleted content is overwritten and the WAL truncated, so the
+    /// developer's text does not linger in free pages.
+    pub fn forget(&mut self, workspace: Option<&str>) -> Result<Forgotten, StoreError> {
+        self.conn
+            .pragma_update(None, "secure_delete", "ON")
+            .map_err(|e| self.wrap(e))?;
+        let forgotten = self.write(|tx| {
+            let patches: Vec<i64> = {
+                let mut stmt = tx.prepare(
+                    "SELECT id FROM patches WHERE ?1 IS NULL OR EXISTS (
+                       SELECT 1 FROM cases
+                       WHERE cases.repaired_by = 'patch-' || patches.id AND cases.workspace = ?1)",
+                )?;
+                let ids = stmt
+                    .query_map([workspace], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                ids
+            };
+            for n in &patches {
+                tx.execute("DELETE FROM patch_layers WHERE patch_id = ?1", [n])?;
+                tx.execute("DELETE FROM patches WHERE id = ?1", [n])?;
+                tx.execute(
+                    "UPDATE cases SET repaired_by = NULL WHERE repaired_by = ?1",
+                    [format!("patch-{n}")],
+                )?;
+            }
+            let cases = tx.execute(
+                "DELETE FROM cases WHERE ?1 IS NULL OR workspace = ?1",
+                [workspace],
+            )?;
+            let completions = tx.execute(
+                "DELETE FROM completions WHERE ?1 IS NULL OR workspace = ?1",
+                [workspace],
+            )?;
+            Ok(Forgotten {
+                cases: cases as u64,
+                completions: completions as u64,
+                patches: patches.into_iter().map(|n| format!("patch-{n}")).collect(),
+            })
+        })?;
+        self.conn
+            .execute_batch("PRAGMA incremental_vacuum")
+            .and_then(|_| {
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            })
+            .map_err(|e| self.wrap(e))?;
+        Ok(forgotten)
+    }
+
+    /// The workspaces with stored data, and how many cases each has.
+    pub fn workspaces(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let read = || -> rusqlite::Result<Vec<(String, u64)>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT workspace, sum(n) FROM (
+                   SELECT workspace, 1 AS n FROM cases
+                   UNION ALL SELECT workspace, 0 FROM completions)
+                 GROUP BY workspace ORDER BY workspace",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect();
+            rows
+        };
+        read().map_err(|e| self.wrap(e))
+    }
+}
+
+/// What `Store::forget` deleted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Forgotten {
+    pub cases: u64,
+    pub completions: u64,
+    pub patches: Vec<String>,
 }
