@@ -168,6 +168,13 @@ impl Server {
     async fn repair_once(&self) -> Result<Value> {
         let model = self.loaded_model()?;
         let sha = self.model_sha()?;
+        let live = self
+            .state
+            .live_patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let max_patches = self.settings().max_patches;
         let stored = self.with_store(|s| s.cases(None)).await?;
         let failures: Vec<Case> = stored
             .iter()
@@ -179,6 +186,17 @@ impl Server {
             .filter(|c| c.kind == CaseKind::Guard)
             .map(Case::from)
             .collect();
+        if live >= max_patches {
+            return Ok(json!({
+                "patchId": null,
+                "failures": failures.len(),
+                "fixed": 0,
+                "refused": format!(
+                    "{live} patches are live, the limit (maxPatches) is {max_patches}: \
+                     roll some back (star.rollback) or raise maxPatches"
+                ),
+            }));
+        }
         let head_slot = self.state.head.clone();
         let head_file = crate::env::cache_dir()
             .join("heads")
@@ -258,6 +276,37 @@ impl Server {
             .with_store(move |s| s.patches(sha.as_deref(), true))
             .await?;
         Ok(json!(records))
+    }
+
+    /// `star.forget ["all"]`: wipes this workspace's cases and shown completions and every patch that
+    /// learned from them (or everything), and takes those patches out of the live model.
+    pub(super) async fn forget(&self, arg: Option<Value>) -> Result<Value> {
+        let workspace = match arg.as_ref().map(|a| a.as_str()) {
+            None => Some(self.state.workspace.get().cloned().unwrap_or_default()),
+            Some(Some("all")) => None,
+            Some(_) => {
+                return Err(super::proto::invalid_params(
+                    "expected no argument (this workspace) or \"all\"",
+                ))
+            }
+        };
+        // A repair running now may be learning from the cases about to go: not both at once.
+        if self.state.repair_running.swap(true, Ordering::SeqCst) {
+            return Err(internal(
+                "a repair is running: forget after it has finished",
+            ));
+        }
+        let gone = self
+            .with_store(move |s| s.forget(workspace.as_deref()))
+            .await;
+        let reloaded = match (&gone, self.state.model_sha.get()) {
+            (Ok(_), Some(_)) => self.reload_overlay().await.map(drop),
+            _ => Ok(()),
+        };
+        self.state.repair_running.store(false, Ordering::SeqCst);
+        let gone = gone?;
+        reloaded?;
+        Ok(json!(gone))
     }
 
     /// `star.rollback [patchId | "all"]`.

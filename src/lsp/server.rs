@@ -327,6 +327,7 @@ impl LanguageServer for Server {
                         "star.repairNow".into(),
                         "star.listPatches".into(),
                         "star.rollback".into(),
+                        "star.forget".into(),
                     ],
                     ..ExecuteCommandOptions::default()
                 }),
@@ -484,6 +485,7 @@ impl LanguageServer for Server {
             "star.repairNow" => self.repair_now().await.map(Some),
             "star.listPatches" => self.list_patches().await.map(Some),
             "star.rollback" => self.rollback(first).await.map(Some),
+            "star.forget" => self.forget(first).await.map(Some),
             other => Err(proto::invalid_params(format!("unknown command {other}"))),
         }
     }

@@ -29,6 +29,9 @@ pub struct Settings {
     pub store_max_mb: u64,
     /// Repair in the background once this many new failures are pending; 0: only on `star.repairNow`.
     pub repair_threshold: u64,
+    /// Active patches at most: a repair beyond it is refused, with a message, until some are rolled
+    /// back. Each patch adds dense columns to the serving path, and a long unreviewed stack drifts.
+    pub max_patches: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -52,6 +55,7 @@ impl Default for Settings {
             capture_idle_ms: 8000,
             store_max_mb: 256,
             repair_threshold: 4,
+            max_patches: 32,
         }
     }
 }
