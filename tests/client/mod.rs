@@ -66,6 +66,11 @@ impl Client {
 
     /// Starts `star-ls serve` with `env` and initializes it with `options`.
     pub fn start(model: &Path, options: Value, env: &[(&str, &str)]) -> Self {
+        Self::start_in(model, options, env, Value::Null)
+    }
+
+    /// As `start`, in the workspace `root_uri` (a URI string, or null).
+    pub fn start_in(model: &Path, options: Value, env: &[(&str, &str)], root_uri: Value) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
         cmd.arg("serve")
             .env("STAR_LS_MODEL", model)
@@ -97,7 +102,7 @@ impl Client {
         let caps = json!({ "window": { "workDoneProgress": true } });
         let init = client.request(
             "initialize",
-            json!({ "processId": null, "rootUri": null, "capabilities": caps, "initializationOptions": options }),
+            json!({ "processId": null, "rootUri": root_uri, "capabilities": caps, "initializationOptions": options }),
         );
         assert!(init.get("result").is_some(), "initialize failed: {init}");
         client.notify("initialized", json!({}));

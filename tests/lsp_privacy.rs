@@ -1,0 +1,146 @@
+//! The developer's data through the real binary on a tiny random-weight model: the files are private,
+//! `star.forget` and `star-ls forget` wipe a workspace, and a repair beyond `maxPatches` is refused with
+//! a message.
+
+mod client;
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use client::Client;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "file:///home/dev/proj";
+
+fn tiny_model() -> PathBuf {
+    tiny_model::cached("privacy", tiny_model::TinySpec::default())
+}
+
+fn start(data: &Path, options: Value) -> Client {
+    let mut all =
+        json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000, "repairThreshold": 0 });
+    all.as_object_mut()
+        .unwrap()
+        .extend(options.as_object().unwrap().clone());
+    Client::start_in(
+        &tiny_model(),
+        all,
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+        json!(ROOT),
+    )
+}
+
+/// Shows a completion on `line` and corrects it to `text` with `star/didCorrect`: one failure case.
+fn correct(c: &mut Client, uri: &str, line: u32, text: &str) {
+    let r = c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, line, 0),
+    );
+    let id = r["items"][0]["command"]["arguments"][0].clone();
+    assert!(id.is_string(), "no completion to correct: {r}");
+    c.notify(
+        "star/didCorrect",
+        json!({ "completionId": id, "text": text }),
+    );
+}
+
+fn star_ls(data: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .args(args)
+        .env("STAR_LS_DATA_DIR", data)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn forget_wipes_the_workspace_live_and_from_the_command_line() {
+    let data = client::fresh_data_dir("forget");
+    let mut c = start(&data, json!({}));
+    let uri = format!("{ROOT}/a.py");
+    c.open(&uri, "\n\n\n");
+    for line in 0..3 {
+        correct(&mut c, &uri, line, &format!("value_{line} = {line}"));
+    }
+    assert_eq!(c.status()["failuresPending"], 3);
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+
+    let gone = c.call(
+        "workspace/executeCommand",
+        json!({ "command": "star.forget" }),
+    );
+    assert_eq!(gone["cases"], 3, "{gone}");
+    assert!(gone["completions"].as_u64().unwrap() >= 3, "{gone}");
+    let status = c.status();
+    assert_eq!(
+        (&status["failuresPending"], &status["completionsRecorded"]),
+        (&json!(0), &json!(0)),
+        "{status}"
+    );
+    let r = c.request(
+        "workspace/executeCommand",
+        json!({ "command": "star.forget", "arguments": [7] }),
+    );
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+
+    correct(&mut c, &uri, 1, "after = 1");
+    c.shutdown();
+
+    // From the command line: an unknown workspace is named with the ones there are; a path or the
+    // URI names this one.
+    let out = star_ls(&data, &["forget", "--workspace", "/elsewhere"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(ROOT) && err.lines().count() == 1, "{err}");
+    let out = star_ls(&data, &["forget", "--workspace", ROOT, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let gone: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(gone["cases"], 1, "{gone}");
+    let out = star_ls(&data, &["cases", "export"]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    assert!(!star_ls(&data, &["forget"]).status.success(), "says which");
+}
+
+#[test]
+fn a_repair_beyond_max_patches_is_refused_with_a_message() {
+    let data = client::fresh_data_dir("max-patches");
+    let mut c = start(&data, json!({ "maxPatches": 0 }));
+    let uri = format!("{ROOT}/b.py");
+    c.open(&uri, "\n");
+    correct(&mut c, &uri, 0, "total = 0");
+    c.wait_for("model loaded", |m| {
+        m["method"] == "$/progress"
+            && m["params"]["token"] == "star-ls/model"
+            && m["params"]["value"]["kind"] == "end"
+    });
+    let report = c.call(
+        "workspace/executeCommand",
+        json!({ "command": "star.repairNow" }),
+    );
+    assert_eq!(report["patchId"], Value::Null, "{report}");
+    assert!(
+        report["refused"].as_str().unwrap().contains("maxPatches"),
+        "{report}"
+    );
+    c.wait_for("the refusal shown", |m| {
+        m["method"] == "window/showMessage"
+            && m["params"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("maxPatches"))
+    });
+    assert_eq!(
+        c.status()["failuresPending"],
+        1,
+        "the failure stays pending"
+    );
+    c.shutdown();
+}
