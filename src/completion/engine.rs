@@ -191,9 +191,12 @@ impl Engine {
         })
     }
 
-    /// Whether a completion is queued or running: background work (repair) waits for it.
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) > 0
+    /// Blocks while a completion is queued or running: background work (repair) calls it between its
+    /// steps, so completions keep priority.
+    pub fn wait_idle(&self) {
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// The loaded model, once loading has finished (None while loading).

@@ -110,6 +110,8 @@ impl Server {
             Ok(Err(e)) => tracing::error!("could not hash the model: {e}"),
             Err(e) => tracing::error!("could not hash the model: {e}"),
         }
+        // Completions waited for this; without the ledger (it could not be read) they go on bare.
+        let _ = self.state.overlay_restored.set(());
     }
 
     /// `star.repairNow`: STAR on the pending failures, checked against the guard cases; an accepted
@@ -156,12 +158,13 @@ impl Server {
                 report["refused"].as_str().unwrap_or("nothing to repair")
             ),
         };
-        self.client.show_message(MessageType::INFO, message).await;
+        // Before the message: a client that asks for star.status on seeing it gets this report.
         *self
             .state
             .last_repair
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        self.client.show_message(MessageType::INFO, message).await;
         Ok(report)
     }
 
@@ -219,9 +222,7 @@ impl Server {
             let live = engine.map(|e| e.patches());
             // Completions take priority: between its steps the repair waits while one is queued or running.
             let yield_to_completions = || {
-                while engine.is_some_and(|e| e.busy()) {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+                engine.inspect(|e| e.wait_idle());
                 Ok(())
             };
             let star = Star {

@@ -44,6 +44,9 @@ pub(super) struct State {
     pub(super) last_repair: Mutex<Option<Value>>,
     /// Ids of the patches in the live overlay (recorded with each completion, for `star.explain`).
     pub(super) live_patches: Mutex<Vec<String>>,
+    /// Set once the ledger's patches for the loaded model are live, or cannot be: completions wait for
+    /// it, so that after a restart none is served (and recorded) without them.
+    pub(super) overlay_restored: tokio::sync::SetOnce<()>,
     /// Per document and method: the newest request's number and its cancel switch. A newer request
     /// supersedes an older one of the same method only, so a client asking for both an inline completion
     /// and a completion list at one keystroke gets both.
@@ -136,6 +139,8 @@ impl Server {
         let Some(engine) = self.state.engine.get() else {
             return Err(jsonrpc::Error::invalid_request());
         };
+        // Not before the ledger's patches are live: a job queued while the model loads would run first.
+        self.state.overlay_restored.wait().await;
         let word = proto::word_before(&prefix).to_owned();
         let (tx, rx) = oneshot::channel();
         engine.complete(
@@ -207,15 +212,21 @@ impl Server {
         mut events: mpsc::UnboundedReceiver<EngineEvent>,
     ) {
         let token = ProgressToken::String("star-ls/model".into());
-        let progress = match client.create_work_done_progress(token.clone()).await {
-            Ok(()) => Some(
+        // Bounded: completions wait for the patches restored below, so a client that never answers
+        // this request must not hold them up.
+        let created = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.create_work_done_progress(token.clone()),
+        );
+        let progress = match created.await {
+            Ok(Ok(())) => Some(
                 client
                     .progress(token, "star-ls")
                     .with_message("loading model")
                     .begin()
                     .await,
             ),
-            Err(_) => None, // the client does not do progress; logs still say it
+            _ => None, // the client does not do progress; logs still say it
         };
         let mut progress = progress;
         while let Some(event) = events.recv().await {
@@ -243,6 +254,7 @@ impl Server {
                     tokio::spawn(async move { server.restore_patches(path).await });
                 }
                 EngineEvent::LoadFailed { error } => {
+                    let _ = state.overlay_restored.set(());
                     if let Some(p) = progress.take() {
                         p.finish_with_message("model failed to load").await;
                     }

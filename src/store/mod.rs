@@ -22,7 +22,7 @@ pub const FILE_NAME: &str = "feedback.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the data directory {path}: {source}")]
+    #[error("cannot write {path}: {source}")]
     Directory {
         path: PathBuf,
         source: std::io::Error,

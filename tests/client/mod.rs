@@ -13,6 +13,8 @@ pub struct Client {
     child: Child,
     stdin: ChildStdin,
     incoming: Receiver<Value>,
+    /// The server's stderr, read to its end by a thread.
+    stderr: Option<std::thread::JoinHandle<String>>,
     next_id: i64,
     /// Notifications and server requests seen so far, in order.
     pub notifications: Vec<Value>,
@@ -72,8 +74,24 @@ impl Client {
     /// As `start`, in the workspace `root_uri` (a URI string, or null).
     pub fn start_in(model: &Path, options: Value, env: &[(&str, &str)], root_uri: Value) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
-        cmd.arg("serve")
-            .env("STAR_LS_MODEL", model)
+        cmd.arg("serve");
+        Self::spawn(cmd, model, options, env, root_uri)
+    }
+
+    /// As `start`, but spawns `cmd` (a wrapper such as `unshare … sh -c '…; exec "$0" serve'
+    /// <star-ls>`), which must end by exec'ing `star-ls serve` so that the child is the server.
+    pub fn start_command(cmd: Command, model: &Path, options: Value, env: &[(&str, &str)]) -> Self {
+        Self::spawn(cmd, model, options, env, Value::Null)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        model: &Path,
+        options: Value,
+        env: &[(&str, &str)],
+        root_uri: Value,
+    ) -> Self {
+        cmd.env("STAR_LS_MODEL", model)
             .env("STAR_LS_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -92,10 +110,18 @@ impl Client {
                 }
             }
         });
+        // Read as it comes, as an editor does: a full pipe would block the server's writes.
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
         let mut client = Self {
             child,
             stdin,
             incoming,
+            stderr: Some(stderr),
             next_id: 1,
             notifications: Vec::new(),
         };
@@ -177,6 +203,21 @@ impl Client {
         self.notifications.push(msg);
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next message from the server, whatever it is (its requests answered and kept as
+    /// notifications too); None if nothing comes within `timeout`.
+    pub fn next_message(&mut self, timeout: Duration) -> Option<Value> {
+        let msg = self.incoming.recv_timeout(timeout).ok()?;
+        if msg.get("method").is_some() {
+            self.handle_incoming(msg.clone());
+        }
+        Some(msg)
+    }
+
     /// Waits until a notification satisfying `pred` has arrived.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(n) = self.notifications.iter().find(|n| pred(n)) {
@@ -240,15 +281,15 @@ impl Client {
     pub fn shutdown(mut self) -> String {
         let r = self.request("shutdown", Value::Null);
         assert!(r.get("error").is_none(), "shutdown failed: {r}");
+        self.exit()
+    }
+
+    /// Sends `exit` (after a `shutdown`); returns the server's stderr once it has ended, asserting a
+    /// clean exit and no panic.
+    pub fn exit(mut self) -> String {
         self.notify("exit", Value::Null);
         let status = self.child.wait().unwrap();
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = self.stderr.take().unwrap().join().unwrap();
         assert!(status.success(), "star-ls exited with {status}: {err}");
         assert!(!err.contains("panicked"), "star-ls panicked: {err}");
         err
