@@ -250,7 +250,7 @@ fn forget_wipes_a_workspace_and_the_patches_that_learned_from_it() {
 
     let gone = store.forget(Some("file:///a")).unwrap();
     assert_eq!((gone.cases, gone.completions), (1, 0));
-    assert_eq!(gone.patches, [mixed.clone()], "a patch that learned from a goes");
+    assert_eq!(gone.patches, [mixed], "a patch that learned from a goes");
     let left = store.patches(None, false).unwrap();
     assert_eq!(left.iter().map(|p| &p.id).collect::<Vec<_>>(), [&only_b]);
     let cases = store.cases(None).unwrap();
