@@ -97,10 +97,11 @@ impl Document {
         self.text.len_chars()
     }
 
-    /// The text of chars `start..end` (clamped to the document).
+    /// The text of chars `start..end` (clamped to the document; empty when `end` is before `start`).
     pub fn slice(&self, start: usize, end: usize) -> String {
-        let len = self.text.len_chars();
-        self.text.slice(start.min(len)..end.min(len)).to_string()
+        let end = end.min(self.text.len_chars());
+        // ropey panics on an inverted range: didChange slices a client's range before checking it.
+        self.text.slice(start.min(end)..end).to_string()
     }
 
     /// The 0-based line of char index `at` (clamped to the document).
@@ -144,5 +145,185 @@ mod tests {
         d.replace(s, e, "g").unwrap();
         assert_eq!(d.text(), "def g():\n    return 1\n");
         assert!(d.replace(5, 4, "").is_err());
+        assert_eq!(d.slice(5, 4), ""); // didChange slices before replace refuses
+    }
+
+    #[test]
+    fn only_lsp_line_breaks_break_lines() {
+        // A form feed (a page break in Emacs-edited C and Lisp) inside line 0: LSP's line 1 is "b".
+        let d = Document::new("a\u{c}x\nb", 1, "c");
+        assert_eq!(d.char_at(1, 0), Ok(4));
+        assert_eq!(d.position(4), (1, 0));
+    }
+
+    mod sync {
+        //! Incremental sync as `did_change` does it (`char_at` twice, `slice`, `replace`) against an
+        //! independent reference on a plain `String`.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Multi-byte, astral (two UTF-16 units) and ASCII chars, LSP's three line endings, and the
+        /// breaks Unicode has but LSP does not (U+2028, U+0085, form feed).
+        const PIECES: &[&str] = &[
+            "a", "b", " ", "\t", "é", "中", "😀", "𝕏", "\n", "\n", "\r\n", "\r", "ab\r\n", "",
+            "\u{2028}", "\u{85}", "\u{c}",
+        ];
+
+        fn text(max: usize) -> impl Strategy<Value = String> {
+            prop::collection::vec(prop::sample::select(PIECES), 0..max).prop_map(|p| p.concat())
+        }
+
+        /// LSP's lines: (start, end before the line ending) byte offsets; "\r\n", "\n" and "\r" end one.
+        fn lines(text: &str) -> Vec<(usize, usize)> {
+            let b = text.as_bytes();
+            let (mut out, mut start, mut i) = (Vec::new(), 0, 0);
+            while i < b.len() {
+                match b[i] {
+                    b'\n' => {
+                        out.push((start, i));
+                        i += 1;
+                        start = i;
+                    }
+                    b'\r' => {
+                        out.push((start, i));
+                        i += if b.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                        start = i;
+                    }
+                    _ => i += 1,
+                }
+            }
+            out.push((start, b.len()));
+            out
+        }
+
+        /// The byte offset of an LSP position, by the Document's contract: a column past the line's end
+        /// is its end, one inside a surrogate pair is the char it belongs to; a line past the last is an
+        /// error, but for column 0 of the line just after it (the end of the text).
+        fn offset(text: &str, line: u32, col: u32) -> Option<usize> {
+            let lines = lines(text);
+            let Some(&(start, end)) = lines.get(line as usize) else {
+                return (line as usize == lines.len() && col == 0).then_some(text.len());
+            };
+            let mut units = 0;
+            for (i, c) in text[start..end].char_indices() {
+                if units + c.len_utf16() > col as usize {
+                    return Some(start + i);
+                }
+                units += c.len_utf16();
+            }
+            Some(end)
+        }
+
+        /// An edit's positions as raw numbers, mapped onto the current text so most are valid.
+        #[derive(Debug, Clone)]
+        struct Edit {
+            start: (u32, u32),
+            end: (u32, u32),
+            /// 0: inside the text; 1: columns past the line end; 2: anywhere (lines past the end too).
+            wild: u8,
+            whole: bool,
+            text: String,
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            (
+                (any::<u32>(), any::<u32>()),
+                (any::<u32>(), any::<u32>()),
+                prop_oneof![6 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8)],
+                prop::bool::weighted(0.05),
+                text(6),
+            )
+                .prop_map(|(start, end, wild, whole, text)| Edit {
+                    start,
+                    end,
+                    wild,
+                    whole,
+                    text,
+                })
+        }
+
+        /// Where a raw position lands in `text`.
+        fn place(text: &str, (line, col): (u32, u32), wild: u8) -> (u32, u32) {
+            let lines = lines(text);
+            match wild {
+                0 | 1 => {
+                    let l = line as usize % lines.len();
+                    let (s, e) = lines[l];
+                    let units = text[s..e].encode_utf16().count() as u32;
+                    let col = if wild == 0 {
+                        col % (units + 1)
+                    } else {
+                        units + col % 3
+                    };
+                    (l as u32, col)
+                }
+                _ => (line % (lines.len() as u32 + 2), col % 8),
+            }
+        }
+
+        /// What `did_change` does with one change: the removed text, or the error that drops the document.
+        fn apply(
+            doc: &mut Document,
+            start: (u32, u32),
+            end: (u32, u32),
+            text: &str,
+        ) -> Result<String, PositionError> {
+            let s = doc.char_at(start.0, start.1)?;
+            let e = doc.char_at(end.0, end.1)?;
+            let removed = doc.slice(s, e);
+            doc.replace(s, e, text)?;
+            Ok(removed)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn edits_match_a_plain_string(initial in text(40), edits in prop::collection::vec(edit(), 1..30)) {
+                let mut doc = Document::new(&initial, 1, "python");
+                let mut reference = initial.clone();
+                for e in edits {
+                    if e.whole {
+                        doc.set_text(&e.text);
+                        reference = e.text.clone();
+                        continue;
+                    }
+                    let start = place(&reference, e.start, e.wild);
+                    let end = place(&reference, e.end, e.wild);
+                    let want = match (offset(&reference, start.0, start.1), offset(&reference, end.0, end.1)) {
+                        (Some(s), Some(e)) if s <= e => Some((s, e)),
+                        _ => None,
+                    };
+                    let got = apply(&mut doc, start, end, &e.text);
+                    match (want, got) {
+                        (Some((s, e2)), Ok(removed)) => {
+                            prop_assert_eq!(removed, &reference[s..e2]);
+                            reference.replace_range(s..e2, &e.text);
+                        }
+                        (None, Err(_)) => {}
+                        (want, got) => prop_assert!(false, "{:?}..{:?} in {:?}: reference {:?}, document {:?}", start, end, reference, want, got),
+                    }
+                    prop_assert_eq!(doc.text(), reference.clone());
+                    prop_assert_eq!(doc.len_chars(), reference.chars().count());
+                }
+            }
+
+            /// Every char offset not inside a "\r\n" has a position that leads back to it.
+            #[test]
+            fn positions_round_trip(t in text(40)) {
+                let doc = Document::new(&t, 1, "python");
+                let chars: Vec<char> = t.chars().collect();
+                for at in 0..=chars.len() {
+                    if at > 0 && chars[at - 1] == '\r' && chars.get(at) == Some(&'\n') {
+                        continue;
+                    }
+                    let (line, col) = doc.position(at);
+                    prop_assert_eq!(doc.char_at(line, col), Ok(at), "offset {} at {:?} in {:?}", at, (line, col), &t);
+                    let byte = t.char_indices().nth(at).map_or(t.len(), |(b, _)| b);
+                    prop_assert_eq!(offset(&t, line, col), Some(byte));
+                }
+            }
+        }
     }
 }

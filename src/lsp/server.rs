@@ -356,14 +356,15 @@ impl LanguageServer for Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        // Only the first `initialized` starts these: a client that repeats it must not pile up tasks.
         if let Some(events) = events {
             tokio::spawn(Self::report_model_events(
                 self.client.clone(),
                 self.state.clone(),
                 events,
             ));
+            self.spawn_idle_capture();
         }
-        self.spawn_idle_capture();
     }
 
     async fn shutdown(&self) -> Result<()> {
