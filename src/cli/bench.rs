@@ -7,10 +7,12 @@ use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, Engin
 use crate::model::{
     generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, Qwen2, StopAt,
 };
+use crate::repair::{Case, Head, RepairSettings, Star};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,16 @@ const EDIT_ANCHOR: &str = "if stats.count < 20:\n                continue\n";
 const EDIT_INDENT: &str = "            ";
 /// Typed one character per edit: the start of a plausible next statement at the cursor.
 const TYPED: &str = "rate = stats.error_r";
+/// Rounds of `TYPED` typed while STAR repairs.
+const REPAIR_ROUNDS: usize = 4;
+/// Between an answer and the next keystroke while STAR repairs: the repair runs in these gaps, as it
+/// does between a developer's keystrokes, so each request arrives in the middle of a repair step.
+const KEYSTROKE_GAP: Duration = Duration::from_millis(150);
+/// The failures STAR repairs, again and again, while edit latency is measured under a repair.
+const REPAIR_CASES: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/cases/conventions.jsonl"
+));
 
 const REPS: usize = 3;
 /// Tokens decoded after the prompt; the first comes from the prompt's logits, so DECODE - 1 single-token
@@ -76,7 +88,14 @@ pub struct Ours {
     pub edit_prefilled_mean: f64,
     pub edit_prompt_tokens_mean: f64,
     pub edit_generated_mean: f64,
-    /// Peak resident memory (VmHWM), MiB.
+    /// The same edits while STAR repairs in the background, as the server runs it (the repair waits
+    /// at its checkpoints while a completion is queued or running).
+    pub edit_latency_during_repair_ms_p50: f64,
+    pub edit_latency_during_repair_ms_p95: f64,
+    /// During a repair / without: p50 and p95.
+    pub repair_slowdown_p50: f64,
+    pub repair_slowdown_p95: f64,
+    /// Peak resident memory (VmHWM) before the repair phase, MiB.
     pub rss_mb: f64,
     /// Resident memory at the end (VmRSS), MiB.
     pub rss_end_mb: f64,
@@ -125,14 +144,17 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     let speed = bench_speed(&model.weights, &prompt)?;
 
     tracing::info!(edits = TYPED.len(), "bench: edit latency");
-    let edits = bench_edits(&engine)?;
+    let edits = bench_edits(&engine, Duration::ZERO)?;
 
     let cold_ids = cold_prompt(&model)?;
     tracing::info!(tokens = cold_ids.len(), "bench: cold completion");
     let cold_ms = bench_cold(&model.weights, &cold_ids)?;
-    drop(engine);
-
+    // Before the repair phase: its dense layer copies are repair memory, not serving memory.
     let (rss_end_mb, rss_mb) = memory().context("reading /proc/self/status")?;
+
+    tracing::info!("bench: edit latency during a repair");
+    let during_repair = bench_edits_during_repair(&engine, &model)?;
+    drop(engine);
 
     tracing::info!("bench: peer (llama.cpp)");
     let peer = run_peer(&model_path, threads, &prompt, &cold_ids);
@@ -146,6 +168,7 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
         prompt_tokens: prompt.len(),
         speed,
         edits,
+        during_repair,
         cold_ms,
         rss_mb,
         rss_end_mb,
@@ -267,8 +290,8 @@ struct Edits {
 }
 
 /// Types `TYPED` one character at a time on a new line in `DOCUMENT`, asking for a line completion after
-/// each keystroke as an editor would, and times request → answer.
-fn bench_edits(engine: &Engine) -> Result<Edits> {
+/// each keystroke as an editor would (`gap` after each answer), and times request → answer.
+fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
     let anchor = DOCUMENT
         .find(EDIT_ANCHOR)
         .context("the edit anchor is missing from fixtures/bench/access_log.py")?
@@ -289,6 +312,7 @@ fn bench_edits(engine: &Engine) -> Result<Edits> {
         generated: Vec::new(),
     };
     for ch in TYPED.chars() {
+        std::thread::sleep(gap);
         doc.replace(cursor, cursor, ch.encode_utf8(&mut [0; 4]))?;
         cursor += 1;
         let t0 = Instant::now();
@@ -302,6 +326,63 @@ fn bench_edits(engine: &Engine) -> Result<Edits> {
         out.generated.push(g.tokens.len());
     }
     Ok(out)
+}
+
+/// `bench_edits` again while STAR repairs `REPAIR_CASES` over and over on another thread, yielding at
+/// its checkpoints exactly as the server's repair does. Returns the edit latencies, ms.
+fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Result<Vec<f64>> {
+    let cases = REPAIR_CASES
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<serde_json::Result<Vec<Case>>>()
+        .context("fixtures/cases/conventions.jsonl")?;
+    let (gamma, weight) = model.weights.head_dense()?;
+    let head = Head::new(&gamma, weight)?;
+    let done = AtomicBool::new(false);
+    let repairing = AtomicBool::new(false);
+    let yield_to_completions = || {
+        repairing.store(true, Ordering::SeqCst);
+        if done.load(Ordering::SeqCst) {
+            candle_core::bail!("the bench is over");
+        }
+        engine.wait_idle();
+        Ok(())
+    };
+    let star = Star {
+        between_steps: Some(&yield_to_completions),
+        ..Star::new(
+            &model.weights,
+            &model.tokenizer,
+            &head,
+            RepairSettings::default(),
+        )
+    };
+    std::thread::scope(|scope| {
+        let repairs = scope.spawn(|| {
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) {
+                // Ends with an error when the bench is over, mid-repair.
+                if crate::env::in_background(|| star.repair(&cases, &[])).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        while !repairing.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Several rounds, so the typing spans the repair's phases: checking the cases, occlusion,
+        // gradient steps.
+        let mut latencies = Vec::new();
+        let typed = (0..REPAIR_ROUNDS).try_for_each(|_| {
+            latencies.extend(bench_edits(engine, KEYSTROKE_GAP)?.latencies_ms);
+            anyhow::Ok(())
+        });
+        done.store(true, Ordering::SeqCst);
+        let finished = repairs.join().unwrap_or(0);
+        tracing::info!("bench: {finished} repairs finished while typing");
+        typed.map(|()| latencies)
+    })
 }
 
 fn complete_at(
@@ -495,6 +576,7 @@ struct Measured {
     prompt_tokens: usize,
     speed: Speed,
     edits: Edits,
+    during_repair: Vec<f64>,
     cold_ms: f64,
     rss_mb: f64,
     rss_end_mb: f64,
@@ -507,16 +589,29 @@ fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
         prompt_tokens,
         speed,
         edits,
+        during_repair,
         cold_ms,
         rss_mb,
         rss_end_mb,
     } = m;
     let mean = |xs: &[usize]| xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64;
+    let (p50, p95) = (
+        percentile(&edits.latencies_ms, 50.0),
+        percentile(&edits.latencies_ms, 95.0),
+    );
+    let (repair_p50, repair_p95) = (
+        percentile(&during_repair, 50.0),
+        percentile(&during_repair, 95.0),
+    );
     let ours = Ours {
         prefill_tok_s: round2(speed.prefill_tok_s),
         decode_tok_s: round2(speed.decode_tok_s),
-        edit_latency_ms_p50: round2(percentile(&edits.latencies_ms, 50.0)),
-        edit_latency_ms_p95: round2(percentile(&edits.latencies_ms, 95.0)),
+        edit_latency_ms_p50: round2(p50),
+        edit_latency_ms_p95: round2(p95),
+        edit_latency_during_repair_ms_p50: round2(repair_p50),
+        edit_latency_during_repair_ms_p95: round2(repair_p95),
+        repair_slowdown_p50: round2(repair_p50 / p50),
+        repair_slowdown_p95: round2(repair_p95 / p95),
         edit_prefilled_mean: round2(mean(&edits.prefilled)),
         edit_prompt_tokens_mean: round2(mean(&edits.prompt_tokens)),
         edit_generated_mean: round2(mean(&edits.generated)),
@@ -626,6 +721,13 @@ fn print_table(r: &Report) {
         r.ours.edit_prefilled_mean,
         r.ours.edit_prompt_tokens_mean,
         r.ours.edit_generated_mean
+    );
+    println!(
+        "  during a repair           {:.1} / {:.1} ms  ({:.2}x / {:.2}x without)",
+        r.ours.edit_latency_during_repair_ms_p50,
+        r.ours.edit_latency_during_repair_ms_p95,
+        r.ours.repair_slowdown_p50,
+        r.ours.repair_slowdown_p95
     );
     println!(
         "peak RSS                    {:.1} MiB (end {:.1} MiB)",

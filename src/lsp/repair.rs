@@ -235,7 +235,7 @@ impl Server {
                     RepairSettings::default(),
                 )
             };
-            star.repair(&failures, &guards)
+            crate::env::in_background(|| star.repair(&failures, &guards))
         })
         .await
         .map_err(|e| internal(e.to_string()))?
