@@ -1,6 +1,6 @@
-//! The developer's data through the real binary on a tiny random-weight model: the files are private,
-//! `star.forget` and `star-ls forget` wipe a workspace, and a repair beyond `maxPatches` is refused with
-//! a message.
+//! The developer's data through the real binary on a tiny random-weight model: the files are private, the
+//! server holds no socket, `star.forget` and `star-ls forget` wipe a workspace, and a repair beyond
+//! `maxPatches` is refused with a message.
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -73,6 +73,15 @@ fn forget_wipes_the_workspace_live_and_from_the_command_line() {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
         }
     }
+
+    // No network: after loading, completing and recording, the server holds no socket (its stdio are
+    // pipes; the store is a file).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", c.pid())).unwrap();
+    let sockets: Vec<_> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .collect();
+    assert!(sockets.is_empty(), "the server holds sockets: {sockets:?}");
 
     let gone = c.call(
         "workspace/executeCommand",
