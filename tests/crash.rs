@@ -793,53 +793,51 @@ fn still_serving(c: &mut Client, uri: &str, lines: &mut u32, kind: &str, data: &
     assert_eq!(store_warnings(c).len(), 1, "reported once");
 }
 
-#[test]
-fn a_full_disk_is_reported_once_and_completions_go_on() {
-    // The data directory on a 256 KiB tmpfs: the store fills it within a few completions.
-    let data = scratch_dir("full");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut c = start_namespaced(
-        "mount -t tmpfs -o size=256k,mode=700 tmpfs \"$1\" && exec \"$0\" serve",
-        &data,
-    );
-    let uri = "file:///w/full.py";
+/// Starts the server under `script` with its data in `data`, completes until the store's trouble is
+/// reported (within `within` completions), and checks it names `kind` and keeps serving.
+fn reported_and_serving(script: &str, data: &Path, within: u32, kind: &str) {
+    let mut c = start_namespaced(script, data);
+    let uri = "file:///w/trouble.py";
     c.open(uri, "");
     let mut lines = 0;
-    complete_until_warned(&mut c, uri, &mut lines, 60);
-    let status = c.status();
-    eprintln!("full after {lines} completions: {status}");
-    still_serving(&mut c, uri, &mut lines, "disk full", &data);
+    complete_until_warned(&mut c, uri, &mut lines, within);
+    still_serving(&mut c, uri, &mut lines, kind, data);
     c.shutdown();
+}
 
+#[test]
+fn a_full_disk_is_reported_once_and_completions_go_on() {
+    let data = scratch_dir("full");
+    std::fs::create_dir_all(&data).unwrap();
+    // A 256 KiB tmpfs: the store fills it within a few completions.
+    reported_and_serving(
+        "mount -t tmpfs -o size=256k,mode=700 tmpfs \"$1\" && exec \"$0\" serve",
+        &data,
+        60,
+        "disk full",
+    );
     // Full from the start: no room even to create the store.
-    let mut c = start_namespaced(
+    reported_and_serving(
         "mount -t tmpfs -o size=64k,mode=700 tmpfs \"$1\" \
          && { head -c 1M /dev/zero > \"$1/filler\" 2>/dev/null; exec \"$0\" serve; }",
         &data,
+        5,
+        "disk full",
     );
-    c.open(uri, "");
-    let mut lines = 0;
-    complete_until_warned(&mut c, uri, &mut lines, 5);
-    still_serving(&mut c, uri, &mut lines, "disk full", &data);
-    c.shutdown();
     let _ = std::fs::remove_dir_all(&data);
 }
 
 #[test]
 fn a_read_only_data_dir_is_reported_once_and_completions_go_on() {
-    let uri = "file:///w/ro.py";
     // An empty read-only file system.
     let data = scratch_dir("ro-empty");
     std::fs::create_dir_all(&data).unwrap();
-    let mut c = start_namespaced(
+    reported_and_serving(
         "mount -t tmpfs -o ro tmpfs \"$1\" && exec \"$0\" serve",
         &data,
+        5,
+        "read-only",
     );
-    c.open(uri, "");
-    let mut lines = 0;
-    complete_until_warned(&mut c, uri, &mut lines, 5);
-    still_serving(&mut c, uri, &mut lines, "read-only", &data);
-    c.shutdown();
     let _ = std::fs::remove_dir_all(&data);
 
     // A store with cases in it, its directory then bound read-only onto itself.
@@ -849,19 +847,17 @@ fn a_read_only_data_dir_is_reported_once_and_completions_go_on() {
         options(),
         &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
     );
+    let uri = "file:///w/ro.py";
     c.open(uri, "");
     let mut lines = 0;
     complete_until_warned(&mut c, uri, &mut lines, 3);
     assert!(store_warnings(&c).is_empty());
     c.shutdown();
-    let mut c = start_namespaced(
+    reported_and_serving(
         "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && exec \"$0\" serve",
         &data,
+        5,
+        "read-only",
     );
-    c.open(uri, "");
-    let mut lines = 0;
-    complete_until_warned(&mut c, uri, &mut lines, 5);
-    still_serving(&mut c, uri, &mut lines, "read-only", &data);
-    c.shutdown();
     let _ = std::fs::remove_dir_all(&data);
 }
