@@ -133,16 +133,26 @@ fn a_planted_failure_is_found_and_repaired() {
     assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
     let out_patches = out.patches;
 
-    // Iterative mode (METHOD.md: token by token, left to right) reaches the same line.
-    let iterative = RepairSettings {
-        mode: star_ls::repair::Mode::Iterative,
-        ..settings()
-    };
-    let out = Star::new(&m.weights, &m.tokenizer, &head, iterative)
-        .repair(std::slice::from_ref(&failure), &[])
-        .unwrap();
-    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
-    assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+    // Iterative mode (METHOD.md: token by token, left to right), and the paper's literal recipe (layers
+    // by occlusion, one analytical solve), reach the same line.
+    let variants = [
+        RepairSettings {
+            mode: star_ls::repair::Mode::Iterative,
+            ..settings()
+        },
+        RepairSettings {
+            locate: star_ls::repair::Locate::Occlusion,
+            solves: 1,
+            ..settings()
+        },
+    ];
+    for variant in variants {
+        let out = Star::new(&m.weights, &m.tokenizer, &head, variant)
+            .repair(std::slice::from_ref(&failure), &[])
+            .unwrap();
+        assert_eq!((out.failures, out.fixed), (1, 1), "{variant:?}: {out:?}");
+        assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+    }
 
     // A case that already passes needs nothing.
     let out = star.repair(&[self_completed(&m)], &[]).unwrap();

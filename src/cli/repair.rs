@@ -87,7 +87,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let report = json!({
         "method": o.method, "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
         "guardAfter": outcome.guard_after, "layers": outcome.layers,
-        "neuronsPerLayer": outcome.neurons_per_layer, "steps": outcome.steps,
+        "neuronsPerLayer": outcome.neurons_per_layer, "steps": outcome.steps, "solves": outcome.solves,
         "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows,
     });
     if o.json {

@@ -351,6 +351,7 @@ impl Protocol<'_> {
             repair_rss_mb: (peak - rss_before).max(0.0),
             layers: Vec::new(),
             steps: 0,
+            solves: 0,
         };
         let set = match result {
             Ok(Ok(outcome)) => self.judge(&bounded, outcome, &mut record)?,
@@ -418,6 +419,7 @@ impl Protocol<'_> {
     ) -> candle_core::Result<Option<PatchSet>> {
         record.layers = outcome.layers.clone();
         record.steps = outcome.steps;
+        record.solves = outcome.solves;
         if outcome.patches.is_empty() {
             record.status = Status::Refused;
             record.message = outcome.refused;

@@ -91,7 +91,9 @@ pub struct RepairRecord {
     pub peak_rss_mb: f64,
     pub repair_rss_mb: f64,
     pub layers: Vec<usize>,
+    /// Guided (or SGD) steps, and analytical solves (STAR's).
     pub steps: usize,
+    pub solves: usize,
 }
 
 impl Report {

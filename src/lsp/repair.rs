@@ -250,6 +250,7 @@ impl Server {
             "layers": outcome.layers,
             "neuronsPerLayer": outcome.neurons_per_layer,
             "steps": outcome.steps,
+            "solves": outcome.solves,
             "refused": outcome.refused,
         });
         if outcome.patches.is_empty() {

@@ -85,7 +85,7 @@ pub(super) fn mint(
             .steers(std::slice::from_ref(scored), one, at, 1)?
             .get(0)?;
         // Scored once on the unpatched layers: the candidates are the same for every patch.
-        let (scores, _) = star.attribution(batch, &[i], &layers)?;
+        let scores = star.attribution(batch, &[i], &layers)?.scores;
         let mut candidates: Vec<(usize, u32, f32)> = scores
             .iter()
             .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))

@@ -30,12 +30,17 @@ pub struct RepairSettings {
     pub context: ContextLimits,
     /// The top fraction of layers that may be patched (candidates for occlusion).
     pub candidate_fraction: f32,
-    /// Layers patched, chosen among the candidates by occlusion.
+    /// How the patched layers are chosen among the candidates.
+    pub locate: Locate,
+    /// Layers patched.
     pub layers: usize,
     /// Fraction of a layer's neurons patched, chosen by attribution.
     pub neuron_fraction: f32,
     /// How far past the model's token the steer pushes the developer's, in logits.
     pub margin: f32,
+    /// Analytical solves before the guided steps: each after the first re-solves, from a forward pass
+    /// under the patch so far, for the positions still failing.
+    pub solves: usize,
     /// `η` of the guided update `W ← W − η·|P| ⊙ sign(∇W)`.
     pub step: f32,
     pub max_steps: usize,
@@ -47,6 +52,18 @@ pub struct RepairSettings {
     pub max_guard_drop: f32,
     /// The SGD baseline's learning rate (its epochs are `max_steps`).
     pub sgd_learning_rate: f32,
+}
+
+/// How layers are ranked for patching (METHOD.md step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Locate {
+    /// Each candidate layer's MLP skipped in turn, the failures' loss re-measured: a forward pass of the
+    /// layers above per candidate and case.
+    Occlusion,
+    /// Occlusion to first order, `|Σ ∂CE/∂z ⊙ z|`, from the one backward pass per case that also
+    /// gives every candidate neuron's attribution.
+    Gradient,
 }
 
 /// METHOD.md's two modes of guided optimization.
@@ -68,9 +85,11 @@ impl Default for RepairSettings {
                 suffix_tokens: 64,
             },
             candidate_fraction: 0.25,
+            locate: Locate::Gradient,
             layers: 3,
             neuron_fraction: 0.05,
             margin: 1.0,
+            solves: 3,
             step: 0.2,
             max_steps: 10,
             mode: Mode::Batch,

@@ -9,7 +9,7 @@ use super::steer::{row_rms, Head};
 use super::targets::{
     greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
 };
-use super::{linalg, Mode, RepairSettings};
+use super::{linalg, Locate, Mode, RepairSettings};
 use crate::completion::fim_prompt;
 use crate::model::{
     Capture, DecoderLayer, Hooks, KvCache, LayerPatch, PatchSet, Prompt, Qwen2, Tokenizer,
@@ -32,7 +32,10 @@ pub struct RepairOutcome {
     pub guard_after: f32,
     pub layers: Vec<usize>,
     pub neurons_per_layer: usize,
+    /// Guided steps taken.
     pub steps: usize,
+    /// Analytical solves made (STAR's; 0 for the baselines).
+    pub solves: usize,
     pub seconds: f64,
     /// Why no patch came out although there were failures.
     pub refused: Option<String>,
@@ -110,6 +113,17 @@ pub(super) type PerLayer<T> = BTreeMap<usize, T>;
 struct Selection {
     columns: BTreeMap<usize, Vec<u32>>,
     z: BTreeMap<usize, Tensor>,
+}
+
+/// Neuron attribution over some cases, per layer.
+pub(super) struct Attribution {
+    /// `|∂CE/∂z ⊙ z|` summed over the failure positions `(intermediate,)`.
+    pub scores: PerLayer<Vec<f32>>,
+    /// `z` at the failure positions `(positions, intermediate)`.
+    failing: PerLayer<Tensor>,
+    /// `Σ ∂CE/∂z ⊙ z` over every row and neuron: to first order, how much the loss would rise if the
+    /// layer's MLP output were zeroed (occlusion, linearized).
+    effect: PerLayer<f32>,
 }
 
 /// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
@@ -320,8 +334,36 @@ impl<'a> Star<'a> {
             .collect())
     }
 
+    /// STAR's layers, by `settings.locate`; with the gradient, the attribution of every candidate
+    /// layer's neurons comes with them.
+    fn locate_layers(&self, batch: &Batch) -> Result<(Vec<usize>, Option<Attribution>)> {
+        match self.settings.locate {
+            Locate::Occlusion => Ok((self.occlusion(batch)?, None)),
+            Locate::Gradient => {
+                let all: Vec<usize> = (0..batch.cases.len()).collect();
+                let candidates: Vec<usize> =
+                    (batch.first..batch.first + batch.dense.len()).collect();
+                let found = self.attribution(batch, &all, &candidates)?;
+                let effects = found.effect.iter().map(|(l, e)| (*l, e.abs())).collect();
+                Ok((self.top_layers(effects), Some(found)))
+            }
+        }
+    }
+
+    /// The `settings.layers` layers of largest effect, in order.
+    fn top_layers(&self, mut effects: Vec<(usize, f32)>) -> Vec<usize> {
+        effects.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut layers: Vec<usize> = effects
+            .iter()
+            .take(self.settings.layers.max(1))
+            .map(|(l, _)| *l)
+            .collect();
+        layers.sort_unstable();
+        layers
+    }
+
     /// Layers ranked by MLP occlusion: how far skipping a layer's MLP moves the failures' loss.
-    fn locate_layers(&self, batch: &Batch) -> Result<Vec<usize>> {
+    fn occlusion(&self, batch: &Batch) -> Result<Vec<usize>> {
         let Batch {
             first,
             dense,
@@ -357,30 +399,27 @@ impl<'a> Star<'a> {
             self.checkpoint()?;
             effects.push((l, (loss_with(l)? - base).abs()));
         }
-        effects.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let mut layers: Vec<usize> = effects
-            .iter()
-            .take(self.settings.layers.max(1))
-            .map(|(l, _)| *l)
-            .collect();
-        layers.sort_unstable();
-        Ok(layers)
+        Ok(self.top_layers(effects))
     }
 
-    /// Every neuron's attribution `|∂CE/∂z ⊙ z|` summed over the failure positions, per layer; and the
-    /// activations `z` at those positions `(positions, intermediate)`, per layer.
+    /// Every neuron's attribution `|∂CE/∂z ⊙ z|` summed over the failure positions of cases `which`, per
+    /// layer, with the activations at those positions.
     pub(super) fn attribution(
         &self,
         batch: &Batch,
         which: &[usize],
         layers: &[usize],
-    ) -> Result<(PerLayer<Vec<f32>>, PerLayer<Tensor>)> {
+    ) -> Result<Attribution> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        let mut effect: PerLayer<f32> = BTreeMap::new();
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         for &i in which {
             self.checkpoint()?;
             let (case, rows) = (&batch.cases[i], &batch.failing[i]);
+            if rows.is_empty() {
+                continue; // right under teacher forcing: no loss to attribute
+            }
             let seq = case.residual.dim(0)?;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
@@ -403,42 +442,45 @@ impl<'a> Star<'a> {
             )?;
             // Only the failure positions drive attribution.
             let grads = scored.loss(rows, &self.head.weight)?.backward()?;
-            let seq_rows: Vec<u32> = rows.iter().map(|&i| case.tf.row(i) as u32).collect();
-            let seq_rows = Tensor::new(seq_rows.as_slice(), &Device::Cpu)?;
+            let failing_rows: Vec<u32> = rows.iter().map(|&i| case.tf.row(i) as u32).collect();
+            let failing_rows = Tensor::new(failing_rows.as_slice(), &Device::Cpu)?;
             for &l in layers {
-                let z = capture.neurons[&l].detach().index_select(&seq_rows, 0)?;
-                let g = grads
-                    .get(vars[&l].as_tensor())
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg("no gradient for a neuron probe".into())
-                    })?
-                    .index_select(&seq_rows, 0)?;
-                let score = (g * &z)?.abs()?.sum(0)?;
+                let z = capture.neurons[&l].detach();
+                let g = grads.get(vars[&l].as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg("no gradient for a neuron probe".into())
+                })?;
+                *effect.entry(l).or_default() += (g * &z)?.sum_all()?.to_scalar::<f32>()?;
+                let g = g.index_select(&failing_rows, 0)?;
+                let at = z.index_select(&failing_rows, 0)?;
+                let score = (g * &at)?.abs()?.sum(0)?;
                 let total = match attribution.remove(&l) {
                     Some(t) => (t + score)?,
                     None => score,
                 };
                 attribution.insert(l, total);
-                at_failures.entry(l).or_default().push(z);
+                at_failures.entry(l).or_default().push(at);
             }
         }
-        let mut scores = BTreeMap::new();
-        let mut z = BTreeMap::new();
+        let mut out = Attribution {
+            scores: BTreeMap::new(),
+            failing: BTreeMap::new(),
+            effect,
+        };
         for (l, total) in attribution {
-            scores.insert(l, total.to_vec1()?);
-            z.insert(l, Tensor::cat(&at_failures[&l], 0)?);
+            out.scores.insert(l, total.to_vec1()?);
+            out.failing.insert(l, Tensor::cat(&at_failures[&l], 0)?);
         }
-        Ok((scores, z))
+        Ok(out)
     }
 
     /// STAR's neurons: the top `neuron_fraction` of each layer by attribution, with their activations at
     /// the failure positions.
-    fn select_neurons(&self, batch: &Batch, layers: &[usize]) -> Result<Selection> {
-        let all: Vec<usize> = (0..batch.cases.len()).collect();
-        let (attribution, at_failures) = self.attribution(batch, &all, layers)?;
-        let mut columns = BTreeMap::new();
-        let mut z = BTreeMap::new();
-        for (l, scores) in attribution {
+    fn select_neurons(&self, found: Attribution) -> Result<Selection> {
+        let mut selection = Selection {
+            columns: BTreeMap::new(),
+            z: BTreeMap::new(),
+        };
+        for (l, scores) in found.scores {
             let k = ((scores.len() as f32 * self.settings.neuron_fraction).ceil() as usize)
                 .clamp(1, scores.len());
             let mut order: Vec<u32> = (0..scores.len() as u32).collect();
@@ -446,38 +488,78 @@ impl<'a> Star<'a> {
             order.truncate(k);
             order.sort_unstable();
             let idx = Tensor::new(order.as_slice(), &Device::Cpu)?;
-            z.insert(l, at_failures[&l].index_select(&idx, 1)?);
-            columns.insert(l, order);
+            let z = found.failing[&l].index_select(&idx, 1)?;
+            selection.z.insert(l, z);
+            selection.columns.insert(l, order);
         }
-        Ok(Selection { columns, z })
+        Ok(selection)
     }
 
-    /// The steers `S` `(positions, hidden)` of all failure positions, each split across `parts` layers.
+    /// The steers `S` `(positions, hidden)` of the given positions of each case, each pushing the
+    /// developer's token past its rival and split across `parts` layers.
     pub(super) fn steers(
         &self,
         cases: &[Scored],
         prepared: &[Prepared],
-        failing: &[Vec<usize>],
+        positions: &[Vec<usize>],
         parts: usize,
     ) -> Result<Tensor> {
         let mut rows = Vec::new();
-        for ((scored, case), positions) in cases.iter().zip(prepared).zip(failing) {
-            let top: Vec<u32> = scored.logits.argmax(D::Minus1)?.to_vec1()?;
+        for ((scored, case), positions) in cases.iter().zip(prepared).zip(positions) {
             for &i in positions {
                 let logits: Vec<f32> = scored.logits.get(i)?.to_vec1()?;
-                let s = self.head.steer(
-                    top[i],
-                    case.tf.target[i],
-                    &logits,
-                    scored.rms[i],
-                    self.settings.margin,
-                )?;
+                let want = case.tf.target[i];
+                let s = match self.rival(&logits, want) {
+                    Some(rival) => self.head.steer(
+                        rival,
+                        want,
+                        &logits,
+                        scored.rms[i],
+                        self.settings.margin,
+                    )?,
+                    None => vec![0.0; self.head.weight.dim(1)?],
+                };
                 rows.push(
                     Tensor::new(s.as_slice(), &Device::Cpu)?.affine(1.0 / parts as f64, 0.0)?,
                 );
             }
         }
         Tensor::stack(&rows, 0)
+    }
+
+    /// The best-scoring token that would change the line if chosen instead of `want` (at a failure
+    /// position, the model's own top-1), among the top few; `None` when they all keep the line.
+    fn rival(&self, logits: &[f32], want: u32) -> Option<u32> {
+        const LOOK: usize = 8;
+        let mut top: Vec<u32> = Vec::with_capacity(LOOK + 1);
+        for (t, v) in logits.iter().enumerate() {
+            if top.len() == LOOK && *v <= logits[top[LOOK - 1] as usize] {
+                continue;
+            }
+            let at = top.partition_point(|&u| logits[u as usize] >= *v);
+            top.insert(at, t as u32);
+            top.truncate(LOOK);
+        }
+        top.into_iter()
+            .find(|&t| !same_line(self.tokenizer, t, want))
+    }
+
+    /// Target positions not yet settled: where the developer's token does not lead its rival by half
+    /// the margin. A fix that only just tips the argmax in the dense f32 copy can tip back in the
+    /// quantized serving model, so the re-solves aim for a lead the quantization cannot undo.
+    fn unsettled(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(rows
+            .iter()
+            .zip(&case.tf.target)
+            .enumerate()
+            .filter(|(_, (row, want))| {
+                self.rival(row, **want).is_some_and(|r| {
+                    row[**want as usize] - row[r as usize] < self.settings.margin / 2.0
+                })
+            })
+            .map(|(i, _)| i)
+            .collect())
     }
 
     /// The guard activations `(positions, intermediate)` per layer, at every target row of the guards.
@@ -579,6 +661,7 @@ impl<'a> Star<'a> {
             layers: Vec::new(),
             neurons_per_layer: 0,
             steps: 0,
+            solves: 0,
             seconds: 0.0,
             refused: None,
         };
@@ -609,10 +692,11 @@ impl<'a> Star<'a> {
             inputs,
         };
         let t_scored = t0.elapsed().as_secs_f64();
-        outcome.layers = self.locate_layers(&batch)?;
+        let (layers, found) = self.locate_layers(&batch)?;
+        outcome.layers = layers;
         let t_located = t0.elapsed().as_secs_f64();
         let patches = match method {
-            Method::Star => self.star_patches(&batch, &guard_checks, &mut outcome)?,
+            Method::Star => self.star_patches(&batch, found, &guard_checks, &mut outcome)?,
             Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
             Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?,
         };
@@ -625,6 +709,7 @@ impl<'a> Star<'a> {
             patched = t_patched - t_located,
             verdict = t0.elapsed().as_secs_f64() - t_patched,
             steps = outcome.steps,
+            solves = outcome.solves,
             "repair phases, seconds"
         );
         outcome.seconds = t0.elapsed().as_secs_f64();
@@ -636,6 +721,7 @@ impl<'a> Star<'a> {
     fn star_patches(
         &self,
         batch: &Batch,
+        found: Option<Attribution>,
         guards: &[(&Case, Checked)],
         outcome: &mut RepairOutcome,
     ) -> Result<Vec<(usize, LayerPatch)>> {
@@ -648,7 +734,18 @@ impl<'a> Star<'a> {
             ..
         } = batch;
         let (first, layers) = (*first, outcome.layers.clone());
-        let Selection { columns, z } = self.select_neurons(batch, &layers)?;
+        let found = match found {
+            Some(mut f) => {
+                f.failing.retain(|l, _| layers.contains(l));
+                f.scores.retain(|l, _| layers.contains(l));
+                f
+            }
+            None => {
+                let all: Vec<usize> = (0..cases.len()).collect();
+                self.attribution(batch, &all, &layers)?
+            }
+        };
+        let Selection { columns, z } = self.select_neurons(found)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
@@ -665,14 +762,19 @@ impl<'a> Star<'a> {
                 guard_span.insert(*l, g[l].index_select(&idx, 1)?);
             }
         }
-        let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
-            Some(g) => project_off(&p, g),
-            None => Ok(p),
+        let solve = |l: usize, z: &Tensor, s: &Tensor| {
+            let p = solve_patch(z, s)?;
+            match guard_span.get(&l) {
+                Some(g) => project_off(&p, g),
+                None => Ok(p),
+            }
         };
         let mut priors = BTreeMap::new();
         for &l in &layers {
-            priors.insert(l, off_guards(l, solve_patch(&z[&l], &steers)?)?);
+            priors.insert(l, solve(l, &z[&l], &steers)?);
         }
+        outcome.solves = 1;
+        self.resolve(batch, &columns, &mut priors, outcome, &solve)?;
 
         // Guided optimization from the analytical patch, until every failure position is fixed.
         let deltas: BTreeMap<usize, Var> = priors
@@ -682,9 +784,78 @@ impl<'a> Star<'a> {
         let columns = &columns;
         let optimized = self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
             let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
-            d.set(&(d.as_tensor() - off_guards(l, update)?)?)
+            let update = match guard_span.get(&l) {
+                Some(g) => project_off(&update, g)?,
+                None => update,
+            };
+            d.set(&(d.as_tensor() - update)?)
         })?;
         Ok(optimized)
+    }
+
+    /// The analytical step again, up to `solves` times in all, on what is not settled yet: the cases
+    /// run forward under the patches so far (no gradients), and each patch gains the solve for the
+    /// steers of the unsettled positions, at their current activations. Forward passes only, where a
+    /// guided step pays a backward as well. Stops early once a pass finds everything settled (the
+    /// guided steps then check the failure positions again and stop at once).
+    fn resolve(
+        &self,
+        batch: &Batch,
+        columns: &BTreeMap<usize, Vec<u32>>,
+        patches: &mut BTreeMap<usize, Tensor>,
+        outcome: &mut RepairOutcome,
+        solve: &dyn Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let layers: Vec<usize> = patches.keys().copied().collect();
+        let lo = layers.iter().copied().min().unwrap_or(batch.first);
+        while outcome.solves < self.settings.solves {
+            self.checkpoint()?;
+            let current: Vec<(usize, LayerPatch)> = patches
+                .iter()
+                .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
+                .collect::<Result<_>>()?;
+            let set = super::overlay_of(&current)?;
+            let (mut scored, mut failing) = (Vec::new(), Vec::new());
+            let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+            for (i, case) in batch.cases.iter().enumerate() {
+                let mut capture = Capture::layers(layers.iter().copied());
+                let s = batch.score_from(
+                    self,
+                    lo,
+                    i,
+                    &mut Hooks {
+                        patches: Some(&set),
+                        capture: Some(&mut capture),
+                        ..Hooks::default()
+                    },
+                )?;
+                let wrong = self.unsettled(case, &s.logits)?;
+                if !wrong.is_empty() {
+                    let rows: Vec<u32> = wrong.iter().map(|&p| case.tf.row(p) as u32).collect();
+                    let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+                    for &l in &layers {
+                        let cols = Tensor::new(columns[&l].as_slice(), &Device::Cpu)?;
+                        let at = capture.neurons[&l].index_select(&rows, 0)?;
+                        z.entry(l).or_default().push(at.index_select(&cols, 1)?);
+                    }
+                }
+                failing.push(wrong);
+                scored.push(s);
+            }
+            let unsettled: usize = failing.iter().map(Vec::len).sum();
+            tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
+            if unsettled == 0 {
+                return Ok(());
+            }
+            let steers = self.steers(&scored, &batch.cases, &failing, layers.len())?;
+            for &l in &layers {
+                let more = solve(l, &Tensor::cat(&z[&l], 0)?, &steers)?;
+                let sum = (&patches[&l] + more)?;
+                patches.insert(l, sum);
+            }
+            outcome.solves += 1;
+        }
+        Ok(())
     }
 
     /// Steps `deltas` (one per layer, on `columns`) with `update` until every failure position of the
