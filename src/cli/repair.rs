@@ -105,7 +105,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} steps; {:.1} s{}",
+        "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} solves, {} steps; {:.1} s{}",
         o.method,
         outcome.fixed,
         outcome.failures,
@@ -113,6 +113,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         outcome.guard_after,
         outcome.layers,
         outcome.neurons_per_layer,
+        outcome.solves,
         outcome.steps,
         outcome.seconds,
         outcome.refused.map(|r| format!("; refused: {r}")).unwrap_or_default()
