@@ -18,8 +18,11 @@ import time
 class Lsp:
     def __init__(self, binary, model):
         env = {"STAR_LS_MODEL": model, "STAR_LS_LOG": "warn", "PATH": "/usr/bin:/bin"}
-        if "STAR_LS_DATA_DIR" in os.environ:
-            env["STAR_LS_DATA_DIR"] = os.environ["STAR_LS_DATA_DIR"]
+        # Where the server keeps its data and caches (the LM head's factor): as for any other run, never
+        # the working directory, which is where star-ls falls back to without HOME.
+        for var in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "STAR_LS_CACHE_DIR", "STAR_LS_DATA_DIR"):
+            if var in os.environ:
+                env[var] = os.environ[var]
         self.p = subprocess.Popen([binary, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.next_id = 0
 
