@@ -68,7 +68,7 @@ enum Command {
     Eval {
         #[arg(long)]
         cases: PathBuf,
-        /// star, mint, sgd, or all.
+        /// star, mint, sgd, a comma-separated list of them (star,sgd), or all.
         #[arg(long, default_value = "all", value_parser = parse_methods)]
         method: Methods,
         #[arg(long)]
@@ -147,7 +147,15 @@ fn parse_methods(s: &str) -> Result<Methods, String> {
     use star_ls::repair::Method;
     match s {
         "all" => Ok(Methods(vec![Method::Star, Method::Mint, Method::Sgd])),
-        one => parse_method(one).map(|m| Methods(vec![m])),
+        list => {
+            let mut methods = list
+                .split(',')
+                .map(|m| parse_method(m.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            methods.sort_unstable();
+            methods.dedup();
+            Ok(Methods(methods))
+        }
     }
 }
 

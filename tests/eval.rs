@@ -162,4 +162,28 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         let svg = std::fs::read_to_string(plots.join(chart)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("star"), "{chart}");
     }
+
+    // A list of methods runs just those; an unknown one in it is refused.
+    let run = |methods: &str| {
+        Command::new(env!("CARGO_BIN_EXE_star-ls"))
+            .args(["eval", "--cases"])
+            .arg(&file)
+            .args(["--method", methods, "--repair-settings", settings, "--json"])
+            .arg(&json)
+            .env("STAR_LS_MODEL", &model_path)
+            .output()
+            .expect("running star-ls eval")
+    };
+    let out = run("sgd,star");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let methods: Vec<&String> = report["methods"].as_object().unwrap().keys().collect();
+    assert_eq!(methods, ["sgd", "star"], "{report}");
+    let out = run("star,adam");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adam"));
 }
