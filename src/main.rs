@@ -82,8 +82,9 @@ enum Command {
         /// Size of the specificity sample.
         #[arg(long, default_value_t = 40)]
         sample: usize,
-        /// Passing cases given to every repair as guards (0: none).
-        #[arg(long, default_value_t = 0)]
+        /// Passing cases given to every repair as guards, as the server guards its repairs with
+        /// accepted completions (0: none).
+        #[arg(long, default_value_t = 8)]
         guards: usize,
         /// Seconds after which a repair is stopped and reported as timed out.
         #[arg(long, default_value_t = 600)]

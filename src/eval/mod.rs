@@ -26,7 +26,8 @@ pub struct EvalOptions {
     pub methods: Vec<Method>,
     /// Size of the seeded specificity sample (CONTRACT.md: default 40).
     pub sample: usize,
-    /// Passing cases (outside the sample) given to every repair as its guard set; 0 for none.
+    /// Passing cases (outside the sample) given to every repair as its guard set, as the server gives
+    /// its accepted completions; 0 for none.
     pub guards: usize,
     pub seed: u64,
     /// A repair still running after this is stopped at its next step and reported as timed out.
@@ -41,7 +42,7 @@ impl Default for EvalOptions {
         Self {
             methods: vec![Method::Star, Method::Mint, Method::Sgd],
             sample: 40,
-            guards: 0,
+            guards: 8,
             seed: 0,
             timeout: Duration::from_secs(600),
             cumulative_points: 8,

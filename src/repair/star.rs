@@ -815,7 +815,7 @@ impl<'a> Star<'a> {
                 .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
                 .collect::<Result<_>>()?;
             let set = super::overlay_of(&current)?;
-            let (mut scored, mut failing) = (Vec::new(), Vec::new());
+            let (mut scored, mut open) = (Vec::new(), Vec::new());
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
             for (i, case) in batch.cases.iter().enumerate() {
                 let mut capture = Capture::layers(layers.iter().copied());
@@ -829,9 +829,9 @@ impl<'a> Star<'a> {
                         ..Hooks::default()
                     },
                 )?;
-                let wrong = self.unsettled(case, &s.logits)?;
-                if !wrong.is_empty() {
-                    let rows: Vec<u32> = wrong.iter().map(|&p| case.tf.row(p) as u32).collect();
+                let positions = self.unsettled(case, &s.logits)?;
+                if !positions.is_empty() {
+                    let rows: Vec<u32> = positions.iter().map(|&p| case.tf.row(p) as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
                     for &l in &layers {
                         let cols = Tensor::new(columns[&l].as_slice(), &Device::Cpu)?;
@@ -839,15 +839,15 @@ impl<'a> Star<'a> {
                         z.entry(l).or_default().push(at.index_select(&cols, 1)?);
                     }
                 }
-                failing.push(wrong);
+                open.push(positions);
                 scored.push(s);
             }
-            let unsettled: usize = failing.iter().map(Vec::len).sum();
+            let unsettled: usize = open.iter().map(Vec::len).sum();
             tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
             if unsettled == 0 {
                 return Ok(());
             }
-            let steers = self.steers(&scored, &batch.cases, &failing, layers.len())?;
+            let steers = self.steers(&scored, &batch.cases, &open, layers.len())?;
             for &l in &layers {
                 let more = solve(l, &Tensor::cat(&z[&l], 0)?, &steers)?;
                 let sum = (&patches[&l] + more)?;
