@@ -762,13 +762,11 @@ impl<'a> Star<'a> {
                 guard_span.insert(*l, g[l].index_select(&idx, 1)?);
             }
         }
-        let solve = |l: usize, z: &Tensor, s: &Tensor| {
-            let p = solve_patch(z, s)?;
-            match guard_span.get(&l) {
-                Some(g) => project_off(&p, g),
-                None => Ok(p),
-            }
+        let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
+            Some(g) => project_off(&p, g),
+            None => Ok(p),
         };
+        let solve = |l: usize, z: &Tensor, s: &Tensor| off_guards(l, solve_patch(z, s)?);
         let mut priors = BTreeMap::new();
         for &l in &layers {
             priors.insert(l, solve(l, &z[&l], &steers)?);
@@ -784,11 +782,7 @@ impl<'a> Star<'a> {
         let columns = &columns;
         let optimized = self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
             let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
-            let update = match guard_span.get(&l) {
-                Some(g) => project_off(&update, g)?,
-                None => update,
-            };
-            d.set(&(d.as_tensor() - update)?)
+            d.set(&(d.as_tensor() - off_guards(l, update)?)?)
         })?;
         Ok(optimized)
     }
@@ -808,6 +802,10 @@ impl<'a> Star<'a> {
     ) -> Result<()> {
         let layers: Vec<usize> = patches.keys().copied().collect();
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
+        let cols: BTreeMap<usize, Tensor> = layers
+            .iter()
+            .map(|&l| Ok((l, Tensor::new(columns[&l].as_slice(), &Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         while outcome.solves < self.settings.solves {
             self.checkpoint()?;
             let current: Vec<(usize, LayerPatch)> = patches
@@ -834,9 +832,8 @@ impl<'a> Star<'a> {
                     let rows: Vec<u32> = positions.iter().map(|&p| case.tf.row(p) as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
                     for &l in &layers {
-                        let cols = Tensor::new(columns[&l].as_slice(), &Device::Cpu)?;
                         let at = capture.neurons[&l].index_select(&rows, 0)?;
-                        z.entry(l).or_default().push(at.index_select(&cols, 1)?);
+                        z.entry(l).or_default().push(at.index_select(&cols[&l], 1)?);
                     }
                 }
                 open.push(positions);
