@@ -355,7 +355,7 @@ impl Protocol<'_> {
             solves: 0,
         };
         let set = match result {
-            Ok(Ok(outcome)) => self.judge(&bounded, outcome, &mut record)?,
+            Ok(Ok(outcome)) => self.judge(&bounded, outcome, &failures, &mut record)?,
             Ok(Err(e)) => {
                 record.status = match timed_out.load(std::sync::atomic::Ordering::SeqCst) {
                     true => Status::TimedOut,
@@ -411,11 +411,13 @@ impl Protocol<'_> {
     }
 
     /// A finished repair's patches (if the method kept one) as the overlay to measure, and its
-    /// effectiveness by the verdict's own greedy completions on the serving model.
+    /// effectiveness: the repaired cases whose greedy completion on the serving model is now the
+    /// developer's line (the repair's own verdict only teacher-forces them).
     fn judge(
         &self,
         star: &Star,
         outcome: RepairOutcome,
+        repaired: &[Case],
         record: &mut RepairRecord,
     ) -> candle_core::Result<Option<PatchSet>> {
         record.layers = outcome.layers.clone();
@@ -426,8 +428,12 @@ impl Protocol<'_> {
             record.message = outcome.refused;
             return Ok(None);
         }
-        record.fixed = outcome.fixed;
-        star.served(&outcome.patches).map(Some)
+        let set = star.served(&outcome.patches)?;
+        for case in repaired {
+            let line = complete_case(self.model, self.tok, case, self.context, Some(&set))?;
+            record.fixed += passes(&line, case) as usize;
+        }
+        Ok(Some(set))
     }
 
     /// The accepted patches applied one after another to one model: after each (at most

@@ -769,30 +769,6 @@ impl Qwen2 {
         rms_norm(&x, &self.norm, self.config.rms_eps, true)
     }
 
-    /// Re-runs layers `first..` over `x`, the residual entering `first` at every position `cache` holds,
-    /// replacing those layers' keys and values: the cache then is as if its tokens had run under `hooks`,
-    /// when their patches sit at `first` or above. A greedy check under a new patch costs the top layers
-    /// of a prefill instead of all of them.
-    pub fn refill_from(
-        &self,
-        first: usize,
-        x: &Tensor,
-        cache: &mut KvCache,
-        hooks: &mut Hooks,
-    ) -> Result<()> {
-        let n = x.dim(0)?;
-        if n != cache.len() || cache.layers.len() != self.layers.len() {
-            candle_core::bail!("{n} residual rows for a cache of {} tokens", cache.len());
-        }
-        let span = Span::new(&self.rope, 0, n)?;
-        let mut x = x.clone();
-        for (i, layer) in self.layers.iter().enumerate().skip(first) {
-            cache.layers[i] = None;
-            x = layer.forward(i, &x, &span, &mut cache.layers[i], hooks)?;
-        }
-        Ok(())
-    }
-
     /// Final norm gain γ and the LM head as dense f32 (`vocab × hidden`), for the semantic steer.
     pub fn head_dense(&self) -> Result<(Tensor, Tensor)> {
         Ok((self.norm.clone(), self.lm_head.dense_weight()?))

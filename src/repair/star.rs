@@ -7,14 +7,14 @@
 
 use super::steer::{row_rms, Head};
 use super::targets::{
-    greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, TeacherForced,
+    same_line, teacher_forced, Case, TeacherForced,
 };
 use super::{linalg, Locate, Mode, RepairSettings};
-use crate::completion::fim_prompt;
+use crate::model::generate::{argmax, mask_to_heal};
 use crate::model::{
-    Capture, DecoderLayer, Hooks, KvCache, LayerPatch, PatchSet, Prompt, Qwen2, Tokenizer,
+    Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer,
 };
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -88,14 +88,10 @@ impl Batch {
     }
 }
 
-/// A case run once through the serving model with the live overlay: its prompt's keys and values, the
-/// residual entering the first candidate layer, and whether its greedy line already passes. A later
-/// greedy check under new patches (which sit at that layer or above) re-runs only the top layers.
-pub(super) struct Checked {
-    prompt: Prompt,
-    cache: KvCache,
-    /// `(prompt tokens, hidden)`.
-    residual: Tensor,
+/// A guard case after the frozen lower layers, and whether the serving model says it right before the
+/// repair.
+pub(super) struct Guard {
+    prepared: Prepared,
     passes: bool,
 }
 
@@ -206,78 +202,29 @@ impl<'a> Star<'a> {
         n - k
     }
 
-    /// The residual entering layer `first` at each of `tokens`, run after `cache` on the serving model
-    /// (with the live overlay).
-    fn residual_at(&self, tokens: &[u32], cache: &mut KvCache, first: usize) -> Result<Tensor> {
-        self.model
-            .residual_entering(first, tokens, cache, self.live)
+    /// A case run once through the serving model's frozen lower layers (with the live overlay): its
+    /// teacher-forced tokens and the residual entering layer `first` at each of them.
+    fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
+        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
+        let residual =
+            self.model
+                .residual_entering(first, &tf.tokens, &mut self.model.new_cache(), self.live)?;
+        Ok(Prepared { tf, residual })
     }
 
-    /// One prefill of the case's prompt on the serving model, kept, and its greedy line.
-    fn check(&self, case: &Case, first: usize) -> Result<Checked> {
-        let prompt = fim_prompt(
-            self.tokenizer,
-            &case.prefix,
-            &text_after_cursor(case),
-            self.settings.context,
-        );
-        let mut cache = self.model.new_cache();
-        let residual = self.residual_at(&prompt.tokens, &mut cache, first)?;
-        let g = greedy_case(
-            self.model,
-            self.tokenizer,
-            case,
-            &prompt,
-            &mut cache.clone(),
-            self.live,
-        )?;
-        Ok(Checked {
-            passes: passes(&g.text, case),
-            prompt,
-            cache,
-            residual,
-        })
-    }
-
-    /// Whether the case's greedy line is the developer's under `set` (the live overlay and new patches,
-    /// which sit at `first` or above): the top layers re-run over the kept prompt, then a decode.
-    fn passes_with(
-        &self,
-        case: &Case,
-        checked: &Checked,
-        first: usize,
-        set: &PatchSet,
-    ) -> Result<bool> {
-        let mut cache = checked.cache.clone();
-        self.model.refill_from(
+    /// Whether the serving model, under `set` (the live overlay and any new patches, all at `first` or
+    /// above), predicts the developer's line at every target position of `case`, end of line included:
+    /// one teacher-forced pass of the quantized top layers, where a greedy check would pay a decode of
+    /// the whole model per token. Eval measures effectiveness by greedy completions of its own.
+    fn says_target(&self, case: &Prepared, first: usize, set: &PatchSet) -> Result<bool> {
+        let normed = self.model.forward_from(
             first,
-            &checked.residual,
-            &mut cache,
+            &self.model.layers()[first..],
+            &case.residual,
             &mut Hooks::with_patches(set),
         )?;
-        let g = greedy_case(
-            self.model,
-            self.tokenizer,
-            case,
-            &checked.prompt,
-            &mut cache,
-            Some(set),
-        )?;
-        Ok(passes(&g.text, case))
-    }
-
-    /// A checked case with its target tokens run after the prompt: the residual at every position.
-    fn prepare(&self, case: &Case, checked: &Checked, first: usize) -> Result<Prepared> {
-        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
-        let fed = &tf.tokens[tf.prompt_len..];
-        let residual = match fed.is_empty() {
-            true => checked.residual.clone(),
-            false => {
-                let tail = self.residual_at(fed, &mut checked.cache.clone(), first)?;
-                Tensor::cat(&[&checked.residual, &tail], 0)?
-            }
-        };
-        Ok(Prepared { tf, residual })
+        let rows = normed.narrow(0, case.tf.row(0), case.tf.target.len())?;
+        Ok(self.failure_positions(case, &self.model.logits(&rows)?)?.is_empty())
     }
 
     /// Runs the dense upper layers over a prepared case and scores its target tokens.
@@ -322,14 +269,29 @@ impl<'a> Star<'a> {
         })
     }
 
+    /// A case's target-row logits as generation sees them: at the first positions, only tokens that
+    /// re-produce the healed bytes.
+    fn decisions(&self, tf: &TeacherForced, logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut consumed = 0;
+        for (row, want) in rows.iter_mut().zip(&tf.target) {
+            if consumed >= tf.heal.len() {
+                break;
+            }
+            mask_to_heal(self.tokenizer, row, &tf.heal[consumed..]);
+            consumed += self.tokenizer.token_bytes(*want).len();
+        }
+        Ok(rows)
+    }
+
     /// STAR's failure positions: target indices whose top-1 token would change the line.
     pub(super) fn failure_positions(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
-        let top: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-        Ok(top
+        Ok(self
+            .decisions(&case.tf, logits)?
             .iter()
             .zip(&case.tf.target)
             .enumerate()
-            .filter(|(_, (got, want))| !same_line(self.tokenizer, **got, **want))
+            .filter(|(_, (row, want))| !same_line(self.tokenizer, argmax(row), **want))
             .map(|(i, _)| i)
             .collect())
     }
@@ -506,14 +468,15 @@ impl<'a> Star<'a> {
     ) -> Result<Tensor> {
         let mut rows = Vec::new();
         for ((scored, case), positions) in cases.iter().zip(prepared).zip(positions) {
+            let decisions = self.decisions(&case.tf, &scored.logits)?;
             for &i in positions {
-                let logits: Vec<f32> = scored.logits.get(i)?.to_vec1()?;
+                let logits = &decisions[i];
                 let want = case.tf.target[i];
-                let s = match self.rival(&logits, want) {
+                let s = match self.rival(logits, want) {
                     Some(rival) => self.head.steer(
                         rival,
                         want,
-                        &logits,
+                        logits,
                         scored.rms[i],
                         self.settings.margin,
                     )?,
@@ -548,7 +511,7 @@ impl<'a> Star<'a> {
     /// the margin. A fix that only just tips the argmax in the dense f32 copy can tip back in the
     /// quantized serving model, so the re-solves aim for a lead the quantization cannot undo.
     fn unsettled(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let rows = self.decisions(&case.tf, logits)?;
         Ok(rows
             .iter()
             .zip(&case.tf.target)
@@ -567,11 +530,11 @@ impl<'a> Star<'a> {
         &self,
         first: usize,
         dense: &[DecoderLayer],
-        guards: &[Prepared],
+        guards: &[Guard],
         layers: &[usize],
     ) -> Result<BTreeMap<usize, Tensor>> {
         let mut parts: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-        for g in guards {
+        for Guard { prepared: g, .. } in guards {
             let mut capture = Capture::layers(layers.iter().copied());
             self.score(
                 first,
@@ -616,7 +579,7 @@ impl<'a> Star<'a> {
         let first = self.first_candidate();
         let dense = self.model.dense_layers(first..n_layers, self.live)?;
 
-        // 1. The failing cases (greedy line wrong), and their failure positions under teacher forcing.
+        // 1. The failing cases: those with a failure position under teacher forcing.
         let mut failed = Vec::new();
         let mut cases = Vec::new();
         let mut failing = Vec::new();
@@ -624,11 +587,7 @@ impl<'a> Star<'a> {
         let mut inputs = Vec::new();
         for c in failures {
             self.checkpoint()?;
-            let checked = self.check(c, first)?;
-            if checked.passes {
-                continue;
-            }
-            let p = self.prepare(c, &checked, first)?;
+            let p = self.prepare(c, first)?;
             let mut capture = Capture::layers(first..n_layers);
             let scored = self.score(
                 first,
@@ -640,7 +599,11 @@ impl<'a> Star<'a> {
                     ..Hooks::default()
                 },
             )?;
-            failing.push(self.failure_positions(&p, &scored.logits)?);
+            let wrong = self.failure_positions(&p, &scored.logits)?;
+            if wrong.is_empty() {
+                continue;
+            }
+            failing.push(wrong);
             scored_all.push(scored);
             inputs.push(
                 (first..n_layers)
@@ -649,7 +612,7 @@ impl<'a> Star<'a> {
                     .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))?,
             );
             cases.push(p);
-            failed.push((c, checked));
+            failed.push(c.id.clone());
         }
         let mut outcome = RepairOutcome {
             patches: Vec::new(),
@@ -669,17 +632,13 @@ impl<'a> Star<'a> {
             outcome.seconds = t0.elapsed().as_secs_f64();
             return Ok(outcome);
         }
-        if failing.iter().all(Vec::is_empty) {
-            // The greedy line differs only through a tokenization the teacher-forced targets do not see.
-            outcome.refused = Some("no failing position under teacher forcing".into());
-            outcome.seconds = t0.elapsed().as_secs_f64();
-            return Ok(outcome);
-        }
-
-        let mut guard_checks = Vec::with_capacity(guards.len());
+        let live = self.served(&[])?;
+        let mut guard_runs = Vec::with_capacity(guards.len());
         for g in guards {
             self.checkpoint()?;
-            guard_checks.push((g, self.check(g, first)?));
+            let prepared = self.prepare(g, first)?;
+            let passes = self.says_target(&prepared, first, &live)?;
+            guard_runs.push(Guard { prepared, passes });
         }
 
         // 2. Where: layers by occlusion, shared by every method.
@@ -696,12 +655,12 @@ impl<'a> Star<'a> {
         outcome.layers = layers;
         let t_located = t0.elapsed().as_secs_f64();
         let patches = match method {
-            Method::Star => self.star_patches(&batch, found, &guard_checks, &mut outcome)?,
+            Method::Star => self.star_patches(&batch, found, &guard_runs, &mut outcome)?,
             Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
             Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?,
         };
         let t_patched = t0.elapsed().as_secs_f64();
-        self.verdict(patches, first, &failed, &guard_checks, &mut outcome)?;
+        self.verdict(patches, &batch, &failed, &guard_runs, &mut outcome)?;
         tracing::debug!(
             ?method,
             scored = t_scored,
@@ -722,7 +681,7 @@ impl<'a> Star<'a> {
         &self,
         batch: &Batch,
         found: Option<Attribution>,
-        guards: &[(&Case, Checked)],
+        guards: &[Guard],
         outcome: &mut RepairOutcome,
     ) -> Result<Vec<(usize, LayerPatch)>> {
         let Batch {
@@ -752,11 +711,7 @@ impl<'a> Star<'a> {
         // The guard activations on the selected neurons: patches and every update stay off their span.
         let mut guard_span: BTreeMap<usize, Tensor> = BTreeMap::new();
         if self.settings.guard_projection && !guards.is_empty() {
-            let prepared = guards
-                .iter()
-                .map(|(c, checked)| self.prepare(c, checked, first))
-                .collect::<Result<Vec<_>>>()?;
-            let g = self.guard_activations(first, dense, &prepared, &layers)?;
+            let g = self.guard_activations(first, dense, guards, &layers)?;
             for l in &layers {
                 let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
                 guard_span.insert(*l, g[l].index_select(&idx, 1)?);
@@ -772,7 +727,13 @@ impl<'a> Star<'a> {
             priors.insert(l, solve(l, &z[&l], &steers)?);
         }
         outcome.solves = 1;
-        self.resolve(batch, &columns, &mut priors, outcome, &solve)?;
+        if self.resolve(batch, &columns, &mut priors, outcome, &solve)? {
+            // Every position leads by half the margin: no failure position is left to step on.
+            return priors
+                .into_iter()
+                .map(|(l, p)| Ok((l, LayerPatch::new(columns[&l].clone(), p)?)))
+                .collect();
+        }
 
         // Guided optimization from the analytical patch, until every failure position is fixed.
         let deltas: BTreeMap<usize, Var> = priors
@@ -790,8 +751,7 @@ impl<'a> Star<'a> {
     /// The analytical step again, up to `solves` times in all, on what is not settled yet: the cases
     /// run forward under the patches so far (no gradients), and each patch gains the solve for the
     /// steers of the unsettled positions, at their current activations. Forward passes only, where a
-    /// guided step pays a backward as well. Stops early once a pass finds everything settled (the
-    /// guided steps then check the failure positions again and stop at once).
+    /// guided step pays a backward as well. Returns whether a pass found everything settled.
     fn resolve(
         &self,
         batch: &Batch,
@@ -799,7 +759,7 @@ impl<'a> Star<'a> {
         patches: &mut BTreeMap<usize, Tensor>,
         outcome: &mut RepairOutcome,
         solve: &dyn Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let layers: Vec<usize> = patches.keys().copied().collect();
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         let cols: BTreeMap<usize, Tensor> = layers
@@ -842,7 +802,7 @@ impl<'a> Star<'a> {
             let unsettled: usize = open.iter().map(Vec::len).sum();
             tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
             if unsettled == 0 {
-                return Ok(());
+                return Ok(true);
             }
             let steers = self.steers(&scored, &batch.cases, &open, layers.len())?;
             for &l in &layers {
@@ -852,7 +812,7 @@ impl<'a> Star<'a> {
             }
             outcome.solves += 1;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Steps `deltas` (one per layer, on `columns`) with `update` until every failure position of the
@@ -879,14 +839,16 @@ impl<'a> Star<'a> {
                 .collect()
         };
         let lo = deltas.keys().copied().min().unwrap_or(batch.first);
+        // Cases wrong at the last look come first: once one is wrong the step is certain to update,
+        // and until then a case's backward waits, so a step that finds everything fixed pays none.
+        let mut order: Vec<usize> = (0..batch.cases.len()).collect();
+        order.sort_by_key(|&i| batch.failing[i].is_empty());
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
-            let mut all_fixed = true;
-            // One case at a time, gradients summed: a case's graph is freed before the next is built.
-            let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
-            for (i, c) in batch.cases.iter().enumerate() {
-                let s = batch.score_from(
+            let last = step == self.settings.max_steps;
+            let score = |i: usize| {
+                batch.score_from(
                     self,
                     lo,
                     i,
@@ -894,17 +856,16 @@ impl<'a> Star<'a> {
                         patches: Some(&set),
                         ..Hooks::default()
                     },
-                )?;
-                let wrong = self.failure_positions(c, &s.logits)?;
-                all_fixed &= wrong.is_empty();
-                if step == self.settings.max_steps {
-                    continue;
-                }
+                )
+            };
+            // One case at a time, gradients summed: a case's graph is freed before the next is built.
+            let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
+            let mut accumulate = |s: Scored, wrong: &[usize]| -> Result<()> {
                 let at: Vec<usize> = match (self.settings.mode, wrong.first()) {
                     (Mode::Batch, _) => s.all(),
                     // Left to right: the first wrong token, and the ones before it so they stay right.
                     (Mode::Iterative, Some(&f)) => (0..=f).collect(),
-                    (Mode::Iterative, None) => continue,
+                    (Mode::Iterative, None) => return Ok(()),
                 };
                 let grads = s.loss(&at, &self.head.weight)?.backward()?;
                 for (l, d) in deltas {
@@ -916,9 +877,36 @@ impl<'a> Star<'a> {
                         grad_sum.insert(*l, sum);
                     }
                 }
+                Ok(())
+            };
+            let (mut wrong_now, mut right_so_far) = (Vec::new(), Vec::new());
+            for &i in &order {
+                let s = score(i)?;
+                let wrong = self.failure_positions(&batch.cases[i], &s.logits)?;
+                if last {
+                    if !wrong.is_empty() {
+                        wrong_now.push(i);
+                    }
+                    continue;
+                }
+                if wrong.is_empty() && wrong_now.is_empty() {
+                    right_so_far.push(i);
+                    continue;
+                }
+                if !wrong.is_empty() {
+                    wrong_now.push(i);
+                }
+                // The first wrong case: in batch mode the right ones before it train too (to stay
+                // right), scored again for their graphs.
+                for j in right_so_far.drain(..) {
+                    if self.settings.mode == Mode::Batch {
+                        accumulate(score(j)?, &[])?;
+                    }
+                }
+                accumulate(s, &wrong)?;
             }
             outcome.steps = step;
-            if all_fixed || step == self.settings.max_steps {
+            if wrong_now.is_empty() || last {
                 break;
             }
             for (l, d) in deltas {
@@ -926,36 +914,38 @@ impl<'a> Star<'a> {
                     update(*l, d, g)?;
                 }
             }
+            let rest = order.iter().filter(|i| !wrong_now.contains(i)).copied();
+            order = wrong_now.iter().copied().chain(rest).collect();
         }
         patches(true)
     }
 
-    /// Step 5, the same for every method: greedy completions on the serving model with the patches,
-    /// the failures they fix and the guard pass rate before and after; a patch that fixes nothing or
-    /// lowers the guard is refused (and not returned).
+    /// Step 5, the same for every method: on the serving model with the patches, the failures whose
+    /// every target position is now right and the guard pass rate before and after; a patch that fixes
+    /// nothing or lowers the guard is refused (and not returned).
     fn verdict(
         &self,
         patches: Vec<(usize, LayerPatch)>,
-        first: usize,
-        failed: &[(&Case, Checked)],
-        guards: &[(&Case, Checked)],
+        batch: &Batch,
+        failed: &[String],
+        guards: &[Guard],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
         let set = self.served(&patches)?;
-        for (c, checked) in failed {
+        for (case, id) in batch.cases.iter().zip(failed) {
             self.checkpoint()?;
-            if self.passes_with(c, checked, first, &set)? {
+            if self.says_target(case, batch.first, &set)? {
                 outcome.fixed += 1;
-                outcome.fixed_ids.push(c.id.clone());
+                outcome.fixed_ids.push(id.clone());
             }
         }
         if !guards.is_empty() {
             let mut kept = 0;
-            for (g, checked) in guards {
+            for g in guards {
                 self.checkpoint()?;
-                kept += self.passes_with(g, checked, first, &set)? as usize;
+                kept += self.says_target(&g.prepared, batch.first, &set)? as usize;
             }
-            let before = guards.iter().filter(|(_, c)| c.passes).count();
+            let before = guards.iter().filter(|g| g.passes).count();
             outcome.guard_before = before as f32 / guards.len() as f32;
             outcome.guard_after = kept as f32 / guards.len() as f32;
         }

@@ -33,6 +33,8 @@ pub struct TeacherForced {
     pub prompt_len: usize,
     /// What the model must produce: the healed bytes, the developer's text, and the end of the line.
     pub target: Vec<u32>,
+    /// The bytes the prompt backed up over, which generation constrains its first tokens to re-produce.
+    pub heal: Vec<u8>,
 }
 
 impl TeacherForced {
@@ -56,17 +58,29 @@ pub fn teacher_forced(tok: &Tokenizer, case: &Case, limits: ContextLimits) -> Te
         tokens,
         prompt_len,
         target,
+        heal: prompt.heal,
     }
 }
 
 /// Whether predicting `got` where the developer's text has `want` leaves the line the same: the same
-/// token, or `want` is `got` merged with the line end (`)` for `)\n`: the line ends there either way).
+/// token; or `want` ends the line and `got` ends it at the same place (`)\n` for `)\n    `: what
+/// follows the newline is the next line's), or stops just before the newline (`)` for `)\n`: the line
+/// ends there either way), or — where `want` is the bare end of line — stops generation.
 pub fn same_line(tok: &Tokenizer, got: u32, want: u32) -> bool {
     if got == want {
         return true;
     }
     let (g, w) = (tok.token_bytes(got), tok.token_bytes(want));
-    !g.is_empty() && w.ends_with(b"\n") && w.trim_ascii_end() == g
+    let Some(end) = w.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    if tok.is_stop(got) {
+        return w[..end].trim_ascii().is_empty();
+    }
+    match g.iter().position(|&b| b == b'\n') {
+        Some(g_end) => g[..g_end] == w[..end],
+        None => !g.is_empty() && w[..end].trim_ascii_end() == g,
+    }
 }
 
 /// The greedy line the serving model completes a case with, under `patches`: CONTRACT.md's pass
