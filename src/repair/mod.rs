@@ -36,6 +36,8 @@ pub struct RepairSettings {
     pub layers: usize,
     /// Fraction of a layer's neurons patched, chosen by attribution.
     pub neuron_fraction: f32,
+    /// Rank neurons by attribution per breadth of firing, for locality (`Star::select_neurons`).
+    pub selective: bool,
     /// How far past the model's token the steer pushes the developer's, in logits.
     pub margin: f32,
     /// Analytical solves before the guided steps: each after the first re-solves, from a forward pass
@@ -88,6 +90,7 @@ impl Default for RepairSettings {
             locate: Locate::Gradient,
             layers: 3,
             neuron_fraction: 0.05,
+            selective: true,
             margin: 1.0,
             solves: 3,
             step: 0.2,

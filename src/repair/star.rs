@@ -88,6 +88,26 @@ impl Batch {
     }
 }
 
+/// A steer as solved for one position: the rival it pushed against, the developer's lead over it then,
+/// and the gain it was scaled by.
+struct Asked {
+    rival: u32,
+    lead: f32,
+    gain: f32,
+}
+
+impl Asked {
+    /// The gain for the next steer at this position: the steer asks the lead to close to the margin,
+    /// but the layers above the patch and the final norm pass on only part of it; asking for the
+    /// rest divided by the part that came through (a secant step, bounded) settles it in fewer solves.
+    fn next_gain(&self, row: &[f32], want: u32, margin: f32) -> f32 {
+        const MAX_GAIN: f32 = 8.0;
+        let asked = ((-self.lead).max(0.0) + margin) * self.gain;
+        let got = row[want as usize] - row[self.rival as usize] - self.lead;
+        (asked / got.max(asked / MAX_GAIN)).clamp(1.0, MAX_GAIN)
+    }
+}
+
 /// A guard case after the frozen lower layers, and whether the serving model says it right before the
 /// repair.
 pub(super) struct Guard {
@@ -120,6 +140,10 @@ pub(super) struct Attribution {
     /// `Σ ∂CE/∂z ⊙ z` over every row and neuron: to first order, how much the loss would rise if the
     /// layer's MLP output were zeroed (occlusion, linearized).
     effect: PerLayer<f32>,
+    /// `Σ |z|` over every row of the cases `(intermediate,)`, and the rows summed: how broadly each
+    /// neuron fires, in any context.
+    breadth: PerLayer<Tensor>,
+    rows: usize,
 }
 
 /// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
@@ -375,6 +399,8 @@ impl<'a> Star<'a> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
         let mut effect: PerLayer<f32> = BTreeMap::new();
+        let mut breadth: PerLayer<Tensor> = BTreeMap::new();
+        let mut all_rows = 0;
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         for &i in which {
             self.checkpoint()?;
@@ -383,6 +409,7 @@ impl<'a> Star<'a> {
                 continue; // right under teacher forcing: no loss to attribute
             }
             let seq = case.residual.dim(0)?;
+            all_rows += seq;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
             for &l in layers {
@@ -412,6 +439,12 @@ impl<'a> Star<'a> {
                     candle_core::Error::Msg("no gradient for a neuron probe".into())
                 })?;
                 *effect.entry(l).or_default() += (g * &z)?.sum_all()?.to_scalar::<f32>()?;
+                let fires = z.abs()?.sum(0)?;
+                let fires = match breadth.remove(&l) {
+                    Some(t) => (t + fires)?,
+                    None => fires,
+                };
+                breadth.insert(l, fires);
                 let g = g.index_select(&failing_rows, 0)?;
                 let at = z.index_select(&failing_rows, 0)?;
                 let score = (g * &at)?.abs()?.sum(0)?;
@@ -427,6 +460,8 @@ impl<'a> Star<'a> {
             scores: BTreeMap::new(),
             failing: BTreeMap::new(),
             effect,
+            breadth,
+            rows: all_rows,
         };
         for (l, total) in attribution {
             out.scores.insert(l, total.to_vec1()?);
@@ -436,13 +471,24 @@ impl<'a> Star<'a> {
     }
 
     /// STAR's neurons: the top `neuron_fraction` of each layer by attribution, with their activations at
-    /// the failure positions.
+    /// the failure positions. With `settings.selective`, a neuron's attribution is divided by how
+    /// broadly it fires (its mean `|z|` over every row, plus the layer's mean of that): a patch on a
+    /// neuron moves every context the neuron fires in, so the ones that fire for these failures above
+    /// all others move the least else.
     fn select_neurons(&self, found: Attribution) -> Result<Selection> {
         let mut selection = Selection {
             columns: BTreeMap::new(),
             z: BTreeMap::new(),
         };
         for (l, scores) in found.scores {
+            let scores = match (self.settings.selective, found.breadth.get(&l)) {
+                (true, Some(fires)) => {
+                    let fires: Vec<f32> = (fires / found.rows.max(1) as f64)?.to_vec1()?;
+                    let mean = fires.iter().sum::<f32>() / fires.len().max(1) as f32;
+                    scores.iter().zip(&fires).map(|(s, f)| s / (f + mean)).collect()
+                }
+                _ => scores,
+            };
             let k = ((scores.len() as f32 * self.settings.neuron_fraction).ceil() as usize)
                 .clamp(1, scores.len());
             let mut order: Vec<u32> = (0..scores.len() as u32).collect();
@@ -510,10 +556,8 @@ impl<'a> Star<'a> {
     /// Target positions not yet settled: where the developer's token does not lead its rival by half
     /// the margin. A fix that only just tips the argmax in the dense f32 copy can tip back in the
     /// quantized serving model, so the re-solves aim for a lead the quantization cannot undo.
-    fn unsettled(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
-        let rows = self.decisions(&case.tf, logits)?;
-        Ok(rows
-            .iter()
+    fn unsettled(&self, case: &Prepared, rows: &[Vec<f32>]) -> Vec<usize> {
+        rows.iter()
             .zip(&case.tf.target)
             .enumerate()
             .filter(|(_, (row, want))| {
@@ -522,7 +566,17 @@ impl<'a> Star<'a> {
                 })
             })
             .map(|(i, _)| i)
-            .collect())
+            .collect()
+    }
+
+    /// What a steer with `gain` asks at a position with decisions `row`: its rival and lead now.
+    fn asked(&self, row: &[f32], want: u32, gain: f32) -> Option<Asked> {
+        let rival = self.rival(row, want)?;
+        Some(Asked {
+            rival,
+            lead: row[want as usize] - row[rival as usize],
+            gain,
+        })
     }
 
     /// The guard activations `(positions, intermediate)` per layer, at every target row of the guards.
@@ -766,6 +820,16 @@ impl<'a> Star<'a> {
             .iter()
             .map(|&l| Ok((l, Tensor::new(columns[&l].as_slice(), &Device::Cpu)?)))
             .collect::<Result<_>>()?;
+        // What each position solved last asked for: gains are learnt from how much of it came through.
+        let mut asked: BTreeMap<(usize, usize), Asked> = BTreeMap::new();
+        for (i, (case, positions)) in batch.cases.iter().zip(&batch.failing).enumerate() {
+            let rows = self.decisions(&case.tf, &batch.scored[i].logits)?;
+            for &p in positions {
+                if let Some(a) = self.asked(&rows[p], case.tf.target[p], 1.0) {
+                    asked.insert((i, p), a);
+                }
+            }
+        }
         while outcome.solves < self.settings.solves {
             self.checkpoint()?;
             let current: Vec<(usize, LayerPatch)> = patches
@@ -773,7 +837,7 @@ impl<'a> Star<'a> {
                 .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
                 .collect::<Result<_>>()?;
             let set = super::overlay_of(&current)?;
-            let (mut scored, mut open) = (Vec::new(), Vec::new());
+            let (mut scored, mut open, mut gains) = (Vec::new(), Vec::new(), Vec::new());
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
             for (i, case) in batch.cases.iter().enumerate() {
                 let mut capture = Capture::layers(layers.iter().copied());
@@ -787,7 +851,17 @@ impl<'a> Star<'a> {
                         ..Hooks::default()
                     },
                 )?;
-                let positions = self.unsettled(case, &s.logits)?;
+                let rows = self.decisions(&case.tf, &s.logits)?;
+                let positions = self.unsettled(case, &rows);
+                for &p in &positions {
+                    let (row, want) = (&rows[p], case.tf.target[p]);
+                    let gain = asked.get(&(i, p)).map_or(1.0, |a| a.next_gain(row, want, self.settings.margin));
+                    gains.push(gain);
+                    match self.asked(row, want, gain) {
+                        Some(a) => asked.insert((i, p), a),
+                        None => asked.remove(&(i, p)),
+                    };
+                }
                 if !positions.is_empty() {
                     let rows: Vec<u32> = positions.iter().map(|&p| case.tf.row(p) as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
@@ -804,7 +878,10 @@ impl<'a> Star<'a> {
             if unsettled == 0 {
                 return Ok(true);
             }
-            let steers = self.steers(&scored, &batch.cases, &open, layers.len())?;
+            let gains = Tensor::new(gains.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
+            let steers = self
+                .steers(&scored, &batch.cases, &open, layers.len())?
+                .broadcast_mul(&gains)?;
             for &l in &layers {
                 let more = solve(l, &Tensor::cat(&z[&l], 0)?, &steers)?;
                 let sum = (&patches[&l] + more)?;
