@@ -27,7 +27,12 @@ fn xdg_dir(own: &str, xdg: &str, home_default: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let base = std::env::var_os(xdg).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(home_default)
+        // `HOME`, else the user's entry in the password database (a service started without `HOME`).
+        let home = std::env::home_dir().unwrap_or_else(|| {
+            tracing::warn!("no home directory: set {own}; using the working directory");
+            PathBuf::from(".")
+        });
+        home.join(home_default)
     });
     base.join("star-ls")
 }
