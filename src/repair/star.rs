@@ -24,7 +24,7 @@ pub struct RepairOutcome {
     pub patches: Vec<(usize, LayerPatch)>,
     /// Cases that failed (some target position wrong) before the repair.
     pub failures: usize,
-    /// Of those, the cases whose greedy line is the developer's with the patch.
+    /// Of those, the cases the serving model says right at every target position with the patch.
     pub fixed: usize,
     /// Their ids.
     pub fixed_ids: Vec<String>,
