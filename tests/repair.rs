@@ -10,8 +10,8 @@ use star_ls::completion::fim_prompt;
 use star_ls::model::generate::StopReason;
 use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, PatchSet, StopAt};
 use star_ls::repair::{
-    complete_case, project_off, solve_patch, teacher_forced, text_after_cursor, Case, Head, Method, RepairSettings,
-    Star,
+    complete_case, project_off, solve_patch, teacher_forced, text_after_cursor, Case, Head, Method,
+    RepairSettings, Star,
 };
 use tiny_model::*;
 
@@ -335,7 +335,10 @@ fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
     };
     assert_eq!(top.dims(), full.dims());
     assert!(gap(&top, &full) < 1e-3, "gap {}", gap(&top, &full));
-    assert!(gap(&unpatched, &full) > 1e-2, "the patch changes the logits");
+    assert!(
+        gap(&unpatched, &full) > 1e-2,
+        "the patch changes the logits"
+    );
 }
 
 /// The factored head is cached on disk: a second build reads it and steers the same; a corrupt file is

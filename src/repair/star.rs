@@ -6,14 +6,10 @@
 //! layers, where candle can take gradients.
 
 use super::steer::{row_rms, Head};
-use super::targets::{
-    same_line, teacher_forced, Case, TeacherForced,
-};
+use super::targets::{same_line, teacher_forced, Case, TeacherForced};
 use super::{linalg, Locate, Mode, RepairSettings};
 use crate::model::generate::{argmax, mask_to_heal};
-use crate::model::{
-    Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer,
-};
+use crate::model::{Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -230,9 +226,12 @@ impl<'a> Star<'a> {
     /// teacher-forced tokens and the residual entering layer `first` at each of them.
     fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
         let tf = teacher_forced(self.tokenizer, case, self.settings.context);
-        let residual =
-            self.model
-                .residual_entering(first, &tf.tokens, &mut self.model.new_cache(), self.live)?;
+        let residual = self.model.residual_entering(
+            first,
+            &tf.tokens,
+            &mut self.model.new_cache(),
+            self.live,
+        )?;
         Ok(Prepared { tf, residual })
     }
 
@@ -248,7 +247,9 @@ impl<'a> Star<'a> {
             &mut Hooks::with_patches(set),
         )?;
         let rows = normed.narrow(0, case.tf.row(0), case.tf.target.len())?;
-        Ok(self.failure_positions(case, &self.model.logits(&rows)?)?.is_empty())
+        Ok(self
+            .failure_positions(case, &self.model.logits(&rows)?)?
+            .is_empty())
     }
 
     /// Runs the dense upper layers over a prepared case and scores its target tokens.
@@ -485,7 +486,11 @@ impl<'a> Star<'a> {
                 (true, Some(fires)) => {
                     let fires: Vec<f32> = (fires / found.rows.max(1) as f64)?.to_vec1()?;
                     let mean = fires.iter().sum::<f32>() / fires.len().max(1) as f32;
-                    scores.iter().zip(&fires).map(|(s, f)| s / (f + mean)).collect()
+                    scores
+                        .iter()
+                        .zip(&fires)
+                        .map(|(s, f)| s / (f + mean))
+                        .collect()
                 }
                 _ => scores,
             };
@@ -519,13 +524,10 @@ impl<'a> Star<'a> {
                 let logits = &decisions[i];
                 let want = case.tf.target[i];
                 let s = match self.rival(logits, want) {
-                    Some(rival) => self.head.steer(
-                        rival,
-                        want,
-                        logits,
-                        scored.rms[i],
-                        self.settings.margin,
-                    )?,
+                    Some(rival) => {
+                        self.head
+                            .steer(rival, want, logits, scored.rms[i], self.settings.margin)?
+                    }
                     None => vec![0.0; self.head.weight.dim(1)?],
                 };
                 rows.push(
@@ -855,7 +857,9 @@ impl<'a> Star<'a> {
                 let positions = self.unsettled(case, &rows);
                 for &p in &positions {
                     let (row, want) = (&rows[p], case.tf.target[p]);
-                    let gain = asked.get(&(i, p)).map_or(1.0, |a| a.next_gain(row, want, self.settings.margin));
+                    let gain = asked
+                        .get(&(i, p))
+                        .map_or(1.0, |a| a.next_gain(row, want, self.settings.margin));
                     gains.push(gain);
                     match self.asked(row, want, gain) {
                         Some(a) => asked.insert((i, p), a),
