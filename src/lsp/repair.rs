@@ -177,18 +177,26 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len();
-        let max_patches = self.settings().max_patches;
+        let (max_patches, max_guards) = {
+            let s = self.settings();
+            (s.max_patches, s.repair_guards)
+        };
         let stored = self.with_store(|s| s.cases(None)).await?;
         let failures: Vec<Case> = stored
             .iter()
             .filter(|c| c.kind == CaseKind::Failure && c.repaired_by.is_none())
             .map(Case::from)
             .collect();
-        let guards: Vec<Case> = stored
+        // The newest guards: each one costs the repair a pass, and each narrows the room the patch
+        // is solved in (60 guards left too little to fix anything in a measured repair).
+        let mut guards: Vec<Case> = stored
             .iter()
+            .rev()
             .filter(|c| c.kind == CaseKind::Guard)
+            .take(max_guards)
             .map(Case::from)
             .collect();
+        guards.reverse();
         if live >= max_patches {
             return Ok(json!({
                 "patchId": null,

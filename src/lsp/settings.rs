@@ -32,6 +32,8 @@ pub struct Settings {
     /// Active patches at most: a repair beyond it is refused, with a message, until some are rolled
     /// back. Each patch adds dense columns to the serving path, and a long unreviewed stack drifts.
     pub max_patches: usize,
+    /// Guard cases (accepted completions) a repair checks, the newest first.
+    pub repair_guards: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -56,6 +58,7 @@ impl Default for Settings {
             store_max_mb: 256,
             repair_threshold: 4,
             max_patches: 32,
+            repair_guards: 8,
         }
     }
 }
