@@ -10,8 +10,8 @@ use star_ls::completion::fim_prompt;
 use star_ls::model::generate::StopReason;
 use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, PatchSet, StopAt};
 use star_ls::repair::{
-    complete_case, project_off, solve_patch, teacher_forced, text_after_cursor, Case, Head, Method,
-    RepairSettings, Star,
+    complete_case, project_off, solve_patch, teacher_forced, text_after_cursor, whitening, Case,
+    Head, Method, RepairSettings, Star,
 };
 use tiny_model::*;
 
@@ -248,6 +248,56 @@ fn the_analytical_patch_hits_every_steer_and_spares_the_guard_span() {
     );
 }
 
+/// `preserve`: the patch solved in whitened coordinates still hits every steer, and adds less at the
+/// typical rows than the least-norm patch does.
+#[test]
+fn the_preserving_patch_hits_every_steer_and_moves_typical_rows_less() {
+    let dev = Device::Cpu;
+    // Typical rows that mostly use the first neurons; the failures use every neuron.
+    let scale = Tensor::new(&[3f32, 3., 3., 3., 3., 0.1, 0.1, 0.1, 0.1, 0.1], &dev).unwrap();
+    let typical = Tensor::randn(0f32, 1.0, (40, 10), &dev)
+        .unwrap()
+        .broadcast_mul(&scale)
+        .unwrap();
+    let z = Tensor::randn(0f32, 1.0, (3, 10), &dev).unwrap();
+    let s = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+    let w = whitening(&typical, 0.9).unwrap();
+    let p = solve_patch(&z.matmul(&w.t().unwrap()).unwrap(), &s)
+        .unwrap()
+        .matmul(&w)
+        .unwrap();
+    let max_abs = |t: Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let err = max_abs((z.matmul(&p.t().unwrap()).unwrap() - &s).unwrap());
+    assert!(err < 1e-3, "P z = s off by {err}");
+    let energy = |p: &Tensor| -> f32 {
+        typical
+            .matmul(&p.t().unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let plain = solve_patch(&z, &s).unwrap();
+    assert!(
+        energy(&p) < 0.5 * energy(&plain),
+        "typical rows moved by {} against {} for the least-norm patch",
+        energy(&p),
+        energy(&plain)
+    );
+}
+
 #[test]
 fn the_baselines_run_on_the_same_batch_and_verdict() {
     let m = model();
@@ -289,7 +339,8 @@ fn the_baselines_run_on_the_same_batch_and_verdict() {
 }
 
 /// The verdict's teacher-forced checks under a patch re-run only the serving layers from the patched one
-/// up, over the residual captured below it (`Qwen2::forward_from`): every row must be the full run's.
+/// up, over the residual captured below it (`Qwen2::forward_from`), and repair's passes only the last
+/// rows after the first rows' keys and values (`Qwen2::forward_after`): every row must be the full run's.
 #[test]
 fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
     let m = model();
@@ -323,6 +374,25 @@ fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
         )
         .unwrap();
     let top = m.weights.logits(&top).unwrap();
+    // The same in two parts: the last rows after the first rows' keys and values, as repair runs a
+    // case's target rows over its prompt.
+    let split = tokens.len() - 3;
+    let layers = &m.weights.layers()[1..];
+    let mut kv = vec![None; layers.len()];
+    let mut run = |x: &Tensor| {
+        m.weights
+            .forward_after(
+                1,
+                layers,
+                x,
+                &mut kv,
+                &mut star_ls::model::Hooks::with_patches(&set),
+            )
+            .unwrap()
+    };
+    run(&residual.narrow(0, 0, split).unwrap());
+    let last = run(&residual.narrow(0, split, 3).unwrap());
+    let last = m.weights.logits(&last).unwrap();
     let gap = |a: &Tensor, b: &Tensor| {
         (a - b)
             .unwrap()
@@ -335,6 +405,12 @@ fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
     };
     assert_eq!(top.dims(), full.dims());
     assert!(gap(&top, &full) < 1e-3, "gap {}", gap(&top, &full));
+    let full_last = full.narrow(0, split, 3).unwrap();
+    assert!(
+        gap(&last, &full_last) < 1e-3,
+        "gap {}",
+        gap(&last, &full_last)
+    );
     assert!(
         gap(&unpatched, &full) > 1e-2,
         "the patch changes the logits"

@@ -509,6 +509,14 @@ impl Embedding {
     }
 }
 
+/// How many positions per-layer keys and values (`(1, heads, positions, head_dim)`, `None` for none) hold.
+pub fn kv_positions(kv: &[Option<(Tensor, Tensor)>]) -> Result<usize> {
+    match kv.iter().flatten().next() {
+        Some((k, _)) => k.dim(2),
+        None => Ok(0),
+    }
+}
+
 /// Keys and values of the tokens seen so far, per layer, with the tokens themselves so a later prompt
 /// can reuse the longest common prefix.
 #[derive(Debug, Clone, Default)]
@@ -755,13 +763,31 @@ impl Qwen2 {
         x: &Tensor,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
+        self.forward_after(first, layers, x, &mut vec![None; layers.len()], hooks)
+    }
+
+    /// `forward_from` for the positions after those whose keys and values `kv` holds (one entry per
+    /// layer, `None` for none); `kv` gains the new positions'. Repair runs a case's few target rows
+    /// this way over its prompt's keys and values, computed once.
+    pub fn forward_after(
+        &self,
+        first: usize,
+        layers: &[DecoderLayer],
+        x: &Tensor,
+        kv: &mut [Option<(Tensor, Tensor)>],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        if kv.len() != layers.len() {
+            candle_core::bail!("{} key/value entries for {} layers", kv.len(), layers.len());
+        }
+        let start = kv_positions(kv)?;
         let mut x = x.clone();
-        let span = Span::new(&self.rope, 0, x.dim(0)?)?;
+        let span = Span::new(&self.rope, start, x.dim(0)?)?;
         for (j, layer) in layers.iter().enumerate() {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(first + j, &x);
             }
-            x = layer.forward(first + j, &x, &span, &mut None, hooks)?;
+            x = layer.forward(first + j, &x, &span, &mut kv[j], hooks)?;
         }
         if let Some(capture) = hooks.capture.as_deref_mut() {
             capture.record_final(&x);

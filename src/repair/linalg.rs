@@ -58,13 +58,7 @@ impl Cholesky {
     /// Solves `(a + ridge) x = b` for one right-hand side.
     pub fn solve(&self, b: &[f64]) -> Vec<f64> {
         let (n, l) = (self.n, &self.l);
-        let mut y = b.to_vec();
-        for i in 0..n {
-            for k in 0..i {
-                y[i] -= l[i * n + k] * y[k];
-            }
-            y[i] /= l[i * n + i];
-        }
+        let mut y = self.lower_solve(b);
         for i in (0..n).rev() {
             for k in i + 1..n {
                 y[i] -= l[k * n + i] * y[k];
@@ -72,6 +66,33 @@ impl Cholesky {
             y[i] /= l[i * n + i];
         }
         y
+    }
+
+    /// `L⁻¹ b`: the forward half of `solve`.
+    pub fn lower_solve(&self, b: &[f64]) -> Vec<f64> {
+        let (n, l) = (self.n, &self.l);
+        let mut y = b.to_vec();
+        for i in 0..n {
+            for k in 0..i {
+                y[i] -= l[i * n + k] * y[k];
+            }
+            y[i] /= l[i * n + i];
+        }
+        y
+    }
+
+    /// `L⁻¹` row-major: `a + ridge = L Lᵀ`, so `L⁻¹` whitens the metric `a` defines.
+    pub fn inverse_factor(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut inv = vec![0.0; n * n];
+        for j in 0..n {
+            let mut e = vec![0.0; n];
+            e[j] = 1.0;
+            for (i, v) in self.lower_solve(&e).into_iter().enumerate() {
+                inv[i * n + j] = v;
+            }
+        }
+        inv
     }
 }
 

@@ -10,7 +10,7 @@ mod star;
 mod steer;
 mod targets;
 
-pub use star::{project_off, solve_patch, Method, RepairOutcome, Star};
+pub use star::{project_off, solve_patch, whitening, Method, RepairOutcome, Star};
 pub use steer::Head;
 pub use targets::{
     complete_case, greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case,
@@ -48,6 +48,10 @@ pub struct RepairSettings {
     pub max_steps: usize,
     /// Which target tokens the guided steps train on.
     pub mode: Mode,
+    /// Weight in `[0, 1)` of the typical activations' covariance in the patch's norm: the solve prefers
+    /// directions the selected neurons rarely take in ordinary code (their prompts), so the patch
+    /// moves other completions less. 0 is the paper's least-norm patch.
+    pub preserve: f32,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -96,6 +100,7 @@ impl Default for RepairSettings {
             step: 0.2,
             max_steps: 10,
             mode: Mode::Batch,
+            preserve: 0.0,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

@@ -3,13 +3,18 @@
 //!
 //! The lower layers are frozen: every case runs through the serving model once, and its residual stream
 //! entering the first candidate layer is kept. Everything after runs on dense f32 copies of the upper
-//! layers, where candle can take gradients.
+//! layers, where candle can take gradients, and, after one full pass, over a case's *tail* only (the
+//! rows that predict its target): the prompt's keys and values in those layers are kept from that pass,
+//! so each later pass costs a few rows, not the whole context. A patch's effect on the prompt rows is
+//! left out of the repair's own passes; the verdict runs the serving model over the whole context.
 
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
 use super::{linalg, Locate, Mode, RepairSettings};
 use crate::model::generate::{argmax, mask_to_heal};
-use crate::model::{Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer};
+use crate::model::{
+    kv_positions, Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -58,9 +63,19 @@ pub(super) struct Batch {
     pub failing: Vec<Vec<usize>>,
     /// Per case, its scoring on the unpatched layers (logits, RMS, loss).
     pub scored: Vec<Scored>,
-    /// Per case, the residual entering each candidate layer (from `first`): occluding a layer re-runs
-    /// only the layers from it up.
+    /// Per case, the residual entering each candidate layer (from `first`) at its tail rows: a pass
+    /// from a higher layer re-runs only the layers from it up.
     pub inputs: Vec<Vec<Tensor>>,
+    /// Per case, the keys and values of its rows before the tail in each candidate layer, from the
+    /// unpatched pass.
+    pub prompts: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    /// `Σ |z|` per candidate layer `(intermediate,)` over every row of the cases, and the rows summed:
+    /// how broadly each neuron fires, in any context.
+    pub breadth: PerLayer<Tensor>,
+    pub rows: usize,
+    /// `z` per candidate layer at a sample of the cases' prompt rows `(rows, intermediate)`: what the
+    /// neurons look like in code the repair should leave alone (`settings.preserve`).
+    pub typical: PerLayer<Tensor>,
 }
 
 impl Batch {
@@ -79,6 +94,7 @@ impl Batch {
             &self.dense[k..],
             &self.cases[i],
             &self.inputs[i][k],
+            &mut self.prompts[i][k..].to_vec(),
             hooks,
         )
     }
@@ -133,13 +149,9 @@ pub(super) struct Attribution {
     pub scores: PerLayer<Vec<f32>>,
     /// `z` at the failure positions `(positions, intermediate)`.
     failing: PerLayer<Tensor>,
-    /// `Σ ∂CE/∂z ⊙ z` over every row and neuron: to first order, how much the loss would rise if the
-    /// layer's MLP output were zeroed (occlusion, linearized).
+    /// `Σ ∂CE/∂z ⊙ z` over every tail row and neuron: to first order, how much the loss would rise if
+    /// the layer's MLP output were zeroed (occlusion, linearized).
     effect: PerLayer<f32>,
-    /// `Σ |z|` over every row of the cases `(intermediate,)`, and the rows summed: how broadly each
-    /// neuron fires, in any context.
-    breadth: PerLayer<Tensor>,
-    rows: usize,
 }
 
 /// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
@@ -252,15 +264,18 @@ impl<'a> Star<'a> {
             .is_empty())
     }
 
-    /// Runs the dense upper layers over a prepared case and scores its target tokens.
+    /// Runs the dense upper layers over a prepared case's rows after those `kv` holds (all of them when
+    /// it holds none) and scores its target tokens; `kv` gains the rows run.
     pub(super) fn score(
         &self,
         first: usize,
         dense: &[DecoderLayer],
         case: &Prepared,
         residual: &Tensor,
+        kv: &mut [Option<(Tensor, Tensor)>],
         hooks: &mut Hooks,
     ) -> Result<Scored> {
+        let start = kv_positions(kv)?;
         let mut own = Capture::layers([]);
         let capture = match hooks.capture.as_deref_mut() {
             Some(c) => c,
@@ -274,9 +289,9 @@ impl<'a> Star<'a> {
         };
         let normed = self
             .model
-            .forward_from(first, dense, residual, &mut inner)?;
+            .forward_after(first, dense, residual, kv, &mut inner)?;
         let rows: Vec<u32> = (0..case.tf.target.len())
-            .map(|i| case.tf.row(i) as u32)
+            .map(|i| (case.tf.row(i) - start) as u32)
             .collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
         let hidden = normed.index_select(&rows, 0)?;
@@ -357,17 +372,19 @@ impl<'a> Star<'a> {
             cases,
             scored,
             inputs,
+            prompts,
             ..
         } = batch;
         let first = *first;
         let loss_with = |l: usize| -> Result<f32> {
             let mut total = 0.0;
-            for (c, inputs) in cases.iter().zip(inputs) {
+            for ((c, inputs), prompt) in cases.iter().zip(inputs).zip(prompts) {
                 let s = self.score(
                     l,
                     &dense[l - first..],
                     c,
                     &inputs[l - first],
+                    &mut prompt[l - first..].to_vec(),
                     &mut Hooks {
                         skip_mlp: &[l],
                         ..Hooks::default()
@@ -400,17 +417,11 @@ impl<'a> Star<'a> {
         let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
         let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
         let mut effect: PerLayer<f32> = BTreeMap::new();
-        let mut breadth: PerLayer<Tensor> = BTreeMap::new();
-        let mut all_rows = 0;
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         for &i in which {
             self.checkpoint()?;
-            let (case, rows) = (&batch.cases[i], &batch.failing[i]);
-            if rows.is_empty() {
-                continue; // right under teacher forcing: no loss to attribute
-            }
-            let seq = case.residual.dim(0)?;
-            all_rows += seq;
+            let rows = &batch.failing[i];
+            let seq = batch.inputs[i][0].dim(0)?;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
             for &l in layers {
@@ -432,7 +443,8 @@ impl<'a> Star<'a> {
             )?;
             // Only the failure positions drive attribution.
             let grads = scored.loss(rows, &self.head.weight)?.backward()?;
-            let failing_rows: Vec<u32> = rows.iter().map(|&i| case.tf.row(i) as u32).collect();
+            // In the tail, target position `i` is row `i`.
+            let failing_rows: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
             let failing_rows = Tensor::new(failing_rows.as_slice(), &Device::Cpu)?;
             for &l in layers {
                 let z = capture.neurons[&l].detach();
@@ -440,12 +452,6 @@ impl<'a> Star<'a> {
                     candle_core::Error::Msg("no gradient for a neuron probe".into())
                 })?;
                 *effect.entry(l).or_default() += (g * &z)?.sum_all()?.to_scalar::<f32>()?;
-                let fires = z.abs()?.sum(0)?;
-                let fires = match breadth.remove(&l) {
-                    Some(t) => (t + fires)?,
-                    None => fires,
-                };
-                breadth.insert(l, fires);
                 let g = g.index_select(&failing_rows, 0)?;
                 let at = z.index_select(&failing_rows, 0)?;
                 let score = (g * &at)?.abs()?.sum(0)?;
@@ -461,8 +467,6 @@ impl<'a> Star<'a> {
             scores: BTreeMap::new(),
             failing: BTreeMap::new(),
             effect,
-            breadth,
-            rows: all_rows,
         };
         for (l, total) in attribution {
             out.scores.insert(l, total.to_vec1()?);
@@ -476,15 +480,15 @@ impl<'a> Star<'a> {
     /// broadly it fires (its mean `|z|` over every row, plus the layer's mean of that): a patch on a
     /// neuron moves every context the neuron fires in, so the ones that fire for these failures above
     /// all others move the least else.
-    fn select_neurons(&self, found: Attribution) -> Result<Selection> {
+    fn select_neurons(&self, batch: &Batch, found: Attribution) -> Result<Selection> {
         let mut selection = Selection {
             columns: BTreeMap::new(),
             z: BTreeMap::new(),
         };
         for (l, scores) in found.scores {
-            let scores = match (self.settings.selective, found.breadth.get(&l)) {
+            let scores = match (self.settings.selective, batch.breadth.get(&l)) {
                 (true, Some(fires)) => {
-                    let fires: Vec<f32> = (fires / found.rows.max(1) as f64)?.to_vec1()?;
+                    let fires: Vec<f32> = (fires / batch.rows.max(1) as f64)?.to_vec1()?;
                     let mean = fires.iter().sum::<f32>() / fires.len().max(1) as f32;
                     scores
                         .iter()
@@ -597,6 +601,7 @@ impl<'a> Star<'a> {
                 dense,
                 g,
                 &g.residual,
+                &mut vec![None; dense.len()],
                 &mut Hooks {
                     capture: Some(&mut capture),
                     ..Hooks::default()
@@ -640,16 +645,20 @@ impl<'a> Star<'a> {
         let mut cases = Vec::new();
         let mut failing = Vec::new();
         let mut scored_all = Vec::new();
-        let mut inputs = Vec::new();
+        let (mut inputs, mut prompts) = (Vec::new(), Vec::new());
+        let (mut breadth, mut rows): (PerLayer<Tensor>, usize) = (BTreeMap::new(), 0);
+        let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for c in failures {
             self.checkpoint()?;
             let p = self.prepare(c, first)?;
             let mut capture = Capture::layers(first..n_layers);
+            let mut kv = vec![None; dense.len()];
             let scored = self.score(
                 first,
                 &dense,
                 &p,
                 &p.residual,
+                &mut kv,
                 &mut Hooks {
                     capture: Some(&mut capture),
                     ..Hooks::default()
@@ -661,12 +670,44 @@ impl<'a> Star<'a> {
             }
             failing.push(wrong);
             scored_all.push(scored);
+            // What later passes reuse: the tail's inputs, the keys and values before it.
+            let seq = p.residual.dim(0)?;
+            let tail = p.tf.row(0);
             inputs.push(
                 (first..n_layers)
-                    .map(|l| capture.residual.remove(&l))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| candle_core::Error::Msg("no residual captured".into()))?,
+                    .map(|l| match capture.residual.remove(&l) {
+                        Some(x) => x.narrow(0, tail, seq - tail),
+                        None => candle_core::bail!("no residual captured"),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
             );
+            prompts.push(
+                kv.into_iter()
+                    .map(|e| match e {
+                        Some((k, v)) if tail > 0 => {
+                            Ok(Some((k.narrow(2, 0, tail)?, v.narrow(2, 0, tail)?)))
+                        }
+                        _ => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            );
+            let sample = typical_rows(tail);
+            for (l, z) in &capture.neurons {
+                let fires = z.abs()?.sum(0)?;
+                let fires = match breadth.remove(l) {
+                    Some(t) => (t + fires)?,
+                    None => fires,
+                };
+                breadth.insert(*l, fires);
+                if self.settings.preserve > 0.0 && !sample.is_empty() {
+                    let idx = Tensor::new(sample.as_slice(), &Device::Cpu)?;
+                    typical
+                        .entry(*l)
+                        .or_default()
+                        .push(z.index_select(&idx, 0)?);
+                }
+            }
+            rows += seq;
             cases.push(p);
             failed.push(c.id.clone());
         }
@@ -705,6 +746,13 @@ impl<'a> Star<'a> {
             failing,
             scored: scored_all,
             inputs,
+            prompts,
+            breadth,
+            rows,
+            typical: typical
+                .into_iter()
+                .map(|(l, t)| Ok((l, Tensor::cat(&t, 0)?)))
+                .collect::<Result<_>>()?,
         };
         let t_scored = t0.elapsed().as_secs_f64();
         let (layers, found) = self.locate_layers(&batch)?;
@@ -760,7 +808,7 @@ impl<'a> Star<'a> {
                 self.attribution(batch, &all, &layers)?
             }
         };
-        let Selection { columns, z } = self.select_neurons(found)?;
+        let Selection { columns, z } = self.select_neurons(batch, found)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
@@ -777,7 +825,32 @@ impl<'a> Star<'a> {
             Some(g) => project_off(&p, g),
             None => Ok(p),
         };
-        let solve = |l: usize, z: &Tensor, s: &Tensor| off_guards(l, solve_patch(z, s)?);
+        // With `preserve`, each layer's solve runs in coordinates where the typical activations'
+        // covariance is the identity: the patch that reaches the steers while moving typical rows least.
+        let mut whiten: BTreeMap<usize, Tensor> = BTreeMap::new();
+        if self.settings.preserve > 0.0 {
+            for l in &layers {
+                if let Some(t) = batch.typical.get(l) {
+                    let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
+                    whiten.insert(
+                        *l,
+                        whitening(&t.index_select(&idx, 1)?, self.settings.preserve)?,
+                    );
+                }
+            }
+        }
+        let solve = |l: usize, z: &Tensor, s: &Tensor| match whiten.get(&l) {
+            Some(w) => {
+                let wt = w.t()?;
+                let p = solve_patch(&z.matmul(&wt)?, s)?;
+                let p = match guard_span.get(&l) {
+                    Some(g) => project_off(&p, &g.matmul(&wt)?)?,
+                    None => p,
+                };
+                p.matmul(w)
+            }
+            None => off_guards(l, solve_patch(z, s)?),
+        };
         let mut priors = BTreeMap::new();
         for &l in &layers {
             priors.insert(l, solve(l, &z[&l], &steers)?);
@@ -867,7 +940,8 @@ impl<'a> Star<'a> {
                     };
                 }
                 if !positions.is_empty() {
-                    let rows: Vec<u32> = positions.iter().map(|&p| case.tf.row(p) as u32).collect();
+                    // In the tail, target position `p` is row `p`.
+                    let rows: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
                     for &l in &layers {
                         let at = capture.neurons[&l].index_select(&rows, 0)?;
@@ -1059,6 +1133,42 @@ fn solve_gram(a: &Tensor, r: &Tensor) -> Result<Tensor> {
         })
         .collect();
     Tensor::from_vec(solved, (rows.len(), n), &Device::Cpu)
+}
+
+/// Prompt rows sampled per case for `Batch::typical`: evenly over the rows before the tail.
+fn typical_rows(tail: usize) -> Vec<u32> {
+    const ROWS: usize = 64;
+    let n = tail.min(ROWS);
+    (0..n).map(|i| (i * tail / n) as u32).collect()
+}
+
+/// `L⁻¹` `(k, k)` for the metric `C = (1 − ρ)·Tᵀ T / mean + ρ·I`, `T` `(rows, k)` typical activations
+/// scaled to a mean diagonal of 1, `ρ = 1 − preserve`: the least-norm patch in coordinates `z L⁻ᵀ`,
+/// mapped back by `L⁻¹`, is the patch `P` with least `tr(P C Pᵀ)`, the energy it adds at typical rows
+/// (the covariance-weighted update of ROME and MEMIT), shrunk toward the plain least norm.
+pub fn whitening(typical: &Tensor, preserve: f32) -> Result<Tensor> {
+    let k = typical.dim(1)?;
+    let gram: Vec<f64> = typical
+        .t()?
+        .matmul(typical)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let mean = (0..k).map(|i| gram[i * k + i]).sum::<f64>() / k.max(1) as f64;
+    let keep = f64::from(preserve.clamp(0.0, 0.999));
+    let scale = keep / mean.max(f64::MIN_POSITIVE);
+    let mut c: Vec<f64> = gram.iter().map(|g| g * scale).collect();
+    for i in 0..k {
+        c[i * k + i] += 1.0 - keep;
+    }
+    let inv = linalg::Cholesky::new(&c, k, 0.0).inverse_factor();
+    Tensor::from_vec(
+        inv.into_iter().map(|v| v as f32).collect::<Vec<_>>(),
+        (k, k),
+        &Device::Cpu,
+    )
 }
 
 /// STAR's analytical patch: the least-norm `P` `(hidden, k)` with `P zᵢ = sᵢ` at every failure position,
