@@ -159,10 +159,11 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match (&self.decode, self.padding()) {
-            (Some(raw), _) if x.dim(0)? == 1 => raw.gemv(x)?,
-            (_, 0) => self.weight.forward(x)?,
-            (_, pad) => self.weight.forward(&x.pad_with_zeros(D::Minus1, 0, pad)?)?,
+        let y = match (&self.decode, self.padding(), &self.weight) {
+            (Some(raw), _, _) if x.dim(0)? == 1 => raw.gemv(x)?,
+            (_, _, QMatMul::Tensor(w)) => x.contiguous()?.apply_op1(FrozenWeight(w.clone()))?,
+            (_, 0, _) => self.weight.forward(x)?,
+            (_, pad, _) => self.weight.forward(&x.pad_with_zeros(D::Minus1, 0, pad)?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -234,6 +235,40 @@ impl Linear {
             in_features: self.in_features,
             decode: None,
         })
+    }
+}
+
+/// `x Wᵀ` for a dense weight that is never trained: its backward gives the input's gradient only. A
+/// plain matmul's backward also computes and sums the weight's gradient, which repair never reads:
+/// for the dense upper layers that is a weight-sized product, buffer and add per projection and pass.
+struct FrozenWeight(Tensor);
+
+impl candle_core::CustomOp1 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-weight input not contiguous".into()))?;
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            layout.shape(),
+            &Device::Cpu,
+        )?;
+        let y = x.broadcast_matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        let data = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(data), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.0)?))
     }
 }
 
