@@ -193,6 +193,24 @@ pub fn mask_to_heal(tokenizer: &Tokenizer, logits: &mut [f32], rest: &[u8]) {
     }
 }
 
+/// Teacher-forced decision rows as generation sees them: `rows[i]` predicts `forced[i]`, and while the
+/// forced tokens have not yet re-produced `heal`, a row keeps only tokens consistent with what is left.
+pub fn mask_rows_to_heal(
+    tokenizer: &Tokenizer,
+    rows: &mut [Vec<f32>],
+    forced: &[u32],
+    heal: &[u8],
+) {
+    let mut consumed = 0;
+    for (row, token) in rows.iter_mut().zip(forced) {
+        if consumed >= heal.len() {
+            break;
+        }
+        mask_to_heal(tokenizer, row, &heal[consumed..]);
+        consumed += tokenizer.token_bytes(*token).len();
+    }
+}
+
 /// The greedy choice: the first token with the highest logit.
 pub fn argmax(logits: &[f32]) -> u32 {
     logits

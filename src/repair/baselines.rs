@@ -61,9 +61,6 @@ pub(super) fn mint(
         .zip(&batch.scored)
         .enumerate()
     {
-        if positions.is_empty() {
-            continue;
-        }
         let one = std::slice::from_ref(case);
         let at = std::slice::from_ref(positions);
         let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
