@@ -11,7 +11,7 @@ use star_ls::model::generate::StopReason;
 use star_ls::model::{generate, Cancel, GenerateParams, LoadOptions, Model, PatchSet, StopAt};
 use star_ls::repair::{
     complete_case, project_off, solve_patch, teacher_forced, text_after_cursor, whitening, Case,
-    Head, Method, RepairSettings, Star,
+    Head, Method, RepairSettings, Residuals, Star,
 };
 use tiny_model::*;
 
@@ -415,6 +415,71 @@ fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
         gap(&unpatched, &full) > 1e-2,
         "the patch changes the logits"
     );
+}
+
+/// The residual entering the frozen layers' top is a function of the case alone while nothing below
+/// is patched: kept once per case (least recently used out first), and never taken from or put in
+/// the cache under a patch below it.
+#[test]
+fn the_frozen_layers_run_once_per_case_and_never_under_a_patch_below() {
+    let m = model();
+    let w = &m.weights;
+    let tokens = |target: &str| {
+        let c = case("r", "def f(x):\n    y = x * 2\n    return ", target);
+        teacher_forced(&m.tokenizer, &c, settings().context).tokens
+    };
+    let (a, b, c) = (tokens("y"), tokens("x"), tokens("x + y"));
+    let cache = Residuals::new(2);
+    let fresh = w
+        .residual_entering(1, &a, &mut w.new_cache(), None)
+        .unwrap();
+    let first = cache.entering(w, 1, &a, None).unwrap();
+    let same = |x: &Tensor, y: &Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-6
+    };
+    assert!(same(&first, &fresh));
+    assert_eq!(
+        cache.entering(w, 1, &a, None).unwrap().id(),
+        first.id(),
+        "kept"
+    );
+
+    let hidden = w.config().hidden_size;
+    let patch = |layer| {
+        let delta = Tensor::randn(0f32, 0.5, (hidden, 3), &Device::Cpu).unwrap();
+        let p = star_ls::model::LayerPatch::new(vec![1, 5, 9], delta).unwrap();
+        PatchSet::default().with(layer, p).unwrap()
+    };
+    let above = cache.entering(w, 1, &a, Some(&patch(1))).unwrap();
+    assert_eq!(
+        above.id(),
+        first.id(),
+        "a patch from the layer up leaves it"
+    );
+    let below = cache.entering(w, 1, &a, Some(&patch(0))).unwrap();
+    assert!(!same(&below, &first), "a patch below the layer changes it");
+    assert_eq!(cache.entering(w, 1, &a, None).unwrap().id(), first.id());
+
+    cache.entering(w, 1, &b, None).unwrap();
+    cache.entering(w, 1, &a, None).unwrap(); // a is now the most recent
+    cache.entering(w, 1, &c, None).unwrap(); // b goes
+    assert_eq!(cache.len(), 2);
+    assert_eq!(cache.entering(w, 1, &a, None).unwrap().id(), first.id());
+
+    // A cache filled only below a layer cannot feed a whole forward pass.
+    let mut lower = w.new_cache();
+    w.residual_entering(1, &a, &mut lower, None).unwrap();
+    assert!(w
+        .forward(&[1], &mut lower, &mut star_ls::model::Hooks::default())
+        .is_err());
 }
 
 /// The factored head is cached on disk: a second build reads it and steers the same; a corrupt file is

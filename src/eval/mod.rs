@@ -15,7 +15,7 @@ pub use report::{CumulativePoint, MethodReport, RepairRecord, Report, Status};
 
 use crate::model::{PatchSet, Qwen2, Tokenizer};
 use crate::repair::{
-    complete_case, passes, Case, Head, Method, RepairOutcome, RepairSettings, Star,
+    complete_case, passes, Case, Head, Method, RepairOutcome, RepairSettings, Residuals, Star,
 };
 use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,6 +185,7 @@ pub fn run(
             sampled: &sampled,
             context: settings.context,
             model_rss_mb,
+            residuals: Residuals::default(),
         };
         let report = protocol.method(&star, method, &units, &guards, options, progress)?;
         methods.insert(method, report);
@@ -211,6 +212,8 @@ struct Protocol<'a> {
     sampled: &'a [usize],
     context: crate::completion::ContextLimits,
     model_rss_mb: f64,
+    /// The cases' residuals entering the frozen layers' top, made before each repair's clock.
+    residuals: Residuals,
 }
 
 /// The sampled cases unrelated to some repaired cases: not among them, not in their groups.
@@ -323,8 +326,13 @@ impl Protocol<'_> {
         };
         let bounded = Star {
             between_steps: Some(&check_deadline),
+            residuals: Some(&self.residuals),
             ..Star::new(star.model, star.tokenizer, star.head, star.settings)
         };
+        // The frozen layers' pass over the cases, before the clock: the server makes it while the
+        // failures are pending, and keeps the guards' from one repair to the next.
+        bounded.warm(&failures)?;
+        bounded.warm(guards)?;
         let rss_before = rss::current_mb().unwrap_or(0.0);
         rss::reset_peak();
         let t0 = Instant::now();

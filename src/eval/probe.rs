@@ -4,8 +4,8 @@
 //! upper layers (a quarter of the model for the defaults) instead of a prefill and a decode.
 
 use crate::completion::{fim_prompt, ContextLimits};
-use crate::model::generate::{argmax, mask_to_heal, StopReason};
-use crate::model::{Hooks, PatchSet, Qwen2, Tokenizer};
+use crate::model::generate::{argmax, mask_rows_to_heal, StopReason};
+use crate::model::{Capture, Hooks, PatchSet, Qwen2, Tokenizer};
 use crate::repair::{greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case};
 use candle_core::{Result, Tensor};
 
@@ -43,7 +43,20 @@ impl Probe {
     ) -> Result<Self> {
         let prompt = fim_prompt(tok, &case.prefix, &text_after_cursor(case), limits);
         let mut cache = model.new_cache();
-        let prompt_residual = model.residual_entering(first, &prompt.tokens, &mut cache, None)?;
+        // A whole pass (greedy decoding goes on from its cache), keeping the residual entering `first`.
+        let mut capture = Capture::layers([first]);
+        model.forward(
+            &prompt.tokens,
+            &mut cache,
+            &mut Hooks {
+                capture: Some(&mut capture),
+                ..Hooks::default()
+            },
+        )?;
+        let prompt_residual = capture
+            .residual
+            .remove(&first)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {first}")))?;
         let after_prompt = cache.clone();
         let g = greedy_case(model, tok, case, &prompt, &mut cache, None)?;
         let forced = |mut forced: Vec<u32>, stop_row: bool| -> Result<Forced> {
@@ -101,21 +114,9 @@ impl Probe {
             },
         )?;
         let rows = hidden.narrow(0, self.prompt_len - 1, f.forced.len())?;
-        let mut consumed = 0;
-        let mut out = Vec::with_capacity(f.forced.len());
-        for (mut logits, token) in model
-            .logits(&rows)?
-            .to_vec2::<f32>()?
-            .into_iter()
-            .zip(&f.forced)
-        {
-            if consumed < self.heal.len() {
-                mask_to_heal(tok, &mut logits, &self.heal[consumed..]);
-            }
-            out.push(argmax(&logits));
-            consumed += tok.token_bytes(*token).len();
-        }
-        Ok(out)
+        let mut rows = model.logits(&rows)?.to_vec2::<f32>()?;
+        mask_rows_to_heal(tok, &mut rows, &f.forced, &self.heal);
+        Ok(rows.iter().map(|r| argmax(r)).collect())
     }
 
     /// Whether `patches` leave every decision of the unpatched greedy completion as it was (so the

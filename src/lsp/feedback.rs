@@ -186,6 +186,16 @@ impl Server {
             let failure = case
                 .as_ref()
                 .is_some_and(|c| c.case.kind == CaseKind::Failure);
+            if let Some(c) = &case {
+                self.warm_case(crate::repair::Case {
+                    id: String::new(),
+                    language: c.language.clone(),
+                    prefix: c.case.prefix.clone(),
+                    suffix: c.case.suffix.clone(),
+                    target: c.case.target.clone(),
+                    group: String::new(),
+                });
+            }
             store.send(StoreOp::Resolved {
                 completion_id: r.completion_id,
                 outcome: r.outcome,

@@ -114,6 +114,32 @@ impl Server {
         let _ = self.state.overlay_restored.set(());
     }
 
+    /// Runs a newly stored case through the frozen lower layers in the background, after any
+    /// completion in flight, so the repair that takes it up (as a failure, or as a guard) starts past
+    /// that work.
+    pub(super) fn warm_case(&self, case: Case) {
+        let Ok(model) = self.loaded_model() else {
+            return; // the first repair makes it
+        };
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let engine = state.engine.get();
+            engine.inspect(|e| e.wait_idle());
+            let live = engine.map(|e| e.patches());
+            let settings = RepairSettings::default();
+            let tokens = repair::teacher_forced(&model.tokenizer, &case, settings.context).tokens;
+            let first = settings.first_candidate(model.weights.layers().len());
+            let warmed = crate::env::in_background(|| {
+                state
+                    .residuals
+                    .entering(&model.weights, first, &tokens, live.as_deref())
+            });
+            if let Err(e) = warmed {
+                tracing::warn!("could not prepare a case for repair: {e}");
+            }
+        });
+    }
+
     /// `star.repairNow`: STAR on the pending failures, checked against the guard cases; an accepted
     /// patch goes to the ledger, then live.
     pub(super) async fn repair_now(&self) -> Result<Value> {
@@ -235,6 +261,7 @@ impl Server {
             };
             let star = Star {
                 live: live.as_deref(),
+                residuals: Some(&state.residuals),
                 between_steps: Some(&yield_to_completions),
                 ..Star::new(
                     &model.weights,

@@ -38,6 +38,8 @@ pub(super) struct State {
     pub(super) model_sha: OnceLock<String>,
     /// The factored LM head for the semantic steer, built by the first repair.
     pub(super) head: Arc<Mutex<Option<Arc<crate::repair::Head>>>>,
+    /// Cases run through the frozen lower layers, kept for repairs (`repair::Residuals`).
+    pub(super) residuals: crate::repair::Residuals,
     pub(super) repair_running: std::sync::atomic::AtomicBool,
     /// Failures still pending after the last repair: the scheduler counts new ones from here.
     pub(super) pending_after_repair: std::sync::atomic::AtomicU64,

@@ -7,7 +7,7 @@
 
 use super::gemv::RawMatrix;
 use super::gguf::GgufFile;
-use super::hooks::{Capture, Hooks, LayerPatch, PatchSet};
+use super::hooks::{Hooks, LayerPatch, PatchSet};
 use super::ModelError;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -558,6 +558,8 @@ pub fn kv_positions(kv: &[Option<(Tensor, Tensor)>]) -> Result<usize> {
 pub struct KvCache {
     tokens: Vec<u32>,
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Set when only the layers below it were run (`Qwen2::residual_entering`).
+    below: Option<usize>,
 }
 
 impl KvCache {
@@ -689,6 +691,7 @@ impl Qwen2 {
         KvCache {
             tokens: Vec::new(),
             layers: vec![None; self.config.num_layers],
+            below: None,
         }
     }
 
@@ -704,6 +707,27 @@ impl Qwen2 {
         cache: &mut KvCache,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
+        if let Some(l) = cache.below {
+            candle_core::bail!(
+                "a cache filled only below layer {l} cannot feed a whole forward pass"
+            );
+        }
+        let x = self.run_layers(tokens, cache, hooks, self.layers.len())?;
+        if let Some(capture) = hooks.capture.as_deref_mut() {
+            capture.record_final(&x);
+        }
+        rms_norm(&x, &self.norm, self.config.rms_eps, false)
+    }
+
+    /// Runs `tokens` after the cache's through layers `..until` and returns the residual stream leaving
+    /// them.
+    fn run_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        until: usize,
+    ) -> Result<Tensor> {
         let start = cache.len();
         if start + tokens.len() > self.max_positions() {
             candle_core::bail!(
@@ -717,21 +741,20 @@ impl Qwen2 {
         }
         let mut x = self.embed.rows(tokens)?;
         let span = Span::new(&self.rope, start, tokens.len())?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(until) {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(i, &x);
             }
             x = layer.forward(i, &x, &span, &mut cache.layers[i], hooks)?;
         }
         cache.tokens.extend_from_slice(tokens);
-        if let Some(capture) = hooks.capture.as_deref_mut() {
-            capture.record_final(&x);
-        }
-        rms_norm(&x, &self.norm, self.config.rms_eps, false)
+        Ok(x)
     }
 
-    /// Runs `tokens` after `cache` under `patches` and returns the residual stream entering layer `layer`
-    /// at each of them: what the layers from `layer` up start from, whatever is patched there.
+    /// Runs `tokens` after `cache` under `patches` through the layers below `layer` only, and returns
+    /// the residual stream entering `layer` at each of them: what the layers from `layer` up start
+    /// from, whatever is patched there. The cache then holds only those layers: it can feed more of
+    /// these calls, not a whole forward pass.
     pub fn residual_entering(
         &self,
         layer: usize,
@@ -739,20 +762,20 @@ impl Qwen2 {
         cache: &mut KvCache,
         patches: Option<&PatchSet>,
     ) -> Result<Tensor> {
-        let mut capture = Capture::layers([layer]);
-        self.forward(
+        if layer > self.layers.len() || cache.below.is_some_and(|l| l < layer) {
+            candle_core::bail!("no residual entering layer {layer} from this cache");
+        }
+        let x = self.run_layers(
             tokens,
             cache,
             &mut Hooks {
-                capture: Some(&mut capture),
                 patches,
                 ..Hooks::default()
             },
+            layer,
         )?;
-        capture
-            .residual
-            .remove(&layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {layer}")))
+        cache.below = Some(layer);
+        Ok(x)
     }
 
     /// Logits `(rows, vocab)` for final-normed hidden states.

@@ -6,10 +6,12 @@
 
 mod baselines;
 mod linalg;
+mod residuals;
 mod star;
 mod steer;
 mod targets;
 
+pub use residuals::Residuals;
 pub use star::{project_off, solve_patch, whitening, Method, RepairOutcome, Star};
 pub use steer::Head;
 pub use targets::{
@@ -60,6 +62,14 @@ pub struct RepairSettings {
     pub sgd_learning_rate: f32,
 }
 
+impl RepairSettings {
+    /// The first layer that may be patched, of `layers`: the top `candidate_fraction` of them.
+    pub fn first_candidate(&self, layers: usize) -> usize {
+        let k = ((layers as f32 * self.candidate_fraction).ceil() as usize).clamp(1, layers);
+        layers - k
+    }
+}
+
 /// How layers are ranked for patching (METHOD.md step 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +110,7 @@ impl Default for RepairSettings {
             step: 0.2,
             max_steps: 10,
             mode: Mode::Batch,
-            preserve: 0.0,
+            preserve: 0.9,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

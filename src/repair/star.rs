@@ -10,12 +10,13 @@
 
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
-use super::{linalg, Locate, Mode, RepairSettings};
-use crate::model::generate::{argmax, mask_to_heal};
+use super::{linalg, Locate, Mode, RepairSettings, Residuals};
+use crate::model::generate::{argmax, mask_rows_to_heal};
 use crate::model::{
     kv_positions, Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -63,22 +64,90 @@ pub(super) struct Batch {
     pub failing: Vec<Vec<usize>>,
     /// Per case, its scoring on the unpatched layers (logits, RMS, loss).
     pub scored: Vec<Scored>,
-    /// Per case, the residual entering each candidate layer (from `first`) at its tail rows: a pass
-    /// from a higher layer re-runs only the layers from it up.
-    pub inputs: Vec<Vec<Tensor>>,
-    /// Per case, the keys and values of its rows before the tail in each candidate layer, from the
-    /// unpatched pass.
-    pub prompts: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    /// Per case, what its tail-only passes start from, as of the last whole pass over it.
+    tails: RefCell<Vec<Tail>>,
     /// `Σ |z|` per candidate layer `(intermediate,)` over every row of the cases, and the rows summed:
     /// how broadly each neuron fires, in any context.
     pub breadth: PerLayer<Tensor>,
     pub rows: usize,
     /// `z` per candidate layer at a sample of the cases' prompt rows `(rows, intermediate)`: what the
-    /// neurons look like in code the repair should leave alone (`settings.preserve`).
+    /// neurons look like in code the repair should leave alone (`settings.preserve`; the guards'
+    /// prompts add theirs).
     pub typical: PerLayer<Tensor>,
 }
 
+/// A case's tail rows as the last whole pass of the dense layers left them: the residual entering each
+/// candidate layer (from `first`) at those rows, so a pass from a higher layer re-runs only the layers
+/// from it up, and each layer's keys and values of the rows before them.
+struct Tail {
+    inputs: Vec<Tensor>,
+    prompt: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Tail {
+    /// Splits a whole pass over `case` (its capture of every candidate layer's input, and the keys and
+    /// values it left) at the tail.
+    fn split(
+        case: &Prepared,
+        capture: &mut Capture,
+        kv: Vec<Option<(Tensor, Tensor)>>,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        let seq = case.residual.dim(0)?;
+        let tail = case.tf.row(0);
+        let inputs = layers
+            .map(|l| match capture.residual.remove(&l) {
+                Some(x) => x.narrow(0, tail, seq - tail),
+                None => candle_core::bail!("no residual captured"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let prompt = kv
+            .into_iter()
+            .map(|e| match e {
+                Some((k, v)) if tail > 0 => {
+                    Ok(Some((k.narrow(2, 0, tail)?, v.narrow(2, 0, tail)?)))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { inputs, prompt })
+    }
+}
+
 impl Batch {
+    /// Runs every case whole under `set`: the tails' inputs and the prompt rows' keys and values then
+    /// include the patch's effect on the prompt, which tail-only passes leave out. Called when those
+    /// passes find the batch done, so that "done" holds for the whole cases.
+    pub(super) fn refresh(&self, star: &Star, set: &PatchSet) -> Result<()> {
+        let layers = self.first..self.first + self.dense.len();
+        let mut tails = Vec::with_capacity(self.cases.len());
+        for case in &self.cases {
+            star.checkpoint()?;
+            let mut capture = Capture::layers(layers.clone());
+            let mut kv = vec![None; self.dense.len()];
+            star.score(
+                self.first,
+                &self.dense,
+                case,
+                &case.residual,
+                &mut kv,
+                &mut Hooks {
+                    patches: Some(set),
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?;
+            tails.push(Tail::split(case, &mut capture, kv, layers.clone())?);
+        }
+        *self.tails.borrow_mut() = tails;
+        Ok(())
+    }
+
+    /// Rows a tail-only pass over case `i` runs.
+    pub(super) fn tail_rows(&self, i: usize) -> Result<usize> {
+        self.tails.borrow()[i].inputs[0].dim(0)
+    }
+
     /// Scores case `i` running only the layers from `lo` up: nothing below is patched, so the residual
     /// entering `lo` is the one captured at the start.
     pub(super) fn score_from(
@@ -89,12 +158,13 @@ impl Batch {
         hooks: &mut Hooks,
     ) -> Result<Scored> {
         let k = lo - self.first;
+        let tails = self.tails.borrow();
         star.score(
             lo,
             &self.dense[k..],
             &self.cases[i],
-            &self.inputs[i][k],
-            &mut self.prompts[i][k..].to_vec(),
+            &tails[i].inputs[k],
+            &mut tails[i].prompt[k..].to_vec(),
             hooks,
         )
     }
@@ -120,11 +190,14 @@ impl Asked {
     }
 }
 
-/// A guard case after the frozen lower layers, and whether the serving model says it right before the
-/// repair.
+/// A guard case after the frozen lower layers, whether the serving model says it right before the
+/// repair, and the neuron activations of that check's pass per candidate layer: `(target rows,
+/// intermediate)` for the guard projection, and at sampled prompt rows for `preserve`.
 pub(super) struct Guard {
     prepared: Prepared,
     passes: bool,
+    at_target: PerLayer<Tensor>,
+    typical: PerLayer<Tensor>,
 }
 
 /// A case after the frozen lower layers.
@@ -196,6 +269,8 @@ pub struct Star<'a> {
     /// The overlay already serving: a repair starts from the model as it serves, and its patches are
     /// summed onto this overlay.
     pub live: Option<&'a PatchSet>,
+    /// Where the cases' residuals entering the first candidate layer are kept between repairs.
+    pub residuals: Option<&'a Residuals>,
     /// Called between steps: the server waits there while completions run (they take priority), eval
     /// stops a repair past its deadline by returning an error.
     pub between_steps: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
@@ -214,6 +289,7 @@ impl<'a> Star<'a> {
             head,
             settings,
             live: None,
+            residuals: None,
             between_steps: None,
         }
     }
@@ -229,21 +305,31 @@ impl<'a> Star<'a> {
 
     /// The first layer that may be patched: the top `candidate_fraction` of the layers.
     pub fn first_candidate(&self) -> usize {
-        let n = self.model.layers().len();
-        let k = ((n as f32 * self.settings.candidate_fraction).ceil() as usize).clamp(1, n);
-        n - k
+        self.settings.first_candidate(self.model.layers().len())
+    }
+
+    /// Computes (and keeps, in `residuals`) what a repair of `cases` would run through the frozen
+    /// layers, so that the repair itself does not: the server does it while failures are pending.
+    pub fn warm(&self, cases: &[Case]) -> Result<()> {
+        for c in cases {
+            self.prepare(c, self.first_candidate())?;
+        }
+        Ok(())
     }
 
     /// A case run once through the serving model's frozen lower layers (with the live overlay): its
     /// teacher-forced tokens and the residual entering layer `first` at each of them.
     fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
         let tf = teacher_forced(self.tokenizer, case, self.settings.context);
-        let residual = self.model.residual_entering(
-            first,
-            &tf.tokens,
-            &mut self.model.new_cache(),
-            self.live,
-        )?;
+        let residual = match self.residuals {
+            Some(r) => r.entering(self.model, first, &tf.tokens, self.live)?,
+            None => self.model.residual_entering(
+                first,
+                &tf.tokens,
+                &mut self.model.new_cache(),
+                self.live,
+            )?,
+        };
         Ok(Prepared { tf, residual })
     }
 
@@ -251,12 +337,22 @@ impl<'a> Star<'a> {
     /// above), predicts the developer's line at every target position of `case`, end of line included:
     /// one teacher-forced pass of the quantized top layers, where a greedy check would pay a decode of
     /// the whole model per token. Eval measures effectiveness by greedy completions of its own.
-    fn says_target(&self, case: &Prepared, first: usize, set: &PatchSet) -> Result<bool> {
+    fn says_target(
+        &self,
+        case: &Prepared,
+        first: usize,
+        set: &PatchSet,
+        capture: Option<&mut Capture>,
+    ) -> Result<bool> {
         let normed = self.model.forward_from(
             first,
             &self.model.layers()[first..],
             &case.residual,
-            &mut Hooks::with_patches(set),
+            &mut Hooks {
+                patches: Some(set),
+                capture,
+                ..Hooks::default()
+            },
         )?;
         let rows = normed.narrow(0, case.tf.row(0), case.tf.target.len())?;
         Ok(self
@@ -313,14 +409,7 @@ impl<'a> Star<'a> {
     /// re-produce the healed bytes.
     fn decisions(&self, tf: &TeacherForced, logits: &Tensor) -> Result<Vec<Vec<f32>>> {
         let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut consumed = 0;
-        for (row, want) in rows.iter_mut().zip(&tf.target) {
-            if consumed >= tf.heal.len() {
-                break;
-            }
-            mask_to_heal(self.tokenizer, row, &tf.heal[consumed..]);
-            consumed += self.tokenizer.token_bytes(*want).len();
-        }
+        mask_rows_to_heal(self.tokenizer, &mut rows, &tf.target, &tf.heal);
         Ok(rows)
     }
 
@@ -371,20 +460,16 @@ impl<'a> Star<'a> {
             dense,
             cases,
             scored,
-            inputs,
-            prompts,
             ..
         } = batch;
         let first = *first;
         let loss_with = |l: usize| -> Result<f32> {
             let mut total = 0.0;
-            for ((c, inputs), prompt) in cases.iter().zip(inputs).zip(prompts) {
-                let s = self.score(
+            for i in 0..cases.len() {
+                let s = batch.score_from(
+                    self,
                     l,
-                    &dense[l - first..],
-                    c,
-                    &inputs[l - first],
-                    &mut prompt[l - first..].to_vec(),
+                    i,
                     &mut Hooks {
                         skip_mlp: &[l],
                         ..Hooks::default()
@@ -421,7 +506,7 @@ impl<'a> Star<'a> {
         for &i in which {
             self.checkpoint()?;
             let rows = &batch.failing[i];
-            let seq = batch.inputs[i][0].dim(0)?;
+            let seq = batch.tail_rows(i)?;
             let mut probes = BTreeMap::new();
             let mut vars = BTreeMap::new();
             for &l in layers {
@@ -585,43 +670,6 @@ impl<'a> Star<'a> {
         })
     }
 
-    /// The guard activations `(positions, intermediate)` per layer, at every target row of the guards.
-    fn guard_activations(
-        &self,
-        first: usize,
-        dense: &[DecoderLayer],
-        guards: &[Guard],
-        layers: &[usize],
-    ) -> Result<BTreeMap<usize, Tensor>> {
-        let mut parts: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-        for Guard { prepared: g, .. } in guards {
-            let mut capture = Capture::layers(layers.iter().copied());
-            self.score(
-                first,
-                dense,
-                g,
-                &g.residual,
-                &mut vec![None; dense.len()],
-                &mut Hooks {
-                    capture: Some(&mut capture),
-                    ..Hooks::default()
-                },
-            )?;
-            let rows: Vec<u32> = (0..g.tf.target.len()).map(|i| g.tf.row(i) as u32).collect();
-            let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-            for &l in layers {
-                parts
-                    .entry(l)
-                    .or_default()
-                    .push(capture.neurons[&l].index_select(&rows, 0)?);
-            }
-        }
-        parts
-            .into_iter()
-            .map(|(l, p)| Ok((l, Tensor::cat(&p, 0)?)))
-            .collect()
-    }
-
     /// STAR on `failures`, checked against `guards`.
     pub fn repair(&self, failures: &[Case], guards: &[Case]) -> Result<RepairOutcome> {
         self.repair_by(Method::Star, failures, guards)
@@ -645,7 +693,7 @@ impl<'a> Star<'a> {
         let mut cases = Vec::new();
         let mut failing = Vec::new();
         let mut scored_all = Vec::new();
-        let (mut inputs, mut prompts) = (Vec::new(), Vec::new());
+        let mut tails = Vec::new();
         let (mut breadth, mut rows): (PerLayer<Tensor>, usize) = (BTreeMap::new(), 0);
         let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for c in failures {
@@ -670,28 +718,9 @@ impl<'a> Star<'a> {
             }
             failing.push(wrong);
             scored_all.push(scored);
-            // What later passes reuse: the tail's inputs, the keys and values before it.
+            tails.push(Tail::split(&p, &mut capture, kv, first..n_layers)?);
             let seq = p.residual.dim(0)?;
-            let tail = p.tf.row(0);
-            inputs.push(
-                (first..n_layers)
-                    .map(|l| match capture.residual.remove(&l) {
-                        Some(x) => x.narrow(0, tail, seq - tail),
-                        None => candle_core::bail!("no residual captured"),
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            );
-            prompts.push(
-                kv.into_iter()
-                    .map(|e| match e {
-                        Some((k, v)) if tail > 0 => {
-                            Ok(Some((k.narrow(2, 0, tail)?, v.narrow(2, 0, tail)?)))
-                        }
-                        _ => Ok(None),
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            );
-            let sample = typical_rows(tail);
+            let sample = typical_rows(p.tf.row(0));
             for (l, z) in &capture.neurons {
                 let fires = z.abs()?.sum(0)?;
                 let fires = match breadth.remove(l) {
@@ -734,8 +763,29 @@ impl<'a> Star<'a> {
         for g in guards {
             self.checkpoint()?;
             let prepared = self.prepare(g, first)?;
-            let passes = self.says_target(&prepared, first, &live)?;
-            guard_runs.push(Guard { prepared, passes });
+            // The check's own pass gives the activations STAR keeps its patch off: the serving
+            // layers' `z` differs from the dense copies' by rounding only.
+            let mut capture = Capture::layers(first..n_layers);
+            let passes = self.says_target(&prepared, first, &live, Some(&mut capture))?;
+            let rows: Vec<u32> = (0..prepared.tf.target.len())
+                .map(|i| prepared.tf.row(i) as u32)
+                .collect();
+            let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+            let sample = typical_rows(prepared.tf.row(0));
+            let sample = Tensor::new(sample.as_slice(), &Device::Cpu)?;
+            let (mut at_target, mut typical) = (BTreeMap::new(), BTreeMap::new());
+            for (l, z) in capture.neurons {
+                at_target.insert(l, z.index_select(&rows, 0)?);
+                if sample.dim(0)? > 0 {
+                    typical.insert(l, z.index_select(&sample, 0)?);
+                }
+            }
+            guard_runs.push(Guard {
+                prepared,
+                passes,
+                at_target,
+                typical,
+            });
         }
 
         // 2. Where: layers by occlusion, shared by every method.
@@ -745,8 +795,7 @@ impl<'a> Star<'a> {
             cases,
             failing,
             scored: scored_all,
-            inputs,
-            prompts,
+            tails: RefCell::new(tails),
             breadth,
             rows,
             typical: typical
@@ -789,14 +838,12 @@ impl<'a> Star<'a> {
         outcome: &mut RepairOutcome,
     ) -> Result<Vec<(usize, LayerPatch)>> {
         let Batch {
-            first,
-            dense,
             cases,
             failing,
             scored,
             ..
         } = batch;
-        let (first, layers) = (*first, outcome.layers.clone());
+        let layers = outcome.layers.clone();
         let found = match found {
             Some(mut f) => {
                 f.failing.retain(|l, _| layers.contains(l));
@@ -814,12 +861,19 @@ impl<'a> Star<'a> {
         let steers = self.steers(scored, cases, failing, layers.len())?;
         // The guard activations on the selected neurons: patches and every update stay off their span.
         let mut guard_span: BTreeMap<usize, Tensor> = BTreeMap::new();
-        if self.settings.guard_projection && !guards.is_empty() {
-            let g = self.guard_activations(first, dense, guards, &layers)?;
-            for l in &layers {
-                let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
-                guard_span.insert(*l, g[l].index_select(&idx, 1)?);
+        let mut typical: PerLayer<Vec<Tensor>> = batch
+            .typical
+            .iter()
+            .map(|(l, t)| (*l, vec![t.clone()]))
+            .collect();
+        for l in &layers {
+            let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
+            let at: Vec<Tensor> = guards.iter().map(|g| g.at_target[l].clone()).collect();
+            if self.settings.guard_projection && !at.is_empty() {
+                guard_span.insert(*l, Tensor::cat(&at, 0)?.index_select(&idx, 1)?);
             }
+            let t = typical.entry(*l).or_default();
+            t.extend(guards.iter().filter_map(|g| g.typical.get(l).cloned()));
         }
         let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
             Some(g) => project_off(&p, g),
@@ -830,12 +884,10 @@ impl<'a> Star<'a> {
         let mut whiten: BTreeMap<usize, Tensor> = BTreeMap::new();
         if self.settings.preserve > 0.0 {
             for l in &layers {
-                if let Some(t) = batch.typical.get(l) {
+                if let Some(t) = typical.get(l).filter(|t| !t.is_empty()) {
                     let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
-                    whiten.insert(
-                        *l,
-                        whitening(&t.index_select(&idx, 1)?, self.settings.preserve)?,
-                    );
+                    let t = Tensor::cat(t, 0)?.index_select(&idx, 1)?;
+                    whiten.insert(*l, whitening(&t, self.settings.preserve)?);
                 }
             }
         }
@@ -905,6 +957,8 @@ impl<'a> Star<'a> {
                 }
             }
         }
+        // Whether the tails were last run whole without the patch as it is now.
+        let mut stale = true;
         while outcome.solves < self.settings.solves {
             self.checkpoint()?;
             let current: Vec<(usize, LayerPatch)> = patches
@@ -954,7 +1008,12 @@ impl<'a> Star<'a> {
             let unsettled: usize = open.iter().map(Vec::len).sum();
             tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
             if unsettled == 0 {
-                return Ok(true);
+                if !stale {
+                    return Ok(true);
+                }
+                batch.refresh(self, &set)?;
+                stale = false;
+                continue;
             }
             let gains = Tensor::new(gains.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
             let steers = self
@@ -966,6 +1025,7 @@ impl<'a> Star<'a> {
                 patches.insert(l, sum);
             }
             outcome.solves += 1;
+            stale = true;
         }
         Ok(false)
     }
@@ -994,10 +1054,11 @@ impl<'a> Star<'a> {
                 .collect()
         };
         let lo = deltas.keys().copied().min().unwrap_or(batch.first);
-        // Cases wrong at the last look come first: once one is wrong the step is certain to update,
-        // and until then a case's backward waits, so a step that finds everything fixed pays none.
+        // Cases wrong at the last look come first (every case at the start): once one is wrong the
+        // step is certain to update, and until then a case's backward waits, so a step that finds
+        // everything fixed pays none.
         let mut order: Vec<usize> = (0..batch.cases.len()).collect();
-        order.sort_by_key(|&i| batch.failing[i].is_empty());
+        let mut stale = true;
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
@@ -1061,6 +1122,12 @@ impl<'a> Star<'a> {
                 accumulate(s, &wrong)?;
             }
             outcome.steps = step;
+            if wrong_now.is_empty() && stale && !last {
+                // Right over tails run without this patch: run them whole under it, and look again.
+                batch.refresh(self, &super::overlay_of(&patches(true)?)?)?;
+                stale = false;
+                continue;
+            }
             if wrong_now.is_empty() || last {
                 break;
             }
@@ -1069,6 +1136,7 @@ impl<'a> Star<'a> {
                     update(*l, d, g)?;
                 }
             }
+            stale = true;
             let rest = order.iter().filter(|i| !wrong_now.contains(i)).copied();
             order = wrong_now.iter().copied().chain(rest).collect();
         }
@@ -1089,7 +1157,7 @@ impl<'a> Star<'a> {
         let set = self.served(&patches)?;
         for (case, id) in batch.cases.iter().zip(failed) {
             self.checkpoint()?;
-            if self.says_target(case, batch.first, &set)? {
+            if self.says_target(case, batch.first, &set, None)? {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(id.clone());
             }
@@ -1098,7 +1166,7 @@ impl<'a> Star<'a> {
             let mut kept = 0;
             for g in guards {
                 self.checkpoint()?;
-                kept += self.says_target(&g.prepared, batch.first, &set)? as usize;
+                kept += self.says_target(&g.prepared, batch.first, &set, None)? as usize;
             }
             let before = guards.iter().filter(|g| g.passes).count();
             outcome.guard_before = before as f32 / guards.len() as f32;
