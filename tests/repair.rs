@@ -54,6 +54,18 @@ fn case(id: &str, prefix: &str, target: &str) -> Case {
     }
 }
 
+/// The largest absolute difference between two tensors of one shape.
+fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The greedy line the serving model completes a case with, under `patches`.
 fn greedy(m: &Model, c: &Case, patches: &PatchSet) -> String {
     let patches = (!patches.is_empty()).then_some(patches);
@@ -393,26 +405,16 @@ fn the_top_layers_over_a_captured_residual_equal_a_full_run_under_a_patch() {
     run(&residual.narrow(0, 0, split).unwrap());
     let last = run(&residual.narrow(0, split, 3).unwrap());
     let last = m.weights.logits(&last).unwrap();
-    let gap = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     assert_eq!(top.dims(), full.dims());
-    assert!(gap(&top, &full) < 1e-3, "gap {}", gap(&top, &full));
+    assert!(max_gap(&top, &full) < 1e-3, "gap {}", max_gap(&top, &full));
     let full_last = full.narrow(0, split, 3).unwrap();
     assert!(
-        gap(&last, &full_last) < 1e-3,
+        max_gap(&last, &full_last) < 1e-3,
         "gap {}",
-        gap(&last, &full_last)
+        max_gap(&last, &full_last)
     );
     assert!(
-        gap(&unpatched, &full) > 1e-2,
+        max_gap(&unpatched, &full) > 1e-2,
         "the patch changes the logits"
     );
 }
@@ -434,17 +436,7 @@ fn the_frozen_layers_run_once_per_case_and_never_under_a_patch_below() {
         .residual_entering(1, &a, &mut w.new_cache(), None)
         .unwrap();
     let first = cache.entering(w, 1, &a, None).unwrap();
-    let same = |x: &Tensor, y: &Tensor| {
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            < 1e-6
-    };
+    let same = |x: &Tensor, y: &Tensor| max_gap(x, y) < 1e-6;
     assert!(same(&first, &fresh));
     assert_eq!(
         cache.entering(w, 1, &a, None).unwrap().id(),
