@@ -360,6 +360,19 @@ impl<'a> Star<'a> {
             .is_empty())
     }
 
+    /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Guard::typical`): up to 64,
+    /// evenly over the rows before the tail; `None` when `preserve` is off or there are none.
+    fn typical_rows(&self, case: &Prepared) -> Result<Option<Tensor>> {
+        const ROWS: usize = 64;
+        let tail = case.tf.row(0);
+        let n = tail.min(ROWS);
+        if self.settings.preserve <= 0.0 || n == 0 {
+            return Ok(None);
+        }
+        let rows: Vec<u32> = (0..n).map(|i| (i * tail / n) as u32).collect();
+        Tensor::new(rows.as_slice(), &Device::Cpu).map(Some)
+    }
+
     /// Runs the dense upper layers over a prepared case's rows after those `kv` holds (all of them when
     /// it holds none) and scores its target tokens; `kv` gains the rows run.
     pub(super) fn score(
@@ -720,7 +733,7 @@ impl<'a> Star<'a> {
             scored_all.push(scored);
             tails.push(Tail::split(&p, &mut capture, kv, first..n_layers)?);
             let seq = p.residual.dim(0)?;
-            let sample = typical_rows(p.tf.row(0));
+            let sample = self.typical_rows(&p)?;
             for (l, z) in &capture.neurons {
                 let fires = z.abs()?.sum(0)?;
                 let fires = match breadth.remove(l) {
@@ -728,12 +741,8 @@ impl<'a> Star<'a> {
                     None => fires,
                 };
                 breadth.insert(*l, fires);
-                if self.settings.preserve > 0.0 && !sample.is_empty() {
-                    let idx = Tensor::new(sample.as_slice(), &Device::Cpu)?;
-                    typical
-                        .entry(*l)
-                        .or_default()
-                        .push(z.index_select(&idx, 0)?);
+                if let Some(idx) = &sample {
+                    typical.entry(*l).or_default().push(z.index_select(idx, 0)?);
                 }
             }
             rows += seq;
@@ -771,13 +780,12 @@ impl<'a> Star<'a> {
                 .map(|i| prepared.tf.row(i) as u32)
                 .collect();
             let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-            let sample = typical_rows(prepared.tf.row(0));
-            let sample = Tensor::new(sample.as_slice(), &Device::Cpu)?;
+            let sample = self.typical_rows(&prepared)?;
             let (mut at_target, mut typical) = (BTreeMap::new(), BTreeMap::new());
             for (l, z) in capture.neurons {
                 at_target.insert(l, z.index_select(&rows, 0)?);
-                if sample.dim(0)? > 0 {
-                    typical.insert(l, z.index_select(&sample, 0)?);
+                if let Some(idx) = &sample {
+                    typical.insert(l, z.index_select(idx, 0)?);
                 }
             }
             guard_runs.push(Guard {
@@ -1201,13 +1209,6 @@ fn solve_gram(a: &Tensor, r: &Tensor) -> Result<Tensor> {
         })
         .collect();
     Tensor::from_vec(solved, (rows.len(), n), &Device::Cpu)
-}
-
-/// Prompt rows sampled per case for `Batch::typical`: evenly over the rows before the tail.
-fn typical_rows(tail: usize) -> Vec<u32> {
-    const ROWS: usize = 64;
-    let n = tail.min(ROWS);
-    (0..n).map(|i| (i * tail / n) as u32).collect()
 }
 
 /// `L⁻¹` `(k, k)` for the metric `C = (1 − ρ)·Tᵀ T / mean + ρ·I`, `T` `(rows, k)` typical activations
