@@ -6,27 +6,22 @@
 
 use crate::model::{PatchSet, Qwen2};
 use candle_core::{Result, Tensor};
-use std::collections::{HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
-/// A bounded cache of residuals by (layer, tokens); the least recently used goes first.
+/// A bounded cache of residuals by (layer, tokens), the most recently used first.
 #[derive(Debug)]
 pub struct Residuals {
     capacity: usize,
-    entries: Mutex<Entries>,
+    entries: Mutex<VecDeque<Entry>>,
 }
 
-#[derive(Debug, Default)]
-struct Entries {
-    by_key: HashMap<u64, (usize, Vec<u32>, Tensor)>,
-    order: VecDeque<u64>,
-}
-
-fn key(layer: usize, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    (layer, tokens).hash(&mut h);
-    h.finish()
+/// The residual entering `layer` for `tokens`.
+#[derive(Debug)]
+struct Entry {
+    layer: usize,
+    tokens: Vec<u32>,
+    residual: Tensor,
 }
 
 impl Default for Residuals {
@@ -41,7 +36,7 @@ impl Residuals {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            entries: Mutex::new(Entries::default()),
+            entries: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -56,48 +51,43 @@ impl Residuals {
         live: Option<&PatchSet>,
     ) -> Result<Tensor> {
         let below_untouched = live.is_none_or(|p| (0..layer).all(|l| p.layer(l).is_none()));
-        let k = key(layer, tokens);
+        let same = |e: &Entry| e.layer == layer && e.tokens == tokens;
         if below_untouched {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((l, t, r)) = entries.by_key.get(&k) {
-                if *l == layer && t == tokens {
-                    let r = r.clone();
-                    // Used again: the newest now.
-                    entries.order.retain(|o| *o != k);
-                    entries.order.push_back(k);
-                    return Ok(r);
-                }
-            }
-        }
-        let r = model.residual_entering(layer, tokens, &mut model.new_cache(), live)?;
-        if below_untouched && self.capacity > 0 {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            if entries
-                .by_key
-                .insert(k, (layer, tokens.to_vec(), r.clone()))
-                .is_none()
+            let mut entries = self.lock();
+            if let Some(entry) = entries
+                .iter()
+                .position(same)
+                .and_then(|i| entries.remove(i))
             {
-                entries.order.push_back(k);
-            }
-            while entries.order.len() > self.capacity {
-                if let Some(old) = entries.order.pop_front() {
-                    entries.by_key.remove(&old);
-                }
+                let residual = entry.residual.clone();
+                entries.push_front(entry); // the most recently used now
+                return Ok(residual);
             }
         }
-        Ok(r)
+        let residual = model.residual_entering(layer, tokens, &mut model.new_cache(), live)?;
+        let mut entries = self.lock();
+        // Another thread (the server's warming, or a repair) may have kept the same one meanwhile.
+        if below_untouched && !entries.iter().any(same) {
+            entries.push_front(Entry {
+                layer,
+                tokens: tokens.to_vec(),
+                residual: residual.clone(),
+            });
+            entries.truncate(self.capacity);
+        }
+        Ok(residual)
     }
 
     /// Residuals held.
     pub fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_key
-            .len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
