@@ -278,17 +278,7 @@ fn the_preserving_patch_hits_every_steer_and_moves_typical_rows_less() {
         .unwrap()
         .matmul(&w)
         .unwrap();
-    let max_abs = |t: Tensor| -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    let err = max_abs((z.matmul(&p.t().unwrap()).unwrap() - &s).unwrap());
+    let err = max_gap(&z.matmul(&p.t().unwrap()).unwrap(), &s);
     assert!(err < 1e-3, "P z = s off by {err}");
     let energy = |p: &Tensor| -> f32 {
         typical
