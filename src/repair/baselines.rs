@@ -75,7 +75,7 @@ pub(super) fn mint(
                 },
             )?;
             let fixed = star.failure_positions(case, &s.logits)?.is_empty();
-            Ok((s.loss(&s.all(), &star.head.weight)?.to_scalar()?, fixed))
+            Ok((s.cross_entropy(&s.all())?, fixed))
         };
         // τ: the failure's steer at its first failure position.
         let tau = star

@@ -242,11 +242,7 @@ impl Scored {
     /// both sides of a matmul, and the head's `(vocab, hidden)` one would cost 545 MB per case for the
     /// default model, for nothing. `∂CE/∂h = (softmax(logits) − onehot(target)) W_U / n` is exact.
     pub(super) fn loss(&self, at: &[usize], head: &Tensor) -> Result<Tensor> {
-        let idx: Vec<u32> = at.iter().map(|&i| i as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
-        let target: Vec<u32> = at.iter().map(|&i| self.target[i]).collect();
-        let target = Tensor::new(target.as_slice(), &Device::Cpu)?;
-        let logits = self.logits.index_select(&idx, 0)?;
+        let (idx, target, logits) = self.rows(at)?;
         let hidden = self.hidden.index_select(&idx, 0)?;
         let value = candle_nn::loss::cross_entropy(&logits, &target)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
@@ -254,6 +250,23 @@ impl Scored {
             .affine(1.0 / at.len().max(1) as f64, 0.0)?;
         let linear = (&hidden * &grad)?.sum_all()?;
         linear.clone() + (value - linear.detach())?
+    }
+
+    /// The loss's value alone, for callers that take no gradient (MINT's trials): no pass through
+    /// the head beyond the logits already made.
+    pub(super) fn cross_entropy(&self, at: &[usize]) -> Result<f32> {
+        let (_, target, logits) = self.rows(at)?;
+        candle_nn::loss::cross_entropy(&logits, &target)?.to_scalar()
+    }
+
+    /// Row indices, target tokens and logits of target positions `at`.
+    fn rows(&self, at: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
+        let idx: Vec<u32> = at.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        let target: Vec<u32> = at.iter().map(|&i| self.target[i]).collect();
+        let target = Tensor::new(target.as_slice(), &Device::Cpu)?;
+        let logits = self.logits.index_select(&idx, 0)?;
+        Ok((idx, target, logits))
     }
 
     pub(super) fn all(&self) -> Vec<usize> {
