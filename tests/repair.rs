@@ -462,6 +462,28 @@ fn the_frozen_layers_run_once_per_case_and_never_under_a_patch_below() {
     assert!(w
         .forward(&[1], &mut lower, &mut star_ls::model::Hooks::default())
         .is_err());
+    // Made whole from the residual under a patch above, it goes on as a whole pass under that patch.
+    let above = patch(1);
+    let hooks = || star_ls::model::Hooks::with_patches(&above);
+    assert!(
+        w.finish_cache(
+            1,
+            &first.narrow(0, 1, a.len() - 1).unwrap(),
+            &mut lower.clone(),
+            None
+        )
+        .is_err(),
+        "a residual for other positions"
+    );
+    w.finish_cache(1, &first, &mut lower, Some(&above)).unwrap();
+    let mut whole = w.new_cache();
+    w.forward(&a, &mut whole, &mut hooks()).unwrap();
+    let next = |cache: &mut star_ls::model::KvCache| {
+        let h = w.forward(&[1], cache, &mut hooks()).unwrap();
+        w.logits(&h).unwrap()
+    };
+    let gap = max_gap(&next(&mut lower), &next(&mut whole));
+    assert!(gap < 1e-3, "gap {gap}");
 }
 
 /// The factored head is cached on disk: a second build reads it and steers the same; a corrupt file is

@@ -13,7 +13,7 @@ pub use plot::plot;
 use probe::Probe;
 pub use report::{CumulativePoint, MethodReport, RepairRecord, Report, Status};
 
-use crate::model::{PatchSet, Qwen2, Tokenizer};
+use crate::model::{KvCache, PatchSet, Qwen2, Tokenizer};
 use crate::repair::{
     complete_case, passes, Case, Head, Method, RepairOutcome, RepairSettings, Residuals, Star,
 };
@@ -330,8 +330,13 @@ impl Protocol<'_> {
             ..Star::new(star.model, star.tokenizer, star.head, star.settings)
         };
         // The frozen layers' pass over the cases, before the clock: the server makes it while the
-        // failures are pending, and keeps the guards' from one repair to the next.
-        bounded.warm(&failures)?;
+        // failures are pending, and keeps the guards' from one repair to the next. The failures'
+        // keys and values from it serve the greedy checks after.
+        let lowers: Vec<KvCache> = unit
+            .repaired
+            .iter()
+            .map(|i| self.probes[*i].lower(self.model, &self.residuals))
+            .collect::<candle_core::Result<_>>()?;
         bounded.warm(guards)?;
         let rss_before = rss::current_mb().unwrap_or(0.0);
         rss::reset_peak();
@@ -363,7 +368,9 @@ impl Protocol<'_> {
             solves: 0,
         };
         let set = match result {
-            Ok(Ok(outcome)) => self.judge(&bounded, outcome, &failures, &mut record)?,
+            Ok(Ok(outcome)) => {
+                self.judge(&bounded, outcome, &unit.repaired, lowers, &mut record)?
+            }
             Ok(Err(e)) => {
                 record.status = match timed_out.load(std::sync::atomic::Ordering::SeqCst) {
                     true => Status::TimedOut,
@@ -425,7 +432,8 @@ impl Protocol<'_> {
         &self,
         star: &Star,
         outcome: RepairOutcome,
-        repaired: &[Case],
+        repaired: &[usize],
+        lowers: Vec<KvCache>,
         record: &mut RepairRecord,
     ) -> candle_core::Result<Option<PatchSet>> {
         record.layers = outcome.layers.clone();
@@ -437,9 +445,10 @@ impl Protocol<'_> {
             return Ok(None);
         }
         let set = star.served(&outcome.patches)?;
-        for case in repaired {
-            let line = complete_case(self.model, self.tok, case, self.context, Some(&set))?;
-            record.fixed += passes(&line, case) as usize;
+        for (i, lower) in repaired.iter().zip(lowers) {
+            let case = &self.cases[*i];
+            record.fixed +=
+                self.probes[*i].completes(self.model, self.tok, case, lower, &set)? as usize;
         }
         Ok(Some(set))
     }

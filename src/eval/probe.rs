@@ -5,8 +5,10 @@
 
 use crate::completion::{fim_prompt, ContextLimits};
 use crate::model::generate::{argmax, mask_rows_to_heal, StopReason};
-use crate::model::{Capture, Hooks, PatchSet, Qwen2, Tokenizer};
-use crate::repair::{greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case};
+use crate::model::{Capture, Hooks, KvCache, PatchSet, Prompt, Qwen2, Tokenizer};
+use crate::repair::{
+    greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, Residuals,
+};
 use candle_core::{Result, Tensor};
 
 /// Tokens fed after the prompt; decision `i` predicts `forced[i]`.
@@ -20,8 +22,9 @@ pub struct Probe {
     /// Whether the unpatched model's greedy line is the developer's.
     pub passes: bool,
     first: usize,
-    prompt_len: usize,
-    heal: Vec<u8>,
+    prompt: Prompt,
+    /// The prompt and the developer's text but its last token, as repair teacher-forces them.
+    forced_tokens: Vec<u32>,
     prompt_residual: Tensor,
     /// The unpatched greedy tokens (and a stop row if a stop token ended them).
     greedy: Forced,
@@ -78,8 +81,8 @@ impl Probe {
         let mut probe = Self {
             passes: passes(&g.text, case),
             first,
-            prompt_len: prompt.tokens.len(),
-            heal: prompt.heal,
+            prompt,
+            forced_tokens: tf.tokens,
             prompt_residual,
             greedy,
             target,
@@ -113,9 +116,9 @@ impl Probe {
                 ..Hooks::default()
             },
         )?;
-        let rows = hidden.narrow(0, self.prompt_len - 1, f.forced.len())?;
+        let rows = hidden.narrow(0, self.prompt.tokens.len() - 1, f.forced.len())?;
         let mut rows = model.logits(&rows)?.to_vec2::<f32>()?;
-        mask_rows_to_heal(tok, &mut rows, &f.forced, &self.heal);
+        mask_rows_to_heal(tok, &mut rows, &f.forced, &self.prompt.heal);
         Ok(rows.iter().map(|r| argmax(r)).collect())
     }
 
@@ -133,5 +136,33 @@ impl Probe {
             .iter()
             .zip(&self.target.forced)
             .all(|(g, w)| same_line(tok, *g, *w)))
+    }
+
+    /// The frozen lower layers run once over the case as repair teacher-forces it: the residual a
+    /// repair of it starts from goes to `residuals`, and the keys and values along the prompt come
+    /// back, for `completes` to decode from under any overlay.
+    pub fn lower(&self, model: &Qwen2, residuals: &Residuals) -> Result<KvCache> {
+        let mut cache = model.new_cache();
+        let residual =
+            model.residual_entering(self.first, &self.forced_tokens, &mut cache, None)?;
+        residuals.keep(self.first, &self.forced_tokens, residual);
+        cache.truncate(self.prompt.tokens.len() - 1)?;
+        Ok(cache)
+    }
+
+    /// Whether the greedy line under `patches` is the developer's: `complete_case`, with the layers
+    /// below the patches taken from `lower` (what `lower` returned) instead of run again.
+    pub fn completes(
+        &self,
+        model: &Qwen2,
+        tok: &Tokenizer,
+        case: &Case,
+        mut lower: KvCache,
+        patches: &PatchSet,
+    ) -> Result<bool> {
+        let residual = self.prompt_residual.narrow(0, 0, lower.len())?;
+        model.finish_cache(self.first, &residual, &mut lower, Some(patches))?;
+        let g = greedy_case(model, tok, case, &self.prompt, &mut lower, Some(patches))?;
+        Ok(passes(&g.text, case))
     }
 }

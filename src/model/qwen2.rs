@@ -778,6 +778,33 @@ impl Qwen2 {
         Ok(x)
     }
 
+    /// Makes whole a cache that `residual_entering(layer, ..)` filled: runs the layers from `layer` up
+    /// over `residual`, what entered `layer` at the cache's positions, under `patches`. Generation
+    /// then goes on from it as from a whole pass, and the frozen layers below ran once for any number
+    /// of overlays.
+    pub fn finish_cache(
+        &self,
+        layer: usize,
+        residual: &Tensor,
+        cache: &mut KvCache,
+        patches: Option<&PatchSet>,
+    ) -> Result<()> {
+        if cache.below != Some(layer) || residual.dim(0)? != cache.len() {
+            candle_core::bail!("the cache does not end at layer {layer} for these positions");
+        }
+        let span = Span::new(&self.rope, 0, cache.len())?;
+        let mut hooks = Hooks {
+            patches,
+            ..Hooks::default()
+        };
+        let mut x = residual.clone();
+        for (i, l) in self.layers.iter().enumerate().skip(layer) {
+            x = l.forward(i, &x, &span, &mut cache.layers[i], &mut hooks)?;
+        }
+        cache.below = None;
+        Ok(())
+    }
+
     /// Logits `(rows, vocab)` for final-normed hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)

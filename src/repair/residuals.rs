@@ -24,6 +24,12 @@ struct Entry {
     residual: Tensor,
 }
 
+impl Entry {
+    fn is(&self, layer: usize, tokens: &[u32]) -> bool {
+        self.layer == layer && self.tokens == tokens
+    }
+}
+
 impl Default for Residuals {
     /// Room for the guards a repair checks and a few batches of failures.
     fn default() -> Self {
@@ -51,12 +57,11 @@ impl Residuals {
         live: Option<&PatchSet>,
     ) -> Result<Tensor> {
         let below_untouched = live.is_none_or(|p| (0..layer).all(|l| p.layer(l).is_none()));
-        let same = |e: &Entry| e.layer == layer && e.tokens == tokens;
         if below_untouched {
             let mut entries = self.lock();
             if let Some(entry) = entries
                 .iter()
-                .position(same)
+                .position(|e| e.is(layer, tokens))
                 .and_then(|i| entries.remove(i))
             {
                 let residual = entry.residual.clone();
@@ -65,17 +70,25 @@ impl Residuals {
             }
         }
         let residual = model.residual_entering(layer, tokens, &mut model.new_cache(), live)?;
+        if below_untouched {
+            self.keep(layer, tokens, residual.clone());
+        }
+        Ok(residual)
+    }
+
+    /// Keeps `residual` as the one entering `layer` for `tokens`, computed by the caller with nothing
+    /// patched below `layer`.
+    pub fn keep(&self, layer: usize, tokens: &[u32], residual: Tensor) {
         let mut entries = self.lock();
         // Another thread (the server's warming, or a repair) may have kept the same one meanwhile.
-        if below_untouched && !entries.iter().any(same) {
+        if !entries.iter().any(|e| e.is(layer, tokens)) {
             entries.push_front(Entry {
                 layer,
                 tokens: tokens.to_vec(),
-                residual: residual.clone(),
+                residual,
             });
             entries.truncate(self.capacity);
         }
-        Ok(residual)
     }
 
     /// Residuals held.
