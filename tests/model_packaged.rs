@@ -147,10 +147,12 @@ fn logits_match_candle_transformers_qwen2() {
         .map(|(a, b)| (a - b).abs())
         .sum::<f32>()
         / got.len() as f32;
-    // Same weights, same arithmetic: the logits agree to float rounding. A wrong mask, rope, bias or
-    // head would move them by whole units.
+    // Same weights, the same arithmetic up to float rounding (our softmax and SwiGLU are fused, on our
+    // own exp). Each product quantizes its input to 8 bits per block, so a rounding difference can move
+    // an input a quantization step: measured max 0.018 and mean 0.003 of the logit scale. A wrong
+    // mask, rope, bias or head moves them by whole units.
     assert!(
-        diff < 1e-3 * scale && mean < 1e-4 * scale,
+        diff < 5e-2 * scale && mean < 1e-2 * scale,
         "max |logit diff| {diff}, mean {mean}, at logit scale {scale}"
     );
     assert_eq!(

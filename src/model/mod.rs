@@ -6,6 +6,7 @@ mod gemv;
 pub mod generate;
 mod gguf;
 pub mod hooks;
+mod kernels;
 mod qwen2;
 mod tokenizer;
 

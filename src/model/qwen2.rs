@@ -8,6 +8,7 @@
 use super::gemv::RawMatrix;
 use super::gguf::GgufFile;
 use super::hooks::{Hooks, LayerPatch, PatchSet};
+use super::kernels::{CausalSoftmax, SiluMul};
 use super::ModelError;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -356,17 +357,23 @@ impl Attention {
         // KV head are stacked along the sequence axis.
         let group = nh / nkv;
         let q = q.contiguous()?.reshape((1, nkv, group * seq, hd))?;
-        let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        if let Some(mask) = &span.mask {
-            att = att
-                .reshape((1, nkv, group, seq, total))?
-                .broadcast_add(mask)?
-                .reshape((1, nkv, group * seq, total))?;
-        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = q.matmul(&k.t()?)?;
         let att = if differentiable {
+            let mut att = (att * scale)?;
+            if let Some(mask) = &span.mask {
+                att = att
+                    .reshape((1, nkv, group, seq, total))?
+                    .broadcast_add(mask)?
+                    .reshape((1, nkv, group * seq, total))?;
+            }
             candle_nn::ops::softmax(&att, D::Minus1)?
         } else {
-            candle_nn::ops::softmax_last_dim(&att)?
+            att.apply_op1_no_bwd(&CausalSoftmax {
+                scale: scale as f32,
+                start,
+                seq,
+            })?
         };
         let y = att.matmul(&v)?; // (1, nkv, group*seq, hd)
         let y = y
@@ -419,9 +426,12 @@ pub struct Mlp {
 
 impl Mlp {
     /// `down_proj` input `z = silu(gate x) ⊙ (up x)`: the neuron activations STAR works on.
-    fn neurons(&self, x: &Tensor) -> Result<Tensor> {
+    fn neurons(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let [gate, up] = Linear::forward_shared(&[&self.gate, &self.up], x)?;
-        candle_nn::ops::silu(&gate)? * up
+        match differentiable {
+            true => candle_nn::ops::silu(&gate)? * up,
+            false => gate.apply_op2_no_bwd(&up, &SiluMul),
+        }
     }
 
     pub fn down(&self) -> &Linear {
@@ -456,7 +466,7 @@ impl DecoderLayer {
             return Ok(x);
         }
         let h = rms_norm(&x, &self.ffn_norm, self.eps, d)?;
-        let mut z = self.mlp.neurons(&h)?;
+        let mut z = self.mlp.neurons(&h, d)?;
         if let Some(probe) = hooks.neuron_probes.and_then(|p| p.get(&index)) {
             z = (z + probe)?;
         }
