@@ -16,7 +16,10 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-86.0, 88.0);
-    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // `k` = x / ln 2 rounded, also as an integer in the low bits of `rounded`: `as i32` would cost a
+    // scalar saturating conversion per element.
+    let rounded = x * std::f32::consts::LOG2_E + ROUND;
+    let k = rounded - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO; // in [-ln 2 / 2, ln 2 / 2]
                                            // e^r: its Taylor series to degree 7, 1/n!.
     const C: [f32; 7] = [
@@ -29,7 +32,8 @@ pub fn exp(x: f32) -> f32 {
         1.0 / 5040.0,
     ];
     let p = 1.0 + r * C.iter().rev().fold(0.0, |acc, &c| c + r * acc);
-    f32::from_bits(p.to_bits().wrapping_add(((k as i32) << 23) as u32))
+    let times_2_to_k = rounded.to_bits().wrapping_sub(ROUND.to_bits()) << 23;
+    f32::from_bits(p.to_bits().wrapping_add(times_2_to_k))
 }
 
 /// Elements from which a kernel splits its work across threads: below, a decoded token's rows, the
