@@ -9,7 +9,7 @@ use rayon::prelude::*;
 /// `e^x` within 3e-7 relative, branch-free so that loops over it vectorize. Below -86 it gives about
 /// e^-86 (nothing, beside the 1 a softmax row's maximum contributes).
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     // ln 2 in two parts (Cody and Waite), so that `x − k ln 2` stays exact for large `k`.
@@ -20,8 +20,8 @@ pub fn exp(x: f32) -> f32 {
     // scalar saturating conversion per element.
     let rounded = x * std::f32::consts::LOG2_E + ROUND;
     let k = rounded - ROUND;
-    let r = (x - k * LN2_HI) - k * LN2_LO; // in [-ln 2 / 2, ln 2 / 2]
-                                           // e^r: its Taylor series to degree 7, 1/n!.
+    // e^x = 2^k · e^r, with r in [-ln 2 / 2, ln 2 / 2]; e^r from its Taylor series to degree 7.
+    let r = (x - k * LN2_HI) - k * LN2_LO;
     const C: [f32; 7] = [
         1.0,
         0.5,
