@@ -475,6 +475,11 @@ fn the_frozen_layers_run_once_per_case_and_never_under_a_patch_below() {
         .is_err(),
         "a residual for other positions"
     );
+    // One whose upper layers already hold keys (a whole pass, then a lower-only one) is refused too.
+    let mut mixed = w.new_cache();
+    w.forward(&a[..2], &mut mixed, &mut hooks()).unwrap();
+    w.residual_entering(1, &a[2..], &mut mixed, None).unwrap();
+    assert!(w.finish_cache(1, &first, &mut mixed, None).is_err());
     w.finish_cache(1, &first, &mut lower, Some(&above)).unwrap();
     let mut whole = w.new_cache();
     w.forward(&a, &mut whole, &mut hooks()).unwrap();

@@ -352,6 +352,10 @@ impl Attention {
         };
         *kv = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
+        // The causal softmax takes row i to sit at `start + i` of `total` keys.
+        if total != start + seq {
+            candle_core::bail!("{total} keys cached where {start} + {seq} positions were expected");
+        }
 
         // Grouped-query attention without copying K/V per head: the `group` query heads that share a
         // KV head are stacked along the sequence axis.
@@ -799,7 +803,8 @@ impl Qwen2 {
         cache: &mut KvCache,
         patches: Option<&PatchSet>,
     ) -> Result<()> {
-        if cache.below != Some(layer) || residual.dim(0)? != cache.len() {
+        let upper_empty = cache.layers.iter().skip(layer).all(Option::is_none);
+        if cache.below != Some(layer) || !upper_empty || residual.dim(0)? != cache.len() {
             candle_core::bail!("the cache does not end at layer {layer} for these positions");
         }
         let span = Span::new(&self.rope, 0, cache.len())?;
