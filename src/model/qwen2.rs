@@ -365,7 +365,7 @@ impl Attention {
         let att = q.matmul(&k.t()?)?;
         let att = if differentiable {
             let mut att = (att * scale)?;
-            if let Some(mask) = &span.mask {
+            if let Some(mask) = span.mask()? {
                 att = att
                     .reshape((1, nkv, group, seq, total))?
                     .broadcast_add(mask)?
@@ -388,36 +388,49 @@ impl Attention {
     }
 }
 
-/// Where one forward pass sits: its first absolute position, the rotary tables, and the causal mask that
-/// every layer shares.
+/// Where one forward pass sits: its first absolute position, its length, the rotary tables, and the
+/// causal mask that every differentiable layer shares (the serving layers' fused softmax needs none).
 struct Span<'a> {
     start: usize,
+    seq: usize,
     rope: &'a Rope,
-    /// Additive `(seq, start + seq)`: row `i` sits at position `start + i`. None for a single token,
-    /// which sees every position.
-    mask: Option<Tensor>,
+    mask: std::cell::OnceCell<Tensor>,
 }
 
 impl<'a> Span<'a> {
-    fn new(rope: &'a Rope, start: usize, seq: usize) -> Result<Self> {
-        let mask = if seq > 1 {
-            let total = start + seq;
-            let mask: Vec<f32> = (0..seq)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
+    fn new(rope: &'a Rope, start: usize, seq: usize) -> Self {
+        Self {
+            start,
+            seq,
+            rope,
+            mask: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Additive `(seq, start + seq)`: row `i` sits at position `start + i`. None for a single token,
+    /// which sees every position. Made on first use.
+    fn mask(&self) -> Result<Option<&Tensor>> {
+        let (start, seq) = (self.start, self.seq);
+        if seq <= 1 {
+            return Ok(None);
+        }
+        if let Some(mask) = self.mask.get() {
+            return Ok(Some(mask));
+        }
+        let total = start + seq;
+        let mask: Vec<f32> = (0..seq)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > start + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
                 })
-                .collect();
-            Some(Tensor::from_vec(mask, (seq, total), &Device::Cpu)?)
-        } else {
-            None
-        };
-        Ok(Self { start, rope, mask })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (seq, total), &Device::Cpu)?;
+        Ok(Some(self.mask.get_or_init(|| mask)))
     }
 }
 
@@ -754,7 +767,7 @@ impl Qwen2 {
             cache.layers = vec![None; self.layers.len()];
         }
         let mut x = self.embed.rows(tokens)?;
-        let span = Span::new(&self.rope, start, tokens.len())?;
+        let span = Span::new(&self.rope, start, tokens.len());
         for (i, layer) in self.layers.iter().enumerate().take(until) {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(i, &x);
@@ -807,7 +820,7 @@ impl Qwen2 {
         if cache.below != Some(layer) || !upper_empty || residual.dim(0)? != cache.len() {
             candle_core::bail!("the cache does not end at layer {layer} for these positions");
         }
-        let span = Span::new(&self.rope, 0, cache.len())?;
+        let span = Span::new(&self.rope, 0, cache.len());
         let mut hooks = Hooks {
             patches,
             ..Hooks::default()
@@ -882,7 +895,7 @@ impl Qwen2 {
         }
         let start = kv_positions(kv)?;
         let mut x = x.clone();
-        let span = Span::new(&self.rope, start, x.dim(0)?)?;
+        let span = Span::new(&self.rope, start, x.dim(0)?);
         for (j, layer) in layers.iter().enumerate() {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(first + j, &x);
