@@ -820,15 +820,16 @@ impl Qwen2 {
         if cache.below != Some(layer) || !upper_empty || residual.dim(0)? != cache.len() {
             candle_core::bail!("the cache does not end at layer {layer} for these positions");
         }
-        let span = Span::new(&self.rope, 0, cache.len());
-        let mut hooks = Hooks {
-            patches,
-            ..Hooks::default()
-        };
-        let mut x = residual.clone();
-        for (i, l) in self.layers.iter().enumerate().skip(layer) {
-            x = l.forward(i, &x, &span, &mut cache.layers[i], &mut hooks)?;
-        }
+        self.forward_after(
+            layer,
+            &self.layers[layer..],
+            residual,
+            &mut cache.layers[layer..],
+            &mut Hooks {
+                patches,
+                ..Hooks::default()
+            },
+        )?;
         cache.below = None;
         Ok(())
     }
