@@ -501,6 +501,11 @@ impl DecoderLayer {
         &self.mlp
     }
 
+    /// Whether this is a dense copy that gradients flow through (`Qwen2::dense_layers`).
+    pub fn is_dense(&self) -> bool {
+        self.differentiable
+    }
+
     /// A dense f32 copy with differentiable paths; `patch` (the live overlay's, if any) folded into its
     /// `down_proj`, so gradient work starts from the model as it serves.
     fn to_dense(&self, patch: Option<&LayerPatch>) -> Result<Self> {

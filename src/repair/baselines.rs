@@ -2,7 +2,7 @@
 //! (`Star::repair_by`): plain SGD on the layers' `down_proj`, and MINT's one-failure-at-a-time neuron
 //! patches.
 
-use super::star::{Batch, RepairOutcome, Star};
+use super::star::{Batch, Patched, RepairOutcome, Star, Upper};
 use crate::model::{Hooks, LayerPatch};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -10,11 +10,7 @@ use std::collections::BTreeMap;
 /// SGD: gradient descent on every `down_proj` column of the chosen layers (`sgd_learning_rate`,
 /// `max_steps` epochs), cross-entropy on all target tokens, stopping once every failure position is
 /// right.
-pub(super) fn sgd(
-    star: &Star,
-    batch: &Batch,
-    outcome: &mut RepairOutcome,
-) -> Result<Vec<(usize, LayerPatch)>> {
+pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Result<Patched> {
     let hidden = star.head.weight.dim(1)?;
     let mut columns = BTreeMap::new();
     let mut deltas = BTreeMap::new();
@@ -64,9 +60,10 @@ pub(super) fn mint(
         let one = std::slice::from_ref(case);
         let at = std::slice::from_ref(positions);
         let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
-            let set = super::overlay_of(&to_patches(deltas)?)?;
+            let set = star.served(&to_patches(deltas)?)?;
             let s = batch.score_from(
                 star,
+                Upper::Serving,
                 lo,
                 i,
                 &mut Hooks {

@@ -2,11 +2,13 @@
 //! `steer`, `solve_patch` (with the guard projection), `guided_update`, `guard_check`.
 //!
 //! The lower layers are frozen: every case runs through the serving model once, and its residual stream
-//! entering the first candidate layer is kept. Everything after runs on dense f32 copies of the upper
-//! layers, where candle can take gradients, and, after one full pass, over a case's *tail* only (the
-//! rows that predict its target): the prompt's keys and values in those layers are kept from that pass,
-//! so each later pass costs a few rows, not the whole context. A patch's effect on the prompt rows is
-//! left out of the repair's own passes; the verdict runs the serving model over the whole context.
+//! entering the first candidate layer is kept. Passes a gradient flows through run on dense f32 copies
+//! of the upper layers, where candle can take gradients; the others (whole passes, re-solves, MINT's
+//! trials) run the serving layers, a quarter of the memory traffic. After one whole pass, a case runs
+//! over its *tail* only (the rows that predict its target): the prompt's keys and values in those
+//! layers are kept from that pass, so each later pass costs a few rows, not the whole context. A
+//! patch's effect on the prompt rows is left out of tail passes; a whole pass under the patch
+//! (`Batch::refresh`) confirms the end, and is the verdict's check on the cases.
 
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
@@ -115,32 +117,50 @@ impl Tail {
 }
 
 impl Batch {
-    /// Runs every case whole under `set`: the tails' inputs and the prompt rows' keys and values then
-    /// include the patch's effect on the prompt, which tail-only passes leave out. Called when those
-    /// passes find the batch done, so that "done" holds for the whole cases.
-    pub(super) fn refresh(&self, star: &Star, set: &PatchSet) -> Result<()> {
+    /// Runs every case whole with `patches`: the tails' inputs and the prompt rows' keys and values
+    /// then include the patch's effect on the prompt, which tail-only passes leave out. Called when
+    /// those passes find the batch done, so that "done" holds for the whole cases. No gradient flows
+    /// through a whole pass, so it runs the serving layers, not the dense copies (a third the time).
+    /// Returns each case's scoring by that pass: the serving model's own, as the verdict would make it.
+    pub(super) fn refresh(
+        &self,
+        star: &Star,
+        patches: &[(usize, LayerPatch)],
+    ) -> Result<Vec<Scored>> {
         let layers = self.first..self.first + self.dense.len();
+        let set = star.served(patches)?;
         let mut tails = Vec::with_capacity(self.cases.len());
+        let mut scored = Vec::with_capacity(self.cases.len());
         for case in &self.cases {
             star.checkpoint()?;
             let mut capture = Capture::layers(layers.clone());
             let mut kv = vec![None; self.dense.len()];
-            star.score(
+            scored.push(star.score(
                 self.first,
-                &self.dense,
+                &star.model.layers()[self.first..],
                 case,
                 &case.residual,
                 &mut kv,
                 &mut Hooks {
-                    patches: Some(set),
+                    patches: Some(&set),
                     capture: Some(&mut capture),
                     ..Hooks::default()
                 },
-            )?;
+            )?);
             tails.push(Tail::split(case, &mut capture, kv, layers.clone())?);
         }
         *self.tails.borrow_mut() = tails;
-        Ok(())
+        Ok(scored)
+    }
+
+    /// Which cases `scored` (a whole pass per case, as `refresh` makes) finds right at every target
+    /// position.
+    pub(super) fn right(&self, star: &Star, scored: &[Scored]) -> Result<Vec<bool>> {
+        self.cases
+            .iter()
+            .zip(scored)
+            .map(|(case, s)| Ok(star.failure_positions(case, &s.logits)?.is_empty()))
+            .collect()
     }
 
     /// Rows a tail-only pass over case `i` runs.
@@ -148,25 +168,56 @@ impl Batch {
         self.tails.borrow()[i].inputs[0].dim(0)
     }
 
-    /// Scores case `i` running only the layers from `lo` up: nothing below is patched, so the residual
-    /// entering `lo` is the one captured at the start.
+    /// Scores case `i`'s tail running only the `upper` layers from `lo` up: nothing below is patched,
+    /// so the residual entering `lo` is the one captured at the start. The serving layers want the
+    /// live overlay in `hooks.patches` (`Star::served`); the dense copies hold it already.
     pub(super) fn score_from(
         &self,
         star: &Star,
+        upper: Upper,
         lo: usize,
         i: usize,
         hooks: &mut Hooks,
     ) -> Result<Scored> {
         let k = lo - self.first;
         let tails = self.tails.borrow();
+        let layers = match upper {
+            Upper::Serving => &star.model.layers()[lo..],
+            Upper::Dense => &self.dense[k..],
+        };
         star.score(
             lo,
-            &self.dense[k..],
+            layers,
             &self.cases[i],
             &tails[i].inputs[k],
             &mut tails[i].prompt[k..].to_vec(),
             hooks,
         )
+    }
+}
+
+/// Which copy of the upper layers a pass runs: the serving ones (quantized weights, and the quantized
+/// head for its logits) when no gradient flows through it, a quarter of the memory traffic of the
+/// dense f32 copies that a gradient needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Upper {
+    Serving,
+    Dense,
+}
+
+/// A method's patches and, when its last whole pass ran under exactly them (`Batch::refresh`), which
+/// cases that pass found right: the verdict's own check on the cases, already made.
+pub(super) struct Patched {
+    pub patches: Vec<(usize, LayerPatch)>,
+    pub verified: Option<Vec<bool>>,
+}
+
+impl From<Vec<(usize, LayerPatch)>> for Patched {
+    fn from(patches: Vec<(usize, LayerPatch)>) -> Self {
+        Self {
+            patches,
+            verified: None,
+        }
     }
 }
 
@@ -386,12 +437,13 @@ impl<'a> Star<'a> {
         Tensor::new(rows.as_slice(), &Device::Cpu).map(Some)
     }
 
-    /// Runs the dense upper layers over a prepared case's rows after those `kv` holds (all of them when
-    /// it holds none) and scores its target tokens; `kv` gains the rows run.
+    /// Runs upper `layers` (dense copies or the serving ones) over a prepared case's rows after those
+    /// `kv` holds (all of them when it holds none) and scores its target tokens; `kv` gains the rows
+    /// run. The logits come from the head of the same kind.
     pub(super) fn score(
         &self,
         first: usize,
-        dense: &[DecoderLayer],
+        layers: &[DecoderLayer],
         case: &Prepared,
         residual: &Tensor,
         kv: &mut [Option<(Tensor, Tensor)>],
@@ -411,13 +463,16 @@ impl<'a> Star<'a> {
         };
         let normed = self
             .model
-            .forward_after(first, dense, residual, kv, &mut inner)?;
+            .forward_after(first, layers, residual, kv, &mut inner)?;
         let rows: Vec<u32> = (0..case.tf.target.len())
             .map(|i| (case.tf.row(i) - start) as u32)
             .collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
         let hidden = normed.index_select(&rows, 0)?;
-        let logits = hidden.detach().matmul(&self.head.weight.t()?)?;
+        let logits = match layers.first() {
+            Some(l) if !l.is_dense() => self.model.logits(&hidden)?,
+            _ => hidden.detach().matmul(&self.head.weight.t()?)?,
+        };
         let pre_norm = inner
             .capture
             .and_then(|c| c.final_hidden.clone())
@@ -489,14 +544,17 @@ impl<'a> Star<'a> {
             ..
         } = batch;
         let first = *first;
+        let live = self.served(&[])?;
         let loss_with = |l: usize| -> Result<f32> {
             let mut total = 0.0;
             for i in 0..cases.len() {
                 let s = batch.score_from(
                     self,
+                    Upper::Serving,
                     l,
                     i,
                     &mut Hooks {
+                        patches: Some(&live),
                         skip_mlp: &[l],
                         ..Hooks::default()
                     },
@@ -544,6 +602,7 @@ impl<'a> Star<'a> {
             let mut capture = Capture::layers(layers.iter().copied());
             let scored = batch.score_from(
                 self,
+                Upper::Dense,
                 lo,
                 i,
                 &mut Hooks {
@@ -712,9 +771,10 @@ impl<'a> Star<'a> {
         let t0 = Instant::now();
         let n_layers = self.model.layers().len();
         let first = self.first_candidate();
-        let dense = self.model.dense_layers(first..n_layers, self.live)?;
+        let live = self.served(&[])?;
 
-        // 1. The failing cases: those with a failure position under teacher forcing.
+        // 1. The failing cases: those with a failure position under teacher forcing, found by a whole
+        // pass of the serving layers (no gradient flows through it).
         let mut failed = Vec::new();
         let mut cases = Vec::new();
         let mut failing = Vec::new();
@@ -726,14 +786,15 @@ impl<'a> Star<'a> {
             self.checkpoint()?;
             let p = self.prepare(c, first)?;
             let mut capture = Capture::layers(first..n_layers);
-            let mut kv = vec![None; dense.len()];
+            let mut kv = vec![None; n_layers - first];
             let scored = self.score(
                 first,
-                &dense,
+                &self.model.layers()[first..],
                 &p,
                 &p.residual,
                 &mut kv,
                 &mut Hooks {
+                    patches: Some(&live),
                     capture: Some(&mut capture),
                     ..Hooks::default()
                 },
@@ -780,7 +841,6 @@ impl<'a> Star<'a> {
             outcome.seconds = t0.elapsed().as_secs_f64();
             return Ok(outcome);
         }
-        let live = self.served(&[])?;
         let mut guard_runs = Vec::with_capacity(guards.len());
         for g in guards {
             self.checkpoint()?;
@@ -812,7 +872,7 @@ impl<'a> Star<'a> {
         // 2. Where: layers by occlusion, shared by every method.
         let batch = Batch {
             first,
-            dense,
+            dense: self.model.dense_layers(first..n_layers, self.live)?,
             cases,
             failing,
             scored: scored_all,
@@ -831,7 +891,7 @@ impl<'a> Star<'a> {
         let patches = match method {
             Method::Star => self.star_patches(&batch, found, &guard_runs, &mut outcome)?,
             Method::Sgd => super::baselines::sgd(self, &batch, &mut outcome)?,
-            Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?,
+            Method::Mint => super::baselines::mint(self, &batch, &mut outcome)?.into(),
         };
         let t_patched = t0.elapsed().as_secs_f64();
         self.verdict(patches, &batch, &failed, &guard_runs, &mut outcome)?;
@@ -857,7 +917,7 @@ impl<'a> Star<'a> {
         found: Option<Attribution>,
         guards: &[Guard],
         outcome: &mut RepairOutcome,
-    ) -> Result<Vec<(usize, LayerPatch)>> {
+    ) -> Result<Patched> {
         let Batch {
             cases,
             failing,
@@ -929,12 +989,15 @@ impl<'a> Star<'a> {
             priors.insert(l, solve(l, &z[&l], &steers)?);
         }
         outcome.solves = 1;
-        if self.resolve(batch, &columns, &mut priors, outcome, &solve)? {
+        if let Some(verified) = self.resolve(batch, &columns, &mut priors, outcome, &solve)? {
             // Every position leads by half the margin: no failure position is left to step on.
-            return priors
-                .into_iter()
-                .map(|(l, p)| Ok((l, LayerPatch::new(columns[&l].clone(), p)?)))
-                .collect();
+            return Ok(Patched {
+                patches: priors
+                    .into_iter()
+                    .map(|(l, p)| Ok((l, LayerPatch::new(columns[&l].clone(), p)?)))
+                    .collect::<Result<_>>()?,
+                verified: Some(verified),
+            });
         }
 
         // Guided optimization from the analytical patch, until every failure position is fixed.
@@ -943,17 +1006,17 @@ impl<'a> Star<'a> {
             .map(|(l, p)| Ok((*l, Var::from_tensor(p)?)))
             .collect::<Result<_>>()?;
         let columns = &columns;
-        let optimized = self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
+        self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
             let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
             d.set(&(d.as_tensor() - off_guards(l, update)?)?)
-        })?;
-        Ok(optimized)
+        })
     }
 
     /// The analytical step again, up to `solves` times in all, on what is not settled yet: the cases
     /// run forward under the patches so far (no gradients), and each patch gains the solve for the
-    /// steers of the unsettled positions, at their current activations. Forward passes only, where a
-    /// guided step pays a backward as well. Returns whether a pass found everything settled.
+    /// steers of the unsettled positions, at their current activations. Forward passes only (of the
+    /// serving layers), where a guided step pays a backward as well. When a whole pass finds
+    /// everything settled, returns which cases it found right.
     fn resolve(
         &self,
         batch: &Batch,
@@ -961,7 +1024,7 @@ impl<'a> Star<'a> {
         patches: &mut BTreeMap<usize, Tensor>,
         outcome: &mut RepairOutcome,
         solve: &dyn Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<bool>>> {
         let layers: Vec<usize> = patches.keys().copied().collect();
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         let cols: BTreeMap<usize, Tensor> = layers
@@ -978,21 +1041,22 @@ impl<'a> Star<'a> {
                 }
             }
         }
-        // Whether the tails were last run whole without the patch as it is now.
-        let mut stale = true;
+        // The last whole pass's scorings, while the patches are as it ran them.
+        let mut whole: Option<Vec<Scored>> = None;
         while outcome.solves < self.settings.solves {
             self.checkpoint()?;
             let current: Vec<(usize, LayerPatch)> = patches
                 .iter()
                 .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
                 .collect::<Result<_>>()?;
-            let set = super::overlay_of(&current)?;
+            let set = self.served(&current)?;
             let (mut scored, mut open, mut gains) = (Vec::new(), Vec::new(), Vec::new());
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
             for (i, case) in batch.cases.iter().enumerate() {
                 let mut capture = Capture::layers(layers.iter().copied());
                 let s = batch.score_from(
                     self,
+                    Upper::Serving,
                     lo,
                     i,
                     &mut Hooks {
@@ -1029,11 +1093,19 @@ impl<'a> Star<'a> {
             let unsettled: usize = open.iter().map(Vec::len).sum();
             tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
             if unsettled == 0 {
-                if !stale {
-                    return Ok(true);
+                if let Some(w) = &whole {
+                    return Ok(Some(batch.right(self, w)?));
                 }
-                batch.refresh(self, &set)?;
-                stale = false;
+                let w = batch.refresh(self, &current)?;
+                let mut settled = true;
+                for (s, case) in w.iter().zip(&batch.cases) {
+                    let rows = self.decisions(&case.tf, &s.logits)?;
+                    settled &= self.unsettled(case, &rows).is_empty();
+                }
+                if settled {
+                    return Ok(Some(batch.right(self, &w)?));
+                }
+                whole = Some(w);
                 continue;
             }
             let gains = Tensor::new(gains.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
@@ -1046,9 +1118,9 @@ impl<'a> Star<'a> {
                 patches.insert(l, sum);
             }
             outcome.solves += 1;
-            stale = true;
+            whole = None;
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Steps `deltas` (one per layer, on `columns`) with `update` until every failure position of the
@@ -1060,7 +1132,7 @@ impl<'a> Star<'a> {
         deltas: &BTreeMap<usize, Var>,
         outcome: &mut RepairOutcome,
         mut update: impl FnMut(usize, &Var, &Tensor) -> Result<()>,
-    ) -> Result<Vec<(usize, LayerPatch)>> {
+    ) -> Result<Patched> {
         let patches = |detach: bool| -> Result<Vec<(usize, LayerPatch)>> {
             deltas
                 .iter()
@@ -1080,6 +1152,7 @@ impl<'a> Star<'a> {
         // everything fixed pays none.
         let mut order: Vec<usize> = (0..batch.cases.len()).collect();
         let mut stale = true;
+        let mut verified = None;
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
@@ -1087,6 +1160,7 @@ impl<'a> Star<'a> {
             let score = |i: usize| {
                 batch.score_from(
                     self,
+                    Upper::Dense,
                     lo,
                     i,
                     &mut Hooks {
@@ -1145,8 +1219,13 @@ impl<'a> Star<'a> {
             outcome.steps = step;
             if wrong_now.is_empty() && stale && !last {
                 // Right over tails run without this patch: run them whole under it, and look again.
-                batch.refresh(self, &super::overlay_of(&patches(true)?)?)?;
+                let right = batch.right(self, &batch.refresh(self, &patches(true)?)?)?;
+                let done = right.iter().all(|&r| r);
+                verified = Some(right);
                 stale = false;
+                if done {
+                    break;
+                }
                 continue;
             }
             if wrong_now.is_empty() || last {
@@ -1158,10 +1237,14 @@ impl<'a> Star<'a> {
                 }
             }
             stale = true;
+            verified = None;
             let rest = order.iter().filter(|i| !wrong_now.contains(i)).copied();
             order = wrong_now.iter().copied().chain(rest).collect();
         }
-        patches(true)
+        Ok(Patched {
+            patches: patches(true)?,
+            verified,
+        })
     }
 
     /// Step 5, the same for every method: on the serving model with the patches, the failures whose
@@ -1169,16 +1252,21 @@ impl<'a> Star<'a> {
     /// nothing or lowers the guard is refused (and not returned).
     fn verdict(
         &self,
-        patches: Vec<(usize, LayerPatch)>,
+        patched: Patched,
         batch: &Batch,
         failed: &[String],
         guards: &[Guard],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
+        let Patched { patches, verified } = patched;
         let set = self.served(&patches)?;
-        for (case, id) in batch.cases.iter().zip(failed) {
+        for (i, (case, id)) in batch.cases.iter().zip(failed).enumerate() {
             self.checkpoint()?;
-            if self.says_target(case, batch.first, &set, None)? {
+            let right = match &verified {
+                Some(v) => v[i],
+                None => self.says_target(case, batch.first, &set, None)?,
+            };
+            if right {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(id.clone());
             }
