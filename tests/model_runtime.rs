@@ -1547,3 +1547,64 @@ fn engine_swaps_the_patch_overlay_between_requests() {
     engine.set_patches(PatchSet::default());
     assert_eq!(complete(), before, "an empty overlay restores the model");
 }
+
+#[test]
+fn a_packed_pass_equals_each_sequence_run_alone() {
+    // Repair scores a batch's tails in one packed pass: each sequence must attend to its own keys only
+    // and come out as it would alone, on the serving layers and on the dense copies alike.
+    let m = load_exact(&f32_path());
+    let t = tokens(&m);
+    let residual = captured(&m, &t, [0]).residual.remove(&0).unwrap();
+    let dense = m.weights.dense_layers(0..LAYERS, None).unwrap();
+    for layers in [m.weights.layers(), dense.as_slice()] {
+        // Sequence a: the whole text, its first 8 rows already in its keys; b: the first 12 rows, none.
+        let prefilled = || {
+            let mut kv = vec![None; LAYERS];
+            let rows = residual.narrow(0, 0, 8).unwrap();
+            m.weights
+                .forward_after(0, layers, &rows, &mut kv, &mut Hooks::default())
+                .unwrap();
+            kv
+        };
+        let a = residual.narrow(0, 8, t.len() - 8).unwrap();
+        let b = residual.narrow(0, 0, 12).unwrap();
+        let mut kv_a = prefilled();
+        let alone_a = m
+            .weights
+            .forward_after(0, layers, &a, &mut kv_a, &mut Hooks::default())
+            .unwrap();
+        let alone_b = m
+            .weights
+            .forward_from(0, layers, &b, &mut Hooks::default())
+            .unwrap();
+        let (mut kv_a2, mut kv_b2) = (prefilled(), vec![None; LAYERS]);
+        let x = Tensor::cat(&[&a, &b], 0).unwrap();
+        let packed = m
+            .weights
+            .forward_packed(
+                0,
+                layers,
+                &x,
+                &mut [(a.dim(0).unwrap(), &mut kv_a2), (12, &mut kv_b2)],
+                &mut Hooks::default(),
+            )
+            .unwrap();
+        let n = a.dim(0).unwrap();
+        let da = tensor_diff(&packed.narrow(0, 0, n).unwrap(), &alone_a);
+        let db = tensor_diff(&packed.narrow(0, n, 12).unwrap(), &alone_b);
+        assert!(da < 1e-4 && db < 1e-4, "packed vs alone: {da} / {db}");
+        // Each sequence's keys grew by its own rows only.
+        for (kv, len) in [(&kv_a2, t.len()), (&kv_b2, 12)] {
+            assert_eq!(star_ls::model::kv_positions(kv).unwrap(), len);
+        }
+        // Rows that do not add up to the input are refused.
+        let err = m.weights.forward_packed(
+            0,
+            layers,
+            &x,
+            &mut [(3, &mut vec![None; LAYERS])],
+            &mut Hooks::default(),
+        );
+        assert!(err.is_err());
+    }
+}

@@ -13,7 +13,9 @@ mod tokenizer;
 pub use generate::{generate, Cancel, GenerateParams, Generation, Prompt, StopAt};
 pub use gguf::GgufFile;
 pub use hooks::{Capture, Hooks, LayerPatch, PatchSet};
-pub use qwen2::{kv_positions, Config, DecoderLayer, KvCache, Linear, LoadOptions, Mlp, Qwen2};
+pub use qwen2::{
+    kv_positions, Config, DecoderLayer, KvCache, LayerKv, Linear, LoadOptions, Mlp, Qwen2,
+};
 pub use tokenizer::{FimTokens, Tokenizer};
 
 use std::path::{Path, PathBuf};

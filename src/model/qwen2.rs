@@ -330,19 +330,54 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x`: (seq, hidden) at positions `start..`; `kv` holds the keys/values of positions `..start`.
+    /// `x`: the rows of one or more sequences, one after another (`spans`, in order); `kvs[i]` holds the
+    /// keys/values of sequence `i` before its rows. The projections run once over every row; each
+    /// sequence attends to its own keys only.
     fn forward(
         &self,
         x: &Tensor,
-        span: &Span,
-        kv: &mut Option<(Tensor, Tensor)>,
+        spans: &[Span],
+        kvs: &mut [&mut LayerKv],
         differentiable: bool,
     ) -> Result<Tensor> {
-        let (start, rope) = (span.start, span.rope);
-        let seq = x.dim(0)?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, hd))?.transpose(1, 2);
         let [q, k, v] = Linear::forward_shared(&[&self.q, &self.k, &self.v], x)?;
+        let y = match spans {
+            [span] => self.attend(&q, &k, &v, span, kvs[0], differentiable)?,
+            _ => {
+                let mut ys = Vec::with_capacity(spans.len());
+                let mut row = 0;
+                for (span, kv) in spans.iter().zip(kvs.iter_mut()) {
+                    let rows = |t: &Tensor| t.narrow(0, row, span.seq);
+                    ys.push(self.attend(
+                        &rows(&q)?,
+                        &rows(&k)?,
+                        &rows(&v)?,
+                        span,
+                        kv,
+                        differentiable,
+                    )?);
+                    row += span.seq;
+                }
+                Tensor::cat(&ys, 0)?
+            }
+        };
+        self.o.forward(&y)
+    }
+
+    /// One sequence's attention, from its projected rows `(seq, ·)` at positions `span.start..`; `kv`
+    /// holds its keys/values before them and gains theirs. Returns `(seq, heads · head_dim)`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        span: &Span,
+        kv: &mut LayerKv,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let (start, seq, rope) = (span.start, span.seq, span.rope);
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: &Tensor, n: usize| t.reshape((1, seq, n, hd))?.transpose(1, 2);
         let q = rope.apply(&heads(q, nh)?, start, differentiable)?;
         let k = rope.apply(&heads(k, nkv)?, start, differentiable)?;
         let v = heads(v, nkv)?.contiguous()?;
@@ -380,11 +415,9 @@ impl Attention {
             })?
         };
         let y = att.matmul(&v)?; // (1, nkv, group*seq, hd)
-        let y = y
-            .reshape((nh, seq, hd))?
+        y.reshape((nh, seq, hd))?
             .transpose(0, 1)?
-            .reshape((seq, nh * hd))?;
-        self.o.forward(&y)
+            .reshape((seq, nh * hd))
     }
 }
 
@@ -468,17 +501,18 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// `x`: the rows of the sequences `spans` (one, or several packed), `kvs` their keys and values.
     fn forward(
         &self,
         index: usize,
         x: &Tensor,
-        span: &Span,
-        kv: &mut Option<(Tensor, Tensor)>,
+        spans: &[Span],
+        kvs: &mut [&mut LayerKv],
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         let d = self.differentiable;
         let h = rms_norm(x, &self.attn_norm, self.eps, d)?;
-        let x = (self.attn.forward(&h, span, kv, d)? + x)?;
+        let x = (self.attn.forward(&h, spans, kvs, d)? + x)?;
         if hooks.skip_mlp.contains(&index) {
             return Ok(x);
         }
@@ -577,19 +611,22 @@ impl Embedding {
 }
 
 /// How many positions per-layer keys and values (`(1, heads, positions, head_dim)`, `None` for none) hold.
-pub fn kv_positions(kv: &[Option<(Tensor, Tensor)>]) -> Result<usize> {
+pub fn kv_positions(kv: &[LayerKv]) -> Result<usize> {
     match kv.iter().flatten().next() {
         Some((k, _)) => k.dim(2),
         None => Ok(0),
     }
 }
 
+/// One layer's keys and values `(1, kv heads, positions, head dim)` of a sequence; `None` before any.
+pub type LayerKv = Option<(Tensor, Tensor)>;
+
 /// Keys and values of the tokens seen so far, per layer, with the tokens themselves so a later prompt
 /// can reuse the longest common prefix.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     tokens: Vec<u32>,
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
     /// Set when only the layers below it were run (`Qwen2::residual_entering`).
     below: Option<usize>,
 }
@@ -777,7 +814,8 @@ impl Qwen2 {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(i, &x);
             }
-            x = layer.forward(i, &x, &span, &mut cache.layers[i], hooks)?;
+            let spans = std::slice::from_ref(&span);
+            x = layer.forward(i, &x, spans, &mut [&mut cache.layers[i]], hooks)?;
         }
         cache.tokens.extend_from_slice(tokens);
         Ok(x)
@@ -893,20 +931,41 @@ impl Qwen2 {
         first: usize,
         layers: &[DecoderLayer],
         x: &Tensor,
-        kv: &mut [Option<(Tensor, Tensor)>],
+        kv: &mut [LayerKv],
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
-        if kv.len() != layers.len() {
-            candle_core::bail!("{} key/value entries for {} layers", kv.len(), layers.len());
+        let rows = x.dim(0)?;
+        self.forward_packed(first, layers, x, &mut [(rows, kv)], hooks)
+    }
+
+    /// `forward_after` over several sequences at once: `x` holds their rows one after another, and
+    /// `seqs[i]` is sequence `i`'s row count and its keys and values per layer. Every weight is read
+    /// once for all of them (repair scores a batch's tails this way); attention stays per sequence.
+    pub fn forward_packed(
+        &self,
+        first: usize,
+        layers: &[DecoderLayer],
+        x: &Tensor,
+        seqs: &mut [(usize, &mut [LayerKv])],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let mut spans = Vec::with_capacity(seqs.len());
+        for (rows, kv) in seqs.iter() {
+            if kv.len() != layers.len() {
+                candle_core::bail!("{} key/value entries for {} layers", kv.len(), layers.len());
+            }
+            spans.push(Span::new(&self.rope, kv_positions(kv)?, *rows));
         }
-        let start = kv_positions(kv)?;
+        if spans.iter().map(|s| s.seq).sum::<usize>() != x.dim(0)? {
+            candle_core::bail!("the sequences' rows do not add up to the input's");
+        }
         let mut x = x.clone();
-        let span = Span::new(&self.rope, start, x.dim(0)?);
         for (j, layer) in layers.iter().enumerate() {
             if let Some(capture) = hooks.capture.as_deref_mut() {
                 capture.record_residual(first + j, &x);
             }
-            x = layer.forward(first + j, &x, &span, &mut kv[j], hooks)?;
+            let mut kvs: Vec<_> = seqs.iter_mut().map(|(_, kv)| &mut kv[j]).collect();
+            x = layer.forward(first + j, &x, &spans, &mut kvs, hooks)?;
         }
         if let Some(capture) = hooks.capture.as_deref_mut() {
             capture.record_final(&x);

@@ -61,16 +61,18 @@ pub(super) fn mint(
         let at = std::slice::from_ref(positions);
         let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
             let set = star.served(&to_patches(deltas)?)?;
-            let s = batch.score_from(
-                star,
-                Upper::Serving,
-                lo,
-                i,
-                &mut Hooks {
-                    patches: Some(&set),
-                    ..Hooks::default()
-                },
-            )?;
+            let s = batch
+                .score_from(
+                    star,
+                    Upper::Serving,
+                    lo,
+                    &[i],
+                    &mut Hooks {
+                        patches: Some(&set),
+                        ..Hooks::default()
+                    },
+                )?
+                .remove(0);
             let fixed = star.failure_positions(case, &s.logits)?.is_empty();
             Ok((s.cross_entropy(&s.all())?, fixed))
         };

@@ -15,7 +15,7 @@ use super::targets::{same_line, teacher_forced, Case, TeacherForced};
 use super::{linalg, Locate, Mode, RepairSettings, Residuals};
 use crate::model::generate::{argmax, mask_rows_to_heal};
 use crate::model::{
-    kv_positions, Capture, DecoderLayer, Hooks, LayerPatch, PatchSet, Qwen2, Tokenizer,
+    kv_positions, Capture, DecoderLayer, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2, Tokenizer,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::cell::RefCell;
@@ -83,7 +83,7 @@ pub(super) struct Batch {
 /// from it up, and each layer's keys and values of the rows before them.
 struct Tail {
     inputs: Vec<Tensor>,
-    prompt: Vec<Option<(Tensor, Tensor)>>,
+    prompt: Vec<LayerKv>,
 }
 
 impl Tail {
@@ -92,7 +92,7 @@ impl Tail {
     fn split(
         case: &Prepared,
         capture: &mut Capture,
-        kv: Vec<Option<(Tensor, Tensor)>>,
+        kv: Vec<LayerKv>,
         layers: std::ops::Range<usize>,
     ) -> Result<Self> {
         let seq = case.residual.dim(0)?;
@@ -135,12 +135,10 @@ impl Batch {
             star.checkpoint()?;
             let mut capture = Capture::layers(layers.clone());
             let mut kv = vec![None; self.dense.len()];
-            scored.push(star.score(
+            scored.extend(star.score(
                 self.first,
                 &star.model.layers()[self.first..],
-                case,
-                &case.residual,
-                &mut kv,
+                &mut [(case, &case.residual, &mut kv)],
                 &mut Hooks {
                     patches: Some(&set),
                     capture: Some(&mut capture),
@@ -168,31 +166,47 @@ impl Batch {
         self.tails.borrow()[i].inputs[0].dim(0)
     }
 
-    /// Scores case `i`'s tail running only the `upper` layers from `lo` up: nothing below is patched,
-    /// so the residual entering `lo` is the one captured at the start. The serving layers want the
-    /// live overlay in `hooks.patches` (`Star::served`); the dense copies hold it already.
+    /// Scores the tails of cases `which` in one packed pass of the `upper` layers from `lo` up (their
+    /// rows one after another, `tail_rows` each, in a capture): nothing below is patched, so the
+    /// residual entering `lo` is the one captured at the start. The serving layers want the live
+    /// overlay in `hooks.patches` (`Star::served`); the dense copies hold it already.
     pub(super) fn score_from(
         &self,
         star: &Star,
         upper: Upper,
         lo: usize,
-        i: usize,
+        which: &[usize],
         hooks: &mut Hooks,
-    ) -> Result<Scored> {
+    ) -> Result<Vec<Scored>> {
         let k = lo - self.first;
         let tails = self.tails.borrow();
         let layers = match upper {
             Upper::Serving => &star.model.layers()[lo..],
             Upper::Dense => &self.dense[k..],
         };
-        star.score(
-            lo,
-            layers,
-            &self.cases[i],
-            &tails[i].inputs[k],
-            &mut tails[i].prompt[k..].to_vec(),
-            hooks,
-        )
+        let mut kvs: Vec<Vec<_>> = which
+            .iter()
+            .map(|&i| tails[i].prompt[k..].to_vec())
+            .collect();
+        let mut seqs: Vec<_> = which
+            .iter()
+            .zip(kvs.iter_mut())
+            .map(|(&i, kv)| (&self.cases[i], &tails[i].inputs[k], kv.as_mut_slice()))
+            .collect();
+        star.score(lo, layers, &mut seqs, hooks)
+    }
+
+    /// Where each of cases `which` starts in their packed tail rows.
+    pub(super) fn offsets(&self, which: &[usize]) -> Result<Vec<usize>> {
+        let mut at = 0;
+        which
+            .iter()
+            .map(|&i| {
+                let start = at;
+                at += self.tail_rows(i)?;
+                Ok(start)
+            })
+            .collect()
     }
 }
 
@@ -292,15 +306,30 @@ impl Scored {
     /// gradient is the loss's. The LM head stays out of the graph: candle computes a gradient for
     /// both sides of a matmul, and the head's `(vocab, hidden)` one would cost 545 MB per case for the
     /// default model, for nothing. `∂CE/∂h = (softmax(logits) − onehot(target)) W_U / n` is exact.
-    pub(super) fn loss(&self, at: &[usize], head: &Tensor) -> Result<Tensor> {
-        let (idx, target, logits) = self.rows(at)?;
-        let hidden = self.hidden.index_select(&idx, 0)?;
-        let value = candle_nn::loss::cross_entropy(&logits, &target)?;
+    ///
+    /// Summed over `parts`, each a scoring and its positions: the head is read once for all of them.
+    pub(super) fn loss(parts: &[(&Scored, &[usize])], head: &Tensor) -> Result<Tensor> {
+        let (mut hidden, mut logits, mut targets, mut weights) = (vec![], vec![], vec![], vec![]);
+        let mut value = 0.0;
+        for (s, at) in parts.iter().filter(|(_, at)| !at.is_empty()) {
+            let (idx, target, l) = s.rows(at)?;
+            value += candle_nn::loss::cross_entropy(&l, &target)?.to_scalar::<f32>()?;
+            hidden.push(s.hidden.index_select(&idx, 0)?);
+            logits.push(l);
+            targets.push(target);
+            weights.extend(std::iter::repeat_n(1.0 / at.len() as f32, at.len()));
+        }
+        if hidden.is_empty() {
+            return Tensor::zeros((), DType::F32, &Device::Cpu);
+        }
+        let (hidden, logits) = (Tensor::cat(&hidden, 0)?, Tensor::cat(&logits, 0)?);
+        let target = Tensor::cat(&targets, 0)?;
+        let weights = Tensor::from_vec(weights, (hidden.dim(0)?, 1), &Device::Cpu)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let grad = (probs.matmul(head)? - head.index_select(&target, 0)?)?
-            .affine(1.0 / at.len().max(1) as f64, 0.0)?;
+        let grad =
+            (probs.matmul(head)? - head.index_select(&target, 0)?)?.broadcast_mul(&weights)?;
         let linear = (&hidden * &grad)?.sum_all()?;
-        linear.clone() + (value - linear.detach())?
+        linear.clone() + (Tensor::new(value, &Device::Cpu)? - linear.detach())?
     }
 
     /// The loss's value alone, for callers that take no gradient (MINT's trials): no pass through
@@ -437,19 +466,35 @@ impl<'a> Star<'a> {
         Tensor::new(rows.as_slice(), &Device::Cpu).map(Some)
     }
 
-    /// Runs upper `layers` (dense copies or the serving ones) over a prepared case's rows after those
-    /// `kv` holds (all of them when it holds none) and scores its target tokens; `kv` gains the rows
-    /// run. The logits come from the head of the same kind.
+    /// Runs upper `layers` (dense copies or the serving ones) over prepared cases, each `(case, its
+    /// residual rows, its keys and values)`, in one packed pass: a case's rows are those after the ones
+    /// its keys hold (all of them when they hold none), and its keys gain them. Scores every case's
+    /// target tokens, with logits from the head of the same kind as the layers.
     pub(super) fn score(
         &self,
         first: usize,
         layers: &[DecoderLayer],
-        case: &Prepared,
-        residual: &Tensor,
-        kv: &mut [Option<(Tensor, Tensor)>],
+        seqs: &mut [(&Prepared, &Tensor, &mut [LayerKv])],
         hooks: &mut Hooks,
-    ) -> Result<Scored> {
-        let start = kv_positions(kv)?;
+    ) -> Result<Vec<Scored>> {
+        // Each case's target rows in the packed output: `row(i)` less the rows its keys hold, past
+        // the cases before it.
+        let (mut rows, mut counts, mut at) = (Vec::new(), Vec::new(), 0);
+        for (case, residual, kv) in seqs.iter() {
+            let start = kv_positions(kv)?;
+            let n = case.tf.target.len();
+            rows.extend((0..n).map(|i| (at + case.tf.row(i) - start) as u32));
+            counts.push(n);
+            at += residual.dim(0)?;
+        }
+        let x = match seqs {
+            [(_, residual, _)] => (*residual).clone(),
+            _ => Tensor::cat(&seqs.iter().map(|s| s.1).collect::<Vec<_>>(), 0)?,
+        };
+        let mut packed: Vec<(usize, &mut [LayerKv])> = Vec::new();
+        for (_, residual, kv) in seqs.iter_mut() {
+            packed.push((residual.dim(0)?, &mut **kv));
+        }
         let mut own = Capture::layers([]);
         let capture = match hooks.capture.as_deref_mut() {
             Some(c) => c,
@@ -463,10 +508,7 @@ impl<'a> Star<'a> {
         };
         let normed = self
             .model
-            .forward_after(first, layers, residual, kv, &mut inner)?;
-        let rows: Vec<u32> = (0..case.tf.target.len())
-            .map(|i| (case.tf.row(i) - start) as u32)
-            .collect();
+            .forward_packed(first, layers, &x, &mut packed, &mut inner)?;
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
         let hidden = normed.index_select(&rows, 0)?;
         let logits = match layers.first() {
@@ -478,12 +520,18 @@ impl<'a> Star<'a> {
             .and_then(|c| c.final_hidden.clone())
             .ok_or_else(|| candle_core::Error::Msg("no final hidden captured".into()))?;
         let rms = row_rms(&pre_norm.index_select(&rows, 0)?.detach())?;
-        Ok(Scored {
-            hidden,
-            logits,
-            rms,
-            target: case.tf.target.clone(),
-        })
+        let mut scored = Vec::with_capacity(seqs.len());
+        let mut from = 0;
+        for ((case, _, _), n) in seqs.iter().zip(counts) {
+            scored.push(Scored {
+                hidden: hidden.narrow(0, from, n)?,
+                logits: logits.narrow(0, from, n)?,
+                rms: rms[from..from + n].to_vec(),
+                target: case.tf.target.clone(),
+            });
+            from += n;
+        }
+        Ok(scored)
     }
 
     /// A case's target-row logits as generation sees them: at the first positions, only tokens that
@@ -546,26 +594,26 @@ impl<'a> Star<'a> {
         let first = *first;
         let live = self.served(&[])?;
         let loss_with = |l: usize| -> Result<f32> {
+            let all: Vec<usize> = (0..cases.len()).collect();
             let mut total = 0.0;
-            for i in 0..cases.len() {
-                let s = batch.score_from(
-                    self,
-                    Upper::Serving,
-                    l,
-                    i,
-                    &mut Hooks {
-                        patches: Some(&live),
-                        skip_mlp: &[l],
-                        ..Hooks::default()
-                    },
-                )?;
-                total += s.loss(&s.all(), &self.head.weight)?.to_scalar::<f32>()?;
+            for s in batch.score_from(
+                self,
+                Upper::Serving,
+                l,
+                &all,
+                &mut Hooks {
+                    patches: Some(&live),
+                    skip_mlp: &[l],
+                    ..Hooks::default()
+                },
+            )? {
+                total += s.cross_entropy(&s.all())?;
             }
             Ok(total)
         };
         let mut base = 0.0;
         for s in scored {
-            base += s.loss(&s.all(), &self.head.weight)?.to_scalar::<f32>()?;
+            base += s.cross_entropy(&s.all())?;
         }
         let mut effects = Vec::new();
         for l in first..first + dense.len() {
@@ -583,64 +631,59 @@ impl<'a> Star<'a> {
         which: &[usize],
         layers: &[usize],
     ) -> Result<Attribution> {
-        let mut attribution: BTreeMap<usize, Tensor> = BTreeMap::new();
-        let mut at_failures: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-        let mut effect: PerLayer<f32> = BTreeMap::new();
+        self.checkpoint()?;
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
-        for &i in which {
-            self.checkpoint()?;
-            let rows = &batch.failing[i];
-            let seq = batch.tail_rows(i)?;
-            let mut probes = BTreeMap::new();
-            let mut vars = BTreeMap::new();
-            for &l in layers {
-                let m = batch.dense[l - batch.first].mlp().down().in_features();
-                let v = Var::zeros((seq, m), DType::F32, &Device::Cpu)?;
-                probes.insert(l, v.as_tensor().clone());
-                vars.insert(l, v);
-            }
-            let mut capture = Capture::layers(layers.iter().copied());
-            let scored = batch.score_from(
-                self,
-                Upper::Dense,
-                lo,
-                i,
-                &mut Hooks {
-                    capture: Some(&mut capture),
-                    neuron_probes: Some(&probes),
-                    ..Hooks::default()
-                },
-            )?;
-            // Only the failure positions drive attribution.
-            let grads = scored.loss(rows, &self.head.weight)?.backward()?;
-            // In the tail, target position `i` is row `i`.
-            let failing_rows: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
-            let failing_rows = Tensor::new(failing_rows.as_slice(), &Device::Cpu)?;
-            for &l in layers {
-                let z = capture.neurons[&l].detach();
-                let g = grads.get(vars[&l].as_tensor()).ok_or_else(|| {
-                    candle_core::Error::Msg("no gradient for a neuron probe".into())
-                })?;
-                *effect.entry(l).or_default() += (g * &z)?.sum_all()?.to_scalar::<f32>()?;
-                let g = g.index_select(&failing_rows, 0)?;
-                let at = z.index_select(&failing_rows, 0)?;
-                let score = (g * &at)?.abs()?.sum(0)?;
-                let total = match attribution.remove(&l) {
-                    Some(t) => (t + score)?,
-                    None => score,
-                };
-                attribution.insert(l, total);
-                at_failures.entry(l).or_default().push(at);
-            }
+        let offsets = batch.offsets(which)?;
+        let seq = match which.last() {
+            Some(&i) => offsets[which.len() - 1] + batch.tail_rows(i)?,
+            None => 0,
+        };
+        let mut probes = BTreeMap::new();
+        let mut vars = BTreeMap::new();
+        for &l in layers {
+            let m = batch.dense[l - batch.first].mlp().down().in_features();
+            let v = Var::zeros((seq, m), DType::F32, &Device::Cpu)?;
+            probes.insert(l, v.as_tensor().clone());
+            vars.insert(l, v);
         }
+        let mut capture = Capture::layers(layers.iter().copied());
+        let scored = batch.score_from(
+            self,
+            Upper::Dense,
+            lo,
+            which,
+            &mut Hooks {
+                capture: Some(&mut capture),
+                neuron_probes: Some(&probes),
+                ..Hooks::default()
+            },
+        )?;
+        // Only the failure positions drive attribution; in a case's tail, target position `p` is
+        // row `p`.
+        let mut parts = Vec::with_capacity(which.len());
+        let mut failing_rows: Vec<u32> = Vec::new();
+        for ((s, &i), offset) in scored.iter().zip(which).zip(&offsets) {
+            parts.push((s, batch.failing[i].as_slice()));
+            failing_rows.extend(batch.failing[i].iter().map(|&p| (offset + p) as u32));
+        }
+        let grads = Scored::loss(&parts, &self.head.weight)?.backward()?;
+        let failing_rows = Tensor::new(failing_rows.as_slice(), &Device::Cpu)?;
         let mut out = Attribution {
             scores: BTreeMap::new(),
             failing: BTreeMap::new(),
-            effect,
+            effect: BTreeMap::new(),
         };
-        for (l, total) in attribution {
-            out.scores.insert(l, total.to_vec1()?);
-            out.failing.insert(l, Tensor::cat(&at_failures[&l], 0)?);
+        for &l in layers {
+            let z = capture.neurons[&l].detach();
+            let g = grads
+                .get(vars[&l].as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("no gradient for a neuron probe".into()))?;
+            out.effect
+                .insert(l, (g * &z)?.sum_all()?.to_scalar::<f32>()?);
+            let g = g.index_select(&failing_rows, 0)?;
+            let at = z.index_select(&failing_rows, 0)?;
+            out.scores.insert(l, (g * &at)?.abs()?.sum(0)?.to_vec1()?);
+            out.failing.insert(l, at);
         }
         Ok(out)
     }
@@ -787,18 +830,18 @@ impl<'a> Star<'a> {
             let p = self.prepare(c, first)?;
             let mut capture = Capture::layers(first..n_layers);
             let mut kv = vec![None; n_layers - first];
-            let scored = self.score(
-                first,
-                &self.model.layers()[first..],
-                &p,
-                &p.residual,
-                &mut kv,
-                &mut Hooks {
-                    patches: Some(&live),
-                    capture: Some(&mut capture),
-                    ..Hooks::default()
-                },
-            )?;
+            let scored = self
+                .score(
+                    first,
+                    &self.model.layers()[first..],
+                    &mut [(&p, &p.residual, &mut kv)],
+                    &mut Hooks {
+                        patches: Some(&live),
+                        capture: Some(&mut capture),
+                        ..Hooks::default()
+                    },
+                )?
+                .remove(0);
             let wrong = self.failure_positions(&p, &scored.logits)?;
             if wrong.is_empty() {
                 continue;
@@ -1050,21 +1093,23 @@ impl<'a> Star<'a> {
                 .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
                 .collect::<Result<_>>()?;
             let set = self.served(&current)?;
-            let (mut scored, mut open, mut gains) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut open, mut gains) = (Vec::new(), Vec::new());
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-            for (i, case) in batch.cases.iter().enumerate() {
-                let mut capture = Capture::layers(layers.iter().copied());
-                let s = batch.score_from(
-                    self,
-                    Upper::Serving,
-                    lo,
-                    i,
-                    &mut Hooks {
-                        patches: Some(&set),
-                        capture: Some(&mut capture),
-                        ..Hooks::default()
-                    },
-                )?;
+            let all: Vec<usize> = (0..batch.cases.len()).collect();
+            let offsets = batch.offsets(&all)?;
+            let mut capture = Capture::layers(layers.iter().copied());
+            let scored = batch.score_from(
+                self,
+                Upper::Serving,
+                lo,
+                &all,
+                &mut Hooks {
+                    patches: Some(&set),
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?;
+            for (i, (case, s)) in batch.cases.iter().zip(&scored).enumerate() {
                 let rows = self.decisions(&case.tf, &s.logits)?;
                 let positions = self.unsettled(case, &rows);
                 for &p in &positions {
@@ -1079,8 +1124,9 @@ impl<'a> Star<'a> {
                     };
                 }
                 if !positions.is_empty() {
-                    // In the tail, target position `p` is row `p`.
-                    let rows: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+                    // In a case's tail, target position `p` is row `p`.
+                    let rows: Vec<u32> =
+                        positions.iter().map(|&p| (offsets[i] + p) as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
                     for &l in &layers {
                         let at = capture.neurons[&l].index_select(&rows, 0)?;
@@ -1088,7 +1134,6 @@ impl<'a> Star<'a> {
                     }
                 }
                 open.push(positions);
-                scored.push(s);
             }
             let unsettled: usize = open.iter().map(Vec::len).sum();
             tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
@@ -1147,77 +1192,39 @@ impl<'a> Star<'a> {
                 .collect()
         };
         let lo = deltas.keys().copied().min().unwrap_or(batch.first);
-        // Cases wrong at the last look come first (every case at the start): once one is wrong the
-        // step is certain to update, and until then a case's backward waits, so a step that finds
-        // everything fixed pays none.
-        let mut order: Vec<usize> = (0..batch.cases.len()).collect();
+        let all: Vec<usize> = (0..batch.cases.len()).collect();
         let mut stale = true;
         let mut verified = None;
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
             let last = step == self.settings.max_steps;
-            let score = |i: usize| {
-                batch.score_from(
-                    self,
-                    Upper::Dense,
-                    lo,
-                    i,
-                    &mut Hooks {
-                        patches: Some(&set),
-                        ..Hooks::default()
-                    },
-                )
-            };
-            // One case at a time, gradients summed: a case's graph is freed before the next is built.
-            let mut grad_sum: BTreeMap<usize, Tensor> = BTreeMap::new();
-            let mut accumulate = |s: Scored, wrong: &[usize]| -> Result<()> {
-                let at: Vec<usize> = match (self.settings.mode, wrong.first()) {
+            // Every case's tail in one pass; its graph is only walked back when a case is wrong.
+            let scored = batch.score_from(
+                self,
+                Upper::Dense,
+                lo,
+                &all,
+                &mut Hooks {
+                    patches: Some(&set),
+                    ..Hooks::default()
+                },
+            )?;
+            let mut wrong_cases = 0;
+            let mut trained = Vec::with_capacity(scored.len());
+            for (s, case) in scored.iter().zip(&batch.cases) {
+                let wrong = self.failure_positions(case, &s.logits)?;
+                trained.push(match (self.settings.mode, wrong.first()) {
+                    // Every case trains, the right ones to stay right.
                     (Mode::Batch, _) => s.all(),
                     // Left to right: the first wrong token, and the ones before it so they stay right.
                     (Mode::Iterative, Some(&f)) => (0..=f).collect(),
-                    (Mode::Iterative, None) => return Ok(()),
-                };
-                let grads = s.loss(&at, &self.head.weight)?.backward()?;
-                for (l, d) in deltas {
-                    if let Some(g) = grads.get(d.as_tensor()) {
-                        let sum = match grad_sum.remove(l) {
-                            Some(acc) => (acc + g)?,
-                            None => g.clone(),
-                        };
-                        grad_sum.insert(*l, sum);
-                    }
-                }
-                Ok(())
-            };
-            let (mut wrong_now, mut right_so_far) = (Vec::new(), Vec::new());
-            for &i in &order {
-                let s = score(i)?;
-                let wrong = self.failure_positions(&batch.cases[i], &s.logits)?;
-                if last {
-                    if !wrong.is_empty() {
-                        wrong_now.push(i);
-                    }
-                    continue;
-                }
-                if wrong.is_empty() && wrong_now.is_empty() {
-                    right_so_far.push(i);
-                    continue;
-                }
-                if !wrong.is_empty() {
-                    wrong_now.push(i);
-                }
-                // The first wrong case: in batch mode the right ones before it train too (to stay
-                // right), scored again for their graphs.
-                for j in right_so_far.drain(..) {
-                    if self.settings.mode == Mode::Batch {
-                        accumulate(score(j)?, &[])?;
-                    }
-                }
-                accumulate(s, &wrong)?;
+                    (Mode::Iterative, None) => Vec::new(),
+                });
+                wrong_cases += usize::from(!wrong.is_empty());
             }
             outcome.steps = step;
-            if wrong_now.is_empty() && stale && !last {
+            if wrong_cases == 0 && stale && !last {
                 // Right over tails run without this patch: run them whole under it, and look again.
                 let right = batch.right(self, &batch.refresh(self, &patches(true)?)?)?;
                 let done = right.iter().all(|&r| r);
@@ -1228,18 +1235,22 @@ impl<'a> Star<'a> {
                 }
                 continue;
             }
-            if wrong_now.is_empty() || last {
+            if wrong_cases == 0 || last {
                 break;
             }
+            let parts: Vec<_> = scored
+                .iter()
+                .zip(&trained)
+                .map(|(s, at)| (s, at.as_slice()))
+                .collect();
+            let grads = Scored::loss(&parts, &self.head.weight)?.backward()?;
             for (l, d) in deltas {
-                if let Some(g) = grad_sum.get(l) {
+                if let Some(g) = grads.get(d.as_tensor()) {
                     update(*l, d, g)?;
                 }
             }
             stale = true;
             verified = None;
-            let rest = order.iter().filter(|i| !wrong_now.contains(i)).copied();
-            order = wrong_now.iter().copied().chain(rest).collect();
         }
         Ok(Patched {
             patches: patches(true)?,
