@@ -517,3 +517,57 @@ fn the_head_factor_is_cached_and_checked() {
     assert_eq!(steer(&Head::cached(&gamma, weight, &file).unwrap()), fresh);
     assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
 }
+
+/// A guard's check is kept while the live overlay stays (the next repair's guards are mostly this
+/// one's) and a repair from it decides as one that checks afresh; another overlay checks again.
+#[test]
+fn guard_checks_are_kept_while_the_overlay_stays() {
+    let m = model();
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    let head = Head::new(&gamma, weight).unwrap();
+    let failure = case("f1", "def f(x):\n    return ", "x + 1");
+    let guard = self_completed(&m);
+    let kept = Residuals::default();
+    let fresh = Star::new(&m.weights, &m.tokenizer, &head, settings());
+    let cached = Star {
+        residuals: Some(&kept),
+        ..Star::new(&m.weights, &m.tokenizer, &head, settings())
+    };
+    cached.warm_guards(std::slice::from_ref(&guard)).unwrap();
+    assert_eq!(kept.guards_kept(), 1);
+    let repair = |star: &Star| {
+        star.repair(std::slice::from_ref(&failure), std::slice::from_ref(&guard))
+            .unwrap()
+    };
+    let (a, b) = (repair(&fresh), repair(&cached));
+    assert_eq!(kept.guards_kept(), 1, "the same check, not another");
+    assert_eq!(
+        (a.fixed, a.guard_before, a.guard_after, a.patches.len()),
+        (b.fixed, b.guard_before, b.guard_after, b.patches.len())
+    );
+    for ((la, pa), (lb, pb)) in a.patches.iter().zip(&b.patches) {
+        assert_eq!(la, lb);
+        assert!(max_gap(pa.delta(), pb.delta()) < 1e-6);
+    }
+    // Under another overlay the check is made again, and the old one, never asked for again, goes.
+    let hidden = m.weights.config().hidden_size;
+    let delta = Tensor::randn(0f32, 0.5, (hidden, 2), &Device::Cpu).unwrap();
+    let live = PatchSet::default()
+        .with(
+            1,
+            star_ls::model::LayerPatch::new(vec![2, 4], delta).unwrap(),
+        )
+        .unwrap();
+    assert_ne!(live.id(), PatchSet::default().id());
+    let patched = Star {
+        live: Some(&live),
+        ..cached
+    };
+    patched.warm_guards(std::slice::from_ref(&guard)).unwrap();
+    assert_eq!(kept.guards_kept(), 1);
+    assert_eq!(
+        live.clone().id(),
+        live.id(),
+        "a clone names the same contents"
+    );
+}

@@ -330,14 +330,15 @@ impl Protocol<'_> {
             ..Star::new(star.model, star.tokenizer, star.head, star.settings)
         };
         // The frozen layers' pass over the cases, before the clock: the server makes it while the
-        // failures are pending, and keeps the guards' from one repair to the next. The failures'
-        // keys and values from it serve the greedy checks after.
+        // failures are pending, and keeps the guards' (and their checks, while the overlay stays)
+        // from one repair to the next. The failures' keys and values from it serve the greedy
+        // checks after.
         let lowers: Vec<KvCache> = unit
             .repaired
             .iter()
             .map(|i| self.probes[*i].lower(self.model, &self.residuals))
             .collect::<candle_core::Result<_>>()?;
-        bounded.warm(guards)?;
+        bounded.warm_guards(guards)?;
         let rss_before = rss::current_mb().unwrap_or(0.0);
         rss::reset_peak();
         let t0 = Instant::now();

@@ -239,7 +239,8 @@ impl Server {
             .join("heads")
             .join(format!("{sha}.chol"));
         let state = self.state.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let (model_then, guards_then) = (model.clone(), guards.clone());
+        let (outcome, head) = tokio::task::spawn_blocking(move || {
             let head = {
                 let mut slot = head_slot.lock().unwrap_or_else(|e| e.into_inner());
                 match slot.as_ref() {
@@ -270,7 +271,8 @@ impl Server {
                     RepairSettings::default(),
                 )
             };
-            crate::env::in_background(|| star.repair(&failures, &guards))
+            let outcome = crate::env::in_background(|| star.repair(&failures, &guards))?;
+            Ok::<_, candle_core::Error>((outcome, head))
         })
         .await
         .map_err(|e| internal(e.to_string()))?
@@ -303,7 +305,32 @@ impl Server {
             .await?;
         report["patchId"] = json!(id);
         self.reload_overlay().await?;
+        self.warm_guards(model_then, head, guards_then);
         Ok(report)
+    }
+
+    /// Checks `guards` under the overlay just swapped in, in the background after any completion in
+    /// flight: the next repair's guards are mostly these, and it then starts past their checks.
+    fn warm_guards(&self, model: Arc<Model>, head: Arc<Head>, guards: Vec<Case>) {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let engine = state.engine.get();
+            engine.inspect(|e| e.wait_idle());
+            let live = engine.map(|e| e.patches());
+            let star = Star {
+                live: live.as_deref(),
+                residuals: Some(&state.residuals),
+                ..Star::new(
+                    &model.weights,
+                    &model.tokenizer,
+                    &head,
+                    RepairSettings::default(),
+                )
+            };
+            if let Err(e) = crate::env::in_background(|| star.warm_guards(&guards)) {
+                tracing::warn!("could not check the guards under the new overlay: {e}");
+            }
+        });
     }
 
     /// `star.listPatches`: the active patches for the loaded model.

@@ -131,9 +131,16 @@ impl LayerPatch {
 #[derive(Debug, Clone, Default)]
 pub struct PatchSet {
     layers: BTreeMap<usize, LayerPatch>,
+    /// Names these contents: a set and its clones share it, every set built by `with` gets a new one
+    /// (the empty set's is 0). Results computed under an overlay are kept by it (`repair::Residuals`).
+    id: u64,
 }
 
 impl PatchSet {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
     }
@@ -154,6 +161,8 @@ impl PatchSet {
             None => patch,
         };
         next.layers.insert(layer, merged);
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        next.id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(next)
     }
 }

@@ -4,17 +4,32 @@
 //! later repair. The server fills it while failures are pending and reuses it for the guards each
 //! repair checks; eval fills it before a repair's clock starts.
 
+use super::star::{Guard, GuardKey};
 use crate::model::{PatchSet, Qwen2};
 use candle_core::{Result, Tensor};
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// A bounded cache of residuals by (layer, tokens), the most recently used first.
-#[derive(Debug)]
+/// A bounded cache of residuals by (layer, tokens), the most recently used first; and of the last
+/// repairs' guard checks, which also depend on the live overlay (`GuardKey`).
 pub struct Residuals {
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
+    guards: Mutex<VecDeque<(GuardKey, Arc<Guard>)>>,
 }
+
+impl std::fmt::Debug for Residuals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Residuals")
+            .field("capacity", &self.capacity)
+            .field("residuals", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Guard checks kept: a repair's guards (eval gives 8) and room for a few more. One holds about
+/// 10 MB for a 300-token case of the default model, mostly its typical rows.
+const GUARDS_KEPT: usize = 16;
 
 /// The residual entering `layer` for `tokens`.
 #[derive(Debug)]
@@ -43,7 +58,26 @@ impl Residuals {
         Self {
             capacity,
             entries: Mutex::new(VecDeque::new()),
+            guards: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The guard check kept for `key`, if any.
+    pub(super) fn guard(&self, key: &GuardKey) -> Option<Arc<Guard>> {
+        let guards = self.guards.lock().unwrap_or_else(|e| e.into_inner());
+        guards
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, g)| g.clone())
+    }
+
+    /// Keeps a guard check; checks under another overlay than `key`'s can never be asked for again
+    /// (overlays only move forward), so they go.
+    pub(super) fn keep_guard(&self, key: GuardKey, guard: Arc<Guard>) {
+        let mut guards = self.guards.lock().unwrap_or_else(|e| e.into_inner());
+        guards.retain(|(k, _)| k.overlay == key.overlay && *k != key);
+        guards.push_front((key, guard));
+        guards.truncate(GUARDS_KEPT);
     }
 
     /// The residual entering `layer` at every position of `tokens` on `model` under `live`, from the
@@ -89,6 +123,11 @@ impl Residuals {
             });
             entries.truncate(self.capacity);
         }
+    }
+
+    /// Guard checks held.
+    pub fn guards_kept(&self) -> usize {
+        self.guards.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Residuals held.

@@ -20,6 +20,7 @@ use crate::model::{
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a repair did. `patches` is empty when nothing needed repair or the guard refused the patch.
@@ -265,6 +266,16 @@ pub(super) struct Guard {
     typical: PerLayer<Tensor>,
 }
 
+/// What a guard check depends on: the case's tokens, the layers from `first` up under the overlay
+/// named `overlay`, and whether typical rows were sampled.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct GuardKey {
+    first: usize,
+    pub(super) overlay: u64,
+    typical: bool,
+    tokens: Vec<u32>,
+}
+
 /// A case after the frozen lower layers.
 pub(super) struct Prepared {
     tf: TeacherForced,
@@ -410,6 +421,16 @@ impl<'a> Star<'a> {
         Ok(())
     }
 
+    /// `warm` for guard cases, and their checks under the live overlay too (kept in `residuals`
+    /// until the overlay changes): what the next repair's guards cost, paid before it.
+    pub fn warm_guards(&self, guards: &[Case]) -> Result<()> {
+        let live = self.served(&[])?;
+        for g in guards {
+            self.guard(g, self.first_candidate(), &live)?;
+        }
+        Ok(())
+    }
+
     /// A case run once through the serving model's frozen lower layers (with the live overlay): its
     /// teacher-forced tokens and the residual entering layer `first` at each of them.
     fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
@@ -451,6 +472,48 @@ impl<'a> Star<'a> {
         Ok(self
             .failure_positions(case, &self.model.logits(&rows)?)?
             .is_empty())
+    }
+
+    /// Guard `case` checked on the serving model under `live` (the live overlay): from `residuals`
+    /// when a repair under the same overlay checked it already, as the guards of one repair are
+    /// mostly the next one's.
+    fn guard(&self, case: &Case, first: usize, live: &PatchSet) -> Result<Arc<Guard>> {
+        let prepared = self.prepare(case, first)?;
+        let key = GuardKey {
+            first,
+            overlay: live.id(),
+            typical: self.settings.preserve > 0.0,
+            tokens: prepared.tf.tokens.clone(),
+        };
+        if let Some(g) = self.residuals.and_then(|r| r.guard(&key)) {
+            return Ok(g);
+        }
+        // The check's own pass gives the activations STAR keeps its patch off: the serving layers'
+        // `z` differs from the dense copies' by rounding only.
+        let mut capture = Capture::layers(first..self.model.layers().len());
+        let passes = self.says_target(&prepared, first, live, Some(&mut capture))?;
+        let rows: Vec<u32> = (0..prepared.tf.target.len())
+            .map(|i| prepared.tf.row(i) as u32)
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        let sample = self.typical_rows(&prepared)?;
+        let (mut at_target, mut typical) = (BTreeMap::new(), BTreeMap::new());
+        for (l, z) in capture.neurons {
+            at_target.insert(l, z.index_select(&rows, 0)?);
+            if let Some(idx) = &sample {
+                typical.insert(l, z.index_select(idx, 0)?);
+            }
+        }
+        let guard = Arc::new(Guard {
+            prepared,
+            passes,
+            at_target,
+            typical,
+        });
+        if let Some(r) = self.residuals {
+            r.keep_guard(key, guard.clone());
+        }
+        Ok(guard)
     }
 
     /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Guard::typical`): up to 64,
@@ -887,29 +950,7 @@ impl<'a> Star<'a> {
         let mut guard_runs = Vec::with_capacity(guards.len());
         for g in guards {
             self.checkpoint()?;
-            let prepared = self.prepare(g, first)?;
-            // The check's own pass gives the activations STAR keeps its patch off: the serving
-            // layers' `z` differs from the dense copies' by rounding only.
-            let mut capture = Capture::layers(first..n_layers);
-            let passes = self.says_target(&prepared, first, &live, Some(&mut capture))?;
-            let rows: Vec<u32> = (0..prepared.tf.target.len())
-                .map(|i| prepared.tf.row(i) as u32)
-                .collect();
-            let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-            let sample = self.typical_rows(&prepared)?;
-            let (mut at_target, mut typical) = (BTreeMap::new(), BTreeMap::new());
-            for (l, z) in capture.neurons {
-                at_target.insert(l, z.index_select(&rows, 0)?);
-                if let Some(idx) = &sample {
-                    typical.insert(l, z.index_select(idx, 0)?);
-                }
-            }
-            guard_runs.push(Guard {
-                prepared,
-                passes,
-                at_target,
-                typical,
-            });
+            guard_runs.push(self.guard(g, first, &live)?);
         }
 
         // 2. Where: layers by occlusion, shared by every method.
@@ -958,7 +999,7 @@ impl<'a> Star<'a> {
         &self,
         batch: &Batch,
         found: Option<Attribution>,
-        guards: &[Guard],
+        guards: &[Arc<Guard>],
         outcome: &mut RepairOutcome,
     ) -> Result<Patched> {
         let Batch {
@@ -1266,7 +1307,7 @@ impl<'a> Star<'a> {
         patched: Patched,
         batch: &Batch,
         failed: &[String],
-        guards: &[Guard],
+        guards: &[Arc<Guard>],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
         let Patched { patches, verified } = patched;
