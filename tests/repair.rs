@@ -97,6 +97,19 @@ fn greedy_run(m: &Model, c: &Case, patches: &PatchSet) -> star_ls::model::Genera
     .unwrap()
 }
 
+fn head_of(m: &Model) -> Head {
+    let (gamma, weight) = m.weights.head_dense().unwrap();
+    Head::new(&gamma, weight).unwrap()
+}
+
+/// A failure to repair and a case the model already completes as written, to guard.
+fn failure_and_guard(m: &Model) -> (Case, Case) {
+    (
+        case("f1", "def f(x):\n    return ", "x + 1"),
+        self_completed(m),
+    )
+}
+
 fn patch_set(patches: &[(usize, star_ls::model::LayerPatch)]) -> PatchSet {
     patches.iter().fold(PatchSet::default(), |set, (l, p)| {
         set.with(*l, p.clone()).unwrap()
@@ -129,8 +142,7 @@ fn self_completed(m: &Model) -> Case {
 #[test]
 fn a_planted_failure_is_found_and_repaired() {
     let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    let head = Head::new(&gamma, weight).unwrap();
+    let head = head_of(&m);
     let failure = case("f1", "def f(x):\n    return ", "x + 1");
     assert_ne!(
         greedy(&m, &failure, &PatchSet::default()),
@@ -193,10 +205,8 @@ fn a_planted_failure_is_found_and_repaired() {
 #[test]
 fn a_patch_never_leaves_a_guard_worse() {
     let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    let head = Head::new(&gamma, weight).unwrap();
-    let failure = case("f1", "def f(x):\n    return ", "x + 1");
-    let guard = self_completed(&m);
+    let head = head_of(&m);
+    let (failure, guard) = failure_and_guard(&m);
     for guard_projection in [true, false] {
         let star = Star::new(
             &m.weights,
@@ -303,8 +313,7 @@ fn the_preserving_patch_hits_every_steer_and_moves_typical_rows_less() {
 #[test]
 fn the_baselines_run_on_the_same_batch_and_verdict() {
     let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    let head = Head::new(&gamma, weight).unwrap();
+    let head = head_of(&m);
     let failure = case("f1", "def f(x):\n    return ", "x + 1");
     let star = Star::new(
         &m.weights,
@@ -523,10 +532,8 @@ fn the_head_factor_is_cached_and_checked() {
 #[test]
 fn guard_checks_are_kept_while_the_overlay_stays() {
     let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    let head = Head::new(&gamma, weight).unwrap();
-    let failure = case("f1", "def f(x):\n    return ", "x + 1");
-    let guard = self_completed(&m);
+    let head = head_of(&m);
+    let (failure, guard) = failure_and_guard(&m);
     let kept = Residuals::default();
     let fresh = Star::new(&m.weights, &m.tokenizer, &head, settings());
     let cached = Star {
