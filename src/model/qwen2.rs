@@ -341,27 +341,16 @@ impl Attention {
         differentiable: bool,
     ) -> Result<Tensor> {
         let [q, k, v] = Linear::forward_shared(&[&self.q, &self.k, &self.v], x)?;
-        let y = match spans {
-            [span] => self.attend(&q, &k, &v, span, kvs[0], differentiable)?,
-            _ => {
-                let mut ys = Vec::with_capacity(spans.len());
-                let mut row = 0;
-                for (span, kv) in spans.iter().zip(kvs.iter_mut()) {
-                    let rows = |t: &Tensor| t.narrow(0, row, span.seq);
-                    ys.push(self.attend(
-                        &rows(&q)?,
-                        &rows(&k)?,
-                        &rows(&v)?,
-                        span,
-                        kv,
-                        differentiable,
-                    )?);
-                    row += span.seq;
-                }
-                Tensor::cat(&ys, 0)?
-            }
-        };
-        self.o.forward(&y)
+        // A lone sequence's rows are the whole of `q`, `k`, `v`: narrowing and `cat` then copy nothing.
+        let mut ys = Vec::with_capacity(spans.len());
+        let mut row = 0;
+        for (span, kv) in spans.iter().zip(kvs.iter_mut()) {
+            let rows = |t: &Tensor| t.narrow(0, row, span.seq);
+            let (q, k, v) = (rows(&q)?, rows(&k)?, rows(&v)?);
+            ys.push(self.attend(&q, &k, &v, span, kv, differentiable)?);
+            row += span.seq;
+        }
+        self.o.forward(&Tensor::cat(&ys, 0)?)
     }
 
     /// One sequence's attention, from its projected rows `(seq, ·)` at positions `span.start..`; `kv`
