@@ -12,19 +12,11 @@ use std::sync::{Arc, Mutex};
 
 /// A bounded cache of residuals by (layer, tokens), the most recently used first; and of the last
 /// repairs' guard checks, which also depend on the live overlay (`GuardKey`).
+#[derive(Debug)]
 pub struct Residuals {
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
     guards: Mutex<VecDeque<(GuardKey, Arc<Guard>)>>,
-}
-
-impl std::fmt::Debug for Residuals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Residuals")
-            .field("capacity", &self.capacity)
-            .field("residuals", &self.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// Guard checks kept: a repair's guards (eval gives 8) and room for a few more. One holds about
@@ -71,8 +63,8 @@ impl Residuals {
             .map(|(_, g)| g.clone())
     }
 
-    /// Keeps a guard check; checks under another overlay than `key`'s can never be asked for again
-    /// (overlays only move forward), so they go.
+    /// Keeps a guard check; checks under another overlay than `key`'s go: every new overlay gets a new
+    /// id, so only a return to the empty one (all rolled back) could ask for them again.
     pub(super) fn keep_guard(&self, key: GuardKey, guard: Arc<Guard>) {
         let mut guards = self.guards.lock().unwrap_or_else(|e| e.into_inner());
         guards.retain(|(k, _)| k.overlay == key.overlay && *k != key);

@@ -259,6 +259,7 @@ impl Asked {
 /// A guard case after the frozen lower layers, whether the serving model says it right before the
 /// repair, and the neuron activations of that check's pass per candidate layer: `(target rows,
 /// intermediate)` for the guard projection, and at sampled prompt rows for `preserve`.
+#[derive(Debug)]
 pub(super) struct Guard {
     prepared: Prepared,
     passes: bool,
@@ -277,6 +278,7 @@ pub(super) struct GuardKey {
 }
 
 /// A case after the frozen lower layers.
+#[derive(Debug)]
 pub(super) struct Prepared {
     tf: TeacherForced,
     /// The residual stream entering the first candidate layer `(seq, hidden)`.
@@ -343,7 +345,7 @@ impl Scored {
         linear.clone() + (Tensor::new(value, &Device::Cpu)? - linear.detach())?
     }
 
-    /// The loss's value alone, for callers that take no gradient (MINT's trials): no pass through
+    /// The loss's value alone, for callers that take no gradient (MINT's trials, occlusion): no pass through
     /// the head beyond the logits already made.
     pub(super) fn cross_entropy(&self, at: &[usize]) -> Result<f32> {
         let (_, target, logits) = self.rows(at)?;
@@ -550,10 +552,7 @@ impl<'a> Star<'a> {
             counts.push(n);
             at += residual.dim(0)?;
         }
-        let x = match seqs {
-            [(_, residual, _)] => (*residual).clone(),
-            _ => Tensor::cat(&seqs.iter().map(|s| s.1).collect::<Vec<_>>(), 0)?,
-        };
+        let x = Tensor::cat(&seqs.iter().map(|s| s.1).collect::<Vec<_>>(), 0)?;
         let mut packed: Vec<(usize, &mut [LayerKv])> = Vec::new();
         for (_, residual, kv) in seqs.iter_mut() {
             packed.push((residual.dim(0)?, &mut **kv));
@@ -656,8 +655,8 @@ impl<'a> Star<'a> {
         } = batch;
         let first = *first;
         let live = self.served(&[])?;
+        let all: Vec<usize> = (0..cases.len()).collect();
         let loss_with = |l: usize| -> Result<f32> {
-            let all: Vec<usize> = (0..cases.len()).collect();
             let mut total = 0.0;
             for s in batch.score_from(
                 self,
@@ -1125,6 +1124,8 @@ impl<'a> Star<'a> {
                 }
             }
         }
+        let all: Vec<usize> = (0..batch.cases.len()).collect();
+        let offsets = batch.offsets(&all)?;
         // The last whole pass's scorings, while the patches are as it ran them.
         let mut whole: Option<Vec<Scored>> = None;
         while outcome.solves < self.settings.solves {
@@ -1136,8 +1137,6 @@ impl<'a> Star<'a> {
             let set = self.served(&current)?;
             let (mut open, mut gains) = (Vec::new(), Vec::new());
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
-            let all: Vec<usize> = (0..batch.cases.len()).collect();
-            let offsets = batch.offsets(&all)?;
             let mut capture = Capture::layers(layers.iter().copied());
             let scored = batch.score_from(
                 self,
@@ -1234,7 +1233,7 @@ impl<'a> Star<'a> {
         };
         let lo = deltas.keys().copied().min().unwrap_or(batch.first);
         let all: Vec<usize> = (0..batch.cases.len()).collect();
-        let mut stale = true;
+        // Which cases the last whole pass found right, while the patches are as it ran them.
         let mut verified = None;
         for step in 0..=self.settings.max_steps {
             self.checkpoint()?;
@@ -1265,12 +1264,11 @@ impl<'a> Star<'a> {
                 wrong_cases += usize::from(!wrong.is_empty());
             }
             outcome.steps = step;
-            if wrong_cases == 0 && stale && !last {
+            if wrong_cases == 0 && verified.is_none() && !last {
                 // Right over tails run without this patch: run them whole under it, and look again.
                 let right = batch.right(self, &batch.refresh(self, &patches(true)?)?)?;
                 let done = right.iter().all(|&r| r);
                 verified = Some(right);
-                stale = false;
                 if done {
                     break;
                 }
@@ -1290,7 +1288,6 @@ impl<'a> Star<'a> {
                     update(*l, d, g)?;
                 }
             }
-            stale = true;
             verified = None;
         }
         Ok(Patched {
