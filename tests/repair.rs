@@ -527,10 +527,11 @@ fn the_head_factor_is_cached_and_checked() {
     assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
 }
 
-/// A guard's check is kept while the live overlay stays (the next repair's guards are mostly this
-/// one's) and a repair from it decides as one that checks afresh; another overlay checks again.
+/// A case's check is kept while the live overlay stays (a failure's from while it waited, a guard's
+/// from the last repair: the next repair's guards are mostly this one's), and a repair from the kept
+/// checks decides as one that checks afresh; another overlay checks again.
 #[test]
-fn guard_checks_are_kept_while_the_overlay_stays() {
+fn checks_are_kept_while_the_overlay_stays() {
     let m = model();
     let head = head_of(&m);
     let (failure, guard) = failure_and_guard(&m);
@@ -540,14 +541,14 @@ fn guard_checks_are_kept_while_the_overlay_stays() {
         residuals: Some(&kept),
         ..Star::new(&m.weights, &m.tokenizer, &head, settings())
     };
-    cached.warm_guards(std::slice::from_ref(&guard)).unwrap();
-    assert_eq!(kept.guards_kept(), 1);
+    cached.warm(&[failure.clone(), guard.clone()]).unwrap();
+    assert_eq!(kept.checks_kept(), 2);
     let repair = |star: &Star| {
         star.repair(std::slice::from_ref(&failure), std::slice::from_ref(&guard))
             .unwrap()
     };
     let (a, b) = (repair(&fresh), repair(&cached));
-    assert_eq!(kept.guards_kept(), 1, "the same check, not another");
+    assert_eq!(kept.checks_kept(), 2, "the same checks, not others");
     assert_eq!(
         (a.fixed, a.guard_before, a.guard_after, a.patches.len()),
         (b.fixed, b.guard_before, b.guard_after, b.patches.len())
@@ -570,8 +571,12 @@ fn guard_checks_are_kept_while_the_overlay_stays() {
         live: Some(&live),
         ..cached
     };
-    patched.warm_guards(std::slice::from_ref(&guard)).unwrap();
-    assert_eq!(kept.guards_kept(), 1);
+    patched.warm(std::slice::from_ref(&guard)).unwrap();
+    assert_eq!(
+        kept.checks_kept(),
+        1,
+        "the checks under the old overlay went"
+    );
     assert_eq!(
         live.clone().id(),
         live.id(),

@@ -329,16 +329,17 @@ impl Protocol<'_> {
             residuals: Some(&self.residuals),
             ..Star::new(star.model, star.tokenizer, star.head, star.settings)
         };
-        // The frozen layers' pass over the cases, before the clock: the server makes it while the
-        // failures are pending, and keeps the guards' (and their checks, while the overlay stays)
-        // from one repair to the next. The failures' keys and values from it serve the greedy
-        // checks after.
+        // The cases' passes before the clock: the server makes them while the failures are pending
+        // (the frozen layers, then the check under the live overlay) and keeps the guards' from one
+        // repair to the next while the overlay stays. The failures' frozen keys and values serve
+        // the greedy checks after.
         let lowers: Vec<KvCache> = unit
             .repaired
             .iter()
             .map(|i| self.probes[*i].lower(self.model, &self.residuals))
             .collect::<candle_core::Result<_>>()?;
-        bounded.warm_guards(guards)?;
+        bounded.warm(guards)?;
+        bounded.warm(&failures)?;
         let rss_before = rss::current_mb().unwrap_or(0.0);
         rss::reset_peak();
         let t0 = Instant::now();

@@ -115,8 +115,8 @@ impl Server {
     }
 
     /// Runs a newly stored case through the frozen lower layers in the background, after any
-    /// completion in flight, so the repair that takes it up (as a failure, or as a guard) starts past
-    /// that work.
+    /// completion in flight, and once a repair has loaded the head's factor, checks it under the live
+    /// overlay: the repair that takes it up (as a failure, or as a guard) starts past that work.
     pub(super) fn warm_case(&self, case: Case) {
         let Ok(model) = self.loaded_model() else {
             return; // the first repair makes it
@@ -127,12 +127,23 @@ impl Server {
             engine.inspect(|e| e.wait_idle());
             let live = engine.map(|e| e.patches());
             let settings = RepairSettings::default();
-            let tokens = repair::teacher_forced(&model.tokenizer, &case, settings.context).tokens;
-            let first = settings.first_candidate(model.weights.layers().len());
-            let warmed = crate::env::in_background(|| {
-                state
-                    .residuals
-                    .entering(&model.weights, first, &tokens, live.as_deref())
+            let head = state.head.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let warmed = crate::env::in_background(|| match &head {
+                Some(head) => Star {
+                    live: live.as_deref(),
+                    residuals: Some(&state.residuals),
+                    ..Star::new(&model.weights, &model.tokenizer, head, settings)
+                }
+                .warm(std::slice::from_ref(&case)),
+                None => {
+                    let tokens =
+                        repair::teacher_forced(&model.tokenizer, &case, settings.context).tokens;
+                    let first = settings.first_candidate(model.weights.layers().len());
+                    state
+                        .residuals
+                        .entering(&model.weights, first, &tokens, live.as_deref())
+                        .map(drop)
+                }
             });
             if let Err(e) = warmed {
                 tracing::warn!("could not prepare a case for repair: {e}");
@@ -327,7 +338,7 @@ impl Server {
                     RepairSettings::default(),
                 )
             };
-            if let Err(e) = crate::env::in_background(|| star.warm_guards(&guards)) {
+            if let Err(e) = crate::env::in_background(|| star.warm(&guards)) {
                 tracing::warn!("could not check the guards under the new overlay: {e}");
             }
         });

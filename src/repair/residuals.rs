@@ -2,26 +2,28 @@
 //! from there up, so what enters that layer is a function of the model and the case's tokens alone: it
 //! is computed once (the frozen lower layers are most of a repair's forward work) and kept for every
 //! later repair. The server fills it while failures are pending and reuses it for the guards each
-//! repair checks; eval fills it before a repair's clock starts.
+//! repair checks; eval fills it before a repair's clock starts. Beside them, the cases' checks under
+//! the live overlay (`Star::warm`), which hold while the overlay stays.
 
-use super::star::{Guard, GuardKey};
+use super::star::{CheckKey, Checked};
 use crate::model::{PatchSet, Qwen2};
 use candle_core::{Result, Tensor};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-/// A bounded cache of residuals by (layer, tokens), the most recently used first; and of the last
-/// repairs' guard checks, which also depend on the live overlay (`GuardKey`).
+/// A bounded cache of residuals by (layer, tokens), the most recently used first; and of the cases'
+/// checks, which also depend on the live overlay (`CheckKey`).
 #[derive(Debug)]
 pub struct Residuals {
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
-    guards: Mutex<VecDeque<(GuardKey, Arc<Guard>)>>,
+    checks: Mutex<VecDeque<(CheckKey, Arc<Checked>)>>,
 }
 
-/// Guard checks kept: a repair's guards (eval gives 8) and room for a few more. One holds about
-/// 10 MB for a 300-token case of the default model, mostly its typical rows.
-const GUARDS_KEPT: usize = 16;
+/// Checks kept: a repair's guards and failures (eval gives 8 of each) and room for a few more. One
+/// holds about 15 MB for a 300-token case of the default model with ten target tokens: its typical
+/// rows, and the logits of its target rows.
+const CHECKS_KEPT: usize = 24;
 
 /// The residual entering `layer` for `tokens`.
 #[derive(Debug)]
@@ -50,26 +52,27 @@ impl Residuals {
         Self {
             capacity,
             entries: Mutex::new(VecDeque::new()),
-            guards: Mutex::new(VecDeque::new()),
+            checks: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// The guard check kept for `key`, if any.
-    pub(super) fn guard(&self, key: &GuardKey) -> Option<Arc<Guard>> {
-        let guards = self.guards.lock().unwrap_or_else(|e| e.into_inner());
-        guards
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, g)| g.clone())
+    /// The check kept for `key`, if any, now the most recently used (guards asked for by every
+    /// repair outlive the failures of one).
+    pub(super) fn check(&self, key: &CheckKey) -> Option<Arc<Checked>> {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let at = checks.iter().position(|(k, _)| k == key)?;
+        let (k, c) = checks.remove(at)?;
+        checks.push_front((k, c.clone()));
+        Some(c)
     }
 
-    /// Keeps a guard check; checks under another overlay than `key`'s go: every new overlay gets a new
-    /// id, so only a return to the empty one (all rolled back) could ask for them again.
-    pub(super) fn keep_guard(&self, key: GuardKey, guard: Arc<Guard>) {
-        let mut guards = self.guards.lock().unwrap_or_else(|e| e.into_inner());
-        guards.retain(|(k, _)| k.overlay == key.overlay && *k != key);
-        guards.push_front((key, guard));
-        guards.truncate(GUARDS_KEPT);
+    /// Keeps a check; checks under another overlay than `key`'s go: every new overlay gets a new id,
+    /// so only a return to the empty one (all rolled back) could ask for them again.
+    pub(super) fn keep_check(&self, key: CheckKey, checked: Arc<Checked>) {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks.retain(|(k, _)| k.overlay == key.overlay && *k != key);
+        checks.push_front((key, checked));
+        checks.truncate(CHECKS_KEPT);
     }
 
     /// The residual entering `layer` at every position of `tokens` on `model` under `live`, from the
@@ -117,9 +120,9 @@ impl Residuals {
         }
     }
 
-    /// Guard checks held.
-    pub fn guards_kept(&self) -> usize {
-        self.guards.lock().unwrap_or_else(|e| e.into_inner()).len()
+    /// Checks held.
+    pub fn checks_kept(&self) -> usize {
+        self.checks.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Residuals held.

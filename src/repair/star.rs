@@ -82,6 +82,7 @@ pub(super) struct Batch {
 /// A case's tail rows as the last whole pass of the dense layers left them: the residual entering each
 /// candidate layer (from `first`) at those rows, so a pass from a higher layer re-runs only the layers
 /// from it up, and each layer's keys and values of the rows before them.
+#[derive(Debug, Clone)]
 struct Tail {
     inputs: Vec<Tensor>,
     prompt: Vec<LayerKv>,
@@ -256,21 +257,27 @@ impl Asked {
     }
 }
 
-/// A guard case after the frozen lower layers, whether the serving model says it right before the
-/// repair, and the neuron activations of that check's pass per candidate layer: `(target rows,
-/// intermediate)` for the guard projection, and at sampled prompt rows for `preserve`.
+/// A case checked on the serving model under the live overlay, before any repair: one whole pass of
+/// the candidate layers, and what a repair takes from it, as a failure (its failure positions,
+/// scoring, tail, how broadly each neuron fired) or as a guard (the neuron activations at its target
+/// rows, for the guard projection). Both take its activations at sampled prompt rows, for `preserve`.
 #[derive(Debug)]
-pub(super) struct Guard {
+pub(super) struct Checked {
     prepared: Prepared,
-    passes: bool,
+    failing: Vec<usize>,
+    scored: Scored,
+    tail: Tail,
+    /// `Σ |z|` per candidate layer over every row.
+    fires: PerLayer<Tensor>,
+    /// `z` per candidate layer `(target rows, intermediate)`.
     at_target: PerLayer<Tensor>,
     typical: PerLayer<Tensor>,
 }
 
-/// What a guard check depends on: the case's tokens, the layers from `first` up under the overlay
-/// named `overlay`, and whether typical rows were sampled.
+/// What a check depends on: the case's tokens, the layers from `first` up under the overlay named
+/// `overlay`, and whether typical rows were sampled.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct GuardKey {
+pub(super) struct CheckKey {
     first: usize,
     pub(super) overlay: u64,
     typical: bool,
@@ -278,7 +285,7 @@ pub(super) struct GuardKey {
 }
 
 /// A case after the frozen lower layers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Prepared {
     tf: TeacherForced,
     /// The residual stream entering the first candidate layer `(seq, hidden)`.
@@ -307,6 +314,7 @@ pub(super) struct Attribution {
 
 /// One scoring pass over a case: the final-normed states at its target rows (in the autograd graph),
 /// their logits (not in it), and their pre-norm RMS.
+#[derive(Debug, Clone)]
 pub(super) struct Scored {
     hidden: Tensor,
     pub logits: Tensor,
@@ -414,21 +422,13 @@ impl<'a> Star<'a> {
         self.settings.first_candidate(self.model.layers().len())
     }
 
-    /// Computes (and keeps, in `residuals`) what a repair of `cases` would run through the frozen
-    /// layers, so that the repair itself does not: the server does it while failures are pending.
+    /// Checks `cases` (failures pending, or guards) under the live overlay and keeps the checks in
+    /// `residuals` until the overlay changes: what a repair of or against them would run before it
+    /// starts, paid before it. The server does it while they wait, eval before a repair's clock.
     pub fn warm(&self, cases: &[Case]) -> Result<()> {
-        for c in cases {
-            self.prepare(c, self.first_candidate())?;
-        }
-        Ok(())
-    }
-
-    /// `warm` for guard cases, and their checks under the live overlay too (kept in `residuals`
-    /// until the overlay changes): what the next repair's guards cost, paid before it.
-    pub fn warm_guards(&self, guards: &[Case]) -> Result<()> {
         let live = self.served(&[])?;
-        for g in guards {
-            self.guard(g, self.first_candidate(), &live)?;
+        for c in cases {
+            self.check(c, self.first_candidate(), &live)?;
         }
         Ok(())
     }
@@ -453,72 +453,83 @@ impl<'a> Star<'a> {
     /// above), predicts the developer's line at every target position of `case`, end of line included:
     /// one teacher-forced pass of the quantized top layers, where a greedy check would pay a decode of
     /// the whole model per token. Eval measures effectiveness by greedy completions of its own.
-    fn says_target(
-        &self,
-        case: &Prepared,
-        first: usize,
-        set: &PatchSet,
-        capture: Option<&mut Capture>,
-    ) -> Result<bool> {
-        let normed = self.model.forward_from(
+    fn says_target(&self, case: &Prepared, first: usize, set: &PatchSet) -> Result<bool> {
+        let mut kv = vec![None; self.model.layers().len() - first];
+        let scored = self.score(
             first,
             &self.model.layers()[first..],
-            &case.residual,
+            &mut [(case, &case.residual, &mut kv)],
             &mut Hooks {
                 patches: Some(set),
-                capture,
                 ..Hooks::default()
             },
         )?;
-        let rows = normed.narrow(0, case.tf.row(0), case.tf.target.len())?;
-        Ok(self
-            .failure_positions(case, &self.model.logits(&rows)?)?
-            .is_empty())
+        Ok(self.failure_positions(case, &scored[0].logits)?.is_empty())
     }
 
-    /// Guard `case` checked on the serving model under `live` (the live overlay): from `residuals`
-    /// when a repair under the same overlay checked it already, as the guards of one repair are
-    /// mostly the next one's.
-    fn guard(&self, case: &Case, first: usize, live: &PatchSet) -> Result<Arc<Guard>> {
+    /// `case` checked on the serving model under `live` (the live overlay): from `residuals` when it
+    /// was checked under the same overlay already (while it waited, or as a guard of the last repair:
+    /// one repair's guards are mostly the next one's).
+    fn check(&self, case: &Case, first: usize, live: &PatchSet) -> Result<Arc<Checked>> {
         let prepared = self.prepare(case, first)?;
-        let key = GuardKey {
+        let key = CheckKey {
             first,
             overlay: live.id(),
             typical: self.settings.preserve > 0.0,
             tokens: prepared.tf.tokens.clone(),
         };
-        if let Some(g) = self.residuals.and_then(|r| r.guard(&key)) {
-            return Ok(g);
+        if let Some(c) = self.residuals.and_then(|r| r.check(&key)) {
+            return Ok(c);
         }
-        // The check's own pass gives the activations STAR keeps its patch off: the serving layers'
-        // `z` differs from the dense copies' by rounding only.
-        let mut capture = Capture::layers(first..self.model.layers().len());
-        let passes = self.says_target(&prepared, first, live, Some(&mut capture))?;
+        // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
+        // from the dense copies' by rounding only.
+        let n_layers = self.model.layers().len();
+        let mut capture = Capture::layers(first..n_layers);
+        let mut kv = vec![None; n_layers - first];
+        let scored = self
+            .score(
+                first,
+                &self.model.layers()[first..],
+                &mut [(&prepared, &prepared.residual, &mut kv)],
+                &mut Hooks {
+                    patches: Some(live),
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?
+            .remove(0);
+        let failing = self.failure_positions(&prepared, &scored.logits)?;
+        let tail = Tail::split(&prepared, &mut capture, kv, first..n_layers)?;
         let rows: Vec<u32> = (0..prepared.tf.target.len())
             .map(|i| prepared.tf.row(i) as u32)
             .collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
         let sample = self.typical_rows(&prepared)?;
-        let (mut at_target, mut typical) = (BTreeMap::new(), BTreeMap::new());
+        let (mut fires, mut at_target, mut typical) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for (l, z) in capture.neurons {
+            fires.insert(l, z.abs()?.sum(0)?);
             at_target.insert(l, z.index_select(&rows, 0)?);
             if let Some(idx) = &sample {
                 typical.insert(l, z.index_select(idx, 0)?);
             }
         }
-        let guard = Arc::new(Guard {
+        let checked = Arc::new(Checked {
             prepared,
-            passes,
+            failing,
+            scored,
+            tail,
+            fires,
             at_target,
             typical,
         });
         if let Some(r) = self.residuals {
-            r.keep_guard(key, guard.clone());
+            r.keep_check(key, checked.clone());
         }
-        Ok(guard)
+        Ok(checked)
     }
 
-    /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Guard::typical`): up to 64,
+    /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Checked::typical`): up to 64,
     /// evenly over the rows before the tail but the first; `None` when `preserve` is off or there are
     /// none. The first row is the attention sink: in the top layers its `|z|²` is 30–110 times a
     /// typical row's, so it would make the metric a rank-one guard of itself.
@@ -881,7 +892,8 @@ impl<'a> Star<'a> {
         let live = self.served(&[])?;
 
         // 1. The failing cases: those with a failure position under teacher forcing, found by a whole
-        // pass of the serving layers (no gradient flows through it).
+        // pass of the serving layers (no gradient flows through it), unless they were checked under
+        // the live overlay while they waited (`warm`).
         let mut failed = Vec::new();
         let mut cases = Vec::new();
         let mut failing = Vec::new();
@@ -891,43 +903,25 @@ impl<'a> Star<'a> {
         let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for c in failures {
             self.checkpoint()?;
-            let p = self.prepare(c, first)?;
-            let mut capture = Capture::layers(first..n_layers);
-            let mut kv = vec![None; n_layers - first];
-            let scored = self
-                .score(
-                    first,
-                    &self.model.layers()[first..],
-                    &mut [(&p, &p.residual, &mut kv)],
-                    &mut Hooks {
-                        patches: Some(&live),
-                        capture: Some(&mut capture),
-                        ..Hooks::default()
-                    },
-                )?
-                .remove(0);
-            let wrong = self.failure_positions(&p, &scored.logits)?;
-            if wrong.is_empty() {
+            let checked = self.check(c, first, &live)?;
+            if checked.failing.is_empty() {
                 continue;
             }
-            failing.push(wrong);
-            scored_all.push(scored);
-            tails.push(Tail::split(&p, &mut capture, kv, first..n_layers)?);
-            let seq = p.residual.dim(0)?;
-            let sample = self.typical_rows(&p)?;
-            for (l, z) in &capture.neurons {
-                let fires = z.abs()?.sum(0)?;
+            for (l, fires) in &checked.fires {
                 let fires = match breadth.remove(l) {
                     Some(t) => (t + fires)?,
-                    None => fires,
+                    None => fires.clone(),
                 };
                 breadth.insert(*l, fires);
-                if let Some(idx) = &sample {
-                    typical.entry(*l).or_default().push(z.index_select(idx, 0)?);
-                }
             }
-            rows += seq;
-            cases.push(p);
+            for (l, t) in &checked.typical {
+                typical.entry(*l).or_default().push(t.clone());
+            }
+            rows += checked.prepared.residual.dim(0)?;
+            failing.push(checked.failing.clone());
+            scored_all.push(checked.scored.clone());
+            tails.push(checked.tail.clone());
+            cases.push(checked.prepared.clone());
             failed.push(c.id.clone());
         }
         let mut outcome = RepairOutcome {
@@ -951,7 +945,7 @@ impl<'a> Star<'a> {
         let mut guard_runs = Vec::with_capacity(guards.len());
         for g in guards {
             self.checkpoint()?;
-            guard_runs.push(self.guard(g, first, &live)?);
+            guard_runs.push(self.check(g, first, &live)?);
         }
 
         // 2. Where: layers by occlusion, shared by every method.
@@ -1000,7 +994,7 @@ impl<'a> Star<'a> {
         &self,
         batch: &Batch,
         found: Option<Attribution>,
-        guards: &[Arc<Guard>],
+        guards: &[Arc<Checked>],
         outcome: &mut RepairOutcome,
     ) -> Result<Patched> {
         let Batch {
@@ -1306,7 +1300,7 @@ impl<'a> Star<'a> {
         patched: Patched,
         batch: &Batch,
         failed: &[String],
-        guards: &[Arc<Guard>],
+        guards: &[Arc<Checked>],
         outcome: &mut RepairOutcome,
     ) -> Result<()> {
         let Patched { patches, verified } = patched;
@@ -1315,7 +1309,7 @@ impl<'a> Star<'a> {
             self.checkpoint()?;
             let right = match &verified {
                 Some(v) => v[i],
-                None => self.says_target(case, batch.first, &set, None)?,
+                None => self.says_target(case, batch.first, &set)?,
             };
             if right {
                 outcome.fixed += 1;
@@ -1326,9 +1320,9 @@ impl<'a> Star<'a> {
             let mut kept = 0;
             for g in guards {
                 self.checkpoint()?;
-                kept += self.says_target(&g.prepared, batch.first, &set, None)? as usize;
+                kept += self.says_target(&g.prepared, batch.first, &set)? as usize;
             }
-            let before = guards.iter().filter(|g| g.passes).count();
+            let before = guards.iter().filter(|g| g.failing.is_empty()).count();
             outcome.guard_before = before as f32 / guards.len() as f32;
             outcome.guard_after = kept as f32 / guards.len() as f32;
         }
