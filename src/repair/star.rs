@@ -129,25 +129,14 @@ impl Batch {
         star: &Star,
         patches: &[(usize, LayerPatch)],
     ) -> Result<Vec<Scored>> {
-        let layers = self.first..self.first + self.dense.len();
         let set = star.served(patches)?;
         let mut tails = Vec::with_capacity(self.cases.len());
         let mut scored = Vec::with_capacity(self.cases.len());
         for case in &self.cases {
             star.checkpoint()?;
-            let mut capture = Capture::layers(layers.clone());
-            let mut kv = vec![None; self.dense.len()];
-            scored.extend(star.score(
-                self.first,
-                &star.model.layers()[self.first..],
-                &mut [(case, &case.residual, &mut kv)],
-                &mut Hooks {
-                    patches: Some(&set),
-                    capture: Some(&mut capture),
-                    ..Hooks::default()
-                },
-            )?);
-            tails.push(Tail::split(case, &mut capture, kv, layers.clone())?);
+            let (s, tail, _) = star.whole_pass(case, self.first, &set)?;
+            scored.push(s);
+            tails.push(tail);
         }
         *self.tails.borrow_mut() = tails;
         Ok(scored)
@@ -483,23 +472,8 @@ impl<'a> Star<'a> {
         }
         // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
         // from the dense copies' by rounding only.
-        let n_layers = self.model.layers().len();
-        let mut capture = Capture::layers(first..n_layers);
-        let mut kv = vec![None; n_layers - first];
-        let scored = self
-            .score(
-                first,
-                &self.model.layers()[first..],
-                &mut [(&prepared, &prepared.residual, &mut kv)],
-                &mut Hooks {
-                    patches: Some(live),
-                    capture: Some(&mut capture),
-                    ..Hooks::default()
-                },
-            )?
-            .remove(0);
+        let (scored, tail, capture) = self.whole_pass(&prepared, first, live)?;
         let failing = self.failure_positions(&prepared, &scored.logits)?;
-        let tail = Tail::split(&prepared, &mut capture, kv, first..n_layers)?;
         let rows: Vec<u32> = (0..prepared.tf.target.len())
             .map(|i| prepared.tf.row(i) as u32)
             .collect();
@@ -527,6 +501,33 @@ impl<'a> Star<'a> {
             r.keep_check(key, checked.clone());
         }
         Ok(checked)
+    }
+
+    /// One whole pass of the serving layers from `first` up over `case` under `set`: its scoring, its
+    /// tail split off for later tail-only passes, and every one of those layers' neuron activations.
+    fn whole_pass(
+        &self,
+        case: &Prepared,
+        first: usize,
+        set: &PatchSet,
+    ) -> Result<(Scored, Tail, Capture)> {
+        let n_layers = self.model.layers().len();
+        let mut capture = Capture::layers(first..n_layers);
+        let mut kv = vec![None; n_layers - first];
+        let scored = self
+            .score(
+                first,
+                &self.model.layers()[first..],
+                &mut [(case, &case.residual, &mut kv)],
+                &mut Hooks {
+                    patches: Some(set),
+                    capture: Some(&mut capture),
+                    ..Hooks::default()
+                },
+            )?
+            .remove(0);
+        let tail = Tail::split(case, &mut capture, kv, first..n_layers)?;
+        Ok((scored, tail, capture))
     }
 
     /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Checked::typical`): up to 64,
