@@ -896,6 +896,49 @@ fn patch_equals_model_with_edited_down_proj() {
     assert!(tensor_diff(&h, &serving) < 1e-4);
 }
 
+/// Serving a patch re-quantized into `down_proj` instead of as an overlay: exact when the GGUF stores
+/// F32, within the block type's rounding otherwise (Q8_0, and Q5_0 on layer 1 of the mixed model).
+#[test]
+fn requantized_patch_serves_what_the_overlay_does() {
+    let set = PatchSet::default()
+        .with(0, patch(&[3, 17, 64, 127], 11, 0.5))
+        .unwrap()
+        .with(1, patch(&[0, 5, 90], 12, 0.5))
+        .unwrap();
+    for (m, tolerance) in [(load_exact(&f32_path()), 1e-4), (load(&mixed_path()), 0.1)] {
+        let t = tokens(&m);
+        let plain = logits_of(&m, &t, &mut Hooks::default());
+        let overlay = logits_of(&m, &t, &mut Hooks::with_patches(&set));
+        let moved = max_abs_diff(&plain, &overlay);
+        assert!(
+            moved > 1e-2,
+            "the patch must matter: it moved logits {moved}"
+        );
+        let requantized = m.weights.requantized(&set).unwrap();
+        let got = requantized
+            .next_logits(&t, &mut requantized.new_cache(), &mut Hooks::default())
+            .unwrap();
+        let d = max_abs_diff(&got, &overlay);
+        assert!(
+            d < tolerance * moved.max(1.0),
+            "re-quantized vs overlay: max diff {d} (the patch moved logits {moved})"
+        );
+        // Single-token decode runs the GGUF's own blocks where they were re-stored for batches.
+        let mut cache = requantized.new_cache();
+        requantized
+            .next_logits(&t[..t.len() - 1], &mut cache, &mut Hooks::default())
+            .unwrap();
+        let last = requantized
+            .next_logits(&t[t.len() - 1..], &mut cache, &mut Hooks::default())
+            .unwrap();
+        let d = max_abs_diff(&last, &overlay);
+        assert!(
+            d < tolerance * moved.max(1.0),
+            "decoded last token: max diff {d}"
+        );
+    }
+}
+
 #[test]
 fn dense_copy_of_quantized_model_tracks_serving() {
     // Q8_0 serving multiplies by Q8_0-quantized activations; the dense copy does not. The difference is

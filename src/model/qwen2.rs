@@ -104,6 +104,10 @@ pub struct Linear {
     in_features: usize,
     /// The GGUF's own blocks, for single-row products, when `weight` was re-stored for batch kernels.
     decode: Option<Arc<RawMatrix>>,
+    /// The block type the GGUF stores, and how the serving weights were made from it: what a
+    /// re-quantized patch is stored as (`Linear::requantized`).
+    stored: GgmlDType,
+    opts: LoadOptions,
 }
 
 impl Linear {
@@ -124,25 +128,6 @@ impl Linear {
             reason: format!("{name}: {}", super::one_line(&e)),
         };
         let w = f.tensor(&format!("{name}.weight"))?;
-        let in_features = w.shape().dims()[1];
-        let quantized = !matches!(w.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        let pad = if opts.pad_for_repack && quantized {
-            in_features.next_multiple_of(REPACK_K) - in_features
-        } else {
-            0
-        };
-        let restore = pad > 0 || (opts.requantize_q8 && needs_requantize(w.dtype()));
-        let decode = match restore {
-            true => RawMatrix::new(&w).map_err(corrupt)?.map(Arc::new),
-            false => None,
-        };
-        let w = if restore {
-            let dense = w.dequantize(&Device::Cpu).map_err(corrupt)?;
-            let dense = dense.pad_with_zeros(1, 0, pad).map_err(corrupt)?;
-            QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(corrupt)?
-        } else {
-            w
-        };
         let bias = match bias {
             true => Some(
                 f.tensor(&format!("{name}.bias"))?
@@ -151,12 +136,50 @@ impl Linear {
             ),
             false => None,
         };
+        Self::new(w, bias, opts).map_err(corrupt)
+    }
+
+    /// Serving weights from the GGUF's blocks `w`, held as `opts` says.
+    fn new(w: QTensor, bias: Option<Tensor>, opts: LoadOptions) -> Result<Self> {
+        let in_features = w.shape().dims()[1];
+        let stored = w.dtype();
+        let quantized = !matches!(stored, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let pad = if opts.pad_for_repack && quantized {
+            in_features.next_multiple_of(REPACK_K) - in_features
+        } else {
+            0
+        };
+        let restore = pad > 0 || (opts.requantize_q8 && needs_requantize(stored));
+        let decode = match restore {
+            true => RawMatrix::new(&w)?.map(Arc::new),
+            false => None,
+        };
+        let w = if restore {
+            let dense = w.dequantize(&Device::Cpu)?.pad_with_zeros(1, 0, pad)?;
+            QTensor::quantize(&dense, GgmlDType::Q8_0)?
+        } else {
+            w
+        };
         Ok(Self {
-            weight: QMatMul::from_qtensor(w).map_err(corrupt)?,
+            weight: QMatMul::from_qtensor(w)?,
             bias,
             in_features,
             decode,
+            stored,
+            opts,
         })
+    }
+
+    /// This weight with `patch` folded into its columns and quantized again to the GGUF's block type,
+    /// served as the loaded weights are: no overlay left, but every block holding a patched column gets
+    /// new scales, so the patch and its neighbours pick up rounding. Starts from the serving weight
+    /// (for re-stored matrices, its Q8_0 copy of the GGUF's blocks: within half a Q8_0 step of them).
+    pub fn requantized(&self, patch: &LayerPatch) -> Result<Self> {
+        let w = self
+            .dense_weight()?
+            .index_add(patch.index(), patch.delta(), 1)?;
+        let q = QTensor::quantize(&w, self.stored)?;
+        Self::new(q, self.bias.clone(), self.opts)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -235,6 +258,8 @@ impl Linear {
             bias: self.bias.clone(),
             in_features: self.in_features,
             decode: None,
+            stored: self.stored,
+            opts: self.opts,
         })
     }
 }
@@ -662,7 +687,8 @@ impl KvCache {
 #[derive(Debug)]
 pub struct Qwen2 {
     config: Config,
-    embed: Embedding,
+    /// Shared with re-quantized copies (`Qwen2::requantized`).
+    embed: Arc<Embedding>,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Linear,
@@ -709,7 +735,7 @@ impl Qwen2 {
                 differentiable: false,
             });
         }
-        let embed = Embedding::new(f.tensor("token_embd.weight")?).map_err(corrupt)?;
+        let embed = Arc::new(Embedding::new(f.tensor("token_embd.weight")?).map_err(corrupt)?);
         let head_name = if f.has_tensor("output.weight") {
             "output"
         } else {
@@ -739,6 +765,27 @@ impl Qwen2 {
         self.next_logits(&[0, 1], &mut cache, &mut Hooks::default())?;
         self.next_logits(&[2], &mut cache, &mut Hooks::default())?;
         Ok(())
+    }
+
+    /// The model with each of `patches` folded into its layer's `down_proj` and stored quantized again
+    /// (`Linear::requantized`), the other weights shared: the alternative to serving patches as an
+    /// overlay, for eval and bench to weigh.
+    pub fn requantized(&self, patches: &PatchSet) -> Result<Self> {
+        let mut layers = self.layers.clone();
+        for (l, patch) in patches.iter() {
+            let layer = layers
+                .get_mut(l)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no layer {l} to patch")))?;
+            layer.mlp.down = layer.mlp.down.requantized(patch)?;
+        }
+        Ok(Self {
+            config: self.config.clone(),
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            rope: self.rope.clone(),
+        })
     }
 
     pub fn config(&self) -> &Config {
