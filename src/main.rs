@@ -95,6 +95,9 @@ enum Command {
         /// Repair settings as JSON, over the defaults (e.g. '{"layers": 2, "maxSteps": 20}').
         #[arg(long, value_parser = parse_settings)]
         repair_settings: Option<star_ls::repair::RepairSettings>,
+        /// Also measure every patch served re-quantized into its layers instead of as an overlay.
+        #[arg(long)]
+        requantized: bool,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -235,6 +238,7 @@ fn main() {
             timeout,
             plot,
             repair_settings,
+            requantized,
             threads,
         } => {
             star_ls::env::set_threads(threads);
@@ -250,6 +254,7 @@ fn main() {
                     guards,
                     timeout: std::time::Duration::from_secs(timeout),
                     settings: repair_settings.unwrap_or_default(),
+                    requantized,
                     ..Default::default()
                 },
             })

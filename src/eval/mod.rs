@@ -11,7 +11,9 @@ mod report;
 
 pub use plot::plot;
 use probe::Probe;
-pub use report::{CumulativePoint, MethodReport, RepairRecord, Report, Status};
+pub use report::{
+    CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares, Status,
+};
 
 use crate::model::{KvCache, PatchSet, Qwen2, Tokenizer};
 use crate::repair::{
@@ -35,6 +37,9 @@ pub struct EvalOptions {
     /// Most points of the cumulative curve (each re-checks every case repaired so far).
     pub cumulative_points: usize,
     pub settings: RepairSettings,
+    /// Also measure each patch served re-quantized into its layers (`Qwen2::requantized`) instead of
+    /// as an overlay: its repaired cases and specificity sample again.
+    pub requantized: bool,
 }
 
 impl Default for EvalOptions {
@@ -47,6 +52,7 @@ impl Default for EvalOptions {
             timeout: Duration::from_secs(600),
             cumulative_points: 8,
             settings: RepairSettings::default(),
+            requantized: false,
         }
     }
 }
@@ -296,6 +302,19 @@ impl Protocol<'_> {
                 *m.entry(r.status).or_insert(0) += 1;
                 m
             }),
+            requantized: options.requantized.then(|| {
+                let (fixed, unchanged) =
+                    records
+                        .iter()
+                        .fold((0, 0), |(f, u), r| match r.requantized {
+                            Some(q) => (f + q.fixed, u + q.unchanged),
+                            None => (f, u + r.unchanged),
+                        });
+                RequantizedShares {
+                    effectiveness: share(fixed, sum(|r| r.cases)),
+                    specificity: share(unchanged, sum(|r| r.sampled)),
+                }
+            }),
             cumulative,
             per_repair: records,
         })
@@ -368,7 +387,9 @@ impl Protocol<'_> {
             layers: Vec::new(),
             steps: 0,
             solves: 0,
+            requantized: None,
         };
+        let lowers_again = options.requantized.then(|| lowers.clone());
         let set = match result {
             Ok(Ok(outcome)) => {
                 self.judge(&bounded, outcome, &unit.repaired, lowers, &mut record)?
@@ -398,7 +419,23 @@ impl Protocol<'_> {
         // Specificity: without a patch the model is as it was, every completion unchanged.
         let repaired: BTreeSet<usize> =
             unit.repaired.iter().copied().chain(unit.held_out).collect();
-        for i in unrelated(self.cases, self.sampled, &repaired) {
+        let sample = unrelated(self.cases, self.sampled, &repaired);
+        if let (Some(set), Some(lowers)) = (&set, lowers_again) {
+            let model = self.model.requantized(set)?;
+            let none = PatchSet::default();
+            let mut fixed = 0;
+            for (i, lower) in unit.repaired.iter().zip(lowers) {
+                fixed +=
+                    self.probes[*i].completes(&model, self.tok, &self.cases[*i], lower, &none)?
+                        as usize;
+            }
+            let mut unchanged = 0;
+            for i in &sample {
+                unchanged += self.probes[*i].unchanged(&model, self.tok, &none)? as usize;
+            }
+            record.requantized = Some(Requantized { fixed, unchanged });
+        }
+        for i in sample {
             let probe = &self.probes[i];
             let unchanged = match &set {
                 Some(set) => probe.unchanged(self.model, self.tok, set)?,

@@ -58,6 +58,9 @@ pub struct MethodReport {
     pub repair_rss_mb: f64,
     /// Repairs by how they ended: crashes and timeouts are counted here, never dropped.
     pub statuses: BTreeMap<Status, usize>,
+    /// With `--requantized`: the patches served re-quantized into their layers instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requantized: Option<RequantizedShares>,
     pub cumulative: Vec<CumulativePoint>,
     pub per_repair: Vec<RepairRecord>,
 }
@@ -94,6 +97,26 @@ pub struct RepairRecord {
     /// Guided (or SGD) steps, and analytical solves (STAR's).
     pub steps: usize,
     pub solves: usize,
+    /// With `--requantized`, for a repair that kept a patch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requantized: Option<Requantized>,
+}
+
+/// One patch served re-quantized into its layers (`Qwen2::requantized`) instead of as an overlay.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Requantized {
+    /// Repaired cases whose greedy line is the developer's.
+    pub fixed: usize,
+    /// Sampled unrelated completions left unchanged.
+    pub unchanged: usize,
+}
+
+/// A method's effectiveness and specificity with every patch served re-quantized (repairs that kept
+/// none count as they do for the overlay).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RequantizedShares {
+    pub effectiveness: f64,
+    pub specificity: f64,
 }
 
 impl Report {
@@ -143,6 +166,17 @@ impl Report {
                 m.peak_rss_mb,
                 statuses.join(", ").to_lowercase()
             );
+        }
+        for (method, m) in &self.methods {
+            if let Some(q) = m.requantized {
+                let _ = writeln!(
+                    out,
+                    "{} served re-quantized: effectiveness {:.3}, specificity {:.3}",
+                    format!("{method:?}").to_lowercase(),
+                    q.effectiveness,
+                    q.specificity
+                );
+            }
         }
         if let Some(star) = self.methods.get(&Method::Star) {
             for (method, m) in self.methods.iter().filter(|(k, _)| **k != Method::Star) {
