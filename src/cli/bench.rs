@@ -5,7 +5,7 @@
 
 use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, EngineEvent};
 use crate::model::{
-    generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, Qwen2, StopAt,
+    generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2, StopAt,
 };
 use crate::repair::{Case, Head, RepairSettings, Star};
 use anyhow::{bail, Context, Result};
@@ -99,6 +99,20 @@ pub struct Ours {
     pub rss_mb: f64,
     /// Resident memory at the end (VmRSS), MiB.
     pub rss_end_mb: f64,
+    /// The same prefill and decode with a STAR repair's patches served, both ways.
+    pub patched: Patched,
+}
+
+/// A repair of the convention fixtures, served as an overlay (quantized weights plus a dense delta
+/// on the patched columns) and re-quantized into its layers (`Qwen2::requantized`).
+#[derive(Debug, Serialize)]
+pub struct Patched {
+    pub layers: Vec<usize>,
+    pub neurons_per_layer: usize,
+    pub overlay_prefill_tok_s: f64,
+    pub overlay_decode_tok_s: f64,
+    pub requantized_prefill_tok_s: f64,
+    pub requantized_decode_tok_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,7 +155,7 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
 
     let prompt = model.tokenizer.encode(PROMPT);
     tracing::info!(tokens = prompt.len(), "bench: prefill and decode");
-    let speed = bench_speed(&model.weights, &prompt)?;
+    let speed = bench_speed(&model.weights, &prompt, None)?;
 
     tracing::info!(edits = TYPED.len(), "bench: edit latency");
     let edits = bench_edits(&engine, Duration::ZERO)?;
@@ -151,6 +165,9 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     let cold_ms = bench_cold(&model.weights, &cold_ids)?;
     // Before the repair phase: its dense layer copies are repair memory, not serving memory.
     let (rss_end_mb, rss_mb) = memory().context("reading /proc/self/status")?;
+
+    tracing::info!("bench: prefill and decode with a repair's patches");
+    let patched = bench_patched(&model, &prompt)?;
 
     tracing::info!("bench: edit latency during a repair");
     let during_repair = bench_edits_during_repair(&engine, &model)?;
@@ -172,6 +189,7 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
         cold_ms,
         rss_mb,
         rss_end_mb,
+        patched,
     };
     let report = assemble(measured, peer);
     print_table(&report);
@@ -221,12 +239,12 @@ struct Speed {
 }
 
 /// Prefill and decode throughput: median of `REPS` runs after one warmup, each from an empty cache.
-fn bench_speed(model: &Qwen2, prompt: &[u32]) -> Result<Speed> {
+fn bench_speed(model: &Qwen2, prompt: &[u32], patches: Option<&PatchSet>) -> Result<Speed> {
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     let mut tokens = Vec::new();
     for rep in 0..=REPS {
-        let run = greedy_run(model, prompt, DECODE, prompt.len())?;
+        let run = greedy_run(model, prompt, DECODE, prompt.len(), patches)?;
         let (p, d) = (
             prompt.len() as f64 / run.prefill_s,
             (DECODE - 1) as f64 / run.decode_s,
@@ -260,18 +278,28 @@ struct GreedyRun {
 
 /// From an empty cache: runs `prompt` in chunks of `chunk` tokens, then decodes `n` greedy tokens (EOS
 /// ignored). The first token comes from the prompt's logits; the `n - 1` single-token steps are the decode.
-fn greedy_run(model: &Qwen2, prompt: &[u32], n: usize, chunk: usize) -> Result<GreedyRun> {
+fn greedy_run(
+    model: &Qwen2,
+    prompt: &[u32],
+    n: usize,
+    chunk: usize,
+    patches: Option<&PatchSet>,
+) -> Result<GreedyRun> {
+    let hooks = || Hooks {
+        patches,
+        ..Hooks::default()
+    };
     let mut cache: KvCache = model.new_cache();
     let t0 = Instant::now();
     let mut logits = Vec::new();
     for part in prompt.chunks(chunk.max(1)) {
-        logits = model.next_logits(part, &mut cache, &mut Hooks::default())?;
+        logits = model.next_logits(part, &mut cache, &mut hooks())?;
     }
     let t1 = Instant::now();
     let mut tokens = vec![argmax(&logits)];
     while tokens.len() < n {
         let last = tokens[tokens.len() - 1];
-        logits = model.next_logits(&[last], &mut cache, &mut Hooks::default())?;
+        logits = model.next_logits(&[last], &mut cache, &mut hooks())?;
         tokens.push(argmax(&logits));
     }
     let t2 = Instant::now();
@@ -330,12 +358,47 @@ fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
 
 /// `bench_edits` again while STAR repairs `REPAIR_CASES` over and over on another thread, yielding at
 /// its checkpoints exactly as the server's repair does. Returns the edit latencies, ms.
-fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Result<Vec<f64>> {
-    let cases = REPAIR_CASES
+/// Repairs the convention fixtures once and measures prefill and decode with the patches served as
+/// an overlay and re-quantized into their layers.
+fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
+    let (gamma, weight) = model.weights.head_dense()?;
+    let head = Head::new(&gamma, weight)?;
+    let star = Star::new(
+        &model.weights,
+        &model.tokenizer,
+        &head,
+        RepairSettings::default(),
+    );
+    let outcome = star.repair(&repair_cases()?, &[])?;
+    if outcome.patches.is_empty() {
+        bail!(
+            "the bench's repair kept no patch: {}",
+            outcome.refused.as_deref().unwrap_or("no reason given")
+        );
+    }
+    let set = star.served(&outcome.patches)?;
+    let overlay = bench_speed(&model.weights, prompt, Some(&set))?;
+    let requantized = bench_speed(&model.weights.requantized(&set)?, prompt, None)?;
+    Ok(Patched {
+        layers: outcome.layers,
+        neurons_per_layer: outcome.neurons_per_layer,
+        overlay_prefill_tok_s: round2(overlay.prefill_tok_s),
+        overlay_decode_tok_s: round2(overlay.decode_tok_s),
+        requantized_prefill_tok_s: round2(requantized.prefill_tok_s),
+        requantized_decode_tok_s: round2(requantized.decode_tok_s),
+    })
+}
+
+fn repair_cases() -> Result<Vec<Case>> {
+    REPAIR_CASES
         .lines()
         .map(serde_json::from_str)
         .collect::<serde_json::Result<Vec<Case>>>()
-        .context("fixtures/cases/conventions.jsonl")?;
+        .context("fixtures/cases/conventions.jsonl")
+}
+
+fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Result<Vec<f64>> {
+    let cases = repair_cases()?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;
     let done = AtomicBool::new(false);
@@ -421,7 +484,7 @@ fn bench_cold(model: &Qwen2, prompt: &[u32]) -> Result<f64> {
     let chunk = GenerateParams::default().chunk;
     let mut times = Vec::new();
     for rep in 1..=REPS {
-        let run = greedy_run(model, prompt, COLD_DECODE, chunk)?;
+        let run = greedy_run(model, prompt, COLD_DECODE, chunk, None)?;
         let ms = (run.prefill_s + run.decode_s) * 1e3;
         tracing::info!("bench: cold run {rep}/{REPS}: {ms:.0} ms");
         times.push(ms);
@@ -580,6 +643,7 @@ struct Measured {
     cold_ms: f64,
     rss_mb: f64,
     rss_end_mb: f64,
+    patched: Patched,
 }
 
 fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
@@ -593,6 +657,7 @@ fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
         cold_ms,
         rss_mb,
         rss_end_mb,
+        patched,
     } = m;
     let mean = |xs: &[usize]| xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64;
     let (p50, p95) = (
@@ -617,6 +682,7 @@ fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
         edit_generated_mean: round2(mean(&edits.generated)),
         rss_mb: round2(rss_mb),
         rss_end_mb: round2(rss_end_mb),
+        patched,
     };
     let (peer, peer_error) = match peer {
         Ok(p) => (Some(p), None),
@@ -728,6 +794,16 @@ fn print_table(r: &Report) {
         r.ours.edit_latency_during_repair_ms_p95,
         r.ours.repair_slowdown_p50,
         r.ours.repair_slowdown_p95
+    );
+    let p = &r.ours.patched;
+    println!(
+        "with a repair's patches     prefill / decode tok/s: overlay {:.1} / {:.1}, re-quantized {:.1} / {:.1} (layers {:?}, {} neurons each)",
+        p.overlay_prefill_tok_s,
+        p.overlay_decode_tok_s,
+        p.requantized_prefill_tok_s,
+        p.requantized_decode_tok_s,
+        p.layers,
+        p.neurons_per_layer
     );
     println!(
         "peak RSS                    {:.1} MiB (end {:.1} MiB)",
