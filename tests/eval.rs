@@ -95,7 +95,14 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     let out = Command::new(env!("CARGO_BIN_EXE_star-ls"))
         .args(["eval", "--cases"])
         .arg(&file)
-        .args(["--method", "all", "--repair-settings", settings, "--json"])
+        .args([
+            "--method",
+            "all",
+            "--repair-settings",
+            settings,
+            "--requantized",
+        ])
+        .arg("--json")
         .arg(&json)
         .arg("--plot")
         .arg(&plots)
@@ -158,6 +165,12 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         1.0,
         "{star}"
     );
+    // Served re-quantized into its layers (the tiny model stores F32), the patch fixes it as well.
+    assert_eq!(star["per_repair"][0]["requantized"]["fixed"], 1, "{star}");
+    assert_eq!(number(&star["requantized"], "effectiveness"), 1.0, "{star}");
+    let v = number(&star["requantized"], "specificity");
+    assert!((0.0..=1.0).contains(&v), "{star}");
+    assert!(stdout.contains("star served re-quantized"), "{stdout}");
     for chart in ["measures.svg", "seconds.svg", "cumulative.svg"] {
         let svg = std::fs::read_to_string(plots.join(chart)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("star"), "{chart}");
