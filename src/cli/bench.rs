@@ -356,8 +356,6 @@ fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
     Ok(out)
 }
 
-/// `bench_edits` again while STAR repairs `REPAIR_CASES` over and over on another thread, yielding at
-/// its checkpoints exactly as the server's repair does. Returns the edit latencies, ms.
 /// Repairs the convention fixtures once and measures prefill and decode with the patches served as
 /// an overlay and re-quantized into their layers.
 fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
@@ -397,6 +395,8 @@ fn repair_cases() -> Result<Vec<Case>> {
         .context("fixtures/cases/conventions.jsonl")
 }
 
+/// `bench_edits` again while STAR repairs `REPAIR_CASES` over and over on another thread, yielding at
+/// its checkpoints exactly as the server's repair does. Returns the edit latencies, ms.
 fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Result<Vec<f64>> {
     let cases = repair_cases()?;
     let (gamma, weight) = model.weights.head_dense()?;

@@ -423,12 +423,7 @@ impl Protocol<'_> {
         if let (Some(set), Some(lowers)) = (&set, lowers_again) {
             let model = self.model.requantized(set)?;
             let none = PatchSet::default();
-            let mut fixed = 0;
-            for (i, lower) in unit.repaired.iter().zip(lowers) {
-                fixed +=
-                    self.probes[*i].completes(&model, self.tok, &self.cases[*i], lower, &none)?
-                        as usize;
-            }
+            let fixed = self.fixed(&model, &unit.repaired, lowers, &none)?;
             let mut unchanged = 0;
             for i in &sample {
                 unchanged += self.probes[*i].unchanged(&model, self.tok, &none)? as usize;
@@ -484,12 +479,25 @@ impl Protocol<'_> {
             return Ok(None);
         }
         let set = star.served(&outcome.patches)?;
+        record.fixed = self.fixed(self.model, repaired, lowers, &set)?;
+        Ok(Some(set))
+    }
+
+    /// How many of the `repaired` cases `model` under `patches` completes the developer's way, each
+    /// decoded from its frozen layers' keys and values (`lowers`).
+    fn fixed(
+        &self,
+        model: &Qwen2,
+        repaired: &[usize],
+        lowers: Vec<KvCache>,
+        patches: &PatchSet,
+    ) -> candle_core::Result<usize> {
+        let mut fixed = 0;
         for (i, lower) in repaired.iter().zip(lowers) {
             let case = &self.cases[*i];
-            record.fixed +=
-                self.probes[*i].completes(self.model, self.tok, case, lower, &set)? as usize;
+            fixed += self.probes[*i].completes(model, self.tok, case, lower, patches)? as usize;
         }
-        Ok(Some(set))
+        Ok(fixed)
     }
 
     /// The accepted patches applied one after another to one model: after each (at most

@@ -171,9 +171,10 @@ impl Linear {
     }
 
     /// This weight with `patch` folded into its columns and quantized again to the GGUF's block type,
-    /// served as the loaded weights are: no overlay left, but every block holding a patched column gets
-    /// new scales, so the patch and its neighbours pick up rounding. Starts from the serving weight
-    /// (for re-stored matrices, its Q8_0 copy of the GGUF's blocks: within half a Q8_0 step of them).
+    /// served as the loaded weights are: no overlay left, but the whole matrix is rounded again (by
+    /// candle's quantizers, not the ones that made the GGUF), so the patch and every other weight pick
+    /// up rounding; a real patch has a column in about every block anyway. Starts from the serving
+    /// weight (for re-stored matrices, its Q8_0 copy of the GGUF's blocks: within half a Q8_0 step).
     pub fn requantized(&self, patch: &LayerPatch) -> Result<Self> {
         let w = self
             .dense_weight()?
