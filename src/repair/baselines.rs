@@ -7,9 +7,9 @@ use crate::model::{Hooks, LayerPatch};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
-/// SGD: gradient descent on every `down_proj` column of the chosen layers (`sgd_learning_rate`,
-/// `max_steps` epochs), cross-entropy on all target tokens, stopping once every failure position is
-/// right.
+/// SGD: gradient descent on every `down_proj` column of the chosen layers (`sgd_learning_rate`),
+/// cross-entropy on all target tokens, for all `max_steps` epochs: METHOD.md's baseline has no early
+/// stop (STAR's guided steps do).
 pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Result<Patched> {
     let hidden = star.head.weight.dim(1)?;
     let mut columns = BTreeMap::new();
@@ -21,7 +21,7 @@ pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Re
         outcome.neurons_per_layer = m;
     }
     let lr = star.settings.sgd_learning_rate as f64;
-    star.optimize(batch, &columns, &deltas, outcome, |_, d, g| {
+    star.optimize(batch, &columns, &deltas, false, outcome, |_, d, g| {
         d.set(&(d.as_tensor() - g.affine(lr, 0.0)?)?)
     })
 }

@@ -1086,7 +1086,7 @@ impl<'a> Star<'a> {
             .map(|(l, p)| Ok((*l, Var::from_tensor(p)?)))
             .collect::<Result<_>>()?;
         let columns = &columns;
-        self.optimize(batch, columns, &deltas, outcome, |l, d, g| {
+        self.optimize(batch, columns, &deltas, true, outcome, |l, d, g| {
             let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
             d.set(&(d.as_tensor() - off_guards(l, update)?)?)
         })
@@ -1205,13 +1205,14 @@ impl<'a> Star<'a> {
         Ok(None)
     }
 
-    /// Steps `deltas` (one per layer, on `columns`) with `update` until every failure position of the
-    /// batch is right or `max_steps` is reached; returns the patches.
+    /// Steps `deltas` (one per layer, on `columns`) with `update` for `max_steps` steps, or with
+    /// `stop_when_fixed` until every failure position of the batch is right; returns the patches.
     pub(super) fn optimize(
         &self,
         batch: &Batch,
         columns: &BTreeMap<usize, Vec<u32>>,
         deltas: &BTreeMap<usize, Var>,
+        stop_when_fixed: bool,
         outcome: &mut RepairOutcome,
         mut update: impl FnMut(usize, &Var, &Tensor) -> Result<()>,
     ) -> Result<Patched> {
@@ -1261,7 +1262,8 @@ impl<'a> Star<'a> {
                 wrong_cases += usize::from(!wrong.is_empty());
             }
             outcome.steps = step;
-            if wrong_cases == 0 && verified.is_none() && !last {
+            let fixed = stop_when_fixed && wrong_cases == 0;
+            if fixed && verified.is_none() && !last {
                 // Right over tails run without this patch: run them whole under it, and look again.
                 let right = batch.right(self, &batch.refresh(self, &patches(true)?)?)?;
                 let done = right.iter().all(|&r| r);
@@ -1271,7 +1273,7 @@ impl<'a> Star<'a> {
                 }
                 continue;
             }
-            if wrong_cases == 0 || last {
+            if fixed || last {
                 break;
             }
             let parts: Vec<_> = scored
