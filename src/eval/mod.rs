@@ -12,7 +12,8 @@ mod report;
 pub use plot::plot;
 use probe::Probe;
 pub use report::{
-    CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares, Status,
+    Changed, CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares,
+    Status,
 };
 
 use crate::model::{KvCache, PatchSet, Qwen2, Tokenizer};
@@ -388,6 +389,7 @@ impl Protocol<'_> {
             steps: 0,
             solves: 0,
             requantized: None,
+            changed: Vec::new(),
         };
         let lowers_again = options.requantized.then(|| lowers.clone());
         let set = match result {
@@ -426,16 +428,24 @@ impl Protocol<'_> {
             let fixed = self.fixed(&model, &unit.repaired, lowers, &none)?;
             let mut unchanged = 0;
             for i in &sample {
-                unchanged += self.probes[*i].unchanged(&model, self.tok, &none)? as usize;
+                unchanged += self.probes[*i].changed(&model, self.tok, &none)?.is_none() as usize;
             }
             record.requantized = Some(Requantized { fixed, unchanged });
         }
         for i in sample {
             let probe = &self.probes[i];
-            let unchanged = match &set {
-                Some(set) => probe.unchanged(self.model, self.tok, set)?,
-                None => true,
+            let change = match &set {
+                Some(set) => probe.changed(self.model, self.tok, set)?,
+                None => None,
             };
+            if let Some(c) = change {
+                record.changed.push(Changed {
+                    case: self.cases[i].id.clone(),
+                    decision: c.decision,
+                    base_lead: c.base_lead,
+                });
+            }
+            let unchanged = change.is_none();
             record.sampled += 1;
             record.unchanged += unchanged as usize;
             if probe.passes {
@@ -550,7 +560,9 @@ impl Protocol<'_> {
             let sample = unrelated(self.cases, self.sampled, &related);
             let mut unchanged = 0;
             for i in &sample {
-                unchanged += self.probes[*i].unchanged(self.model, self.tok, &stacked)? as usize;
+                unchanged += self.probes[*i]
+                    .changed(self.model, self.tok, &stacked)?
+                    .is_none() as usize;
             }
             out.push(CumulativePoint {
                 step,

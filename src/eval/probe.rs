@@ -11,6 +11,19 @@ use crate::repair::{
 };
 use candle_core::{Result, Tensor};
 
+/// How far the top logit of `row` leads the next one.
+fn lead(row: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &l in row {
+        if l > first {
+            (first, second) = (l, first);
+        } else if l > second {
+            second = l;
+        }
+    }
+    first - second
+}
+
 /// Tokens fed after the prompt; decision `i` predicts `forced[i]`.
 struct Forced {
     forced: Vec<u32>,
@@ -30,8 +43,20 @@ pub struct Probe {
     greedy: Forced,
     /// The developer's healed text and the end of the line.
     target: Forced,
-    /// The decisions the unpatched model makes along `greedy`, by this same path.
+    /// The decisions the unpatched model makes along `greedy`, by this same path, and by how many
+    /// logits each led the runner-up.
     base: Vec<u32>,
+    base_leads: Vec<f32>,
+}
+
+/// Where a patch first changed a sampled completion.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Change {
+    /// Index of the first greedy decision that differs.
+    pub decision: usize,
+    /// By how many logits the unpatched model's token led the runner-up there: a near tie flips under
+    /// any small perturbation.
+    pub base_lead: f32,
 }
 
 impl Probe {
@@ -87,8 +112,11 @@ impl Probe {
             greedy,
             target,
             base: Vec::new(),
+            base_leads: Vec::new(),
         };
-        probe.base = probe.decisions(model, tok, &probe.greedy, None)?;
+        let rows = probe.rows(model, tok, &probe.greedy, None)?;
+        probe.base = rows.iter().map(|r| argmax(r)).collect();
+        probe.base_leads = rows.iter().map(|r| lead(r)).collect();
         Ok(probe)
     }
 
@@ -100,6 +128,18 @@ impl Probe {
         f: &Forced,
         patches: Option<&PatchSet>,
     ) -> Result<Vec<u32>> {
+        let rows = self.rows(model, tok, f, patches)?;
+        Ok(rows.iter().map(|r| argmax(r)).collect())
+    }
+
+    /// The logits at each forced position under `patches`, healing masks applied.
+    fn rows(
+        &self,
+        model: &Qwen2,
+        tok: &Tokenizer,
+        f: &Forced,
+        patches: Option<&PatchSet>,
+    ) -> Result<Vec<Vec<f32>>> {
         if f.forced.is_empty() {
             return Ok(Vec::new());
         }
@@ -119,13 +159,26 @@ impl Probe {
         let rows = hidden.narrow(0, self.prompt.tokens.len() - 1, f.forced.len())?;
         let mut rows = model.logits(&rows)?.to_vec2::<f32>()?;
         mask_rows_to_heal(tok, &mut rows, &f.forced, &self.prompt.heal);
-        Ok(rows.iter().map(|r| argmax(r)).collect())
+        Ok(rows)
     }
 
-    /// Whether `patches` leave every decision of the unpatched greedy completion as it was (so the
+    /// The first decision of the unpatched greedy completion that `patches` change (None: the
     /// completion is unchanged).
-    pub fn unchanged(&self, model: &Qwen2, tok: &Tokenizer, patches: &PatchSet) -> Result<bool> {
-        Ok(self.decisions(model, tok, &self.greedy, Some(patches))? == self.base)
+    pub fn changed(
+        &self,
+        model: &Qwen2,
+        tok: &Tokenizer,
+        patches: &PatchSet,
+    ) -> Result<Option<Change>> {
+        let got = self.decisions(model, tok, &self.greedy, Some(patches))?;
+        Ok(got
+            .iter()
+            .zip(&self.base)
+            .position(|(g, b)| g != b)
+            .map(|decision| Change {
+                decision,
+                base_lead: self.base_leads[decision],
+            }))
     }
 
     /// Whether under `patches` the model says the developer's text at every target position, end of

@@ -100,6 +100,17 @@ pub struct RepairRecord {
     /// With `--requantized`, for a repair that kept a patch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requantized: Option<Requantized>,
+    /// The sampled completions the patch changed, and where.
+    pub changed: Vec<Changed>,
+}
+
+/// A sampled unrelated completion a repair changed: at which greedy decision first, and by how many
+/// logits the unpatched model's token led there (near ties flip under any small perturbation).
+#[derive(Debug, Clone, Serialize)]
+pub struct Changed {
+    pub case: String,
+    pub decision: usize,
+    pub base_lead: f32,
 }
 
 /// One patch served re-quantized into its layers (`Qwen2::requantized`) instead of as an overlay.
@@ -118,6 +129,9 @@ pub struct RequantizedShares {
     pub effectiveness: f64,
     pub specificity: f64,
 }
+
+/// A lead (in logits) under which the table calls a changed decision a near tie.
+const NEAR_TIE: f32 = 0.5;
 
 impl Report {
     /// The summary table.
@@ -175,6 +189,24 @@ impl Report {
                     format!("{method:?}").to_lowercase(),
                     q.effectiveness,
                     q.specificity
+                );
+            }
+        }
+        for (method, m) in &self.methods {
+            let mut leads: Vec<f32> = m
+                .per_repair
+                .iter()
+                .flat_map(|r| r.changed.iter().map(|c| c.base_lead))
+                .collect();
+            if !leads.is_empty() {
+                leads.sort_by(f32::total_cmp);
+                let _ = writeln!(
+                    out,
+                    "{}: {} sampled completions changed; the unpatched lead at the first changed token: median {:.2} logits, under {NEAR_TIE} in {}",
+                    format!("{method:?}").to_lowercase(),
+                    leads.len(),
+                    leads[leads.len() / 2],
+                    leads.iter().filter(|&&l| l < NEAR_TIE).count()
                 );
             }
         }
