@@ -149,7 +149,11 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         // Every sampled completion the patch changed is listed, with where and how near a tie.
         let changed = repair["changed"].as_array().expect("changed completions");
         let unchanged = repair["unchanged"].as_u64().unwrap() as usize;
-        assert_eq!(changed.len(), passing.len() - unchanged, "{method}: {repair}");
+        assert_eq!(
+            changed.len(),
+            passing.len() - unchanged,
+            "{method}: {repair}"
+        );
         for c in changed {
             assert!(c["case"].is_string() && c["decision"].is_u64(), "{c}");
             assert!(number(c, "base_lead") >= 0.0, "{c}");

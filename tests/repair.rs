@@ -347,6 +347,11 @@ fn the_baselines_run_on_the_same_batch_and_verdict() {
         sgd.neurons_per_layer, FFN,
         "SGD trains every neuron of the layers"
     );
+    assert_eq!(
+        sgd.steps,
+        settings().max_steps,
+        "SGD runs all its epochs, fixed or not"
+    );
 }
 
 /// The verdict's teacher-forced checks under a patch re-run only the serving layers from the patched one

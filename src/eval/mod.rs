@@ -438,11 +438,10 @@ impl Protocol<'_> {
                 Some(set) => probe.changed(self.model, self.tok, set)?,
                 None => None,
             };
-            if let Some(c) = change {
+            if let Some(at) = change {
                 record.changed.push(Changed {
                     case: self.cases[i].id.clone(),
-                    decision: c.decision,
-                    base_lead: c.base_lead,
+                    at,
                 });
             }
             let unchanged = change.is_none();

@@ -11,7 +11,7 @@ use crate::repair::{
 };
 use candle_core::{Result, Tensor};
 
-/// How far the top logit of `row` leads the next one.
+/// How far the top logit of `row` leads the next one (finite: a healing mask may leave one token).
 fn lead(row: &[f32]) -> f32 {
     let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     for &l in row {
@@ -21,7 +21,7 @@ fn lead(row: &[f32]) -> f32 {
             second = l;
         }
     }
-    first - second
+    (first - second).min(f32::MAX)
 }
 
 /// Tokens fed after the prompt; decision `i` predicts `forced[i]`.
@@ -43,14 +43,14 @@ pub struct Probe {
     greedy: Forced,
     /// The developer's healed text and the end of the line.
     target: Forced,
-    /// The decisions the unpatched model makes along `greedy`, by this same path, and by how many
-    /// logits each led the runner-up.
+    /// The decisions the unpatched model makes along `greedy`, by this same path.
     base: Vec<u32>,
+    /// By how many logits each of those decisions led the runner-up.
     base_leads: Vec<f32>,
 }
 
 /// Where a patch first changed a sampled completion.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Change {
     /// Index of the first greedy decision that differs.
     pub decision: usize,

@@ -1,5 +1,6 @@
 //! What `star-ls eval` reports: CONTRACT.md's JSON keys (and more), and the table printed on stdout.
 
+use super::probe::Change;
 use crate::repair::Method;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -104,13 +105,13 @@ pub struct RepairRecord {
     pub changed: Vec<Changed>,
 }
 
-/// A sampled unrelated completion a repair changed: at which greedy decision first, and by how many
-/// logits the unpatched model's token led there (near ties flip under any small perturbation).
+/// A sampled unrelated completion a repair changed, and where (near ties flip under any small
+/// perturbation).
 #[derive(Debug, Clone, Serialize)]
 pub struct Changed {
     pub case: String,
-    pub decision: usize,
-    pub base_lead: f32,
+    #[serde(flatten)]
+    pub at: Change,
 }
 
 /// One patch served re-quantized into its layers (`Qwen2::requantized`) instead of as an overlay.
@@ -196,7 +197,7 @@ impl Report {
             let mut leads: Vec<f32> = m
                 .per_repair
                 .iter()
-                .flat_map(|r| r.changed.iter().map(|c| c.base_lead))
+                .flat_map(|r| r.changed.iter().map(|c| c.at.base_lead))
                 .collect();
             if !leads.is_empty() {
                 leads.sort_by(f32::total_cmp);

@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// SGD: gradient descent on every `down_proj` column of the chosen layers (`sgd_learning_rate`),
-/// cross-entropy on all target tokens, for all `max_steps` epochs: METHOD.md's baseline has no early
-/// stop (STAR's guided steps do).
+/// cross-entropy on the target tokens `mode` picks, for all `max_steps` epochs: METHOD.md's baseline
+/// has no early stop (STAR's guided steps do), so its epochs see the prompt rows as the unpatched
+/// model left them and only the verdict runs the cases whole under its patch.
 pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Result<Patched> {
     let hidden = star.head.weight.dim(1)?;
     let mut columns = BTreeMap::new();

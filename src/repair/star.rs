@@ -1233,10 +1233,10 @@ impl<'a> Star<'a> {
         let all: Vec<usize> = (0..batch.cases.len()).collect();
         // Which cases the last whole pass found right, while the patches are as it ran them.
         let mut verified = None;
-        for step in 0..=self.settings.max_steps {
+        outcome.steps = self.settings.max_steps;
+        for step in 0..self.settings.max_steps {
             self.checkpoint()?;
             let set = super::overlay_of(&patches(false)?)?;
-            let last = step == self.settings.max_steps;
             // Every case's tail in one pass; its graph is only walked back when a case is wrong.
             let scored = batch.score_from(
                 self,
@@ -1261,9 +1261,11 @@ impl<'a> Star<'a> {
                 });
                 wrong_cases += usize::from(!wrong.is_empty());
             }
-            outcome.steps = step;
-            let fixed = stop_when_fixed && wrong_cases == 0;
-            if fixed && verified.is_none() && !last {
+            if stop_when_fixed && wrong_cases == 0 {
+                outcome.steps = step;
+                if verified.is_some() {
+                    break;
+                }
                 // Right over tails run without this patch: run them whole under it, and look again.
                 let right = batch.right(self, &batch.refresh(self, &patches(true)?)?)?;
                 let done = right.iter().all(|&r| r);
@@ -1272,9 +1274,6 @@ impl<'a> Star<'a> {
                     break;
                 }
                 continue;
-            }
-            if fixed || last {
-                break;
             }
             let parts: Vec<_> = scored
                 .iter()
