@@ -426,10 +426,7 @@ impl Protocol<'_> {
             let model = self.model.requantized(set)?;
             let none = PatchSet::default();
             let fixed = self.fixed(&model, &unit.repaired, lowers, &none)?;
-            let mut unchanged = 0;
-            for i in &sample {
-                unchanged += self.probes[*i].changed(&model, self.tok, &none)?.is_none() as usize;
-            }
+            let unchanged = self.unchanged(&model, &sample, &none)?;
             record.requantized = Some(Requantized { fixed, unchanged });
         }
         for i in sample {
@@ -509,6 +506,20 @@ impl Protocol<'_> {
         Ok(fixed)
     }
 
+    /// How many of the `sample` cases' greedy completions `model` under `patches` leaves unchanged.
+    fn unchanged(
+        &self,
+        model: &Qwen2,
+        sample: &[usize],
+        patches: &PatchSet,
+    ) -> candle_core::Result<usize> {
+        let mut unchanged = 0;
+        for i in sample {
+            unchanged += self.probes[*i].changed(model, self.tok, patches)?.is_none() as usize;
+        }
+        Ok(unchanged)
+    }
+
     /// The accepted patches applied one after another to one model: after each (at most
     /// `cumulative_points` evenly spaced points), the share of the cases repaired so far that the model
     /// says right, and the share of unrelated sampled completions left unchanged.
@@ -557,12 +568,7 @@ impl Protocol<'_> {
                 .chain(units[..step].iter().flat_map(|u| u.held_out))
                 .collect();
             let sample = unrelated(self.cases, self.sampled, &related);
-            let mut unchanged = 0;
-            for i in &sample {
-                unchanged += self.probes[*i]
-                    .changed(self.model, self.tok, &stacked)?
-                    .is_none() as usize;
-            }
+            let unchanged = self.unchanged(self.model, &sample, &stacked)?;
             out.push(CumulativePoint {
                 step,
                 repaired: repaired.len(),
