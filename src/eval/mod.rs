@@ -255,7 +255,7 @@ impl Protocol<'_> {
         options: &EvalOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> candle_core::Result<MethodReport> {
-        let name = format!("{method:?}").to_lowercase();
+        let name = method.to_string();
         progress(Progress::Stage {
             name: &format!("{name}: repairs"),
             total: units.len(),

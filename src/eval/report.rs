@@ -171,7 +171,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<6} {:>13.3} {:>14.3} {:>11.3} {:>12.3} {:>9.1} {:>9.1} {:>8.0}  {}",
-                format!("{method:?}").to_lowercase(),
+                method,
                 m.effectiveness,
                 m.generalization,
                 m.specificity,
@@ -187,9 +187,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "{} served re-quantized: effectiveness {:.3}, specificity {:.3}",
-                    format!("{method:?}").to_lowercase(),
-                    q.effectiveness,
-                    q.specificity
+                    method, q.effectiveness, q.specificity
                 );
             }
         }
@@ -204,7 +202,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "{}: {} sampled completions changed; the unpatched lead at the first changed token: median {:.2} logits, under {NEAR_TIE} in {}",
-                    format!("{method:?}").to_lowercase(),
+                    method,
                     leads.len(),
                     leads[leads.len() / 2],
                     leads.iter().filter(|&&l| l < NEAR_TIE).count()
@@ -217,7 +215,7 @@ impl Report {
                     let _ = writeln!(
                         out,
                         "star vs {}: {:.2}x its speed per repair, effectiveness {:+.3}",
-                        format!("{method:?}").to_lowercase(),
+                        method,
                         m.repair_seconds_mean / star.repair_seconds_mean,
                         star.effectiveness - m.effectiveness
                     );

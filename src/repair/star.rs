@@ -57,6 +57,17 @@ pub enum Method {
     Sgd,
 }
 
+/// The lowercase name, as `--method` takes it and eval's JSON keys it.
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Method::Star => "star",
+            Method::Mint => "mint",
+            Method::Sgd => "sgd",
+        })
+    }
+}
+
 /// What every method starts from: the failing cases after the frozen lower layers, and dense copies of
 /// the upper ones.
 pub(super) struct Batch {
