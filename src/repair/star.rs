@@ -1107,7 +1107,8 @@ impl<'a> Star<'a> {
     /// run forward under the patches so far (no gradients), and each patch gains the solve for the
     /// steers of the unsettled positions, at their current activations. Forward passes only (of the
     /// serving layers), where a guided step pays a backward as well. When a whole pass finds
-    /// everything settled, returns which cases it found right.
+    /// everything settled, or everything right once the solves are spent, returns which cases it
+    /// found right; `None` leaves the rest to the guided steps.
     fn resolve(
         &self,
         batch: &Batch,
@@ -1136,14 +1137,14 @@ impl<'a> Star<'a> {
         let offsets = batch.offsets(&all)?;
         // The last whole pass's scorings, while the patches are as it ran them.
         let mut whole: Option<Vec<Scored>> = None;
-        while outcome.solves < self.settings.solves {
+        loop {
             self.checkpoint()?;
             let current: Vec<(usize, LayerPatch)> = patches
                 .iter()
                 .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
                 .collect::<Result<_>>()?;
             let set = self.served(&current)?;
-            let (mut open, mut gains) = (Vec::new(), Vec::new());
+            let (mut open, mut gains, mut wrong) = (Vec::new(), Vec::new(), 0);
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
             let mut capture = Capture::layers(layers.iter().copied());
             let scored = batch.score_from(
@@ -1159,6 +1160,7 @@ impl<'a> Star<'a> {
             )?;
             for (i, (case, s)) in batch.cases.iter().zip(&scored).enumerate() {
                 let rows = self.decisions(&case.tf, &s.logits)?;
+                wrong += self.failure_positions(case, &s.logits)?.len();
                 let positions = self.unsettled(case, &rows);
                 for &p in &positions {
                     let (row, want) = (&rows[p], case.tf.target[p]);
@@ -1184,12 +1186,19 @@ impl<'a> Star<'a> {
                 open.push(positions);
             }
             let unsettled: usize = open.iter().map(Vec::len).sum();
-            tracing::debug!(solves = outcome.solves, unsettled, "re-solve");
-            if unsettled == 0 {
+            tracing::debug!(solves = outcome.solves, unsettled, wrong, "re-solve");
+            let out_of_solves = outcome.solves >= self.settings.solves;
+            // Settled, or out of solves with every position right (the guided steps would stop at
+            // once): check the cases whole.
+            if unsettled == 0 || (out_of_solves && wrong == 0) {
                 if let Some(w) = &whole {
                     return Ok(Some(batch.right(self, w)?));
                 }
                 let w = batch.refresh(self, &current)?;
+                if out_of_solves {
+                    let right = batch.right(self, &w)?;
+                    return Ok(right.iter().all(|&r| r).then_some(right));
+                }
                 let mut settled = true;
                 for (s, case) in w.iter().zip(&batch.cases) {
                     let rows = self.decisions(&case.tf, &s.logits)?;
@@ -1200,6 +1209,9 @@ impl<'a> Star<'a> {
                 }
                 whole = Some(w);
                 continue;
+            }
+            if out_of_solves {
+                return Ok(None);
             }
             let gains = Tensor::new(gains.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
             let steers = self
@@ -1213,7 +1225,6 @@ impl<'a> Star<'a> {
             outcome.solves += 1;
             whole = None;
         }
-        Ok(None)
     }
 
     /// Steps `deltas` (one per layer, on `columns`) with `update` for `max_steps` steps, or with
