@@ -182,21 +182,17 @@ pub fn run(
     .map(|j| cases[passing_outside[j]].clone())
     .collect();
 
-    let mut methods = BTreeMap::new();
-    for &method in &options.methods {
-        let protocol = Protocol {
-            model,
-            tok,
-            cases,
-            probes: &probes,
-            sampled: &sampled,
-            context: settings.context,
-            model_rss_mb,
-            residuals: Residuals::default(),
-        };
-        let report = protocol.method(&star, method, &units, &guards, options, progress)?;
-        methods.insert(method, report);
-    }
+    let protocol = Protocol {
+        model,
+        tok,
+        cases,
+        probes: &probes,
+        sampled: &sampled,
+        context: settings.context,
+        model_rss_mb,
+        residuals: Residuals::default(),
+    };
+    let methods = protocol.methods(&star, &units, &guards, options, progress)?;
     Ok(Report {
         model: model_name.to_owned(),
         cases: cases.len(),
@@ -246,36 +242,68 @@ fn share(n: usize, of: usize) -> f64 {
 }
 
 impl Protocol<'_> {
-    fn method(
+    /// Every method on every unit, unit by unit: a unit's cases run through the frozen layers once
+    /// for all methods, and the methods' clocks run side by side through the run. Then each
+    /// method's cumulative run and report.
+    fn methods(
         &self,
         star: &Star,
-        method: Method,
         units: &[Unit],
         guards: &[Case],
         options: &EvalOptions,
         progress: &mut dyn FnMut(Progress),
+    ) -> candle_core::Result<BTreeMap<Method, MethodReport>> {
+        progress(Progress::Stage {
+            name: "repairs",
+            total: units.len() * options.methods.len(),
+        });
+        let mut records: BTreeMap<Method, Vec<RepairRecord>> = BTreeMap::new();
+        let mut accepted: BTreeMap<Method, Vec<(usize, PatchSet)>> = BTreeMap::new();
+        for (u, unit) in units.iter().enumerate() {
+            // Before any clock: the server makes these passes while the failures are pending (the
+            // frozen layers, whose keys and values also serve the greedy checks after).
+            let lowers: Vec<KvCache> = unit
+                .repaired
+                .iter()
+                .map(|i| self.probes[*i].lower(self.model, &self.residuals))
+                .collect::<candle_core::Result<_>>()?;
+            for &method in &options.methods {
+                let (record, patches) =
+                    self.repair_unit(star, method, unit, guards, lowers.clone(), options)?;
+                progress(Progress::Step {
+                    message: format!(
+                        "{method} {}: {:?}, {} of {} fixed",
+                        unit.name, record.status, record.fixed, record.cases
+                    ),
+                });
+                if let Some(p) = patches {
+                    accepted.entry(method).or_default().push((u, p));
+                }
+                records.entry(method).or_default().push(record);
+            }
+        }
+        let mut reports = BTreeMap::new();
+        for &method in &options.methods {
+            let records = records.remove(&method).unwrap_or_default();
+            let accepted = accepted.remove(&method).unwrap_or_default();
+            let report = self.report(method, units, records, &accepted, options, progress)?;
+            reports.insert(method, report);
+        }
+        Ok(reports)
+    }
+
+    /// A method's measures from its repairs' records, after its cumulative run.
+    fn report(
+        &self,
+        method: Method,
+        units: &[Unit],
+        records: Vec<RepairRecord>,
+        accepted: &[(usize, PatchSet)],
+        options: &EvalOptions,
+        progress: &mut dyn FnMut(Progress),
     ) -> candle_core::Result<MethodReport> {
         let name = method.to_string();
-        progress(Progress::Stage {
-            name: &format!("{name}: repairs"),
-            total: units.len(),
-        });
-        let mut records = Vec::new();
-        let mut accepted: Vec<(usize, PatchSet)> = Vec::new();
-        for (u, unit) in units.iter().enumerate() {
-            let (record, patches) = self.repair_unit(star, method, unit, guards, options)?;
-            progress(Progress::Step {
-                message: format!(
-                    "{}: {:?}, {} of {} fixed",
-                    unit.name, record.status, record.fixed, record.cases
-                ),
-            });
-            if let Some(p) = patches {
-                accepted.push((u, p));
-            }
-            records.push(record);
-        }
-        let cumulative = self.cumulative(units, &accepted, options, &name, progress)?;
+        let cumulative = self.cumulative(units, accepted, options, &name, progress)?;
 
         let sum = |f: fn(&RepairRecord) -> usize| records.iter().map(f).sum::<usize>();
         let seconds: Vec<f64> = records.iter().map(|r| r.seconds).collect();
@@ -328,6 +356,7 @@ impl Protocol<'_> {
         method: Method,
         unit: &Unit,
         guards: &[Case],
+        lowers: Vec<KvCache>,
         options: &EvalOptions,
     ) -> candle_core::Result<(RepairRecord, Option<PatchSet>)> {
         let failures: Vec<Case> = unit
@@ -349,15 +378,9 @@ impl Protocol<'_> {
             residuals: Some(&self.residuals),
             ..Star::new(star.model, star.tokenizer, star.head, star.settings)
         };
-        // The cases' passes before the clock: the server makes them while the failures are pending
-        // (the frozen layers, then the check under the live overlay) and keeps the guards' from one
-        // repair to the next while the overlay stays. The failures' frozen keys and values serve
-        // the greedy checks after.
-        let lowers: Vec<KvCache> = unit
-            .repaired
-            .iter()
-            .map(|i| self.probes[*i].lower(self.model, &self.residuals))
-            .collect::<candle_core::Result<_>>()?;
+        // The cases' checks before the clock: the server makes them while the failures are pending
+        // (under the live overlay) and keeps the guards' from one repair to the next while the
+        // overlay stays.
         bounded.warm(guards)?;
         bounded.warm(&failures)?;
         let rss_before = rss::current_mb().unwrap_or(0.0);
