@@ -215,7 +215,8 @@ struct Protocol<'a> {
     sampled: &'a [usize],
     context: crate::completion::ContextLimits,
     model_rss_mb: f64,
-    /// The cases' residuals entering the frozen layers' top, made before each repair's clock.
+    /// The cases' residuals entering the frozen layers' top, made once per unit before its repairs'
+    /// clocks, and their checks on the unpatched model.
     residuals: Residuals,
 }
 
@@ -243,8 +244,8 @@ fn share(n: usize, of: usize) -> f64 {
 
 impl Protocol<'_> {
     /// Every method on every unit, unit by unit: a unit's cases run through the frozen layers once
-    /// for all methods, and the methods' clocks run side by side through the run. Then each
-    /// method's cumulative run and report.
+    /// for all methods, whose repairs alternate through the run. Then each method's cumulative run
+    /// and report.
     fn methods(
         &self,
         star: &Star,
@@ -253,9 +254,15 @@ impl Protocol<'_> {
         options: &EvalOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> candle_core::Result<BTreeMap<Method, MethodReport>> {
+        let mut methods: Vec<Method> = Vec::new();
+        for &m in &options.methods {
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
         progress(Progress::Stage {
             name: "repairs",
-            total: units.len() * options.methods.len(),
+            total: units.len() * methods.len(),
         });
         let mut records: BTreeMap<Method, Vec<RepairRecord>> = BTreeMap::new();
         let mut accepted: BTreeMap<Method, Vec<(usize, PatchSet)>> = BTreeMap::new();
@@ -267,7 +274,7 @@ impl Protocol<'_> {
                 .iter()
                 .map(|i| self.probes[*i].lower(self.model, &self.residuals))
                 .collect::<candle_core::Result<_>>()?;
-            for &method in &options.methods {
+            for &method in &methods {
                 let (record, patches) =
                     self.repair_unit(star, method, unit, guards, lowers.clone(), options)?;
                 progress(Progress::Step {
@@ -283,7 +290,7 @@ impl Protocol<'_> {
             }
         }
         let mut reports = BTreeMap::new();
-        for &method in &options.methods {
+        for method in methods {
             let records = records.remove(&method).unwrap_or_default();
             let accepted = accepted.remove(&method).unwrap_or_default();
             let report = self.report(method, units, records, &accepted, options, progress)?;

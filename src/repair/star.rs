@@ -631,14 +631,18 @@ impl<'a> Star<'a> {
 
     /// STAR's failure positions: target indices whose top-1 token would change the line.
     pub(super) fn failure_positions(&self, case: &Prepared, logits: &Tensor) -> Result<Vec<usize>> {
-        Ok(self
-            .decisions(&case.tf, logits)?
+        Ok(self.wrong_at(&case.tf, &self.decisions(&case.tf, logits)?))
+    }
+
+    /// The failure positions among a case's `decisions`.
+    fn wrong_at(&self, tf: &TeacherForced, decisions: &[Vec<f32>]) -> Vec<usize> {
+        decisions
             .iter()
-            .zip(&case.tf.target)
+            .zip(&tf.target)
             .enumerate()
             .filter(|(_, (row, want))| !same_line(self.tokenizer, argmax(row), **want))
             .map(|(i, _)| i)
-            .collect())
+            .collect()
     }
 
     /// STAR's layers, by `settings.locate`; with the gradient, the attribution of every candidate
@@ -1081,7 +1085,7 @@ impl<'a> Star<'a> {
         }
         outcome.solves = 1;
         if let Some(verified) = self.resolve(batch, &columns, &mut priors, outcome, &solve)? {
-            // Every position leads by half the margin: no failure position is left to step on.
+            // Every failure position is right over the whole cases: none is left to step on.
             return Ok(Patched {
                 patches: priors
                     .into_iter()
@@ -1160,7 +1164,7 @@ impl<'a> Star<'a> {
             )?;
             for (i, (case, s)) in batch.cases.iter().zip(&scored).enumerate() {
                 let rows = self.decisions(&case.tf, &s.logits)?;
-                wrong += self.failure_positions(case, &s.logits)?.len();
+                wrong += self.wrong_at(&case.tf, &rows).len();
                 let positions = self.unsettled(case, &rows);
                 for &p in &positions {
                     let (row, want) = (&rows[p], case.tf.target[p]);
