@@ -168,12 +168,17 @@ impl Report {
                 .iter()
                 .map(|(s, n)| format!("{n} {s:?}"))
                 .collect();
+            // No held-out case (a set without groups): nothing was measured, whatever the JSON's 0 says.
+            let generalization = match m.held_out_cases {
+                0 => "-".to_string(),
+                _ => format!("{:.3}", m.generalization),
+            };
             let _ = writeln!(
                 out,
-                "{:<6} {:>13.3} {:>14.3} {:>11.3} {:>12.3} {:>9.1} {:>9.1} {:>8.0}  {}",
+                "{:<6} {:>13.3} {:>14} {:>11.3} {:>12.3} {:>9.1} {:>9.1} {:>8.0}  {}",
                 method,
                 m.effectiveness,
-                m.generalization,
+                generalization,
                 m.specificity,
                 m.passing_kept,
                 m.repair_seconds_mean,
