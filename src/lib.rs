@@ -6,6 +6,7 @@ pub mod cli;
 pub mod completion;
 pub mod env;
 pub mod eval;
+pub mod learn;
 pub mod lsp;
 pub mod model;
 pub mod repair;

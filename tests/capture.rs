@@ -118,6 +118,30 @@ fn typing_something_else_is_a_rejection_with_the_typed_line_as_target() {
 }
 
 #[test]
+fn a_block_proposal_typed_over_is_decided_when_enter_ends_the_line() {
+    let mut s = Session::new("def add(a, b):\n    \n");
+    s.show(Some("c1"), 1, 4, "total = a + b\n    return total");
+    s.type_at(1, 4, "return a - b");
+    assert!(s.resolved.is_empty(), "still typing: {:?}", s.resolved);
+    // Enter with the editor's auto-indent: the line the developer wrote is finished.
+    s.type_at(1, 16, "\n    ");
+    assert_eq!(
+        cases(&s.resolved),
+        [(
+            CaseKind::Failure,
+            Outcome::Rejected,
+            "return a - b",
+            "total = a + b\n    return total"
+        )]
+    );
+    // A block taken whole and then continued by hand is still open after one Enter.
+    let mut s = Session::new("def add(a, b):\n    \n");
+    s.show(Some("c2"), 1, 4, "total = a + b\n    return total");
+    s.type_at(1, 4, "total = a + b\n    ");
+    assert!(s.resolved.is_empty(), "{:?}", s.resolved);
+}
+
+#[test]
 fn accepted_then_edited_is_a_correction() {
     let mut s = Session::new("xs = [1, 2]\ntotal = \n");
     s.show(Some("c1"), 1, 8, "sum(xs)");

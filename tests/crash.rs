@@ -23,18 +23,9 @@ fn noise_model() -> PathBuf {
     tiny_model::cached("crash", tiny_model::TinySpec::default())
 }
 
-/// A model that ends every line at once (its completions are empty) and that the server's repair,
-/// with its default settings, patches for a one-line failure such as `def f3(x):\n    return ` →
-/// `x + 3`: patch after patch, as long as each repair has one such failure to fix.
+/// `TinySpec::repairable`: one-line failures it repairs, patch after patch.
 fn repairable_model() -> PathBuf {
-    tiny_model::cached(
-        "crash-repairable",
-        tiny_model::TinySpec {
-            seed: 4,
-            newline_logit: 11.0,
-            ..tiny_model::TinySpec::default()
-        },
-    )
+    tiny_model::cached("crash-repairable", tiny_model::TinySpec::repairable())
 }
 
 fn scratch_dir(name: &str) -> PathBuf {

@@ -160,13 +160,18 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         }
         let cumulative = m["cumulative"].as_array().expect("cumulative points");
         assert_eq!(cumulative.len(), 1);
-        for key in ["step", "effectiveness", "specificity"] {
+        for key in ["step", "effectiveness", "specificity", "sampled"] {
             assert!(
                 cumulative[0][key].is_number(),
                 "{method}: {}",
                 cumulative[0]
             );
         }
+        // One repair: after it, the same sampled cases are unrelated as in its own measure.
+        assert_eq!(
+            cumulative[0]["sampled"], m["per_repair"][0]["sampled"],
+            "{method}: {m}"
+        );
     }
     // STAR repairs the planted failure, and the repair is counted.
     let star = &report["methods"]["star"];

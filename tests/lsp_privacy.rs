@@ -1,6 +1,6 @@
 //! The developer's data through the real binary on a tiny random-weight model: the files are private, the
-//! server holds no socket, `star.forget` and `star-ls forget` wipe a workspace, and a repair beyond
-//! `maxPatches` is refused with a message.
+//! server holds no socket, `star.forget` and `star-ls forget` wipe a workspace, and past `patchMemoryMb`
+//! the oldest patches stop applying.
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -17,13 +17,17 @@ fn tiny_model() -> PathBuf {
 }
 
 fn start(data: &Path, options: Value) -> Client {
+    start_on(&tiny_model(), data, options)
+}
+
+fn start_on(model: &Path, data: &Path, options: Value) -> Client {
     let mut all =
         json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000, "repairThreshold": 0 });
     all.as_object_mut()
         .unwrap()
         .extend(options.as_object().unwrap().clone());
     Client::start_in(
-        &tiny_model(),
+        model,
         all,
         &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
         json!(ROOT),
@@ -120,36 +124,47 @@ fn forget_wipes_the_workspace_live_and_from_the_command_line() {
 }
 
 #[test]
-fn a_repair_beyond_max_patches_is_refused_with_a_message() {
-    let data = client::fresh_data_dir("max-patches");
-    let mut c = start(&data, json!({ "maxPatches": 0 }));
-    let uri = format!("{ROOT}/b.py");
-    c.open(&uri, "\n");
-    correct(&mut c, &uri, 0, "total = 0");
-    c.wait_for("model loaded", |m| {
-        m["method"] == "$/progress"
-            && m["params"]["token"] == "star-ls/model"
-            && m["params"]["value"]["kind"] == "end"
-    });
-    let report = c.call(
+fn past_patch_memory_mb_the_oldest_patches_are_evicted_and_learning_goes_on() {
+    let data = client::fresh_data_dir("patch-memory");
+    let model = tiny_model::cached("repairable", tiny_model::TinySpec::repairable());
+    // Not even one patch fits: each new one is kept and every older one evicted.
+    let mut c = start_on(&model, &data, json!({ "patchMemoryMb": 0 }));
+    let mut patches = Vec::new();
+    for k in 0..2 {
+        let uri = format!("{ROOT}/f{k}.py");
+        c.open(&uri, &format!("def f{k}(x):\n    return \n"));
+        c.call(
+            "textDocument/inlineCompletion",
+            Client::inline_params(&uri, 1, 11),
+        );
+        c.insert(&uri, 2, 1, 11, &format!("x + {k}"));
+        c.insert(&uri, 3, 1, 16, "\n");
+        let report = c.call(
+            "workspace/executeCommand",
+            json!({ "command": "star.repairNow" }),
+        );
+        let id = report["patchId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the tiny model's repair kept no patch: {report}"));
+        assert_eq!(report["evicted"], json!(patches), "{report}");
+        patches.push(id.to_owned());
+    }
+    let listed = c.call(
         "workspace/executeCommand",
-        json!({ "command": "star.repairNow" }),
+        json!({ "command": "star.listPatches" }),
     );
-    assert_eq!(report["patchId"], Value::Null, "{report}");
-    assert!(
-        report["refused"].as_str().unwrap().contains("maxPatches"),
-        "{report}"
-    );
-    c.wait_for("the refusal shown", |m| {
-        m["method"] == "window/showMessage"
-            && m["params"]["message"]
-                .as_str()
-                .is_some_and(|s| s.contains("maxPatches"))
-    });
+    let live: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(live, [patches[1].as_str()], "{listed}");
+    let status = c.status();
+    assert_eq!(status["patches"], 1, "{status}");
     assert_eq!(
-        c.status()["failuresPending"],
-        1,
-        "the failure stays pending"
+        status["failuresPending"], 0,
+        "an evicted patch's cases were learned: they do not come back"
     );
     c.shutdown();
 }

@@ -151,6 +151,11 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
     let rolled = command(&mut c, "star.rollback", json!(["all"]));
     assert_eq!(rolled["rolledBack"], json!([patch]));
     assert_eq!(inline(&mut c, "file:///w/hypot3.py", 5, 11).0, before);
+    let last = c.status()["completions"]["last"].clone();
+    assert_eq!(
+        last["prefilled"], last["promptTokens"],
+        "keys and values made under the patch are not reused without it: {last}"
+    );
     assert_eq!(c.status()["failuresPending"], 2);
     c.shutdown();
     let (_, listed) = patches_cli(&data, &["list"]);

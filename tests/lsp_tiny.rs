@@ -1,6 +1,8 @@
 //! The real binary on a tiny random-weight model (its completions are noise, which is all capture and
 //! the scheduler need): bad notifications and edits are survived; enough new failures start a repair by
-//! themselves. (SIGKILL at random moments is tests/crash.rs.)
+//! themselves, and `star.repairNow` during one waits for it; a line is decided when Enter ends it and
+//! when `star.repairNow` comes; an unknown setting is named. (SIGKILL at random moments is
+//! tests/crash.rs.)
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -133,5 +135,104 @@ fn enough_new_failures_start_a_repair() {
         "{status} {shown}"
     );
     assert_eq!(status["repairRunning"], false);
+    c.shutdown();
+}
+
+fn command(c: &mut Client, name: &str) -> serde_json::Value {
+    c.call(
+        "workspace/executeCommand",
+        json!({ "command": name, "arguments": [] }),
+    )
+}
+
+#[test]
+fn repair_now_while_a_repair_runs_waits_for_it_and_status_is_pushed() {
+    let model = tiny_model();
+    let data = data_dir("wait");
+    let mut c = start_with(&model, &data, 2);
+    let uri = "file:///w/w.py";
+    c.open(uri, "");
+    let mut version = 1;
+    for line in 0..2 {
+        write_line(
+            &mut c,
+            uri,
+            &mut version,
+            line,
+            &format!("w{line} = {line}"),
+        );
+    }
+    // The second failure started a repair; two more asked for at once run into it.
+    let first = c.request_async(
+        "workspace/executeCommand",
+        json!({ "command": "star.repairNow" }),
+    );
+    let second = c.request_async(
+        "workspace/executeCommand",
+        json!({ "command": "star.repairNow" }),
+    );
+    for id in [first, second] {
+        let r = c.response(id);
+        assert!(r["result"]["failures"].as_u64().is_some(), "{r}");
+    }
+    let running = |m: &serde_json::Value, on: bool| {
+        m["method"] == "star/status" && m["params"]["repairRunning"] == on
+    };
+    c.wait_for("star/status with a repair running", |m| running(m, true));
+    c.wait_for("star/status once it is done", |m| {
+        running(m, false) && !m["params"]["lastRepair"].is_null()
+    });
+    assert_eq!(c.status()["repairRunning"], false);
+    c.shutdown();
+}
+
+#[test]
+fn a_line_typed_over_a_completion_is_decided_at_enter_and_at_repair_now() {
+    let model = tiny_model();
+    let data = data_dir("enter");
+    let mut c = Client::start(
+        &model,
+        json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000,
+                "repairThreshold": 0, "multiline": "block" }),
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+    );
+    let uri = "file:///w/e.py";
+    c.open(uri, "def f():\n    \n");
+    c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, 1, 4),
+    );
+    c.insert(uri, 2, 1, 4, "return 10");
+    assert_eq!(stored(&mut c), 0, "still typing the line");
+    // Enter, with the editor's indentation: decided now, not after captureIdleMs.
+    c.insert(uri, 3, 1, 13, "\n    ");
+    assert_eq!(c.status()["failuresPending"], 1);
+
+    // A line still being typed when star.repairNow comes is decided first, and repaired.
+    c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, 2, 4),
+    );
+    c.insert(uri, 4, 2, 4, "return 20");
+    let report = command(&mut c, "star.repairNow");
+    assert_eq!(report["failures"], 2, "{report}");
+    c.shutdown();
+}
+
+#[test]
+fn an_unknown_setting_is_named_and_the_defaults_used() {
+    let model = tiny_model();
+    let data = data_dir("unknown-setting");
+    let mut c = Client::start(
+        &model,
+        json!({ "maxPatches": 3 }),
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+    );
+    c.wait_for("a warning naming the key", |m| {
+        m["method"] == "window/showMessage"
+            && m["params"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("unknown field `maxPatches`"))
+    });
     c.shutdown();
 }

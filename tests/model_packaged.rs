@@ -7,7 +7,9 @@
 use candle_core::{Device, Tensor};
 use star_ls::completion::{fim_prompt, ContextLimits};
 use star_ls::model::generate::StopReason;
-use star_ls::model::{generate, Cancel, GenerateParams, Hooks, LoadOptions, Model, StopAt};
+use star_ls::model::{
+    generate, Cancel, Capture, GenerateParams, Hooks, LoadOptions, Model, StopAt,
+};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -215,4 +217,72 @@ fn completes_return_a_plus_b() {
         "{g:?}"
     );
     assert_eq!(g.prefilled, prompt.tokens.len());
+}
+
+/// Repair decides that a gated patch leaves a case's prompt rows alone from the residual its check
+/// recorded between attention and MLP, recomputing `z` on the patch's neurons only
+/// (`DecoderLayer::neurons_on`, f32 weights, the input rounded as the serving kernels round it). On
+/// real code, in every patchable layer, the recomputed rows point where the serving pass's do, to
+/// float rounding: a cosine with any unit key differs by at most the gap measured here, far under
+/// the margin repair keeps below a gate's threshold (0.05; 0.034 was the gap without the rounding).
+#[test]
+fn neurons_recomputed_from_mid_point_where_the_serving_ones_do() {
+    let m = model();
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/bench/access_log.py"),
+    )
+    .unwrap();
+    let mut tokens = m.tokenizer.encode(&text);
+    tokens.truncate(320);
+    let n_layers = m.weights.layers().len();
+    let first = n_layers - n_layers / 4;
+    let mut cap = Capture::layers(first..n_layers).with_mid();
+    m.weights
+        .forward(
+            &tokens,
+            &mut m.weights.new_cache(),
+            &mut Hooks {
+                capture: Some(&mut cap),
+                ..Hooks::default()
+            },
+        )
+        .unwrap();
+    let dense = m.weights.dense_layers(first..n_layers, None).unwrap();
+    let unit = |x: &Tensor| {
+        let norm = (x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap() + 1e-12).unwrap();
+        x.broadcast_div(&norm).unwrap()
+    };
+    let mut worst: f32 = 0.0;
+    for (layer, d) in (first..n_layers).zip(&dense) {
+        let z = &cap.neurons[&layer];
+        // A repair's share of neurons (5%): those firing most here, as attribution tends to pick.
+        let fires: Vec<f32> = z.abs().unwrap().sum(0).unwrap().to_vec1().unwrap();
+        let mut order: Vec<u32> = (0..fires.len() as u32).collect();
+        order.sort_by(|a, b| fires[*b as usize].total_cmp(&fires[*a as usize]));
+        order.truncate(fires.len() / 20);
+        let columns = Tensor::new(order.as_slice(), &Device::Cpu).unwrap();
+        // Row 0 (the attention sink) aside: its activations are outliers no gate is solved at.
+        let rows = tokens.len() - 1;
+        let mid = cap.mid[&layer].narrow(0, 1, rows).unwrap();
+        let ours = d.neurons_on(&mid, &columns).unwrap();
+        let served = z
+            .narrow(0, 1, rows)
+            .unwrap()
+            .index_select(&columns, 1)
+            .unwrap();
+        let gap: Vec<f32> = (unit(&ours) - unit(&served))
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let most = gap.into_iter().fold(0.0, f32::max);
+        eprintln!("layer {layer}: largest change of direction {most:.2e}");
+        worst = worst.max(most);
+    }
+    assert!(worst < 1e-3, "the recomputed rows moved by {worst}");
 }

@@ -13,7 +13,7 @@ mod tiny_model;
 use candle_core::{Device, Tensor, Var};
 use star_ls::model::generate::StopReason;
 use star_ls::model::{
-    generate, Cancel, Capture, Config, GenerateParams, Hooks, LayerPatch, LoadOptions, Model,
+    generate, Cancel, Capture, Config, Gate, GenerateParams, Hooks, LayerPatch, LoadOptions, Model,
     ModelError, PatchSet, Prompt, StopAt,
 };
 use std::path::{Path, PathBuf};
@@ -946,6 +946,191 @@ fn requantized_patch_serves_what_the_overlay_does() {
             "decoded last token: max diff {d}"
         );
     }
+}
+
+/// The final hidden rows of `t` under `set`, from an empty cache.
+fn hidden_rows(m: &Model, t: &[u32], set: &PatchSet) -> Vec<Vec<f32>> {
+    let mut cache = m.weights.new_cache();
+    let h = m
+        .weights
+        .forward(t, &mut cache, &mut Hooks::with_patches(set));
+    h.unwrap().to_vec2().unwrap()
+}
+
+/// A gated patch acts only at the rows whose activations on its columns point like one of its keys:
+/// elsewhere the model is bit-identical to the unpatched one, where it opens it is the ungated patch.
+/// It stays beside the summed patch of its layer, so re-quantized weights and dense copies hold the
+/// summed one and take the gated one as an overlay.
+#[test]
+fn a_gated_patch_acts_only_where_its_gate_opens() {
+    let m = load_exact(&f32_path());
+    let t = tokens(&m);
+    let last = LAYERS - 1;
+    let columns = [3u32, 17, 64, 127];
+    let index = Tensor::new(&columns, &Device::Cpu).unwrap();
+    let zs = captured(&m, &t, [last]).neurons[&last]
+        .index_select(&index, 1)
+        .unwrap();
+    let keys = zs
+        .index_select(&Tensor::new(&[4u32, 11], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let threshold = 0.9;
+    let rows: Vec<Vec<f32>> = zs.to_vec2().unwrap();
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+    };
+    let open: Vec<bool> = rows
+        .iter()
+        .map(|r| [4, 11].iter().any(|&k| cosine(r, &rows[k]) >= threshold))
+        .collect();
+    assert!(open[4] && open[11] && open.iter().any(|o| !o), "{open:?}");
+
+    let ungated = patch(&columns, 21, 0.5);
+    let gated = ungated
+        .clone()
+        .gated(Some(Gate::new(&keys, threshold).unwrap()));
+    let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
+    let plain = hidden(&PatchSet::default());
+    let full = hidden(&PatchSet::default().with(last, ungated.clone()).unwrap());
+    let got = hidden(&PatchSet::default().with(last, gated.clone()).unwrap());
+    for (r, &o) in open.iter().enumerate() {
+        let want = if o { &full[r] } else { &plain[r] };
+        assert!(got[r] == *want, "row {r} (gate open: {o})");
+        assert!(!o || full[r] != plain[r], "the patch must move row {r}");
+    }
+    assert!(Gate::new(&keys.narrow(0, 0, 0).unwrap(), threshold).is_err());
+
+    let both = PatchSet::default()
+        .with(last, ungated)
+        .unwrap()
+        .with(last, gated)
+        .unwrap();
+    assert_eq!(both.iter().count(), 2, "a gated patch is not summed");
+    let rest = both.gated_only();
+    assert_eq!((rest.iter().count(), rest.layer(last).is_none()), (1, true));
+    let serving = m
+        .weights
+        .forward(
+            &t,
+            &mut m.weights.new_cache(),
+            &mut Hooks::with_patches(&both),
+        )
+        .unwrap();
+    let requantized = m.weights.requantized(&both).unwrap();
+    let folded = requantized
+        .forward(
+            &t,
+            &mut requantized.new_cache(),
+            &mut Hooks::with_patches(&rest),
+        )
+        .unwrap();
+    assert!(tensor_diff(&folded, &serving) < 1e-4);
+    let dense = m.weights.dense_layers(0..LAYERS, Some(&both)).unwrap();
+    let x0 = captured(&m, &t, [0]).residual[&0].clone();
+    let from_dense = m
+        .weights
+        .forward_from(0, &dense, &x0, &mut Hooks::with_patches(&rest))
+        .unwrap();
+    assert!(tensor_diff(&from_dense, &serving) < 1e-4);
+}
+
+/// What repair relies on to run a case only from the first row a gated patch may change: `z` on a
+/// patch's neurons recomputed from the residual a pass recorded between attention and MLP
+/// (`Capture::mid`, `DecoderLayer::neurons_on`, the input rounded as the quantized kernels round it)
+/// agrees with the pass's own; the gate's first open row by it is where the patched model first
+/// differs, and every row before is bit-identical to the unpatched model at every layer.
+#[test]
+fn rows_before_a_gates_first_open_row_are_unpatched() {
+    let m = load(&mixed_path());
+    let t = tokens(&m);
+    let layer = LAYERS - 2;
+    let columns = [3u32, 17, 64, 100, 127];
+    let index = Tensor::new(&columns, &Device::Cpu).unwrap();
+    let mut cap = Capture::layers([layer]).with_mid();
+    m.weights
+        .forward(
+            &t,
+            &mut m.weights.new_cache(),
+            &mut Hooks {
+                capture: Some(&mut cap),
+                ..Hooks::default()
+            },
+        )
+        .unwrap();
+    let served = cap.neurons[&layer].index_select(&index, 1).unwrap();
+    let dense = m.weights.dense_layers(layer..layer + 1, None).unwrap();
+    let ours = dense[0].neurons_on(&cap.mid[&layer], &index).unwrap();
+    let scale = served
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        tensor_diff(&ours, &served) < 1e-4 * scale,
+        "recomputed z differs by {} (largest |z| {scale})",
+        tensor_diff(&ours, &served)
+    );
+
+    let key_row = t.len() - 3;
+    let keys = served.narrow(0, key_row, 1).unwrap();
+    let gate = Gate::new(&keys, 0.99).unwrap();
+    let first = gate
+        .first_open(&ours, 0.0)
+        .unwrap()
+        .expect("opens at its key's row");
+    assert!(first <= key_row);
+    assert_eq!(
+        gate.first_open(&ours.narrow(0, 0, first).unwrap(), 0.0)
+            .unwrap(),
+        None
+    );
+    let gated = patch(&columns, 21, 0.5).gated(Some(gate));
+    let plain = hidden_rows(&m, &t, &PatchSet::default());
+    let got = hidden_rows(&m, &t, &PatchSet::default().with(layer, gated).unwrap());
+    for r in 0..first {
+        assert!(
+            got[r] == plain[r],
+            "row {r}, before the first open row {first}"
+        );
+    }
+    assert!(
+        got[first] != plain[first],
+        "the patch must move row {first}"
+    );
+}
+
+/// A patch scoped to some rows of a pass (candidates tried side by side, each on its own copy of a
+/// case) acts there as the whole patch and nowhere else, and is never summed with another.
+#[test]
+fn a_row_scoped_patch_acts_only_at_its_rows() {
+    let m = load_exact(&f32_path());
+    let t = tokens(&m);
+    let last = LAYERS - 1;
+    let whole = patch(&[3, 17, 64], 21, 0.5);
+    let scoped = whole.clone().on_rows(2..5, t.len()).unwrap();
+    let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
+    let plain = hidden(&PatchSet::default());
+    let full = hidden(&PatchSet::default().with(last, whole.clone()).unwrap());
+    let got = hidden(&PatchSet::default().with(last, scoped.clone()).unwrap());
+    for r in 0..t.len() {
+        let inside = (2..5).contains(&r);
+        let want = if inside { &full[r] } else { &plain[r] };
+        assert!(got[r] == *want, "row {r} (in scope: {inside})");
+        assert!(
+            !inside || full[r] != plain[r],
+            "the patch must move row {r}"
+        );
+    }
+    let both = PatchSet::default()
+        .with(last, whole.clone())
+        .unwrap()
+        .with(last, scoped.clone())
+        .unwrap();
+    assert_eq!(both.iter().count(), 2, "a row-scoped patch is not summed");
+    assert!(scoped.merged(&whole).is_err());
 }
 
 #[test]

@@ -97,6 +97,20 @@ fn greedy_run(m: &Model, c: &Case, patches: &PatchSet) -> star_ls::model::Genera
     .unwrap()
 }
 
+/// Standard normal samples, seeded: a test's random draws are the same in every run.
+fn gaussian(shape: (usize, usize), seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            // Box–Muller.
+            let (u, v): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
 fn head_of(m: &Model) -> Head {
     let (gamma, weight) = m.weights.head_dense().unwrap();
     Head::new(&gamma, weight).unwrap()
@@ -161,8 +175,9 @@ fn a_planted_failure_is_found_and_repaired() {
     assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
     let out_patches = out.patches;
 
-    // Iterative mode (METHOD.md: token by token, left to right), and the paper's literal recipe (layers
-    // by occlusion, one analytical solve), reach the same line.
+    // Iterative mode (METHOD.md: token by token, left to right), the paper's literal recipe (layers
+    // by occlusion, one analytical solve), ungated patches, and gated ones at any threshold reach the
+    // same line.
     let variants = [
         RepairSettings {
             mode: star_ls::repair::Mode::Iterative,
@@ -173,6 +188,14 @@ fn a_planted_failure_is_found_and_repaired() {
             solves: 1,
             ..settings()
         },
+        RepairSettings {
+            gate: 0.0,
+            ..settings()
+        },
+        RepairSettings {
+            gate: 0.99,
+            ..settings()
+        },
     ];
     for variant in variants {
         let out = Star::new(&m.weights, &m.tokenizer, &head, variant)
@@ -180,6 +203,8 @@ fn a_planted_failure_is_found_and_repaired() {
             .unwrap();
         assert_eq!((out.failures, out.fixed), (1, 1), "{variant:?}: {out:?}");
         assert_eq!(greedy(&m, &failure, &patch_set(&out.patches)), "x + 1");
+        let gated = out.patches.iter().all(|(_, p)| p.gate().is_some());
+        assert_eq!(gated, variant.gate > 0.0, "{variant:?}");
     }
 
     // A case that already passes needs nothing.
@@ -232,9 +257,8 @@ fn a_patch_never_leaves_a_guard_worse() {
 
 #[test]
 fn the_analytical_patch_hits_every_steer_and_spares_the_guard_span() {
-    let dev = Device::Cpu;
-    let z = Tensor::randn(0f32, 1.0, (3, 10), &dev).unwrap();
-    let s = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+    let z = gaussian((3, 10), 1);
+    let s = gaussian((3, 6), 2);
     let p = solve_patch(&z, &s).unwrap(); // (6, 10)
     let hit = z.matmul(&p.t().unwrap()).unwrap(); // P zᵢ for every i, as rows
     let err: f32 = (hit - &s)
@@ -251,7 +275,7 @@ fn the_analytical_patch_hits_every_steer_and_spares_the_guard_span() {
         .unwrap();
     assert!(err < 1e-3, "P z = s off by {err}");
 
-    let g = Tensor::randn(0f32, 1.0, (2, 10), &dev).unwrap();
+    let g = gaussian((2, 10), 3);
     let q = project_off(&p, &g).unwrap();
     let on_guard: f32 = q
         .matmul(&g.t().unwrap())
@@ -277,12 +301,9 @@ fn the_preserving_patch_hits_every_steer_and_moves_typical_rows_less() {
     let dev = Device::Cpu;
     // Typical rows that mostly use the first neurons; the failures use every neuron.
     let scale = Tensor::new(&[3f32, 3., 3., 3., 3., 0.1, 0.1, 0.1, 0.1, 0.1], &dev).unwrap();
-    let typical = Tensor::randn(0f32, 1.0, (40, 10), &dev)
-        .unwrap()
-        .broadcast_mul(&scale)
-        .unwrap();
-    let z = Tensor::randn(0f32, 1.0, (3, 10), &dev).unwrap();
-    let s = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+    let typical = gaussian((40, 10), 4).broadcast_mul(&scale).unwrap();
+    let z = gaussian((3, 10), 5);
+    let s = gaussian((3, 6), 6);
     let w = whitening(&typical, 0.9).unwrap();
     let p = solve_patch(&z.matmul(&w.t().unwrap()).unwrap(), &s)
         .unwrap()

@@ -68,7 +68,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (2, "wal"));
+    assert_eq!((version, journal.as_str()), (3, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -162,26 +162,33 @@ fn writes_wait_out_a_locked_database_and_the_trouble_is_reported_once() {
 
 #[test]
 fn the_ledger_keeps_patches_and_their_cases_together() {
-    use star_ls::store::PatchLayer;
+    use star_ls::store::{PatchGate, PatchLayer};
     let dir = temp_dir("ledger");
     let mut store = Store::open(&dir, 1 << 30).unwrap();
     store.add_case(&case("x + 1", CaseKind::Failure)).unwrap();
     store.add_case(&case("x + 2", CaseKind::Failure)).unwrap();
-    let layer = PatchLayer {
-        layer: 20,
-        hidden: 2,
-        columns: vec![3, 9],
-        delta: vec![0.5, -1.0, 2.0, 0.25],
-    };
+    let layers = vec![
+        PatchLayer {
+            layer: 20,
+            hidden: 2,
+            columns: vec![3, 9],
+            delta: vec![0.5, -1.0, 2.0, 0.25],
+            gate: None,
+        },
+        PatchLayer {
+            layer: 21,
+            hidden: 2,
+            columns: vec![4],
+            delta: vec![1.5, -0.5],
+            gate: Some(PatchGate {
+                keys: vec![1.0, -1.0, 1.0],
+                threshold: 0.85,
+            }),
+        },
+    ];
     let report = serde_json::json!({ "fixed": 1 });
     let id = store
-        .add_patch(
-            "sha",
-            5,
-            &report,
-            std::slice::from_ref(&layer),
-            &["case-1".into()],
-        )
+        .add_patch("sha", 5, &report, &layers, &["case-1".into()])
         .unwrap();
     assert_eq!(id, "patch-1");
     assert_eq!(store.counts().unwrap().failures_pending, 1);
@@ -189,8 +196,9 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
     assert_eq!(patches.len(), 1);
     assert_eq!(
         (patches[0].layers.clone(), patches[0].cases.clone()),
-        (vec![layer], vec!["case-1".to_owned()])
+        (layers, vec!["case-1".to_owned()])
     );
+    assert!(patches[0].gated);
     assert_eq!(patches[0].report["fixed"], 1);
     assert!(store.patches(Some("other model"), true).unwrap().is_empty());
 
@@ -207,6 +215,88 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
         1,
         "rolled back, not forgotten"
     );
+}
+
+/// A patch whose ledger rows were damaged on disk (a torn blob, half a gate, a neuron past the
+/// model's) is listed with the reason and can be rolled back, but is left out of the overlay whole;
+/// every other patch still reads and applies.
+#[test]
+fn a_damaged_ledger_row_leaves_the_other_patches_applied() {
+    use star_ls::model::Config;
+    use star_ls::store::PatchLayer;
+    let dir = temp_dir("damaged");
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    let layer = |layer: usize, columns: Vec<u32>| PatchLayer {
+        layer,
+        hidden: 2,
+        delta: vec![0.5; 2 * columns.len()],
+        columns,
+        gate: None,
+    };
+    let report = serde_json::json!({ "fixed": 1 });
+    for columns in [vec![3], vec![4, 5], vec![6], vec![7]] {
+        store
+            .add_patch("sha", 1, &report, &[layer(1, columns)], &[])
+            .unwrap();
+    }
+    let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    conn.execute(
+        "UPDATE patch_layers SET delta = x'00112233445566' WHERE patch_id = 2",
+        [],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE patch_layers SET gate_threshold = 0.9 WHERE patch_id = 3",
+        [],
+    )
+    .unwrap();
+    conn.execute("UPDATE patches SET report = x'ff' WHERE id = 4", [])
+        .unwrap();
+    conn.execute(
+        "UPDATE patch_layers SET columns = x'00010000' WHERE patch_id = 4",
+        [],
+    )
+    .unwrap();
+
+    let mut records = store.patches(Some("sha"), true).unwrap();
+    let damaged: Vec<_> = records.iter().map(|r| r.damaged.is_some()).collect();
+    assert_eq!(damaged, [false, true, true, false], "{records:#?}");
+    assert!(records[1].damaged.as_ref().unwrap().contains("7 bytes"));
+    assert!(records[2].damaged.as_ref().unwrap().contains("half a gate"));
+    assert!(records[1].layers.is_empty() && records[2].layers.is_empty());
+    assert_eq!(
+        records[3].report,
+        serde_json::Value::Null,
+        "an unreadable report is no report"
+    );
+    let listed = serde_json::to_value(&records).unwrap();
+    assert!(listed[1]["damaged"].is_string() && listed[0].get("damaged").is_none());
+
+    // Patch 4 reads, but neuron 256 is past a 128-neuron model's: it would fail every pass.
+    let config = Config {
+        vocab_size: 300,
+        hidden_size: 2,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 2,
+        rope_theta: 1e4,
+        rms_eps: 1e-6,
+        context_length: 64,
+    };
+    star_ls::learn::check_fit(&mut records, &config);
+    assert!(records[3]
+        .damaged
+        .as_ref()
+        .unwrap()
+        .contains("does not fit"));
+    let set = star_ls::learn::overlay(&records).unwrap();
+    let applied: Vec<Vec<u32>> = set.iter().map(|(_, p)| p.columns().to_vec()).collect();
+    assert_eq!(applied, [vec![3]], "only the sound patch applies");
+
+    assert_eq!(store.rollback(Some("patch-2")).unwrap(), ["patch-2"]);
+    assert_eq!(store.patches(Some("sha"), true).unwrap().len(), 3);
 }
 
 #[test]
@@ -228,6 +318,7 @@ fn forget_wipes_a_workspace_and_the_patches_that_learned_from_it() {
         hidden: 1,
         columns: vec![0],
         delta: vec![1.0],
+        gate: None,
     };
     let report = serde_json::json!({});
     let mut patch = |cases: &[&str]| {

@@ -6,7 +6,7 @@
 //! before the region shift it, edits inside or at its end grow or shrink it, and an edit that changes the
 //! text just before the position abandons it (its context is gone).
 
-use super::outcome::{judge, CaseKind, CaseText, Outcome};
+use super::outcome::{compare, judge, CaseKind, CaseText, Outcome, Verdict};
 use crate::completion::Document;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -46,10 +46,15 @@ impl Tracked {
         (doc.line_of(self.anchor), doc.line_of(self.end))
     }
 
-    /// The developer wrote past the lines the proposal covers: its lines are settled.
-    fn written_past(&self, doc: &Document) -> bool {
+    /// The developer wrote past the lines the proposal covers, or ended a line where they wrote
+    /// something else than it (Enter after typing over it): the outcome cannot change any more.
+    fn settled(&self, doc: &Document) -> bool {
         let (first, last) = self.lines(doc);
-        last - first > self.proposed.matches('\n').count()
+        if last - first > self.proposed.matches('\n').count() {
+            return true;
+        }
+        let region = doc.slice(self.anchor, self.end);
+        matches!(compare(&self.proposed, &region), Verdict::Diverged { line } if line < last - first)
     }
 }
 
@@ -140,7 +145,7 @@ impl Tracker {
         }
         self.resolve(key, doc, |t| {
             let (first, last) = t.lines(doc);
-            edit_lines.1 < first || edit_lines.0 > last || t.written_past(doc)
+            edit_lines.1 < first || edit_lines.0 > last || t.settled(doc)
         })
     }
 

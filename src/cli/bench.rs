@@ -7,7 +7,8 @@ use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, Engin
 use crate::model::{
     generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2, StopAt,
 };
-use crate::repair::{Case, Head, RepairSettings, Star};
+use crate::repair::{overlay_on, Case, Head, RepairSettings, Star};
+use crate::store::PatchLayer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -113,6 +114,12 @@ pub struct Patched {
     pub overlay_decode_tok_s: f64,
     pub requantized_prefill_tok_s: f64,
     pub requantized_decode_tok_s: f64,
+    /// The overlay with the repair's patches added `full_overlay_copies` times, as many as the
+    /// default `patchMemoryMb` keeps live: gated patches are not summed into one per layer, so each
+    /// costs its own pass.
+    pub full_overlay_copies: usize,
+    pub full_overlay_prefill_tok_s: f64,
+    pub full_overlay_decode_tok_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -376,7 +383,19 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
     }
     let set = star.served(&outcome.patches)?;
     let overlay = bench_speed(&model.weights, prompt, Some(&set))?;
-    let requantized = bench_speed(&model.weights.requantized(&set)?, prompt, None)?;
+    let rest = set.gated_only();
+    let requantized = bench_speed(&model.weights.requantized(&set)?, prompt, Some(&rest))?;
+    let bytes: usize = crate::learn::ledger_layers(&outcome.patches)?
+        .iter()
+        .map(PatchLayer::bytes)
+        .sum();
+    let budget = crate::learn::Policy::default().patch_memory_bytes() as usize;
+    let copies = (budget / bytes.max(1)).max(1);
+    let mut full = PatchSet::default();
+    for _ in 0..copies {
+        full = overlay_on(full, &outcome.patches)?;
+    }
+    let full = bench_speed(&model.weights, prompt, Some(&full))?;
     Ok(Patched {
         layers: outcome.layers,
         neurons_per_layer: outcome.neurons_per_layer,
@@ -384,6 +403,9 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         overlay_decode_tok_s: round2(overlay.decode_tok_s),
         requantized_prefill_tok_s: round2(requantized.prefill_tok_s),
         requantized_decode_tok_s: round2(requantized.decode_tok_s),
+        full_overlay_copies: copies,
+        full_overlay_prefill_tok_s: round2(full.prefill_tok_s),
+        full_overlay_decode_tok_s: round2(full.decode_tok_s),
     })
 }
 
@@ -804,6 +826,10 @@ fn print_table(r: &Report) {
         p.requantized_decode_tok_s,
         p.layers,
         p.neurons_per_layer
+    );
+    println!(
+        "  the same patches x{:<3}     prefill / decode tok/s: overlay {:.1} / {:.1}",
+        p.full_overlay_copies, p.full_overlay_prefill_tok_s, p.full_overlay_decode_tok_s
     );
     println!(
         "peak RSS                    {:.1} MiB (end {:.1} MiB)",

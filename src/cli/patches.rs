@@ -1,6 +1,7 @@
 //! `star-ls patches list|rollback`: the patch ledger from the command line. A running server picks up a
 //! rollback made here at its next start; `star.rollback` does it live.
 
+use crate::learn::RepairReport;
 use crate::store::{PatchRecord, Store, FILE_NAME};
 use std::io::Write;
 
@@ -24,6 +25,8 @@ fn print(records: &[PatchRecord], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for r in records {
+        // Ledgers of every version kept these names; a field an old report lacks reads as 0.
+        let report: RepairReport = serde_json::from_value(r.report.clone()).unwrap_or_default();
         let layers: Vec<String> = r
             .layers
             .iter()
@@ -31,16 +34,21 @@ fn print(records: &[PatchRecord], json: bool) -> anyhow::Result<()> {
             .collect();
         writeln!(
             out,
-            "{:<10} {:<8} model {}  layers:neurons {}  fixed {}/{}  guard {} -> {}  cases {}",
+            "{:<10} {:<8} model {}  layers:neurons {}{}  fixed {}/{}  guard {} -> {}  cases {}{}",
             r.id,
             if r.active { "active" } else { "rolled back" },
             &r.model_sha[..r.model_sha.len().min(12)],
             layers.join(","),
-            r.report["fixed"],
-            r.report["failures"],
-            r.report["guardBefore"],
-            r.report["guardAfter"],
-            r.cases.join(",")
+            if r.gated { " gated" } else { "" },
+            report.fixed,
+            report.failures,
+            report.guard_before,
+            report.guard_after,
+            r.cases.join(","),
+            r.damaged
+                .as_ref()
+                .map(|why| format!("  NOT APPLIED: {why}"))
+                .unwrap_or_default()
         )?;
     }
     Ok(())

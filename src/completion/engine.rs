@@ -224,7 +224,8 @@ struct Worker {
     config: EngineConfig,
     stats: Arc<Mutex<EngineStats>>,
     patches: Arc<RwLock<Arc<PatchSet>>>,
-    caches: VecDeque<(String, KvCache)>,
+    /// Per recently used document, its KV cache and the overlay it was made under.
+    caches: VecDeque<(String, u64, KvCache)>,
     ids: IdGen,
 }
 
@@ -279,8 +280,8 @@ impl Worker {
             &req.suffix,
             self.limits(model),
         );
-        let mut cache = self.take_cache(&req.document, model);
         let patches = self.patches.read().map(|p| p.clone()).unwrap_or_default();
+        let mut cache = self.take_cache(&req.document, patches.id(), model);
         let params = GenerateParams {
             max_tokens: self.config.max_tokens,
             stop: req.stop,
@@ -301,7 +302,7 @@ impl Worker {
         let mut stats = stats_handle.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(generation) => {
-                self.put_cache(&req.document, cache);
+                self.put_cache(&req.document, patches.id(), cache);
                 stats.last = Some(GenerationStats::from(&generation));
                 if generation.stop == StopReason::Cancelled {
                     stats.cancelled += 1;
@@ -343,15 +344,18 @@ impl Worker {
         limits
     }
 
-    fn take_cache(&mut self, doc: &str, model: &Model) -> KvCache {
-        match self.caches.iter().position(|(d, _)| d == doc) {
-            Some(i) => self.caches.remove(i).map(|(_, c)| c).unwrap_or_default(),
-            None => model.weights.new_cache(),
+    /// The document's cache, if it was made under the overlay named `overlay`: the keys and values of
+    /// the layers above a patch depend on it.
+    fn take_cache(&mut self, doc: &str, overlay: u64, model: &Model) -> KvCache {
+        let i = self.caches.iter().position(|(d, _, _)| d == doc);
+        match i.and_then(|i| self.caches.remove(i)) {
+            Some((_, made, c)) if made == overlay => c,
+            _ => model.weights.new_cache(),
         }
     }
 
-    fn put_cache(&mut self, doc: &str, cache: KvCache) {
-        self.caches.push_front((doc.to_owned(), cache));
+    fn put_cache(&mut self, doc: &str, overlay: u64, cache: KvCache) {
+        self.caches.push_front((doc.to_owned(), overlay, cache));
         self.caches.truncate(self.config.cached_documents.max(1));
     }
 }

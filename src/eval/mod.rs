@@ -454,9 +454,9 @@ impl Protocol<'_> {
         let sample = unrelated(self.cases, self.sampled, &repaired);
         if let (Some(set), Some(lowers)) = (&set, lowers_again) {
             let model = self.model.requantized(set)?;
-            let none = PatchSet::default();
-            let fixed = self.fixed(&model, &unit.repaired, lowers, &none)?;
-            let unchanged = self.unchanged(&model, &sample, &none)?;
+            let rest = set.gated_only();
+            let fixed = self.fixed(&model, &unit.repaired, lowers, &rest)?;
+            let unchanged = self.unchanged(&model, &sample, &rest)?;
             record.requantized = Some(Requantized { fixed, unchanged });
         }
         for i in sample {
@@ -574,6 +574,7 @@ impl Protocol<'_> {
             total: points.len(),
         });
         let mut stacked = PatchSet::default();
+        let (mut said_memo, mut unchanged_memo) = (BTreeMap::new(), BTreeMap::new());
         let mut out = Vec::new();
         let mut next = accepted.iter().peekable();
         let mut repaired = BTreeSet::new();
@@ -589,8 +590,10 @@ impl Protocol<'_> {
                 continue;
             }
             let mut said = 0;
-            for i in &repaired {
-                said += self.probes[*i].says_target(self.model, self.tok, &stacked)? as usize;
+            for &i in &repaired {
+                said += memoized(&mut said_memo, i, &stacked, || {
+                    self.probes[i].says_target(self.model, self.tok, &stacked)
+                })? as usize;
             }
             let related: BTreeSet<usize> = repaired
                 .iter()
@@ -598,12 +601,22 @@ impl Protocol<'_> {
                 .chain(units[..step].iter().flat_map(|u| u.held_out))
                 .collect();
             let sample = unrelated(self.cases, self.sampled, &related);
-            let unchanged = self.unchanged(self.model, &sample, &stacked)?;
+            let mut unchanged = 0;
+            for &i in &sample {
+                // Under no patch at all the model is the unpatched one.
+                unchanged += (stacked.is_empty()
+                    || memoized(&mut unchanged_memo, i, &stacked, || {
+                        Ok(self.probes[i]
+                            .changed(self.model, self.tok, &stacked)?
+                            .is_none())
+                    })?) as usize;
+            }
             out.push(CumulativePoint {
                 step,
                 repaired: repaired.len(),
                 effectiveness: share(said, repaired.len()),
                 specificity: share(unchanged, sample.len()),
+                sampled: sample.len(),
             });
             progress(Progress::Step {
                 message: format!("after repair {step}"),
@@ -611,4 +624,22 @@ impl Protocol<'_> {
         }
         Ok(out)
     }
+}
+
+/// A cumulative check of case `case` under `stack`, made again only when the stack changed since the
+/// case's last one (`memo` keeps each case's last stack and answer): a refused repair adds nothing.
+fn memoized(
+    memo: &mut BTreeMap<usize, (u64, bool)>,
+    case: usize,
+    stack: &PatchSet,
+    check: impl FnOnce() -> candle_core::Result<bool>,
+) -> candle_core::Result<bool> {
+    if let Some(&(id, answer)) = memo.get(&case) {
+        if id == stack.id() {
+            return Ok(answer);
+        }
+    }
+    let answer = check()?;
+    memo.insert(case, (stack.id(), answer));
+    Ok(answer)
 }

@@ -76,6 +76,9 @@ pub struct CumulativePoint {
     pub effectiveness: f64,
     /// Share of the unrelated sampled completions still unchanged.
     pub specificity: f64,
+    /// How many sampled cases were unrelated to every repair so far: late in a run nearly every
+    /// failing case has been repaired, and this sample shrinks to the ones that passed before.
+    pub sampled: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,19 +171,21 @@ impl Report {
                 .iter()
                 .map(|(s, n)| format!("{n} {s:?}"))
                 .collect();
-            // No held-out case (a set without groups): nothing was measured, whatever the JSON's 0 says.
-            let generalization = match m.held_out_cases {
+            // A share over no case (no held-out case in a set without groups, no sampled case that
+            // passed before): nothing was measured, whatever the JSON's 0 says.
+            let measured = |share: f64, over: usize| match over {
                 0 => "-".to_string(),
-                _ => format!("{:.3}", m.generalization),
+                _ => format!("{share:.3}"),
             };
+            let passing: usize = m.per_repair.iter().map(|r| r.passing_sampled).sum();
             let _ = writeln!(
                 out,
-                "{:<6} {:>13.3} {:>14} {:>11.3} {:>12.3} {:>9.1} {:>9.1} {:>8.0}  {}",
+                "{:<6} {:>13.3} {:>14} {:>11.3} {:>12} {:>9.1} {:>9.1} {:>8.0}  {}",
                 method,
                 m.effectiveness,
-                generalization,
+                measured(m.generalization, m.held_out_cases),
                 m.specificity,
-                m.passing_kept,
+                measured(m.passing_kept, passing),
                 m.repair_seconds_mean,
                 m.repair_seconds_total,
                 m.peak_rss_mb,

@@ -9,7 +9,6 @@ use crate::store::{Counts, NewCase, ShownRecord, StoreHandle, StoreOp};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -183,6 +182,7 @@ impl Server {
                 workspace: self.workspace(),
                 created_ms: now_ms(),
             });
+            let stored = case.is_some();
             let failure = case
                 .as_ref()
                 .is_some_and(|c| c.case.kind == CaseKind::Failure);
@@ -205,42 +205,48 @@ impl Server {
             if failure {
                 self.schedule_repair();
             }
+            if stored {
+                let server = self.clone();
+                tokio::spawn(async move { server.publish_status().await });
+            }
         }
     }
 
-    /// The scheduler: a repair in the background once `repairThreshold` failures are pending, counted
-    /// from the last repair (failures a repair could not fix do not trigger it again on their own).
-    fn schedule_repair(&self) {
+    /// The scheduler: a repair in the background once `repairThreshold` failures are pending that no
+    /// repair has seen (those one could not fix do not trigger it again on their own). A repair
+    /// running now takes the new ones up when it ends.
+    pub(super) fn schedule_repair(&self) {
         let threshold = self.settings().repair_threshold;
-        if threshold == 0 || self.state.repair_running.load(Ordering::SeqCst) {
+        if threshold == 0 {
             return;
         }
-        let server = Self {
-            client: self.client.clone(),
-            state: self.state.clone(),
-        };
+        let server = self.clone();
         tokio::spawn(async move {
-            let Ok(counts) = server.store_counts().await else {
-                return;
-            };
-            let pending = counts.failures_pending.max(0) as u64;
-            let base = server.state.pending_after_repair.load(Ordering::SeqCst);
-            if pending < base + threshold {
-                return;
-            }
-            match server.repair_now().await {
-                Ok(report) => tracing::info!("scheduled repair: {report}"),
-                Err(e) => tracing::warn!("scheduled repair: {}", e.message),
+            loop {
+                let Ok(lock) = server.state.repair.try_lock() else {
+                    return;
+                };
+                if server
+                    .failures_unseen()
+                    .await
+                    .map_or(true, |n| n < threshold)
+                {
+                    return;
+                }
+                match server.repair_locked(lock).await {
+                    Ok(report) => tracing::info!("scheduled repair: {report:?}"),
+                    Err(e) => {
+                        tracing::warn!("scheduled repair: {}", e.message);
+                        return;
+                    }
+                }
             }
         });
     }
 
     /// Every `captureIdleMs / 4` (at least 100 ms), decides the completions left idle.
     pub(super) fn spawn_idle_capture(&self) {
-        let server = Self {
-            client: self.client.clone(),
-            state: self.state.clone(),
-        };
+        let server = self.clone();
         let timeout = Duration::from_millis(self.settings().capture_idle_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(100)));

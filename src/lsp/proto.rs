@@ -8,6 +8,14 @@ use tower_lsp_server::ls_types::{
     Position, Range, TextEdit,
 };
 
+/// `star/status`: the server's status, sent whenever it changes (CONTRACT.md).
+pub enum StarStatus {}
+
+impl tower_lsp_server::ls_types::notification::Notification for StarStatus {
+    type Params = serde_json::Value;
+    const METHOD: &'static str = "star/status";
+}
+
 /// The command an inline item carries: the editor runs it after inserting the item.
 pub const ACCEPTED_COMMAND: &str = "star.accepted";
 

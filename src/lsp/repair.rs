@@ -3,18 +3,17 @@
 //! the serving model gets the new overlay in one swap, after the ledger has it.
 
 use super::server::Server;
-use crate::capture::CaseKind;
+use crate::learn::{self, Job, RepairReport};
 use crate::model::Model;
 use crate::repair::{self, Case, Head, RepairSettings, Star};
-use crate::store::{Store, StoreError, StoreOp};
+use crate::store::{PatchRecord, Store, StoreOp};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::oneshot;
+use tokio::sync::MutexGuard;
 use tower_lsp_server::jsonrpc::{self, Result};
-use tower_lsp_server::ls_types::{MessageType, ProgressToken};
+use tower_lsp_server::ls_types::MessageType;
 
 fn internal(message: impl Into<String>) -> jsonrpc::Error {
     jsonrpc::Error {
@@ -24,39 +23,22 @@ fn internal(message: impl Into<String>) -> jsonrpc::Error {
     }
 }
 
-/// The sha256 of a file, hex: patches are only ever applied to the model they were made for.
-pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 impl Server {
     /// Runs `f` on the store thread and waits for its answer.
-    async fn with_store<T: Send + 'static>(
+    async fn with_store<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Store) -> std::result::Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Store) -> std::result::Result<T, E> + Send + 'static,
     ) -> Result<T> {
         let store = self.state.store.get().ok_or_else(|| internal("no store"))?;
         let (tx, rx) = oneshot::channel();
         store.send(StoreOp::With(Box::new(move |s| {
-            let _ = tx.send(s.and_then(f));
+            let _ = tx.send(match s {
+                Ok(s) => f(s).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            });
         })));
         match rx.await {
-            Ok(r) => r.map_err(|e| internal(e.to_string())),
+            Ok(r) => r.map_err(internal),
             Err(_) => Err(internal("the store thread stopped")),
         }
     }
@@ -80,24 +62,46 @@ impl Server {
     /// Puts the ledger's active patches for this model live (after load, and after every change).
     pub(super) async fn reload_overlay(&self) -> Result<usize> {
         let sha = self.model_sha()?;
-        let records = self
-            .with_store(move |s| s.patches(Some(&sha), true))
-            .await?;
-        let set = repair::overlay(&records).map_err(|e| internal(e.to_string()))?;
+        let records = self.ledger(Some(sha)).await?;
+        for r in &records {
+            if let Some(why) = &r.damaged {
+                tracing::warn!("{} is not applied: {why}", r.id);
+            }
+        }
+        let set = learn::overlay(&records).map_err(|e| internal(e.to_string()))?;
         if let Some(engine) = self.engine() {
             engine.set_patches(set);
         }
+        let live: Vec<String> = records
+            .into_iter()
+            .filter(|r| r.damaged.is_none())
+            .map(|r| r.id)
+            .collect();
+        let n = live.len();
         *self
             .state
             .live_patches
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = records.iter().map(|r| r.id.clone()).collect();
-        Ok(records.len())
+            .unwrap_or_else(|e| e.into_inner()) = live;
+        self.publish_status().await;
+        Ok(n)
+    }
+
+    /// The ledger's active patches for model `sha` (all models: None), those that do not fit the
+    /// loaded model marked as damaged.
+    async fn ledger(&self, sha: Option<String>) -> Result<Vec<PatchRecord>> {
+        let mut records = self
+            .with_store(move |s| s.patches(sha.as_deref(), true))
+            .await?;
+        if let Ok(model) = self.loaded_model() {
+            learn::check_fit(&mut records, model.weights.config());
+        }
+        Ok(records)
     }
 
     /// After the model has loaded: its sha, then the patches the ledger holds for it.
     pub(super) async fn restore_patches(&self, path: std::path::PathBuf) {
-        let sha = tokio::task::spawn_blocking(move || file_sha256(&path)).await;
+        let sha = tokio::task::spawn_blocking(move || learn::file_sha256(&path)).await;
         match sha {
             Ok(Ok(sha)) => {
                 let _ = self.state.model_sha.set(sha);
@@ -151,106 +155,105 @@ impl Server {
         });
     }
 
-    /// `star.repairNow`: STAR on the pending failures, checked against the guard cases; an accepted
-    /// patch goes to the ledger, then live.
-    pub(super) async fn repair_now(&self) -> Result<Value> {
-        if self.state.repair_running.swap(true, Ordering::SeqCst) {
-            return Err(internal("a repair is already running"));
-        }
-        let token = ProgressToken::String("star-ls/repair".into());
-        let progress = match self.client.create_work_done_progress(token.clone()).await {
-            Ok(()) => Some(
-                self.client
-                    .progress(token, "star-ls")
-                    .with_message("repairing the model")
-                    .begin()
-                    .await,
-            ),
-            Err(_) => None,
+    /// `star.repairNow`: decides every open completion, then repairs the pending failures. Sent while
+    /// a repair runs, it waits for that one, then repairs the failures it did not see, or answers with
+    /// its report when there are none.
+    pub(super) async fn repair_now(&self) -> Result<RepairReport> {
+        self.capture_all().await;
+        let lock = match self.state.repair.try_lock() {
+            Ok(lock) => lock,
+            Err(_) => {
+                let lock = self.state.repair.lock().await;
+                let last = self
+                    .state
+                    .last_repair
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let (Some(last), 0) = (last, self.failures_unseen().await?) {
+                    return Ok(last);
+                }
+                lock
+            }
         };
+        let report = self.repair_locked(lock).await;
+        self.schedule_repair();
+        report
+    }
+
+    /// Pending failures the last repair did not see (stored since it started).
+    pub(super) async fn failures_unseen(&self) -> Result<u64> {
+        let counts = self.store_counts().await.map_err(internal)?;
+        let pending = counts.failures_pending.max(0) as u64;
+        let seen = self.state.pending_after_repair.load(Ordering::SeqCst);
+        Ok(pending.saturating_sub(seen))
+    }
+
+    /// One repair, the caller holding the repair lock: `$/progress` meanwhile, `star/status` as it
+    /// starts and ends, and a `window/showMessage` that sums it up.
+    pub(super) async fn repair_locked(&self, lock: MutexGuard<'_, ()>) -> Result<RepairReport> {
+        self.publish_status().await;
+        let progress = self
+            .begin_progress("star-ls/repair", "repairing the model")
+            .await;
         let report = self.repair_once().await;
-        if let Ok(counts) = self.store_counts().await {
-            let pending = counts.failures_pending.max(0) as u64;
-            self.state
-                .pending_after_repair
-                .store(pending, Ordering::SeqCst);
+        let unfixed = match &report {
+            Ok(r) => (r.failures - r.fixed) as u64,
+            // Not tried again on their own: the next failure stored brings them back in.
+            Err(_) => self
+                .store_counts()
+                .await
+                .map_or(0, |c| c.failures_pending.max(0) as u64),
+        };
+        self.state
+            .pending_after_repair
+            .store(unfixed, Ordering::SeqCst);
+        if let Ok(report) = &report {
+            // Before the lock goes: a client that asks for star.status on seeing it gets this report.
+            *self
+                .state
+                .last_repair
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         }
-        self.state.repair_running.store(false, Ordering::SeqCst);
+        drop(lock);
         if let Some(p) = progress {
             p.finish_with_message("repair done").await;
         }
+        self.publish_status().await;
         let report = report?;
-        let message = match report["patchId"].as_str() {
+        let message = match &report.patch_id {
             Some(id) => format!(
                 "star-ls: {id} fixed {} of {} failures (guard {:.2} → {:.2}, {:.1} s)",
-                report["fixed"],
-                report["failures"],
-                report["guardBefore"].as_f64().unwrap_or(1.0),
-                report["guardAfter"].as_f64().unwrap_or(1.0),
-                report["seconds"].as_f64().unwrap_or(0.0)
+                report.fixed,
+                report.failures,
+                report.guard_before,
+                report.guard_after,
+                report.seconds
             ),
             None => format!(
                 "star-ls: no patch ({} failures): {}",
-                report["failures"],
-                report["refused"].as_str().unwrap_or("nothing to repair")
+                report.failures,
+                report.refused.as_deref().unwrap_or("nothing to repair")
             ),
         };
-        // Before the message: a client that asks for star.status on seeing it gets this report.
-        *self
-            .state
-            .last_repair
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         self.client.show_message(MessageType::INFO, message).await;
         Ok(report)
     }
 
-    async fn repair_once(&self) -> Result<Value> {
+    async fn repair_once(&self) -> Result<RepairReport> {
         let model = self.loaded_model()?;
         let sha = self.model_sha()?;
-        let live = self
-            .state
-            .live_patches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
-        let (max_patches, max_guards) = {
-            let s = self.settings();
-            (s.max_patches, s.repair_guards)
-        };
-        let stored = self.with_store(|s| s.cases(None)).await?;
-        let failures: Vec<Case> = stored
-            .iter()
-            .filter(|c| c.kind == CaseKind::Failure && c.repaired_by.is_none())
-            .map(Case::from)
-            .collect();
-        // The newest guards: each one costs the repair a pass, and each narrows the room the patch
-        // is solved in (60 guards left too little to fix anything in a measured repair).
-        let mut guards: Vec<Case> = stored
-            .iter()
-            .rev()
-            .filter(|c| c.kind == CaseKind::Guard)
-            .take(max_guards)
-            .map(Case::from)
-            .collect();
-        guards.reverse();
-        if live >= max_patches {
-            return Ok(json!({
-                "patchId": null,
-                "failures": failures.len(),
-                "fixed": 0,
-                "refused": format!(
-                    "{live} patches are live, the limit (maxPatches) is {max_patches}: \
-                     roll some back (star.rollback) or raise maxPatches"
-                ),
-            }));
-        }
+        let policy = self.settings().policy();
+        let job = self
+            .with_store(move |s| Job::pending(s, policy.repair_guards))
+            .await?;
         let head_slot = self.state.head.clone();
         let head_file = crate::env::cache_dir()
             .join("heads")
             .join(format!("{sha}.chol"));
         let state = self.state.clone();
-        let (model_then, guards_then) = (model.clone(), guards.clone());
+        let (model_then, guards_then) = (model.clone(), job.guards.clone());
         let (outcome, head) = tokio::task::spawn_blocking(move || {
             let head = {
                 let mut slot = head_slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,41 +285,26 @@ impl Server {
                     RepairSettings::default(),
                 )
             };
-            let outcome = crate::env::in_background(|| star.repair(&failures, &guards))?;
+            let outcome = crate::env::in_background(|| star.repair(&job.failures, &job.guards))?;
             Ok::<_, candle_core::Error>((outcome, head))
         })
         .await
         .map_err(|e| internal(e.to_string()))?
         .map_err(|e| internal(crate::model::one_line(&e)))?;
-        let mut report = json!({
-            "patchId": null,
-            "failures": outcome.failures,
-            "fixed": outcome.fixed,
-            "guardBefore": outcome.guard_before,
-            "guardAfter": outcome.guard_after,
-            "seconds": outcome.seconds,
-            "layers": outcome.layers,
-            "neuronsPerLayer": outcome.neurons_per_layer,
-            "steps": outcome.steps,
-            "solves": outcome.solves,
-            "refused": outcome.refused,
-        });
-        if outcome.patches.is_empty() {
-            return Ok(report);
-        }
-        let layers =
-            repair::ledger_layers(&outcome.patches).map_err(|e| internal(e.to_string()))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let stored_report = report.clone();
-        let fixed = outcome.fixed_ids.clone();
-        let id = self
-            .with_store(move |s| s.add_patch(&sha, now, &stored_report, &layers, &fixed))
+        let kept = !outcome.patches.is_empty();
+        let report = self
+            .with_store(move |s| learn::commit(s, &sha, now, &outcome, policy.patch_memory_bytes()))
             .await?;
-        report["patchId"] = json!(id);
-        self.reload_overlay().await?;
-        self.warm_guards(model_then, head, guards_then);
+        if !report.evicted.is_empty() {
+            tracing::info!("over patchMemoryMb: evicted {}", report.evicted.join(", "));
+        }
+        if kept {
+            self.reload_overlay().await?;
+            self.warm_guards(model_then, head, guards_then);
+        }
         Ok(report)
     }
 
@@ -346,10 +334,7 @@ impl Server {
 
     /// `star.listPatches`: the active patches for the loaded model.
     pub(super) async fn list_patches(&self) -> Result<Value> {
-        let sha = self.state.model_sha.get().cloned();
-        let records = self
-            .with_store(move |s| s.patches(sha.as_deref(), true))
-            .await?;
+        let records = self.ledger(self.state.model_sha.get().cloned()).await?;
         Ok(json!(records))
     }
 
@@ -365,12 +350,8 @@ impl Server {
                 ))
             }
         };
-        // A repair running now may be learning from the cases about to go: not both at once.
-        if self.state.repair_running.swap(true, Ordering::SeqCst) {
-            return Err(internal(
-                "a repair is running: forget after it has finished",
-            ));
-        }
+        // A repair running now may be learning from the cases about to go: forget after it.
+        let lock = self.state.repair.lock().await;
         let gone = self
             .with_store(move |s| s.forget(workspace.as_deref()))
             .await;
@@ -378,7 +359,7 @@ impl Server {
             (Ok(_), Some(_)) => self.reload_overlay().await.map(drop),
             _ => Ok(()),
         };
-        self.state.repair_running.store(false, Ordering::SeqCst);
+        drop(lock);
         let gone = gone?;
         reloaded?;
         Ok(json!(gone))

@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tower_lsp_server::jsonrpc::{self, Result};
 use tower_lsp_server::ls_types::*;
-use tower_lsp_server::{Client, LanguageServer};
+use tower_lsp_server::{Client, LanguageServer, NotCancellable, OngoingProgress, Unbounded};
 
+#[derive(Clone)]
 pub struct Server {
     pub(super) client: Client,
     pub(super) state: Arc<State>,
@@ -40,10 +41,14 @@ pub(super) struct State {
     pub(super) head: Arc<Mutex<Option<Arc<crate::repair::Head>>>>,
     /// Cases run through the frozen lower layers, kept for repairs (`repair::Residuals`).
     pub(super) residuals: crate::repair::Residuals,
-    pub(super) repair_running: std::sync::atomic::AtomicBool,
-    /// Failures still pending after the last repair: the scheduler counts new ones from here.
+    /// Held while a repair (or `star.forget`) runs: one at a time, and a `star.repairNow` sent
+    /// meanwhile waits for it instead of failing.
+    pub(super) repair: tokio::sync::Mutex<()>,
+    /// Failures the last repair saw and left unfixed: the scheduler counts new ones past these.
     pub(super) pending_after_repair: std::sync::atomic::AtomicU64,
-    pub(super) last_repair: Mutex<Option<Value>>,
+    /// Whether the client shows `$/progress` (`window.workDoneProgress`).
+    pub(super) shows_progress: OnceLock<bool>,
+    pub(super) last_repair: Mutex<Option<crate::learn::RepairReport>>,
     /// Ids of the patches in the live overlay (recorded with each completion, for `star.explain`).
     pub(super) live_patches: Mutex<Vec<String>>,
     /// Set once the ledger's patches for the loaded model are live, or cannot be: completions wait for
@@ -201,36 +206,50 @@ impl Server {
             "completionsRecorded": counts.completions,
             "storeError": store_error,
             "patches": patches,
-            "repairRunning": self.state.repair_running.load(std::sync::atomic::Ordering::SeqCst),
+            "repairRunning": self.state.repair.try_lock().is_err(),
             "lastRepair": last_repair,
             "completions": engine.map(Engine::stats),
         })
     }
 
-    /// Forwards model-load events to the editor: `$/progress` while loading, a message if it fails.
-    async fn report_model_events(
-        client: Client,
-        state: Arc<State>,
-        mut events: mpsc::UnboundedReceiver<EngineEvent>,
-    ) {
-        let token = ProgressToken::String("star-ls/model".into());
-        // Bounded: completions wait for the patches restored below, so a client that never answers
-        // this request must not hold them up.
+    /// `star/status`: the same fields as `star.status`, sent whenever they change, so clients need not poll.
+    pub(super) async fn publish_status(&self) {
+        let status = self.status().await;
+        self.client
+            .send_notification::<proto::StarStatus>(status)
+            .await;
+    }
+
+    /// Starts a `$/progress` report if the client shows them. Bounded: a client that never answers
+    /// `window/workDoneProgress/create` must not hold up what waits on the progress.
+    pub(super) async fn begin_progress(
+        &self,
+        token: &str,
+        message: &str,
+    ) -> Option<OngoingProgress<Unbounded, NotCancellable>> {
+        if !self.state.shows_progress.get().copied().unwrap_or(false) {
+            return None;
+        }
+        let token = ProgressToken::String(token.into());
         let created = tokio::time::timeout(
             Duration::from_secs(2),
-            client.create_work_done_progress(token.clone()),
+            self.client.create_work_done_progress(token.clone()),
         );
-        let progress = match created.await {
+        match created.await {
             Ok(Ok(())) => Some(
-                client
+                self.client
                     .progress(token, "star-ls")
-                    .with_message("loading model")
+                    .with_message(message)
                     .begin()
                     .await,
             ),
             _ => None, // the client does not do progress; logs still say it
-        };
-        let mut progress = progress;
+        }
+    }
+
+    /// Forwards model-load events to the editor: `$/progress` while loading, a message if it fails.
+    async fn report_model_events(self, mut events: mpsc::UnboundedReceiver<EngineEvent>) {
+        let mut progress = self.begin_progress("star-ls/model", "loading model").await;
         while let Some(event) = events.recv().await {
             let text = match &event {
                 EngineEvent::Loading { path } => format!("loading {}", path.display()),
@@ -240,7 +259,7 @@ impl Server {
                 EngineEvent::LoadFailed { error } => format!("failed: {error}"),
             };
             tracing::info!("model {text}");
-            if let Ok(mut s) = state.model_status.lock() {
+            if let Ok(mut s) = self.state.model_status.lock() {
                 *s = text.clone();
             }
             match event {
@@ -249,18 +268,15 @@ impl Server {
                     if let Some(p) = progress.take() {
                         p.finish_with_message(text).await;
                     }
-                    let server = Server {
-                        client: client.clone(),
-                        state: state.clone(),
-                    };
+                    let server = self.clone();
                     tokio::spawn(async move { server.restore_patches(path).await });
                 }
                 EngineEvent::LoadFailed { error } => {
-                    let _ = state.overlay_restored.set(());
+                    let _ = self.state.overlay_restored.set(());
                     if let Some(p) = progress.take() {
                         p.finish_with_message("model failed to load").await;
                     }
-                    client
+                    self.client
                         .show_message(MessageType::ERROR, format!("star-ls: {error}"))
                         .await;
                 }
@@ -299,6 +315,14 @@ impl LanguageServer for Server {
             .or_else(|| params.root_uri.as_ref().map(|u| u.as_str().to_owned()))
             .unwrap_or_default();
         let _ = self.state.workspace.set(workspace);
+        let _ = self.state.shows_progress.set(
+            params
+                .capabilities
+                .window
+                .as_ref()
+                .and_then(|w| w.work_done_progress)
+                .unwrap_or(false),
+        );
         let _ = self.state.store.set(self.start_store(&settings));
         let mut config = EngineConfig::new(
             settings
@@ -360,11 +384,7 @@ impl LanguageServer for Server {
             .take();
         // Only the first `initialized` starts these: a client that repeats it must not pile up tasks.
         if let Some(events) = events {
-            tokio::spawn(Self::report_model_events(
-                self.client.clone(),
-                self.state.clone(),
-                events,
-            ));
+            tokio::spawn(self.clone().report_model_events(events));
             self.spawn_idle_capture();
         }
     }
@@ -497,7 +517,7 @@ impl LanguageServer for Server {
                 .explain(proto::completion_id_arg(first)?)
                 .await
                 .map(Some),
-            "star.repairNow" => self.repair_now().await.map(Some),
+            "star.repairNow" => self.repair_now().await.map(|r| Some(json!(r))),
             "star.listPatches" => self.list_patches().await.map(Some),
             "star.rollback" => self.rollback(first).await.map(Some),
             "star.forget" => self.forget(first).await.map(Some),

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Settings {
     /// A qwen2 GGUF; default `STAR_LS_MODEL`, then the fetched model in the cache.
     pub model_path: Option<PathBuf>,
@@ -29,9 +29,9 @@ pub struct Settings {
     pub store_max_mb: u64,
     /// Repair in the background once this many new failures are pending; 0: only on `star.repairNow`.
     pub repair_threshold: u64,
-    /// Active patches at most: a repair beyond it is refused, with a message, until some are rolled
-    /// back. Each patch adds dense columns to the serving path, and a long unreviewed stack drifts.
-    pub max_patches: usize,
+    /// The live patches' memory (deltas, columns, keys) at most, in MiB: past it the oldest stop
+    /// applying (evicted) so that learning never stops.
+    pub patch_memory_mb: u64,
     /// Guard cases (accepted completions) a repair checks, the newest first.
     pub repair_guards: usize,
 }
@@ -46,6 +46,7 @@ pub enum Multiline {
 
 impl Default for Settings {
     fn default() -> Self {
+        let policy = crate::learn::Policy::default();
         Self {
             model_path: None,
             max_tokens: 64,
@@ -56,9 +57,9 @@ impl Default for Settings {
             temperature: 0.0,
             capture_idle_ms: 8000,
             store_max_mb: 256,
-            repair_threshold: 4,
-            max_patches: 32,
-            repair_guards: 8,
+            repair_threshold: policy.repair_threshold,
+            patch_memory_mb: policy.patch_memory_mb,
+            repair_guards: policy.repair_guards,
         }
     }
 }
@@ -75,6 +76,17 @@ impl Settings {
                     Some(format!("ignoring initializationOptions: {e}")),
                 ),
             },
+        }
+    }
+}
+
+impl Settings {
+    /// The learning policy these settings give (`star-ls replay` runs the default one).
+    pub fn policy(&self) -> crate::learn::Policy {
+        crate::learn::Policy {
+            repair_threshold: self.repair_threshold,
+            repair_guards: self.repair_guards,
+            patch_memory_mb: self.patch_memory_mb,
         }
     }
 }

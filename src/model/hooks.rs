@@ -31,10 +31,15 @@ impl<'a> Hooks<'a> {
 #[derive(Debug, Default)]
 pub struct Capture {
     layers: Vec<usize>,
+    /// Whether to record `mid` too.
+    mid_too: bool,
     /// `z_l`, the `down_proj` input `(seq, intermediate)`, per layer.
     pub neurons: BTreeMap<usize, Tensor>,
     /// The residual stream entering layer `l` `(seq, hidden)`, per layer.
     pub residual: BTreeMap<usize, Tensor>,
+    /// The residual stream between layer `l`'s attention and its MLP `(seq, hidden)`, per layer: what
+    /// `z_l` is a function of, row by row (`DecoderLayer::neurons_on`).
+    pub mid: BTreeMap<usize, Tensor>,
     /// The last layer's output before the final norm `(seq, hidden)`.
     pub final_hidden: Option<Tensor>,
 }
@@ -44,6 +49,20 @@ impl Capture {
         Self {
             layers: layers.into_iter().collect(),
             ..Self::default()
+        }
+    }
+
+    /// This capture recording `mid` as well.
+    pub fn with_mid(self) -> Self {
+        Self {
+            mid_too: true,
+            ..self
+        }
+    }
+
+    pub(super) fn record_mid(&mut self, layer: usize, x: &Tensor) {
+        if self.mid_too && self.layers.contains(&layer) {
+            self.mid.insert(layer, x.clone());
         }
     }
 
@@ -64,13 +83,87 @@ impl Capture {
     }
 }
 
-/// A dense delta on some `down_proj` columns of one layer: `mlp_out += delta · z[columns]`.
+/// A dense delta on some `down_proj` columns of one layer: `mlp_out += delta · z[columns]`, at every
+/// row or, gated, only at rows whose `z[columns]` points like one of the gate's keys.
 #[derive(Debug, Clone)]
 pub struct LayerPatch {
     columns: Vec<u32>,
     index: Tensor,
     /// `(hidden, columns.len())`, f32.
     delta: Tensor,
+    gate: Option<Gate>,
+    /// `(rows, 1)`, 0/1: the rows of one packed pass it acts at (`on_rows`), else every row.
+    rows: Option<Tensor>,
+}
+
+/// Opens a patch at the rows whose activations on its columns have cosine at least `threshold` with
+/// one of `keys` (the activations it was solved at): elsewhere the layer is exactly as unpatched.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// `(keys, columns)`, rows of unit norm.
+    keys: Tensor,
+    threshold: f32,
+}
+
+impl Gate {
+    /// `keys` `(n, columns)`: activations on the patch's columns; at least one.
+    pub fn new(keys: &Tensor, threshold: f32) -> Result<Self> {
+        if keys.dims2()?.0 == 0 {
+            candle_core::bail!("a gate needs at least one key");
+        }
+        Ok(Self {
+            keys: unit_rows(keys)?,
+            threshold,
+        })
+    }
+
+    /// This gate opening also at rows like `more` `(n, columns)`.
+    pub fn with_keys(&self, more: &Tensor) -> Result<Self> {
+        Ok(Self {
+            keys: Tensor::cat(&[&self.keys, &unit_rows(more)?], 0)?,
+            threshold: self.threshold,
+        })
+    }
+
+    /// `(keys, columns)`, rows of unit norm.
+    pub fn keys(&self) -> &Tensor {
+        &self.keys
+    }
+
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// `(seq, 1)`: 1 at the rows of `zs` `(seq, columns)` the gate opens, else 0. No gradient flows
+    /// through it.
+    fn open(&self, zs: &Tensor) -> Result<Tensor> {
+        self.cosines(zs)?
+            .ge(self.threshold as f64)?
+            .to_dtype(candle_core::DType::F32)
+    }
+
+    /// The first row of `zs` `(seq, columns)` the gate might open at, for activations computed
+    /// another way than the pass's own (with other rounding): the first within `margin` of the
+    /// threshold. None: it stays shut at every row.
+    pub fn first_open(&self, zs: &Tensor, margin: f32) -> Result<Option<usize>> {
+        if zs.dim(0)? == 0 {
+            return Ok(None);
+        }
+        let cos: Vec<f32> = self.cosines(zs)?.squeeze(1)?.to_vec1()?;
+        Ok(cos.iter().position(|&c| c >= self.threshold - margin))
+    }
+
+    /// `(seq, 1)`: each row's largest cosine with a key.
+    fn cosines(&self, zs: &Tensor) -> Result<Tensor> {
+        unit_rows(&zs.detach())?
+            .matmul(&self.keys.t()?)?
+            .max_keepdim(1)
+    }
+}
+
+fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    let norm = (x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?;
+    x.broadcast_div(&norm)
 }
 
 impl LayerPatch {
@@ -83,7 +176,14 @@ impl LayerPatch {
             index: Tensor::new(columns.as_slice(), &Device::Cpu)?,
             columns,
             delta,
+            gate: None,
+            rows: None,
         })
+    }
+
+    /// This patch, applied only where `gate` opens.
+    pub fn gated(self, gate: Option<Gate>) -> Self {
+        Self { gate, ..self }
     }
 
     pub fn columns(&self) -> &[u32] {
@@ -94,17 +194,47 @@ impl LayerPatch {
         &self.delta
     }
 
+    /// This patch acting only at rows `range` of a packed pass of `len` rows: candidate patches tried
+    /// side by side in one pass, each on its own copy of a case. Such a patch is never stored.
+    pub fn on_rows(self, range: std::ops::Range<usize>, len: usize) -> Result<Self> {
+        let mask: Vec<f32> = (0..len).map(|r| range.contains(&r) as u8 as f32).collect();
+        Ok(Self {
+            rows: Some(Tensor::from_vec(mask, (len, 1), &Device::Cpu)?),
+            ..self
+        })
+    }
+
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
+    }
+
+    /// Whether it acts at some rows only (gated, or `on_rows`): such patches are not summed.
+    fn partial(&self) -> bool {
+        self.gate.is_some() || self.rows.is_some()
+    }
+
     pub(super) fn index(&self) -> &Tensor {
         &self.index
     }
 
     /// The overlay's contribution for neuron activations `z` `(seq, intermediate)`.
     pub(super) fn apply(&self, z: &Tensor) -> Result<Tensor> {
-        z.index_select(&self.index, 1)?.matmul(&self.delta.t()?)
+        let zs = z.index_select(&self.index, 1)?;
+        let mut out = zs.matmul(&self.delta.t()?)?;
+        if let Some(g) = &self.gate {
+            out = out.broadcast_mul(&g.open(&zs)?)?;
+        }
+        match &self.rows {
+            Some(mask) => out.broadcast_mul(mask),
+            None => Ok(out),
+        }
     }
 
-    /// The sum of two patches on the same layer, columns merged.
+    /// The sum of two patches acting at every row on the same layer, columns merged.
     pub fn merged(&self, other: &LayerPatch) -> Result<Self> {
+        if self.partial() || other.partial() {
+            candle_core::bail!("gated or row-scoped patches are not summed");
+        }
         let mut columns = self.columns.clone();
         for c in &other.columns {
             if !columns.contains(c) {
@@ -126,11 +256,13 @@ impl LayerPatch {
     }
 }
 
-/// The overlay the serving model runs with: at most one merged patch per layer. Immutable once built;
+/// The overlay the serving model runs with: per layer at most one merged ungated patch, and the gated
+/// (or row-scoped) patches each whole (their gates differ, so they cannot be summed). Immutable once built;
 /// the server swaps whole sets (`Arc<PatchSet>`) so requests in flight finish on the set they started with.
 #[derive(Debug, Clone, Default)]
 pub struct PatchSet {
     layers: BTreeMap<usize, LayerPatch>,
+    gated: Vec<(usize, LayerPatch)>,
     /// Names these contents: a set and its clones share it, every set built by `with` gets a new one
     /// (the empty set's is 0). Results computed under an overlay are kept by it (`repair::Residuals`).
     id: u64,
@@ -142,27 +274,72 @@ impl PatchSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
+        self.layers.is_empty() && self.gated.is_empty()
     }
 
+    /// The gated patches on `layer`.
+    pub fn gated_at(&self, layer: usize) -> impl Iterator<Item = &LayerPatch> {
+        self.gated
+            .iter()
+            .filter(move |(l, _)| *l == layer)
+            .map(|(_, p)| p)
+    }
+
+    /// Whether any patch sits on `layer`.
+    pub fn touches(&self, layer: usize) -> bool {
+        self.layers.contains_key(&layer) || self.gated_at(layer).next().is_some()
+    }
+
+    /// The merged ungated patch on `layer`: the part of the overlay that can be folded into weights.
     pub fn layer(&self, layer: usize) -> Option<&LayerPatch> {
         self.layers.get(&layer)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (usize, &LayerPatch)> {
+    /// The ungated patches, one merged per layer.
+    pub fn summed(&self) -> impl Iterator<Item = (usize, &LayerPatch)> {
         self.layers.iter().map(|(l, p)| (*l, p))
     }
 
-    /// This set with `patch` added on `layer` (summed with what is there).
+    /// The gated patches alone: what stays an overlay over weights that hold the summed ones.
+    pub fn gated_only(&self) -> Self {
+        Self {
+            layers: BTreeMap::new(),
+            gated: self.gated.clone(),
+            id: if self.gated.is_empty() {
+                0
+            } else {
+                Self::next_id()
+            },
+        }
+    }
+
+    /// Every patch, the summed ones first.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &LayerPatch)> {
+        self.layers
+            .iter()
+            .map(|(l, p)| (*l, p))
+            .chain(self.gated.iter().map(|(l, p)| (*l, p)))
+    }
+
+    /// This set with `patch` added on `layer` (summed with what is there unless gated or row-scoped).
     pub fn with(&self, layer: usize, patch: LayerPatch) -> Result<Self> {
         let mut next = self.clone();
+        if patch.partial() {
+            next.gated.push((layer, patch));
+            next.id = Self::next_id();
+            return Ok(next);
+        }
         let merged = match next.layers.get(&layer) {
             Some(existing) => existing.merged(&patch)?,
             None => patch,
         };
         next.layers.insert(layer, merged);
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        next.id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        next.id = Self::next_id();
         Ok(next)
+    }
+
+    fn next_id() -> u64 {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }

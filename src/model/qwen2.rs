@@ -104,6 +104,8 @@ pub struct Linear {
     in_features: usize,
     /// The GGUF's own blocks, for single-row products, when `weight` was re-stored for batch kernels.
     decode: Option<Arc<RawMatrix>>,
+    /// The block type the serving matmul multiplies by (None for float weights); dense copies keep it.
+    kernel: Option<GgmlDType>,
     /// The block type the GGUF stores, and how the serving weights were made from it: what a
     /// re-quantized patch is stored as (`Linear::requantized`).
     stored: GgmlDType,
@@ -161,6 +163,7 @@ impl Linear {
             w
         };
         Ok(Self {
+            kernel: quantized.then(|| w.dtype()),
             weight: QMatMul::from_qtensor(w)?,
             bias,
             in_features,
@@ -236,6 +239,24 @@ impl Linear {
         Ok(outs.try_into().expect("one output per projection"))
     }
 
+    /// `x` rounded as the serving kernels round a batch's input to this weight before their integer
+    /// products: to Q8_K rows in candle's repacked kernels (K-quants, and Q8_0 with AVX-512 VNNI),
+    /// else to Q8_0 blocks; unrounded for float weights.
+    fn rounded_input(&self, x: &Tensor) -> Result<Tensor> {
+        let to = match self.kernel {
+            None => return Ok(x.clone()),
+            Some(GgmlDType::Q8_0) if has_int8_dot_product() => GgmlDType::Q8K,
+            Some(t) if t.block_size() == 32 => GgmlDType::Q8_0,
+            Some(_) => GgmlDType::Q8K,
+        };
+        let k = x.dim(1)?;
+        let block = to.block_size();
+        let padded = x.pad_with_zeros(1, 0, k.next_multiple_of(block) - k)?;
+        QTensor::quantize(&padded, to)?
+            .dequantize(&Device::Cpu)?
+            .narrow(1, 0, k)
+    }
+
     fn padding(&self) -> usize {
         match &self.weight {
             QMatMul::QTensor(q) => q.shape().dims()[1] - self.in_features,
@@ -243,14 +264,15 @@ impl Linear {
         }
     }
 
-    /// The weight as a dense f32 `(out, in)` tensor.
+    /// The weight as a dense, contiguous f32 `(out, in)` tensor (without the padding: a view of the
+    /// padded one would keep all of it alive).
     pub fn dense_weight(&self) -> Result<Tensor> {
         let w = match &self.weight {
             QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
             QMatMul::Tensor(t) => t.clone(),
             QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
         };
-        w.narrow(1, 0, self.in_features)
+        w.narrow(1, 0, self.in_features)?.contiguous()
     }
 
     fn to_dense(&self) -> Result<Self> {
@@ -259,6 +281,7 @@ impl Linear {
             bias: self.bias.clone(),
             in_features: self.in_features,
             decode: None,
+            kernel: self.kernel,
             stored: self.stored,
             opts: self.opts,
         })
@@ -531,6 +554,9 @@ impl DecoderLayer {
         if hooks.skip_mlp.contains(&index) {
             return Ok(x);
         }
+        if let Some(capture) = hooks.capture.as_deref_mut() {
+            capture.record_mid(index, &x);
+        }
         let h = rms_norm(&x, &self.ffn_norm, self.eps, d)?;
         let mut z = self.mlp.neurons(&h, d)?;
         if let Some(probe) = hooks.neuron_probes.and_then(|p| p.get(&index)) {
@@ -540,8 +566,10 @@ impl DecoderLayer {
             capture.record_neurons(index, &z);
         }
         let mut out = self.mlp.down.forward(&z)?;
-        if let Some(patch) = hooks.patches.and_then(|p| p.layer(index)) {
-            out = (out + patch.apply(&z)?)?;
+        if let Some(set) = hooks.patches {
+            for patch in set.layer(index).into_iter().chain(set.gated_at(index)) {
+                out = (out + patch.apply(&z)?)?;
+            }
         }
         out + x
     }
@@ -550,13 +578,27 @@ impl DecoderLayer {
         &self.mlp
     }
 
+    /// `z` on neurons `columns` only, from `mid` (the residual between this layer's attention and its
+    /// MLP, as `Capture::mid` records it), in f32 from the weights as this layer holds them: the
+    /// serving kernels quantize their input, so on a quantized layer this differs from the pass's
+    /// own `z` by that rounding. Rows are independent: any subset of a pass's rows can be given.
+    pub fn neurons_on(&self, mid: &Tensor, columns: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(mid, &self.ffn_norm, self.eps, false)?;
+        let rows = |l: &Linear| -> Result<Tensor> {
+            let w = l.dense_weight()?.index_select(columns, 0)?;
+            l.rounded_input(&h)?.matmul(&w.t()?)
+        };
+        let (gate, up) = (rows(&self.mlp.gate)?, rows(&self.mlp.up)?);
+        candle_nn::ops::silu(&gate)? * up
+    }
+
     /// Whether this is a dense copy that gradients flow through (`Qwen2::dense_layers`).
     pub fn is_dense(&self) -> bool {
         self.differentiable
     }
 
-    /// A dense f32 copy with differentiable paths; `patch` (the live overlay's, if any) folded into its
-    /// `down_proj`, so gradient work starts from the model as it serves.
+    /// A dense f32 copy with differentiable paths; `patch` (the live overlay's summed one, if any) folded
+    /// into its `down_proj`, so gradient work starts from the model as it serves.
     fn to_dense(&self, patch: Option<&LayerPatch>) -> Result<Self> {
         let a = &self.attn;
         let mut down = self.mlp.down.to_dense()?;
@@ -768,12 +810,13 @@ impl Qwen2 {
         Ok(())
     }
 
-    /// The model with each of `patches` folded into its layer's `down_proj` and stored quantized again
-    /// (`Linear::requantized`), the other weights shared: the alternative to serving patches as an
-    /// overlay, for eval and bench to weigh.
+    /// The model with each of `patches`' summed patches folded into its layer's `down_proj` and stored
+    /// quantized again (`Linear::requantized`), the other weights shared: the alternative to serving
+    /// patches as an overlay, for eval and bench to weigh. Gated patches cannot be folded: serve them
+    /// over it as `patches.gated_only()`.
     pub fn requantized(&self, patches: &PatchSet) -> Result<Self> {
         let mut layers = self.layers.clone();
-        for (l, patch) in patches.iter() {
+        for (l, patch) in patches.summed() {
             let layer = layers
                 .get_mut(l)
                 .ok_or_else(|| candle_core::Error::Msg(format!("no layer {l} to patch")))?;
@@ -936,7 +979,7 @@ impl Qwen2 {
     }
 
     /// Dense f32 copies of layers `range`, with differentiable norm and rope, for gradient work, with the
-    /// `live` overlay's patches folded in.
+    /// `live` overlay's summed patches folded in (its gated ones still go in `Hooks::patches`).
     pub fn dense_layers(
         &self,
         range: std::ops::Range<usize>,

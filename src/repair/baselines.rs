@@ -2,7 +2,7 @@
 //! (`Star::repair_by`): plain SGD on the layers' `down_proj`, and MINT's one-failure-at-a-time neuron
 //! patches.
 
-use super::star::{Batch, Patched, RepairOutcome, Star, Upper};
+use super::star::{Batch, Patched, RepairOutcome, Sites, Star, Upper};
 use crate::model::{Hooks, LayerPatch};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -22,7 +22,11 @@ pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Re
         outcome.neurons_per_layer = m;
     }
     let lr = star.settings.sgd_learning_rate as f64;
-    star.optimize(batch, &columns, &deltas, false, outcome, |_, d, g| {
+    let sites = Sites {
+        columns: &columns,
+        gates: BTreeMap::new(),
+    };
+    star.optimize(batch, &sites, &deltas, false, outcome, |_, d, g| {
         d.set(&(d.as_tensor() - g.affine(lr, 0.0)?)?)
     })
 }
@@ -60,22 +64,36 @@ pub(super) fn mint(
     {
         let one = std::slice::from_ref(case);
         let at = std::slice::from_ref(positions);
-        let loss_of = |deltas: &BTreeMap<(usize, u32), Tensor>| -> Result<(f32, bool)> {
-            let set = star.served(&to_patches(deltas)?)?;
-            let s = batch
+        // The failure's loss, and whether it is fixed, under the patches kept so far plus, on its own
+        // copy of the failure in one packed pass, each candidate's step: the trials side by side.
+        let trials = |base: &BTreeMap<(usize, u32), Tensor>,
+                      steps: &[((usize, u32), Tensor)]|
+         -> Result<Vec<(f32, bool)>> {
+            let copies = steps.len().max(1);
+            let rows = batch.tail_rows(i)?;
+            let mut set = star.served(&to_patches(base)?)?;
+            for (k, ((l, n), step)) in steps.iter().enumerate() {
+                let patch = LayerPatch::new(vec![*n], step.unsqueeze(1)?)?
+                    .on_rows(k * rows..(k + 1) * rows, copies * rows)?;
+                set = set.with(*l, patch)?;
+            }
+            batch
                 .score_from(
                     star,
                     Upper::Serving,
                     lo,
-                    &[i],
+                    &vec![i; copies],
                     &mut Hooks {
                         patches: Some(&set),
                         ..Hooks::default()
                     },
                 )?
-                .remove(0);
-            let fixed = star.failure_positions(case, &s.logits)?.is_empty();
-            Ok((s.cross_entropy(&s.all())?, fixed))
+                .iter()
+                .map(|s| {
+                    let fixed = star.failure_positions(case, &s.logits)?.is_empty();
+                    Ok((s.cross_entropy(&s.all())?, fixed))
+                })
+                .collect()
         };
         // τ: the failure's steer at its first failure position.
         let tau = star
@@ -88,38 +106,41 @@ pub(super) fn mint(
             .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
             .collect();
         candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
+        candidates.truncate(MINT_CANDIDATES);
         let mut trial = kept.clone();
-        let (mut best_loss, mut fixed) = loss_of(&trial)?;
+        let (mut best_loss, mut fixed) = trials(&trial, &[])?[0];
         for _ in 0..MINT_PATCHES {
             if fixed {
                 break;
             }
             star.checkpoint()?;
             steps += 1;
-            let mut best: Option<((usize, u32), Tensor, f32, bool)> = None;
-            for &(l, n, _) in candidates.iter().take(MINT_CANDIDATES) {
-                // col + delta → (col + f·τ) / (1 + f), i.e. delta = f (τ − col) / (1 + f), with
-                // `col` the column as patched so far.
+            // col + delta → (col + f·τ) / (1 + f), i.e. delta += f (τ − col) / (1 + f), with `col`
+            // the column as patched so far.
+            let mut tried = Vec::with_capacity(candidates.len());
+            for &(l, n, _) in &candidates {
                 let col = downs[&l].narrow(1, n as usize, 1)?.squeeze(1)?;
                 let col = match trial.get(&(l, n)) {
                     Some(d) => (col + d)?,
                     None => col,
                 };
-                let step = ((&tau - &col)? * (MINT_FACTOR / (1.0 + MINT_FACTOR)) as f64)?;
-                let mut candidate = trial.clone();
-                let total = match candidate.remove(&(l, n)) {
-                    Some(d) => (d + &step)?,
-                    None => step,
-                };
-                candidate.insert((l, n), total.clone());
-                let (loss, ok) = loss_of(&candidate)?;
-                if best.as_ref().is_none_or(|b| loss < b.2) {
-                    best = Some(((l, n), total, loss, ok));
-                }
+                tried.push((
+                    (l, n),
+                    ((&tau - &col)? * (MINT_FACTOR / (1.0 + MINT_FACTOR)) as f64)?,
+                ));
             }
+            let results = trials(&trial, &tried)?;
+            let best = tried
+                .into_iter()
+                .zip(results)
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0));
             match best {
-                Some((key, delta, loss, ok)) if loss < best_loss => {
-                    trial.insert(key, delta);
+                Some(((key, step), (loss, ok))) if loss < best_loss => {
+                    let total = match trial.remove(&key) {
+                        Some(d) => (d + step)?,
+                        None => step,
+                    };
+                    trial.insert(key, total);
                     best_loss = loss;
                     fixed = ok;
                 }

@@ -21,12 +21,10 @@ pub use targets::{
 
 use crate::completion::ContextLimits;
 use crate::model::{LayerPatch, PatchSet};
-use crate::store::{PatchLayer, PatchRecord, StoredCase};
-use candle_core::{Device, Tensor};
 
 /// The engine's knobs; defaults follow METHOD.md's measured recipe.
 #[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct RepairSettings {
     /// Context used around each case; the window before the cursor bounds repair's cost.
     pub context: ContextLimits,
@@ -54,6 +52,11 @@ pub struct RepairSettings {
     /// directions the selected neurons rarely take in ordinary code (their prompts), so the patch
     /// moves other completions less. 0 is the paper's least-norm patch.
     pub preserve: f32,
+    /// Cosine threshold of the patches' gates (0: no gate): a patch acts only at rows whose activations
+    /// on its neurons point like those it was solved at (the failure positions', and the re-solves').
+    /// Least-norm patches move every row in proportion to its overlap with the failures' directions,
+    /// and in real code many rows overlap some: ungated, specificity on the library set was 0.80.
+    pub gate: f32,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -111,45 +114,12 @@ impl Default for RepairSettings {
             max_steps: 10,
             mode: Mode::Batch,
             preserve: 0.9,
+            gate: 0.9,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,
         }
     }
-}
-
-impl From<&StoredCase> for Case {
-    fn from(c: &StoredCase) -> Self {
-        Self {
-            id: c.id.clone(),
-            language: c.language.clone(),
-            prefix: c.prefix.clone(),
-            suffix: c.suffix.clone(),
-            target: c.target.clone(),
-            group: c.group.clone(),
-        }
-    }
-}
-
-/// A repair's patches as the ledger stores them.
-pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec<PatchLayer>> {
-    patches
-        .iter()
-        .map(|(layer, p)| {
-            let (hidden, _) = p.delta().dims2()?;
-            Ok(PatchLayer {
-                layer: *layer,
-                hidden,
-                columns: p.columns().to_vec(),
-                delta: p.delta().flatten_all()?.to_vec1()?,
-            })
-        })
-        .collect()
-}
-
-/// The overlay of one repair's patches.
-pub fn overlay_of(patches: &[(usize, LayerPatch)]) -> candle_core::Result<PatchSet> {
-    overlay_on(PatchSet::default(), patches)
 }
 
 /// `base` with a repair's patches summed onto it.
@@ -160,18 +130,4 @@ pub fn overlay_on(
     patches
         .iter()
         .try_fold(base, |set, (l, p)| set.with(*l, p.clone()))
-}
-
-/// The overlay the ledger's active patches make, summed in the order they were accepted.
-pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
-    let mut set = PatchSet::default();
-    for layer in records.iter().flat_map(|r| &r.layers) {
-        let delta = Tensor::from_vec(
-            layer.delta.clone(),
-            (layer.hidden, layer.columns.len()),
-            &Device::Cpu,
-        )?;
-        set = set.with(layer.layer, LayerPatch::new(layer.columns.clone(), delta)?)?;
-    }
-    Ok(set)
 }

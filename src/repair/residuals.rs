@@ -21,8 +21,8 @@ pub struct Residuals {
 }
 
 /// Checks kept: a repair's guards and failures (eval gives 8 of each) and room for a few more. One
-/// holds about 15 MB for a 300-token case of the default model with ten target tokens: its typical
-/// rows, and the logits of its target rows.
+/// holds about 22 MB for a 300-token case of the default model with ten target tokens: its typical
+/// rows, the logits of its target rows, and the residual at its prompt rows in each candidate layer.
 const CHECKS_KEPT: usize = 24;
 
 /// The residual entering `layer` for `tokens`.
@@ -85,7 +85,7 @@ impl Residuals {
         tokens: &[u32],
         live: Option<&PatchSet>,
     ) -> Result<Tensor> {
-        let below_untouched = live.is_none_or(|p| (0..layer).all(|l| p.layer(l).is_none()));
+        let below_untouched = live.is_none_or(|p| (0..layer).all(|l| !p.touches(l)));
         if below_untouched {
             let mut entries = self.lock();
             if let Some(entry) = entries

@@ -15,7 +15,8 @@ use super::targets::{same_line, teacher_forced, Case, TeacherForced};
 use super::{linalg, Locate, Mode, RepairSettings, Residuals};
 use crate::model::generate::{argmax, mask_rows_to_heal};
 use crate::model::{
-    kv_positions, Capture, DecoderLayer, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2, Tokenizer,
+    kv_positions, Capture, DecoderLayer, Gate, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2,
+    Tokenizer,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::cell::RefCell;
@@ -68,18 +69,47 @@ impl std::fmt::Display for Method {
     }
 }
 
+/// Where a repair's patches act: per layer, the neurons patched and the gate they act behind (none
+/// for an ungated patch).
+pub(super) struct Sites<'a> {
+    pub columns: &'a BTreeMap<usize, Vec<u32>>,
+    pub gates: BTreeMap<usize, Gate>,
+}
+
+impl Sites<'_> {
+    /// Per layer, a delta on that layer's columns as a patch, behind the layer's gate if it has one.
+    fn patches(
+        &self,
+        deltas: impl IntoIterator<Item = (usize, Tensor)>,
+    ) -> Result<Vec<(usize, LayerPatch)>> {
+        deltas
+            .into_iter()
+            .map(|(l, d)| {
+                let patch = LayerPatch::new(self.columns[&l].clone(), d)?;
+                Ok((l, patch.gated(self.gates.get(&l).cloned())))
+            })
+            .collect()
+    }
+}
+
 /// What every method starts from: the failing cases after the frozen lower layers, and dense copies of
 /// the upper ones.
 pub(super) struct Batch {
     pub first: usize,
+    /// The candidate layers as dense copies, the live overlay's summed patches folded in.
     pub dense: Vec<DecoderLayer>,
+    /// The live overlay's gated patches, which the dense copies cannot hold: passes over them run
+    /// with these in `Hooks::patches`.
+    pub beside_dense: PatchSet,
     pub cases: Vec<Prepared>,
     /// Per case, its failure positions.
     pub failing: Vec<Vec<usize>>,
     /// Per case, its scoring on the unpatched layers (logits, RMS, loss).
     pub scored: Vec<Scored>,
-    /// Per case, what its tail-only passes start from, as of the last whole pass over it.
+    /// Per case, what its tail-only passes start from, as of the last pass over its prompt.
     tails: RefCell<Vec<Tail>>,
+    /// Per case, its check before the repair: its unpatched tail and prompt activations.
+    checks: Vec<Arc<Checked>>,
     /// `Σ |z|` per candidate layer `(intermediate,)` over every row of the cases, and the rows summed:
     /// how broadly each neuron fires, in any context.
     pub breadth: PerLayer<Tensor>,
@@ -93,7 +123,7 @@ pub(super) struct Batch {
 /// A case's tail rows as the last whole pass of the dense layers left them: the residual entering each
 /// candidate layer (from `first`) at those rows, so a pass from a higher layer re-runs only the layers
 /// from it up, and each layer's keys and values of the rows before them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Tail {
     inputs: Vec<Tensor>,
     prompt: Vec<LayerKv>,
@@ -102,17 +132,20 @@ struct Tail {
 impl Tail {
     /// Splits a whole pass over `case` (its capture of every candidate layer's input, and the keys and
     /// values it left) at the tail.
+    ///
+    /// The pass ran rows `from..` (at most the tail's first): its keys and values hold every row.
     fn split(
         case: &Prepared,
         capture: &mut Capture,
         kv: Vec<LayerKv>,
         layers: std::ops::Range<usize>,
+        from: usize,
     ) -> Result<Self> {
         let seq = case.residual.dim(0)?;
         let tail = case.tf.row(0);
         let inputs = layers
             .map(|l| match capture.residual.remove(&l) {
-                Some(x) => x.narrow(0, tail, seq - tail),
+                Some(x) => x.narrow(0, tail - from, seq - tail),
                 None => candle_core::bail!("no residual captured"),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -135,6 +168,8 @@ impl Batch {
     /// those passes find the batch done, so that "done" holds for the whole cases. No gradient flows
     /// through a whole pass, so it runs the serving layers, not the dense copies (a third the time).
     /// Returns each case's scoring by that pass: the serving model's own, as the verdict would make it.
+    ///
+    /// Each case runs from the first row the patches may change (`Star::first_change`).
     pub(super) fn refresh(
         &self,
         star: &Star,
@@ -143,9 +178,11 @@ impl Batch {
         let set = star.served(patches)?;
         let mut tails = Vec::with_capacity(self.cases.len());
         let mut scored = Vec::with_capacity(self.cases.len());
-        for case in &self.cases {
+        for check in &self.checks {
             star.checkpoint()?;
-            let (s, tail, _) = star.whole_pass(case, self.first, &set)?;
+            let from = star.first_change(self, check, patches)?;
+            let (s, tail, _) =
+                star.pass_from(&check.prepared, &check.tail, from, self.first, &set)?;
             scored.push(s);
             tails.push(tail);
         }
@@ -171,7 +208,8 @@ impl Batch {
     /// Scores the tails of cases `which` in one packed pass of the `upper` layers from `lo` up (their
     /// rows one after another, `tail_rows` each, in a capture): nothing below is patched, so the
     /// residual entering `lo` is the one captured at the start. The serving layers want the live
-    /// overlay in `hooks.patches` (`Star::served`); the dense copies hold it already.
+    /// overlay in `hooks.patches` (`Star::served`); the dense copies hold its summed patches and want
+    /// the rest, `beside_dense`, there.
     pub(super) fn score_from(
         &self,
         star: &Star,
@@ -272,6 +310,9 @@ pub(super) struct Checked {
     /// `z` per candidate layer `(target rows, intermediate)`.
     at_target: PerLayer<Tensor>,
     typical: PerLayer<Tensor>,
+    /// The residual between attention and MLP per candidate layer at the rows before the tail
+    /// `(rows, hidden)`: where a gated patch would open there (`Star::first_change`).
+    mid: PerLayer<Tensor>,
 }
 
 /// What a check depends on: the case's tokens, the layers from `first` up under the overlay named
@@ -375,6 +416,12 @@ impl Scored {
     }
 }
 
+/// How far below its threshold a gate's cosine, recomputed from a check's activations
+/// (`DecoderLayer::neurons_on`), must stay to count as shut in the serving pass. The recomputation
+/// rounds its input as the serving kernels do and agrees with them to about 1e-6; without that
+/// rounding a cosine moved by up to 0.034 (tests/model_packaged.rs), which this margin still covers.
+const GATE_MARGIN: f32 = 0.05;
+
 pub struct Star<'a> {
     pub model: &'a Qwen2,
     pub tokenizer: &'a Tokenizer,
@@ -449,22 +496,51 @@ impl<'a> Star<'a> {
         Ok(Prepared { tf, residual })
     }
 
-    /// Whether the serving model, under `set` (the live overlay and any new patches, all at `first` or
-    /// above), predicts the developer's line at every target position of `case`, end of line included:
-    /// one teacher-forced pass of the quantized top layers, where a greedy check would pay a decode of
-    /// the whole model per token. Eval measures effectiveness by greedy completions of its own.
-    fn says_target(&self, case: &Prepared, first: usize, set: &PatchSet) -> Result<bool> {
-        let mut kv = vec![None; self.model.layers().len() - first];
-        let scored = self.score(
-            first,
-            &self.model.layers()[first..],
-            &mut [(case, &case.residual, &mut kv)],
-            &mut Hooks {
-                patches: Some(set),
-                ..Hooks::default()
-            },
-        )?;
-        Ok(self.failure_positions(case, &scored[0].logits)?.is_empty())
+    /// Whether the serving model, under `set` (the live overlay and `patches`, all at the first
+    /// candidate layer or above), predicts the developer's line at every target position of each
+    /// checked case, end of line included: a teacher-forced pass of the quantized top layers, where a
+    /// greedy check would pay a decode of the whole model per token. Eval measures effectiveness by
+    /// greedy completions of its own.
+    fn say_targets(
+        &self,
+        batch: &Batch,
+        checks: &[&Checked],
+        patches: &[(usize, LayerPatch)],
+        set: &PatchSet,
+    ) -> Result<Vec<bool>> {
+        checks
+            .iter()
+            .map(|c| {
+                self.checkpoint()?;
+                let from = self.first_change(batch, c, patches)?;
+                let (s, _, _) = self.pass_from(&c.prepared, &c.tail, from, batch.first, set)?;
+                Ok(self.failure_positions(&c.prepared, &s.logits)?.is_empty())
+            })
+            .collect()
+    }
+
+    /// The first row of `check`'s case that `patches` may change, up to the first of its tail: rows
+    /// before the first one a gate opens at are unpatched at every layer (attention looks back
+    /// only), so each gate is asked about the activations the check recorded there; an ungated patch
+    /// changes every row.
+    fn first_change(
+        &self,
+        batch: &Batch,
+        check: &Checked,
+        patches: &[(usize, LayerPatch)],
+    ) -> Result<usize> {
+        let mut first = check.prepared.tf.row(0);
+        for (l, p) in patches {
+            let (Some(gate), Some(mid)) = (p.gate(), check.mid.get(l)) else {
+                return Ok(0);
+            };
+            let columns = Tensor::new(p.columns(), &Device::Cpu)?;
+            let z = batch.dense[l - batch.first].neurons_on(mid, &columns)?;
+            if let Some(r) = gate.first_open(&z, GATE_MARGIN)? {
+                first = first.min(r);
+            }
+        }
+        Ok(first)
     }
 
     /// `case` checked on the serving model under `live` (the live overlay): from `residuals` when it
@@ -483,8 +559,14 @@ impl<'a> Star<'a> {
         }
         // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
         // from the dense copies' by rounding only.
-        let (scored, tail, capture) = self.whole_pass(&prepared, first, live)?;
+        let (scored, tail, mut capture) =
+            self.pass_from(&prepared, &Tail::default(), 0, first, live)?;
         let failing = self.failure_positions(&prepared, &scored.logits)?;
+        let prompt_rows = prepared.tf.row(0);
+        let mid = std::mem::take(&mut capture.mid)
+            .into_iter()
+            .map(|(l, m)| Ok((l, m.narrow(0, 0, prompt_rows)?)))
+            .collect::<Result<_>>()?;
         let rows: Vec<u32> = (0..prepared.tf.target.len())
             .map(|i| prepared.tf.row(i) as u32)
             .collect();
@@ -507,6 +589,7 @@ impl<'a> Star<'a> {
             fires,
             at_target,
             typical,
+            mid,
         });
         if let Some(r) = self.residuals {
             r.keep_check(key, checked.clone());
@@ -514,22 +597,40 @@ impl<'a> Star<'a> {
         Ok(checked)
     }
 
-    /// One whole pass of the serving layers from `first` up over `case` under `set`: its scoring, its
-    /// tail split off for later tail-only passes, and every one of those layers' neuron activations.
-    fn whole_pass(
+    /// A pass of the serving layers from `first` up over `case`'s rows from `from` on under `set`,
+    /// the keys and values of the rows before taken from `base` (an earlier pass's tail, which `set`
+    /// must leave as they are there): its scoring, its tail split off for later tail-only passes, and
+    /// those layers' activations at the rows it ran. From 0, a whole pass.
+    fn pass_from(
         &self,
         case: &Prepared,
+        base: &Tail,
+        from: usize,
         first: usize,
         set: &PatchSet,
     ) -> Result<(Scored, Tail, Capture)> {
         let n_layers = self.model.layers().len();
-        let mut capture = Capture::layers(first..n_layers);
-        let mut kv = vec![None; n_layers - first];
+        let mut capture = Capture::layers(first..n_layers).with_mid();
+        let mut kv: Vec<LayerKv> = match from {
+            0 => vec![None; n_layers - first],
+            _ => base
+                .prompt
+                .iter()
+                .map(|e| match e {
+                    Some((k, v)) => Ok(Some((k.narrow(2, 0, from)?, v.narrow(2, 0, from)?))),
+                    None => candle_core::bail!("no keys before row {from}"),
+                })
+                .collect::<Result<_>>()?,
+        };
+        let rows = case
+            .residual
+            .narrow(0, from, case.residual.dim(0)? - from)?;
+        tracing::trace!(from, rows = rows.dim(0)?, "pass");
         let scored = self
             .score(
                 first,
                 &self.model.layers()[first..],
-                &mut [(case, &case.residual, &mut kv)],
+                &mut [(case, &rows, &mut kv)],
                 &mut Hooks {
                     patches: Some(set),
                     capture: Some(&mut capture),
@@ -537,7 +638,7 @@ impl<'a> Star<'a> {
                 },
             )?
             .remove(0);
-        let tail = Tail::split(case, &mut capture, kv, first..n_layers)?;
+        let tail = Tail::split(case, &mut capture, kv, first..n_layers, from)?;
         Ok((scored, tail, capture))
     }
 
@@ -744,6 +845,7 @@ impl<'a> Star<'a> {
             lo,
             which,
             &mut Hooks {
+                patches: Some(&batch.beside_dense),
                 capture: Some(&mut capture),
                 neuron_probes: Some(&probes),
                 ..Hooks::default()
@@ -915,6 +1017,7 @@ impl<'a> Star<'a> {
         let mut failing = Vec::new();
         let mut scored_all = Vec::new();
         let mut tails = Vec::new();
+        let mut checks = Vec::new();
         let (mut breadth, mut rows): (PerLayer<Tensor>, usize) = (BTreeMap::new(), 0);
         let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for c in failures {
@@ -938,6 +1041,7 @@ impl<'a> Star<'a> {
             scored_all.push(checked.scored.clone());
             tails.push(checked.tail.clone());
             cases.push(checked.prepared.clone());
+            checks.push(checked);
             failed.push(c.id.clone());
         }
         let mut outcome = RepairOutcome {
@@ -968,10 +1072,12 @@ impl<'a> Star<'a> {
         let batch = Batch {
             first,
             dense: self.model.dense_layers(first..n_layers, self.live)?,
+            beside_dense: live.gated_only(),
             cases,
             failing,
             scored: scored_all,
             tails: RefCell::new(tails),
+            checks,
             breadth,
             rows,
             typical: typical
@@ -1033,6 +1139,12 @@ impl<'a> Star<'a> {
         };
         let Selection { columns, z } = self.select_neurons(batch, found)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
+        let mut gates: BTreeMap<usize, Gate> = BTreeMap::new();
+        if self.settings.gate > 0.0 {
+            for &l in &layers {
+                gates.insert(l, Gate::new(&z[&l], self.settings.gate)?);
+            }
+        }
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
         // The guard activations on the selected neurons: patches and every update stay off their span.
@@ -1084,13 +1196,14 @@ impl<'a> Star<'a> {
             priors.insert(l, solve(l, &z[&l], &steers)?);
         }
         outcome.solves = 1;
-        if let Some(verified) = self.resolve(batch, &columns, &mut priors, outcome, &solve)? {
+        let mut sites = Sites {
+            columns: &columns,
+            gates,
+        };
+        if let Some(verified) = self.resolve(batch, &mut sites, &mut priors, outcome, &solve)? {
             // Every failure position is right over the whole cases: none is left to step on.
             return Ok(Patched {
-                patches: priors
-                    .into_iter()
-                    .map(|(l, p)| Ok((l, LayerPatch::new(columns[&l].clone(), p)?)))
-                    .collect::<Result<_>>()?,
+                patches: sites.patches(priors)?,
                 verified: Some(verified),
             });
         }
@@ -1100,8 +1213,7 @@ impl<'a> Star<'a> {
             .iter()
             .map(|(l, p)| Ok((*l, Var::from_tensor(p)?)))
             .collect::<Result<_>>()?;
-        let columns = &columns;
-        self.optimize(batch, columns, &deltas, true, outcome, |l, d, g| {
+        self.optimize(batch, &sites, &deltas, true, outcome, |l, d, g| {
             let update = (priors[&l].abs()? * g.sign()?)?.affine(self.settings.step as f64, 0.0)?;
             d.set(&(d.as_tensor() - off_guards(l, update)?)?)
         })
@@ -1116,7 +1228,7 @@ impl<'a> Star<'a> {
     fn resolve(
         &self,
         batch: &Batch,
-        columns: &BTreeMap<usize, Vec<u32>>,
+        sites: &mut Sites,
         patches: &mut BTreeMap<usize, Tensor>,
         outcome: &mut RepairOutcome,
         solve: &dyn Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
@@ -1125,7 +1237,7 @@ impl<'a> Star<'a> {
         let lo = layers.iter().copied().min().unwrap_or(batch.first);
         let cols: BTreeMap<usize, Tensor> = layers
             .iter()
-            .map(|&l| Ok((l, Tensor::new(columns[&l].as_slice(), &Device::Cpu)?)))
+            .map(|&l| Ok((l, Tensor::new(sites.columns[&l].as_slice(), &Device::Cpu)?)))
             .collect::<Result<_>>()?;
         // What each position solved last asked for: gains are learnt from how much of it came through.
         let mut asked: BTreeMap<(usize, usize), Asked> = BTreeMap::new();
@@ -1143,10 +1255,7 @@ impl<'a> Star<'a> {
         let mut whole: Option<Vec<Scored>> = None;
         loop {
             self.checkpoint()?;
-            let current: Vec<(usize, LayerPatch)> = patches
-                .iter()
-                .map(|(l, p)| Ok((*l, LayerPatch::new(columns[l].clone(), p.clone())?)))
-                .collect::<Result<_>>()?;
+            let current = sites.patches(patches.iter().map(|(l, p)| (*l, p.clone())))?;
             let set = self.served(&current)?;
             let (mut open, mut gains, mut wrong) = (Vec::new(), Vec::new(), 0);
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
@@ -1222,38 +1331,37 @@ impl<'a> Star<'a> {
                 .steers(&scored, &batch.cases, &open, layers.len())?
                 .broadcast_mul(&gains)?;
             for &l in &layers {
-                let more = solve(l, &Tensor::cat(&z[&l], 0)?, &steers)?;
+                let at = Tensor::cat(&z[&l], 0)?;
+                let more = solve(l, &at, &steers)?;
                 let sum = (&patches[&l] + more)?;
                 patches.insert(l, sum);
+                // The gate opens where the patch was solved: these rows too.
+                if let Some(g) = sites.gates.get_mut(&l) {
+                    *g = g.with_keys(&at)?;
+                }
             }
             outcome.solves += 1;
             whole = None;
         }
     }
 
-    /// Steps `deltas` (one per layer, on `columns`) with `update` for `max_steps` steps, or with
+    /// Steps `deltas` (one per layer, at `sites`) with `update` for `max_steps` steps, or with
     /// `stop_when_fixed` until every failure position of the batch is right; returns the patches.
     pub(super) fn optimize(
         &self,
         batch: &Batch,
-        columns: &BTreeMap<usize, Vec<u32>>,
+        sites: &Sites,
         deltas: &BTreeMap<usize, Var>,
         stop_when_fixed: bool,
         outcome: &mut RepairOutcome,
         mut update: impl FnMut(usize, &Var, &Tensor) -> Result<()>,
     ) -> Result<Patched> {
         let patches = |detach: bool| -> Result<Vec<(usize, LayerPatch)>> {
-            deltas
-                .iter()
-                .map(|(l, d)| {
-                    let t = if detach {
-                        d.as_tensor().detach()
-                    } else {
-                        d.as_tensor().clone()
-                    };
-                    Ok((*l, LayerPatch::new(columns[l].clone(), t)?))
-                })
-                .collect()
+            let tensors = deltas.iter().map(|(l, d)| {
+                let t = d.as_tensor();
+                (*l, if detach { t.detach() } else { t.clone() })
+            });
+            sites.patches(tensors)
         };
         let lo = deltas.keys().copied().min().unwrap_or(batch.first);
         let all: Vec<usize> = (0..batch.cases.len()).collect();
@@ -1262,7 +1370,7 @@ impl<'a> Star<'a> {
         outcome.steps = self.settings.max_steps;
         for step in 0..self.settings.max_steps {
             self.checkpoint()?;
-            let set = super::overlay_of(&patches(false)?)?;
+            let set = super::overlay_on(batch.beside_dense.clone(), &patches(false)?)?;
             // Every case's tail in one pass; its graph is only walked back when a case is wrong.
             let scored = batch.score_from(
                 self,
@@ -1333,23 +1441,22 @@ impl<'a> Star<'a> {
     ) -> Result<()> {
         let Patched { patches, verified } = patched;
         let set = self.served(&patches)?;
-        for (i, (case, id)) in batch.cases.iter().zip(failed).enumerate() {
-            self.checkpoint()?;
-            let right = match &verified {
-                Some(v) => v[i],
-                None => self.says_target(case, batch.first, &set)?,
-            };
+        // The guards, and the failures unless the last whole pass was under these very patches.
+        let mut checks: Vec<&Checked> = guards.iter().map(|g| &**g).collect();
+        if verified.is_none() {
+            checks.extend(batch.checks.iter().map(|c| &**c));
+        }
+        let says = self.say_targets(batch, &checks, &patches, &set)?;
+        let (guard_says, case_says) = says.split_at(guards.len());
+        let right = verified.unwrap_or_else(|| case_says.to_vec());
+        for (id, right) in failed.iter().zip(right) {
             if right {
                 outcome.fixed += 1;
                 outcome.fixed_ids.push(id.clone());
             }
         }
         if !guards.is_empty() {
-            let mut kept = 0;
-            for g in guards {
-                self.checkpoint()?;
-                kept += self.says_target(&g.prepared, batch.first, &set)? as usize;
-            }
+            let kept = guard_says.iter().filter(|&&s| s).count();
             let before = guards.iter().filter(|g| g.failing.is_empty()).count();
             outcome.guard_before = before as f32 / guards.len() as f32;
             outcome.guard_after = kept as f32 / guards.len() as f32;

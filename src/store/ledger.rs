@@ -12,6 +12,23 @@ pub struct PatchLayer {
     pub hidden: usize,
     pub columns: Vec<u32>,
     pub delta: Vec<f32>,
+    pub gate: Option<PatchGate>,
+}
+
+impl PatchLayer {
+    /// What it holds in memory and in the ledger (columns, delta, keys), the measure of
+    /// `patchMemoryMb` (`Store::evict_over` sums the same in SQL).
+    pub fn bytes(&self) -> usize {
+        4 * (self.columns.len() + self.delta.len() + self.gate.as_ref().map_or(0, |g| g.keys.len()))
+    }
+}
+
+/// A gated layer's gate: it opens at rows whose activations on `columns` have cosine at least
+/// `threshold` with a row of `keys` (row-major `(keys.len() / columns.len(), columns.len())`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchGate {
+    pub keys: Vec<f32>,
+    pub threshold: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,8 +42,14 @@ pub struct PatchRecord {
     pub report: serde_json::Value,
     #[serde(skip)]
     pub layers: Vec<PatchLayer>,
+    /// Whether its layers are gated (act only near the activations they were solved at).
+    pub gated: bool,
     /// The case ids this patch repaired.
     pub cases: Vec<String>,
+    /// Why this patch cannot be applied (its layers unreadable in the ledger, or not fitting the
+    /// model): it is listed, and can be rolled back, but the others apply without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// `"patch-7"` ↔ 7.
@@ -38,8 +61,71 @@ fn case_number(id: &str) -> Option<i64> {
     id.strip_prefix("case-")?.parse().ok()
 }
 
+/// One `patch_layers` row, checked for the shapes its blobs must have.
+fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
+    let text = |e: rusqlite::Error| e.to_string();
+    let layer: i64 = r.get(0).map_err(text)?;
+    let hidden: i64 = r.get(1).map_err(text)?;
+    let floats = |i: usize| -> Result<Option<Vec<u8>>, String> {
+        let b: Option<Vec<u8>> = r.get(i).map_err(text)?;
+        match b {
+            Some(b) if b.len() % 4 != 0 => Err(format!("column {i} holds {} bytes", b.len())),
+            b => Ok(b),
+        }
+    };
+    let (columns, delta, keys) = (floats(2)?, floats(3)?, floats(4)?);
+    let threshold: Option<f64> = r.get(5).map_err(text)?;
+    let (Some(columns), Some(delta)) = (columns, delta) else {
+        return Err("no columns or delta".into());
+    };
+    let columns = from_bytes(&columns, u32::from_le_bytes);
+    let delta = from_bytes(&delta, f32::from_le_bytes);
+    let (Ok(layer), Ok(hidden)) = (usize::try_from(layer), usize::try_from(hidden)) else {
+        return Err(format!("layer {layer}, hidden {hidden}"));
+    };
+    if columns.is_empty() || delta.len() != hidden * columns.len() {
+        return Err(format!(
+            "layer {layer}: a delta of {} values for {hidden} × {} columns",
+            delta.len(),
+            columns.len()
+        ));
+    }
+    let gate = match (keys, threshold) {
+        (None, None) => None,
+        (Some(k), Some(t)) => {
+            let keys = from_bytes(&k, f32::from_le_bytes);
+            if keys.is_empty() || keys.len() % columns.len() != 0 || !t.is_finite() {
+                return Err(format!(
+                    "layer {layer}: a gate of {} key values",
+                    keys.len()
+                ));
+            }
+            Some(PatchGate {
+                keys,
+                threshold: t as f32,
+            })
+        }
+        // Half a gate: serving the patch ungated would move every row.
+        _ => return Err(format!("layer {layer}: half a gate")),
+    };
+    Ok(PatchLayer {
+        layer,
+        hidden,
+        columns,
+        delta,
+        gate,
+    })
+}
+
 fn to_bytes<T: Copy>(values: &[T], f: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
     values.iter().flat_map(|v| f(*v)).collect()
+}
+
+fn from_bytes<T>(bytes: &[u8], f: impl Fn([u8; 4]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 impl Store {
@@ -60,14 +146,17 @@ impl Store {
             let id = tx.last_insert_rowid();
             for l in layers {
                 tx.execute(
-                    "INSERT INTO patch_layers (patch_id, layer, hidden, columns, delta)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO patch_layers
+                       (patch_id, layer, hidden, columns, delta, gate_keys, gate_threshold)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
                         id,
                         l.layer as i64,
                         l.hidden as i64,
                         to_bytes(&l.columns, u32::to_le_bytes),
-                        to_bytes(&l.delta, f32::to_le_bytes)
+                        to_bytes(&l.delta, f32::to_le_bytes),
+                        l.gate.as_ref().map(|g| to_bytes(&g.keys, f32::to_le_bytes)),
+                        l.gate.as_ref().map(|g| g.threshold as f64),
                     ],
                 )?;
             }
@@ -94,45 +183,40 @@ impl Store {
             )?;
             let mut records = stmt
                 .query_map(params![model_sha, active_only as i64], |r| {
-                    let report: String = r.get(4)?;
+                    let report: Option<String> = r.get(4).ok().flatten();
                     Ok(PatchRecord {
                         id: format!("patch-{}", r.get::<_, i64>(0)?),
                         model_sha: r.get(1)?,
                         created_ms: r.get(2)?,
                         active: r.get::<_, i64>(3)? != 0,
-                        report: serde_json::from_str(&report).unwrap_or_default(),
+                        report: report
+                            .and_then(|r| serde_json::from_str(&r).ok())
+                            .unwrap_or_default(),
                         layers: Vec::new(),
+                        gated: false,
                         cases: Vec::new(),
+                        damaged: None,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut layers = self.conn.prepare(
-                "SELECT layer, hidden, columns, delta FROM patch_layers WHERE patch_id = ?1
-                 ORDER BY layer",
+                "SELECT layer, hidden, columns, delta, gate_keys, gate_threshold FROM patch_layers
+                 WHERE patch_id = ?1 ORDER BY layer",
             )?;
             let mut cases = self
                 .conn
                 .prepare("SELECT id FROM cases WHERE repaired_by = ?1 ORDER BY id")?;
             for rec in &mut records {
                 let n = patch_number(&rec.id).unwrap_or_default();
-                rec.layers = layers
-                    .query_map([n], |r| {
-                        let columns: Vec<u8> = r.get(2)?;
-                        let delta: Vec<u8> = r.get(3)?;
-                        Ok(PatchLayer {
-                            layer: r.get::<_, i64>(0)? as usize,
-                            hidden: r.get::<_, i64>(1)? as usize,
-                            columns: columns
-                                .chunks_exact(4)
-                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                                .collect(),
-                            delta: delta
-                                .chunks_exact(4)
-                                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                                .collect(),
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let read: Vec<Result<PatchLayer, String>> = layers
+                    .query_map([n], |r| Ok(layer_from_row(r)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                // A patch applies whole or not at all.
+                match read.into_iter().collect::<Result<Vec<_>, _>>() {
+                    Ok(l) => rec.layers = l,
+                    Err(why) => rec.damaged = Some(format!("unreadable in the ledger: {why}")),
+                }
+                rec.gated = rec.layers.iter().any(|l| l.gate.is_some());
                 rec.cases = cases
                     .query_map([&rec.id], |r| Ok(format!("case-{}", r.get::<_, i64>(0)?)))?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -171,6 +255,39 @@ impl Store {
         if let (Some(id), true) = (id, ids.is_empty()) {
             return Err(StoreError::UnknownPatch(id.into()));
         }
+        Ok(ids.into_iter().map(|n| format!("patch-{n}")).collect())
+    }
+
+    /// Keeps model `sha`'s active patches within `budget` bytes of deltas, columns and keys: the oldest
+    /// stop applying until the rest fit, the newest always kept. Unlike a rollback, the cases they
+    /// repaired stay marked (they were learned; a repair of them again would evict again). Returns the
+    /// ids evicted, oldest first.
+    pub fn evict_over(&mut self, sha: &str, budget: u64) -> Result<Vec<String>, StoreError> {
+        let ids = self.write(|tx| {
+            let sizes: Vec<(i64, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT p.id, SUM(length(l.columns) + length(l.delta)
+                                     + coalesce(length(l.gate_keys), 0))
+                     FROM patches p JOIN patch_layers l ON l.patch_id = p.id
+                     WHERE p.active = 1 AND p.model_sha = ?1 GROUP BY p.id ORDER BY p.id",
+                )?;
+                let sizes = stmt
+                    .query_map([sha], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                sizes
+            };
+            let mut total: i64 = sizes.iter().map(|(_, b)| b).sum();
+            let mut evicted = Vec::new();
+            for (id, bytes) in sizes.iter().take(sizes.len().saturating_sub(1)) {
+                if total <= budget as i64 {
+                    break;
+                }
+                tx.execute("UPDATE patches SET active = 0 WHERE id = ?1", [id])?;
+                total -= bytes;
+                evicted.push(*id);
+            }
+            Ok(evicted)
+        })?;
         Ok(ids.into_iter().map(|n| format!("patch-{n}")).collect())
     }
 

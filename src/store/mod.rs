@@ -10,7 +10,7 @@ mod ledger;
 mod schema;
 
 pub use handle::{StoreHandle, StoreOp};
-pub use ledger::{patch_number, Forgotten, PatchLayer, PatchRecord};
+pub use ledger::{patch_number, Forgotten, PatchGate, PatchLayer, PatchRecord};
 
 use crate::capture::{CaseKind, CaseText};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};

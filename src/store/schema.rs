@@ -58,6 +58,10 @@ const MIGRATIONS: &[&str] = &[
         delta BLOB NOT NULL,
         PRIMARY KEY (patch_id, layer)
      );",
+    // 3: gated patch layers: the unit keys the gate compares activations with, and its threshold
+    // (both NULL for an ungated layer).
+    "ALTER TABLE patch_layers ADD COLUMN gate_keys BLOB;
+     ALTER TABLE patch_layers ADD COLUMN gate_threshold REAL;",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -161,6 +161,11 @@ impl Client {
 
     /// Waits for the response to `id` (the whole message: `result` or `error`).
     pub fn response(&mut self, id: i64) -> Value {
+        // Answers may come out of order: one that arrived while waiting for another was kept.
+        let is_answer = |m: &Value| m.get("method").is_none() && m.get("id") == Some(&json!(id));
+        if let Some(i) = self.notifications.iter().position(is_answer) {
+            return self.notifications.remove(i);
+        }
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let msg = match self
@@ -173,7 +178,7 @@ impl Client {
                     panic!("server exited before answering {id}")
                 }
             };
-            if msg.get("method").is_none() && msg.get("id") == Some(&json!(id)) {
+            if is_answer(&msg) {
                 return msg;
             }
             self.handle_incoming(msg);

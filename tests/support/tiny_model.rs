@@ -105,6 +105,20 @@ impl Default for TinySpec {
     }
 }
 
+impl TinySpec {
+    /// A model that ends every line at once (its completions are empty) and that the server's repair,
+    /// with its default settings, patches for a one-line failure such as `def f3(x):\n    return ` →
+    /// `x + 3`: patch after patch, as long as each repair has one such failure to fix.
+    #[allow(dead_code)] // not every test binary that includes this file repairs
+    pub fn repairable() -> Self {
+        Self {
+            seed: 4,
+            newline_logit: 11.0,
+            ..Self::default()
+        }
+    }
+}
+
 /// The model before writing: f32 values of every tensor (in file order) and the dtype each is stored as.
 pub struct TinyModel {
     pub spec: TinySpec,
