@@ -101,6 +101,33 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// A developer writing the files under DIR line by line, completing each sampled line with the
+    /// unpatched model and with one that learns as the server does: do later completions get better?
+    Replay {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Which files, as a glob over their paths under DIR.
+        #[arg(long, default_value = "**/*.py")]
+        glob: String,
+        /// At most this many files (a seeded sample when there are more).
+        #[arg(long, default_value_t = 100)]
+        max_files: usize,
+        /// At most this many target lines per file (a seeded sample, in file order).
+        #[arg(long, default_value_t = 12)]
+        lines_per_file: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write replay.svg here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Keep the replay's store (cases and ledger) in this new directory; default: a temporary one.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// The patch ledger: the repairs applied to the model.
     Patches {
         #[command(subcommand)]
@@ -257,6 +284,31 @@ fn main() {
                     requantized,
                     ..Default::default()
                 },
+            })
+        }
+        Command::Replay {
+            dir,
+            glob,
+            max_files,
+            lines_per_file,
+            seed,
+            json,
+            plot,
+            store,
+            threads,
+        } => {
+            star_ls::env::set_threads(threads);
+            star_ls::cli::replay::run(star_ls::cli::replay::Options {
+                replay: star_ls::eval::replay::ReplayOptions {
+                    dir,
+                    glob,
+                    max_files,
+                    lines_per_file,
+                    seed,
+                },
+                json: json.as_deref(),
+                plot: plot.as_deref(),
+                store: store.as_deref(),
             })
         }
         Command::Patches { action, json } => match action {

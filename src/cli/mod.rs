@@ -6,3 +6,4 @@ pub mod complete;
 pub mod eval;
 pub mod patches;
 pub mod repair;
+pub mod replay;

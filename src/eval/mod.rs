@@ -7,9 +7,10 @@
 
 mod plot;
 mod probe;
+pub mod replay;
 mod report;
 
-pub use plot::plot;
+pub use plot::{plot, plot_replay};
 use probe::Probe;
 pub use report::{
     Changed, CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares,

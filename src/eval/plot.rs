@@ -1,6 +1,7 @@
 //! `--plot DIR`: the report as SVG charts (plotters): the three measures per method, seconds per
-//! repair per method, and the cumulative curves.
+//! repair per method, and the cumulative curves; for a replay, its running exact-match shares.
 
+use super::replay::ReplayReport;
 use super::Report;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -179,4 +180,76 @@ fn curves(path: &Path, methods: &[(String, &super::MethodReport)]) -> PlotResult
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Writes `replay.svg` into `dir`: the running exact-match share of the unpatched and the learning
+/// model over the lines written, the first repair marked. Returns its path.
+pub fn plot_replay(report: &ReplayReport, dir: &Path) -> PlotResult<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("replay.svg");
+    let root = SVGBackend::new(path.as_path(), (900, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = report
+        .curve
+        .iter()
+        .map(|p| p.baseline_pass.max(p.repaired_pass))
+        .fold(0.05, f64::max)
+        * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Replay: exact first lines so far, unpatched and learning",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0usize..report.lines.max(1), 0.0..top.min(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("lines written")
+        .y_desc("share exact")
+        .draw()?;
+    let series = [
+        (
+            "unpatched",
+            report
+                .curve
+                .iter()
+                .map(|p| (p.line, p.baseline_pass))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "learning",
+            report
+                .curve
+                .iter()
+                .map(|p| (p.line, p.repaired_pass))
+                .collect(),
+        ),
+    ];
+    for (s, (name, points)) in series.into_iter().enumerate() {
+        let color = COLORS[s % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    if let Some(line) = report.first_repaired_line {
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(line, 0.0), (line, top.min(1.0))],
+            BLACK.mix(0.4),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    drop(chart);
+    drop(root);
+    Ok(path)
 }

@@ -1,0 +1,405 @@
+//! `star-ls replay`: a developer writing a codebase line by line, beside the unpatched model
+//! (CONTRACT.md). At each sampled line both models complete it; what the learning model proposes is
+//! accepted (a guard) when it is the real line and corrected otherwise (a failure), stored in a real
+//! store and repaired as the server does (`learn`, the server's default policy), synchronously, so a
+//! replay is deterministic. The headline measure of the product: do later completions get better?
+//!
+//! Architecture invariant: a function of (model, store, lines, policy) → `ReplayReport`; finding the
+//! lines on disk is `targets`, the CLI does the rest (`cli/replay.rs`).
+
+use crate::capture::{CaseKind, CaseText, Outcome};
+use crate::completion::ContextLimits;
+use crate::learn::{self, Job, Policy};
+use crate::model::{Model, PatchSet};
+use crate::repair::{complete_case, passes, Case, Head, RepairSettings, Residuals, Star};
+use crate::store::{NewCase, Store};
+use anyhow::Context;
+use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub dir: PathBuf,
+    /// Which files under `dir` are written (a glob over their paths relative to `dir`).
+    pub glob: String,
+    /// At most this many files, a seeded sample when there are more.
+    pub max_files: usize,
+    /// At most this many target lines per file, a seeded sample, in file order.
+    pub lines_per_file: usize,
+    pub seed: u64,
+}
+
+/// One line the developer writes: the case its completion is judged by.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The file, relative to the replayed directory.
+    pub file: String,
+    /// 0-based line number.
+    pub line: usize,
+    pub case: Case,
+}
+
+/// The replayed files' target lines, in the order the developer writes them.
+pub fn targets(o: &ReplayOptions) -> anyhow::Result<Vec<Target>> {
+    let glob = globset::Glob::new(&o.glob)
+        .with_context(|| format!("--glob {:?}", o.glob))?
+        .compile_matcher();
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(&o.dir).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("reading {}", o.dir.display()))?;
+        let rel = entry.path().strip_prefix(&o.dir).unwrap_or(entry.path());
+        if entry.file_type().is_file() && glob.is_match(rel) {
+            files.push(rel.to_path_buf());
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    if files.len() > o.max_files {
+        let mut keep = sample(&mut rng, files.len(), o.max_files).into_vec();
+        keep.sort_unstable();
+        files = keep.into_iter().map(|i| files[i].clone()).collect();
+    }
+    let mut out = Vec::new();
+    for rel in files {
+        let path = o.dir.join(&rel);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            tracing::warn!("{} is not UTF-8 text: skipped", path.display());
+            continue;
+        };
+        let lines = code_lines(&text);
+        let mut picked = if lines.len() > o.lines_per_file {
+            sample(&mut rng, lines.len(), o.lines_per_file).into_vec()
+        } else {
+            (0..lines.len()).collect()
+        };
+        picked.sort_unstable();
+        let file = rel.to_string_lossy().into_owned();
+        out.extend(picked.into_iter().map(|i| {
+            let line = lines[i];
+            Target {
+                case: cut(&text, line, &format!("{file}:{}", line + 1)),
+                file: file.clone(),
+                line,
+            }
+        }));
+    }
+    Ok(out)
+}
+
+/// The 0-based numbers of `text`'s lines a replay may target: code, not blank, not a comment, not
+/// inside a docstring or other triple-quoted string, 12–100 characters after the indentation.
+pub fn code_lines(text: &str) -> Vec<usize> {
+    let mut quote: Option<&str> = None;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let body = line.trim();
+        let was_inside = quote.is_some();
+        for q in ["\"\"\"", "'''"] {
+            if quote.is_none_or(|open| open == q) && body.matches(q).count() % 2 == 1 {
+                quote = if quote.is_some() { None } else { Some(q) };
+            }
+        }
+        let in_string =
+            was_inside || quote.is_some() || body.starts_with("\"\"\"") || body.starts_with("'''");
+        let width = body.chars().count();
+        if !in_string && !body.starts_with('#') && (12..=100).contains(&width) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// The case at line `line` of `text`: the cursor after its indentation, the rest of the line the
+/// target, the lines after it the suffix (cases-JSONL's layout).
+fn cut(text: &str, line: usize, id: &str) -> Case {
+    let start: usize = text.split_inclusive('\n').take(line).map(str::len).sum();
+    let rest = &text[start..];
+    let end = rest.find('\n').map_or(text.len(), |e| start + e);
+    let indent = text[start..end].len() - text[start..end].trim_start().len();
+    Case {
+        id: id.to_owned(),
+        language: "python".into(),
+        prefix: text[..start + indent].to_owned(),
+        suffix: text.get(end + 1..).unwrap_or_default().to_owned(),
+        target: text[start + indent..end].trim_end().to_owned(),
+        group: String::new(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The model's file name (the caller's to fill in).
+    pub model: String,
+    pub files: usize,
+    pub lines: usize,
+    pub repairs: usize,
+    pub repair_seconds_total: f64,
+    /// Patches live at the end.
+    pub entries_live: usize,
+    pub baseline_pass: f64,
+    pub repaired_pass: f64,
+    /// The line the first patch served (None: no repair kept a patch).
+    pub first_repaired_line: Option<usize>,
+    pub after_first_repair: AfterFirstRepair,
+    pub curve: Vec<CurvePoint>,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AfterFirstRepair {
+    pub lines: usize,
+    pub baseline_pass: f64,
+    pub repaired_pass: f64,
+    /// Right only with what was learned.
+    pub gained: usize,
+    /// Right only without it.
+    pub lost: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    pub line: usize,
+    pub baseline_pass: f64,
+    pub repaired_pass: f64,
+}
+
+/// One written line: the two proposals and what the learning model had by then.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub id: String,
+    pub target: String,
+    pub baseline: String,
+    pub repaired: String,
+    pub patches_live: usize,
+}
+
+/// Most points of `curve`.
+const CURVE_POINTS: usize = 50;
+
+/// Writes `targets` in order, learning as the server does under `policy`. `model_sha` keys the
+/// ledger; `on_line` hears of each line written.
+pub fn run(
+    model: &Model,
+    model_sha: &str,
+    head: &Head,
+    store: &mut Store,
+    targets: &[Target],
+    policy: &Policy,
+    mut on_line: impl FnMut(&Row),
+) -> anyhow::Result<ReplayReport> {
+    let (weights, tok) = (&model.weights, &model.tokenizer);
+    let limits = ContextLimits::default();
+    let residuals = Residuals::default();
+    let mut live = PatchSet::default();
+    let mut seen = 0usize; // failures the last repair saw and left unfixed
+    let mut repairs = 0;
+    let mut repair_seconds_total = 0.0;
+    let mut first_repaired_line = None;
+    let mut patches_live = 0;
+    let mut rows: Vec<Row> = Vec::with_capacity(targets.len());
+    for (i, t) in targets.iter().enumerate() {
+        let baseline = complete_case(weights, tok, &t.case, limits, None)?;
+        let repaired = if live.is_empty() {
+            baseline.clone()
+        } else {
+            complete_case(weights, tok, &t.case, limits, Some(&live))?
+        };
+        let right = passes(&repaired, &t.case);
+        store.add_case(&NewCase {
+            case: CaseText {
+                kind: if right {
+                    CaseKind::Guard
+                } else {
+                    CaseKind::Failure
+                },
+                outcome: if right {
+                    Outcome::Accepted
+                } else {
+                    Outcome::Corrected
+                },
+                prefix: t.case.prefix.clone(),
+                target: t.case.target.clone(),
+                suffix: t.case.suffix.clone(),
+                proposed: repaired.clone(),
+            },
+            completion_id: None,
+            language: t.case.language.clone(),
+            document: t.file.clone(),
+            workspace: String::new(),
+            created_ms: i as i64,
+        })?;
+        let row = Row {
+            id: t.case.id.clone(),
+            target: t.case.target.clone(),
+            baseline,
+            repaired,
+            patches_live,
+        };
+        on_line(&row);
+        rows.push(row);
+        let pending = store.counts()?.failures_pending.max(0) as usize;
+        if right
+            || policy.repair_threshold == 0
+            || pending < seen + policy.repair_threshold as usize
+        {
+            continue;
+        }
+        let job = Job::pending(store, policy.repair_guards)?;
+        let star = Star {
+            live: Some(&live),
+            residuals: Some(&residuals),
+            ..Star::new(weights, tok, head, RepairSettings::default())
+        };
+        let outcome = star.repair(&job.failures, &job.guards)?;
+        let report = learn::commit(
+            store,
+            model_sha,
+            i as i64,
+            &outcome,
+            policy.patch_memory_bytes(),
+        )?;
+        repairs += 1;
+        repair_seconds_total += report.seconds;
+        seen = report.failures - report.fixed;
+        tracing::info!(line = i + 1, ?report, "replay repair");
+        if report.patch_id.is_some() {
+            let mut records = store.patches(Some(model_sha), true)?;
+            learn::check_fit(&mut records, weights.config());
+            live = learn::overlay(&records)?;
+            patches_live = records.len();
+            first_repaired_line.get_or_insert(i + 1);
+        }
+    }
+    Ok(summarize(
+        targets,
+        rows,
+        repairs,
+        repair_seconds_total,
+        patches_live,
+        first_repaired_line,
+    ))
+}
+
+fn summarize(
+    targets: &[Target],
+    rows: Vec<Row>,
+    repairs: usize,
+    repair_seconds_total: f64,
+    entries_live: usize,
+    first_repaired_line: Option<usize>,
+) -> ReplayReport {
+    let right: Vec<(bool, bool)> = targets
+        .iter()
+        .zip(&rows)
+        .map(|(t, r)| (passes(&r.baseline, &t.case), passes(&r.repaired, &t.case)))
+        .collect();
+    let share = |n: usize, of: usize| if of == 0 { 0.0 } else { n as f64 / of as f64 };
+    let count =
+        |rs: &[(bool, bool)], f: fn(&(bool, bool)) -> bool| rs.iter().filter(|r| f(r)).count();
+    let after = first_repaired_line.map_or(&right[right.len()..], |l| &right[l..]);
+    let n = right.len();
+    let every = n.div_ceil(CURVE_POINTS).max(1);
+    let curve = (1..=n)
+        .filter(|k| k % every == 0 || *k == n)
+        .map(|k| CurvePoint {
+            line: k,
+            baseline_pass: share(count(&right[..k], |r| r.0), k),
+            repaired_pass: share(count(&right[..k], |r| r.1), k),
+        })
+        .collect();
+    let files = targets
+        .iter()
+        .map(|t| t.file.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    ReplayReport {
+        model: String::new(),
+        files,
+        lines: n,
+        repairs,
+        repair_seconds_total,
+        entries_live,
+        baseline_pass: share(count(&right, |r| r.0), n),
+        repaired_pass: share(count(&right, |r| r.1), n),
+        first_repaired_line,
+        after_first_repair: AfterFirstRepair {
+            lines: after.len(),
+            baseline_pass: share(count(after, |r| r.0), after.len()),
+            repaired_pass: share(count(after, |r| r.1), after.len()),
+            gained: count(after, |r| r.1 && !r.0),
+            lost: count(after, |r| r.0 && !r.1),
+        },
+        curve,
+        rows,
+    }
+}
+
+impl ReplayReport {
+    /// The figures as a few lines of text.
+    pub fn summary(&self) -> String {
+        let a = &self.after_first_repair;
+        format!(
+            "{} lines of {} files, {} repairs ({:.1} s), {} patches live at the end\n\
+             exact: unpatched {:.3}, learning {:.3}\n\
+             after the first repair (line {}): {} lines, unpatched {:.3}, learning {:.3}, gained {}, lost {}\n",
+            self.lines,
+            self.files,
+            self.repairs,
+            self.repair_seconds_total,
+            self.entries_live,
+            self.baseline_pass,
+            self.repaired_pass,
+            self.first_repaired_line.map_or("-".into(), |l| l.to_string()),
+            a.lines,
+            a.baseline_pass,
+            a.repaired_pass,
+            a.gained,
+            a.lost,
+        )
+    }
+}
+
+/// Where a replay's store lives: a fresh directory, never the developer's own data.
+pub fn fresh_store(dir: &Path) -> anyhow::Result<Store> {
+    if dir.join(crate::store::FILE_NAME).exists() {
+        anyhow::bail!(
+            "{} already holds a store: a replay starts from nothing",
+            dir.display()
+        );
+    }
+    Ok(Store::open(dir, u64::MAX)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_code_lines_of_12_to_100_characters() {
+        let text = "\"\"\"Docstring that is long enough.\n\
+                    value = compute(it, that)\n\
+                    \"\"\"\n\
+                    import os.path as osp\n\
+                    # a comment that is long enough\n\
+                    x = 1\n\
+                    def f(a):\n    \"\"\"One line docstring here.\"\"\"\n    return osp.join(a, 'b')\n";
+        let lines: Vec<&str> = code_lines(text)
+            .into_iter()
+            .map(|i| text.lines().nth(i).unwrap().trim())
+            .collect();
+        assert_eq!(lines, ["import os.path as osp", "return osp.join(a, 'b')"]);
+    }
+
+    #[test]
+    fn a_cut_puts_the_cursor_after_the_indentation() {
+        let c = cut("def f(a):\n    return a + 1  \nprint(f(2))\n", 1, "m.py:2");
+        assert_eq!(c.prefix, "def f(a):\n    ");
+        assert_eq!(c.target, "return a + 1");
+        assert_eq!(c.suffix, "print(f(2))\n");
+        let last = cut("x = 1\ny = compute(x)", 1, "m.py:2");
+        assert_eq!(
+            (last.target.as_str(), last.suffix.as_str()),
+            ("y = compute(x)", "")
+        );
+    }
+}
