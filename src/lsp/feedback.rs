@@ -206,8 +206,7 @@ impl Server {
                 self.schedule_repair();
             }
             if stored {
-                let server = self.clone();
-                tokio::spawn(async move { server.publish_status().await });
+                self.status_changed();
             }
         }
     }

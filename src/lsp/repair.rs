@@ -83,7 +83,7 @@ impl Server {
             .live_patches
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = live;
-        self.publish_status().await;
+        self.status_changed();
         Ok(n)
     }
 
@@ -171,6 +171,8 @@ impl Server {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
                 if let (Some(last), 0) = (last, self.failures_unseen().await?) {
+                    drop(lock);
+                    self.status_changed();
                     return Ok(last);
                 }
                 lock
@@ -192,7 +194,7 @@ impl Server {
     /// One repair, the caller holding the repair lock: `$/progress` meanwhile, `star/status` as it
     /// starts and ends, and a `window/showMessage` that sums it up.
     pub(super) async fn repair_locked(&self, lock: MutexGuard<'_, ()>) -> Result<RepairReport> {
-        self.publish_status().await;
+        self.status_changed();
         let progress = self
             .begin_progress("star-ls/repair", "repairing the model")
             .await;
@@ -220,7 +222,7 @@ impl Server {
         if let Some(p) = progress {
             p.finish_with_message("repair done").await;
         }
-        self.publish_status().await;
+        self.status_changed();
         let report = report?;
         let message = match &report.patch_id {
             Some(id) => format!(

@@ -46,6 +46,8 @@ pub(super) struct State {
     pub(super) repair: tokio::sync::Mutex<()>,
     /// Failures the last repair saw and left unfixed: the scheduler counts new ones past these.
     pub(super) pending_after_repair: std::sync::atomic::AtomicU64,
+    /// Signalled whenever what `star.status` reports changes.
+    status_changed: tokio::sync::Notify,
     /// Whether the client shows `$/progress` (`window.workDoneProgress`).
     pub(super) shows_progress: OnceLock<bool>,
     pub(super) last_repair: Mutex<Option<crate::learn::RepairReport>>,
@@ -212,12 +214,21 @@ impl Server {
         })
     }
 
-    /// `star/status`: the same fields as `star.status`, sent whenever they change, so clients need not poll.
-    pub(super) async fn publish_status(&self) {
-        let status = self.status().await;
-        self.client
-            .send_notification::<proto::StarStatus>(status)
-            .await;
+    /// Something `star.status` reports changed: `star/status` goes out (`publish_status`).
+    pub(super) fn status_changed(&self) {
+        self.state.status_changed.notify_one();
+    }
+
+    /// Sends `star/status` after each change, so clients need not poll. One task reads the status
+    /// after the change was signalled, so the last notification always shows the state as it is now.
+    async fn publish_status(self) {
+        loop {
+            self.state.status_changed.notified().await;
+            let status = self.status().await;
+            self.client
+                .send_notification::<proto::StarStatus>(status)
+                .await;
+        }
     }
 
     /// Starts a `$/progress` report if the client shows them. Bounded: a client that never answers
@@ -386,6 +397,7 @@ impl LanguageServer for Server {
         if let Some(events) = events {
             tokio::spawn(self.clone().report_model_events(events));
             self.spawn_idle_capture();
+            tokio::spawn(self.clone().publish_status());
         }
     }
 
