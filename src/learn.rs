@@ -8,7 +8,7 @@
 
 use crate::capture::CaseKind;
 use crate::model::{Config, Gate, LayerPatch, PatchSet};
-use crate::repair::{Case, RepairOutcome};
+use crate::repair::{Case, RepairOutcome, RepairSettings};
 use crate::store::{PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use std::path::Path;
 
 /// When the server repairs, on what, and how much it keeps: the settings of the same names
 /// (`repairThreshold`, `repairGuards`, `patchMemoryMb`), which `star-ls replay` runs with too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Policy {
     /// Repair once this many failures are pending that no repair has seen; 0: only when asked.
     pub repair_threshold: u64,
@@ -25,6 +25,8 @@ pub struct Policy {
     pub repair_guards: usize,
     /// The live patches' memory at most, MiB: past it the oldest are evicted.
     pub patch_memory_mb: u64,
+    /// The engine's settings (the server runs the defaults; `star-ls replay` can try others).
+    pub repair: RepairSettings,
 }
 
 impl Default for Policy {
@@ -33,6 +35,7 @@ impl Default for Policy {
             repair_threshold: 4,
             repair_guards: 8,
             patch_memory_mb: 128,
+            repair: RepairSettings::default(),
         }
     }
 }

@@ -125,6 +125,12 @@ enum Command {
         /// Keep the replay's store (cases and ledger) in this new directory; default: a temporary one.
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Repair settings as JSON, over the server's defaults (as for eval).
+        #[arg(long, value_parser = parse_settings)]
+        repair_settings: Option<star_ls::repair::RepairSettings>,
+        /// Repair once this many failures no repair has seen are pending (the server's setting).
+        #[arg(long)]
+        repair_threshold: Option<u64>,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -295,10 +301,18 @@ fn main() {
             json,
             plot,
             store,
+            repair_settings,
+            repair_threshold,
             threads,
         } => {
             star_ls::env::set_threads(threads);
+            let default = star_ls::learn::Policy::default();
             star_ls::cli::replay::run(star_ls::cli::replay::Options {
+                policy: star_ls::learn::Policy {
+                    repair: repair_settings.unwrap_or_default(),
+                    repair_threshold: repair_threshold.unwrap_or(default.repair_threshold),
+                    ..default
+                },
                 replay: star_ls::eval::replay::ReplayOptions {
                     dir,
                     glob,

@@ -14,6 +14,7 @@ pub struct Options<'a> {
     pub plot: Option<&'a Path>,
     /// Where the replay's store goes; default a fresh temporary directory.
     pub store: Option<&'a Path>,
+    pub policy: Policy,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
@@ -47,7 +48,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         &head,
         &mut store,
         &targets,
-        &Policy::default(),
+        &o.policy,
         |row| {
             written += 1;
             let mark = |s: &str| if s.trim_end() == row.target { "=" } else { "x" };

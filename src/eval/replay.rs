@@ -11,7 +11,7 @@ use crate::capture::{CaseKind, CaseText, Outcome};
 use crate::completion::ContextLimits;
 use crate::learn::{self, Job, Policy};
 use crate::model::{Model, PatchSet};
-use crate::repair::{complete_case, passes, Case, Head, RepairSettings, Residuals, Star};
+use crate::repair::{complete_case, passes, Case, Head, Residuals, Star};
 use crate::store::{NewCase, Store};
 use anyhow::Context;
 use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
@@ -248,7 +248,7 @@ pub fn run(
         let star = Star {
             live: Some(&live),
             residuals: Some(&residuals),
-            ..Star::new(weights, tok, head, RepairSettings::default())
+            ..Star::new(weights, tok, head, policy.repair)
         };
         let outcome = star.repair(&job.failures, &job.guards)?;
         let report = learn::commit(

@@ -87,6 +87,7 @@ impl Settings {
             repair_threshold: self.repair_threshold,
             repair_guards: self.repair_guards,
             patch_memory_mb: self.patch_memory_mb,
+            ..crate::learn::Policy::default()
         }
     }
 }
