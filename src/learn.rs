@@ -82,6 +82,10 @@ impl Job {
 pub struct RepairReport {
     /// The ledger's id of the patch kept, if one was.
     pub patch_id: Option<String>,
+    /// The stored failures no patch had repaired when it started: all of them were given to it.
+    pub pending: usize,
+    /// Those of them the model got wrong when the repair checked them (teacher-forced, in the
+    /// repair's context window); the others it already says right there.
     pub failures: usize,
     pub fixed: usize,
     pub guard_before: f32,
@@ -97,10 +101,19 @@ pub struct RepairReport {
     pub evicted: Vec<String>,
 }
 
+impl RepairReport {
+    /// The failures it was given and did not fix: they stay pending, and the scheduler counts new
+    /// ones past them.
+    pub fn unfixed(&self) -> usize {
+        self.pending.saturating_sub(self.fixed)
+    }
+}
+
 impl From<&RepairOutcome> for RepairReport {
     fn from(o: &RepairOutcome) -> Self {
         Self {
             patch_id: None,
+            pending: 0,
             failures: o.failures,
             fixed: o.fixed,
             guard_before: o.guard_before,
@@ -116,16 +129,20 @@ impl From<&RepairOutcome> for RepairReport {
     }
 }
 
-/// Writes an accepted repair to the ledger (marking the cases it fixed) and evicts the oldest patches
-/// of model `sha` past `budget` bytes. The report, with the patch's id and what was evicted.
+/// Writes an accepted repair of `job` to the ledger (marking the cases it fixed) and evicts the oldest
+/// patches of model `sha` past `budget` bytes. The report, with the patch's id and what was evicted.
 pub fn commit(
     store: &mut Store,
     sha: &str,
     now_ms: i64,
+    job: &Job,
     outcome: &RepairOutcome,
     budget: u64,
 ) -> Result<RepairReport, CommitError> {
-    let mut report = RepairReport::from(outcome);
+    let mut report = RepairReport {
+        pending: job.failures.len(),
+        ..RepairReport::from(outcome)
+    };
     if outcome.patches.is_empty() {
         return Ok(report);
     }

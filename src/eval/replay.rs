@@ -191,7 +191,7 @@ pub fn run(
     let limits = ContextLimits::default();
     let residuals = Residuals::default();
     let mut live = PatchSet::default();
-    let mut seen = 0usize; // failures the last repair saw and left unfixed
+    let mut seen = 0usize; // failures the last repair was given and left unfixed
     let mut repairs = 0;
     let mut repair_seconds_total = 0.0;
     let mut first_repaired_line = None;
@@ -255,12 +255,13 @@ pub fn run(
             store,
             model_sha,
             i as i64,
+            &job,
             &outcome,
             policy.patch_memory_bytes(),
         )?;
         repairs += 1;
         repair_seconds_total += report.seconds;
-        seen = report.failures - report.fixed;
+        seen = report.unfixed();
         tracing::info!(line = i + 1, ?report, "replay repair");
         if report.patch_id.is_some() {
             let mut records = store.patches(Some(model_sha), true)?;

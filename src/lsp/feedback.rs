@@ -221,15 +221,16 @@ impl Server {
         }
         let server = self.clone();
         tokio::spawn(async move {
+            // Counted before the lock too: holding it shows a repair running (star.status).
+            let due = async || server.failures_unseen().await.is_ok_and(|n| n >= threshold);
             loop {
+                if !due().await {
+                    return;
+                }
                 let Ok(lock) = server.state.repair.try_lock() else {
                     return;
                 };
-                if server
-                    .failures_unseen()
-                    .await
-                    .map_or(true, |n| n < threshold)
-                {
+                if !due().await {
                     return;
                 }
                 match server.repair_locked(lock).await {

@@ -200,7 +200,7 @@ impl Server {
             .await;
         let report = self.repair_once().await;
         let unfixed = match &report {
-            Ok(r) => (r.failures - r.fixed) as u64,
+            Ok(r) => r.unfixed() as u64,
             // Not tried again on their own: the next failure stored brings them back in.
             Err(_) => self
                 .store_counts()
@@ -256,7 +256,7 @@ impl Server {
             .join(format!("{sha}.chol"));
         let state = self.state.clone();
         let (model_then, guards_then) = (model.clone(), job.guards.clone());
-        let (outcome, head) = tokio::task::spawn_blocking(move || {
+        let (outcome, head, job) = tokio::task::spawn_blocking(move || {
             let head = {
                 let mut slot = head_slot.lock().unwrap_or_else(|e| e.into_inner());
                 match slot.as_ref() {
@@ -280,15 +280,10 @@ impl Server {
                 live: live.as_deref(),
                 residuals: Some(&state.residuals),
                 between_steps: Some(&yield_to_completions),
-                ..Star::new(
-                    &model.weights,
-                    &model.tokenizer,
-                    &head,
-                    RepairSettings::default(),
-                )
+                ..Star::new(&model.weights, &model.tokenizer, &head, policy.repair)
             };
             let outcome = crate::env::in_background(|| star.repair(&job.failures, &job.guards))?;
-            Ok::<_, candle_core::Error>((outcome, head))
+            Ok::<_, candle_core::Error>((outcome, head, job))
         })
         .await
         .map_err(|e| internal(e.to_string()))?
@@ -298,7 +293,9 @@ impl Server {
             .map_or(0, |d| d.as_millis() as i64);
         let kept = !outcome.patches.is_empty();
         let report = self
-            .with_store(move |s| learn::commit(s, &sha, now, &outcome, policy.patch_memory_bytes()))
+            .with_store(move |s| {
+                learn::commit(s, &sha, now, &job, &outcome, policy.patch_memory_bytes())
+            })
             .await?;
         if !report.evicted.is_empty() {
             tracing::info!("over patchMemoryMb: evicted {}", report.evicted.join(", "));
