@@ -54,6 +54,24 @@ fn write_line(c: &mut Client, uri: &str, version: &mut i32, line: u32, text: &st
     c.insert(uri, *version, line, text.len() as u32, "\n");
 }
 
+/// A server that repairs once two new failures are pending, after two lines that are failures.
+fn two_failures_with_threshold_2(name: &str) -> Client {
+    let mut c = start_with(&tiny_model(), &data_dir(name), 2);
+    let uri = format!("file:///w/{name}.py");
+    c.open(&uri, "");
+    let mut version = 1;
+    for line in 0..2 {
+        write_line(
+            &mut c,
+            &uri,
+            &mut version,
+            line,
+            &format!("v{line} = {line}"),
+        );
+    }
+    c
+}
+
 #[test]
 fn bad_capture_traffic_is_survived() {
     let model = tiny_model();
@@ -107,21 +125,7 @@ fn bad_capture_traffic_is_survived() {
 
 #[test]
 fn enough_new_failures_start_a_repair() {
-    let model = tiny_model();
-    let data = data_dir("scheduler");
-    let mut c = start_with(&model, &data, 2);
-    let uri = "file:///w/s.py";
-    c.open(uri, "");
-    let mut version = 1;
-    for line in 0..2 {
-        write_line(
-            &mut c,
-            uri,
-            &mut version,
-            line,
-            &format!("v{line} = {line}"),
-        );
-    }
+    let mut c = two_failures_with_threshold_2("scheduler");
     // The repair reports when done: with a patch, or why not.
     let shown = c.wait_for("the scheduled repair's report", |m| {
         m["method"] == "window/showMessage"
@@ -147,21 +151,7 @@ fn command(c: &mut Client, name: &str) -> serde_json::Value {
 
 #[test]
 fn repair_now_while_a_repair_runs_waits_for_it_and_status_is_pushed() {
-    let model = tiny_model();
-    let data = data_dir("wait");
-    let mut c = start_with(&model, &data, 2);
-    let uri = "file:///w/w.py";
-    c.open(uri, "");
-    let mut version = 1;
-    for line in 0..2 {
-        write_line(
-            &mut c,
-            uri,
-            &mut version,
-            line,
-            &format!("w{line} = {line}"),
-        );
-    }
+    let mut c = two_failures_with_threshold_2("wait");
     // The second failure started a repair; two more asked for at once run into it.
     let first = c.request_async(
         "workspace/executeCommand",
