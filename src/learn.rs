@@ -189,6 +189,7 @@ pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec
                 gate: match p.gate() {
                     Some(g) => Some(PatchGate {
                         keys: g.keys().flatten_all()?.to_vec1()?,
+                        center: g.center().map(|c| c.flatten_all()?.to_vec1()).transpose()?,
                         threshold: g.threshold(),
                     }),
                     None => None,
@@ -206,7 +207,11 @@ pub fn check_fit(records: &mut [PatchRecord], config: &Config) {
             let wide = l
                 .columns
                 .iter()
-                .any(|&c| c as usize >= config.intermediate_size);
+                .any(|&c| c as usize >= config.intermediate_size)
+                || l.gate
+                    .as_ref()
+                    .and_then(|g| g.center.as_ref())
+                    .is_some_and(|c| c.len() != config.intermediate_size);
             (l.layer >= config.num_layers || l.hidden != config.hidden_size || wide).then(|| {
                 format!(
                     "layer {} (hidden {}, neurons up to {:?}) does not fit the model",
@@ -232,9 +237,15 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
         let delta = Tensor::from_vec(layer.delta.clone(), (layer.hidden, n), &Device::Cpu)?;
         let gate = match &layer.gate {
             Some(g) => {
+                let width = g.width(n).max(1);
                 let keys =
-                    Tensor::from_vec(g.keys.clone(), (g.keys.len() / n.max(1), n), &Device::Cpu)?;
-                Some(Gate::new(&keys, g.threshold)?)
+                    Tensor::from_vec(g.keys.clone(), (g.keys.len() / width, width), &Device::Cpu)?;
+                let center = g
+                    .center
+                    .as_ref()
+                    .map(|c| Tensor::new(c.as_slice(), &Device::Cpu))
+                    .transpose()?;
+                Some(Gate::stored(&keys, center.as_ref(), g.threshold)?)
             }
             None => None,
         };

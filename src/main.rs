@@ -58,6 +58,9 @@ enum Command {
         /// star, or a baseline from the paper: mint, sgd.
         #[arg(long, default_value = "star", value_parser = parse_method)]
         method: star_ls::repair::Method,
+        /// Repair settings as JSON, over the defaults (e.g. '{"gate": 0}').
+        #[arg(long, value_parser = parse_settings)]
+        repair_settings: Option<star_ls::repair::RepairSettings>,
         #[arg(long)]
         json: bool,
         #[arg(long)]
@@ -247,6 +250,7 @@ fn main() {
             guards,
             no_guard_projection,
             method,
+            repair_settings,
             json,
             threads,
         } => {
@@ -255,7 +259,13 @@ fn main() {
                 cases: &cases,
                 limit,
                 guards: guards.as_deref(),
-                guard_projection: !no_guard_projection,
+                settings: {
+                    let s = repair_settings.unwrap_or_default();
+                    star_ls::repair::RepairSettings {
+                        guard_projection: s.guard_projection && !no_guard_projection,
+                        ..s
+                    }
+                },
                 method,
                 json,
             })

@@ -264,7 +264,7 @@ fn neurons_recomputed_from_mid_point_where_the_serving_ones_do() {
         // Row 0 (the attention sink) aside: its activations are outliers no gate is solved at.
         let rows = tokens.len() - 1;
         let mid = cap.mid[&layer].narrow(0, 1, rows).unwrap();
-        let ours = d.neurons_on(&mid, &columns).unwrap();
+        let ours = d.neurons_on(&mid, Some(&columns)).unwrap();
         let served = z
             .narrow(0, 1, rows)
             .unwrap()

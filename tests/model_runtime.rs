@@ -989,7 +989,7 @@ fn a_gated_patch_acts_only_where_its_gate_opens() {
     let ungated = patch(&columns, 21, 0.5);
     let gated = ungated
         .clone()
-        .gated(Some(Gate::new(&keys, threshold).unwrap()));
+        .gated(Some(Gate::on_columns(&keys, threshold).unwrap()));
     let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
     let plain = hidden(&PatchSet::default());
     let full = hidden(&PatchSet::default().with(last, ungated.clone()).unwrap());
@@ -999,7 +999,7 @@ fn a_gated_patch_acts_only_where_its_gate_opens() {
         assert!(got[r] == *want, "row {r} (gate open: {o})");
         assert!(!o || full[r] != plain[r], "the patch must move row {r}");
     }
-    assert!(Gate::new(&keys.narrow(0, 0, 0).unwrap(), threshold).is_err());
+    assert!(Gate::on_columns(&keys.narrow(0, 0, 0).unwrap(), threshold).is_err());
 
     let both = PatchSet::default()
         .with(last, ungated)
@@ -1035,6 +1035,53 @@ fn a_gated_patch_acts_only_where_its_gate_opens() {
     assert!(tensor_diff(&from_dense, &serving) < 1e-4);
 }
 
+/// A gate keyed on the layer reads every neuron's activation less its centre: at the rows whose
+/// centred activation points like a centred key the patch acts as ungated, elsewhere the model is
+/// bit-identical to the unpatched one.
+#[test]
+fn a_gate_keyed_on_the_layer_reads_the_centred_activation() {
+    let m = load_exact(&f32_path());
+    let t = tokens(&m);
+    let last = LAYERS - 1;
+    let z = captured(&m, &t, [last]).neurons[&last].clone();
+    let center = z.narrow(0, 1, 6).unwrap().mean(0).unwrap();
+    let keys = z
+        .index_select(&Tensor::new(&[4u32, 11], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let threshold = 0.6;
+    let c: Vec<f32> = center.to_vec1().unwrap();
+    let rows: Vec<Vec<f32>> = z
+        .to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.iter().zip(&c).map(|(x, m)| x - m).collect())
+        .collect();
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+    };
+    let open: Vec<bool> = rows
+        .iter()
+        .map(|r| [4, 11].iter().any(|&k| cosine(r, &rows[k]) >= threshold))
+        .collect();
+    assert!(open[4] && open[11] && open.iter().any(|o| !o), "{open:?}");
+
+    let ungated = patch(&[3, 17, 64, 127], 21, 0.5);
+    let gate = Gate::on_layer(&keys, &center, threshold).unwrap();
+    let gated = ungated.clone().gated(Some(gate));
+    let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
+    let plain = hidden(&PatchSet::default());
+    let full = hidden(&PatchSet::default().with(last, ungated).unwrap());
+    let got = hidden(&PatchSet::default().with(last, gated).unwrap());
+    for (r, &o) in open.iter().enumerate() {
+        let want = if o { &full[r] } else { &plain[r] };
+        assert!(got[r] == *want, "row {r} (gate open: {o})");
+        assert!(!o || full[r] != plain[r], "the patch must move row {r}");
+    }
+    let narrow = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(Gate::on_layer(&keys, &narrow, threshold).is_err());
+}
+
 /// What repair relies on to run a case only from the first row a gated patch may change: `z` on a
 /// patch's neurons recomputed from the residual a pass recorded between attention and MLP
 /// (`Capture::mid`, `DecoderLayer::neurons_on`, the input rounded as the quantized kernels round it)
@@ -1060,7 +1107,7 @@ fn rows_before_a_gates_first_open_row_are_unpatched() {
         .unwrap();
     let served = cap.neurons[&layer].index_select(&index, 1).unwrap();
     let dense = m.weights.dense_layers(layer..layer + 1, None).unwrap();
-    let ours = dense[0].neurons_on(&cap.mid[&layer], &index).unwrap();
+    let ours = dense[0].neurons_on(&cap.mid[&layer], Some(&index)).unwrap();
     let scale = served
         .abs()
         .unwrap()
@@ -1076,7 +1123,7 @@ fn rows_before_a_gates_first_open_row_are_unpatched() {
 
     let key_row = t.len() - 3;
     let keys = served.narrow(0, key_row, 1).unwrap();
-    let gate = Gate::new(&keys, 0.99).unwrap();
+    let gate = Gate::on_columns(&keys, 0.99).unwrap();
     let first = gate
         .first_open(&ours, 0.0)
         .unwrap()

@@ -68,7 +68,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (3, "wal"));
+    assert_eq!((version, journal.as_str()), (4, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -182,7 +182,19 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
             delta: vec![1.5, -0.5],
             gate: Some(PatchGate {
                 keys: vec![1.0, -1.0, 1.0],
+                center: None,
                 threshold: 0.85,
+            }),
+        },
+        PatchLayer {
+            layer: 22,
+            hidden: 2,
+            columns: vec![1],
+            delta: vec![0.5, 0.5],
+            gate: Some(PatchGate {
+                keys: vec![0.6, 0.8, 0.0, 0.0, 1.0, 0.0],
+                center: Some(vec![0.25, -0.5, 1.0]),
+                threshold: 0.4,
             }),
         },
     ];
@@ -215,6 +227,48 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
         1,
         "rolled back, not forgotten"
     );
+}
+
+/// A ledger written before gates keyed on the layer (schema 3, no `gate_center`) opens migrated: its
+/// gates read as keyed on their columns, as they were written, and serve.
+#[test]
+fn a_ledger_from_before_layer_keys_is_migrated() {
+    use star_ls::store::{PatchGate, PatchLayer};
+    let dir = temp_dir("migrate");
+    let layers = vec![PatchLayer {
+        layer: 1,
+        hidden: 2,
+        columns: vec![4, 7],
+        delta: vec![1.5, -0.5, 0.25, 1.0],
+        gate: Some(PatchGate {
+            keys: vec![0.6, 0.8],
+            center: None,
+            threshold: 0.9,
+        }),
+    }];
+    let mut store = Store::open(&dir, 1 << 30).unwrap();
+    let report = serde_json::json!({ "fixed": 1 });
+    store.add_patch("sha", 5, &report, &layers, &[]).unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE patch_layers DROP COLUMN gate_center; PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = Store::open(&dir, 1 << 30).unwrap();
+    let patches = store.patches(Some("sha"), true).unwrap();
+    assert_eq!(patches[0].layers, layers);
+    let set = star_ls::learn::overlay(&patches).unwrap();
+    let gate = set.gated_at(1).next().unwrap().gate().unwrap();
+    assert!(gate.center().is_none() && gate.keys().dims2().unwrap() == (1, 2));
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 4);
 }
 
 /// A patch whose ledger rows were damaged on disk (a torn blob, half a gate, a neuron past the

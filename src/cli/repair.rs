@@ -27,7 +27,7 @@ pub struct Options<'a> {
     /// Failures repaired: the first `limit` cases (the rest are held out and only checked).
     pub limit: Option<usize>,
     pub guards: Option<&'a Path>,
-    pub guard_projection: bool,
+    pub settings: RepairSettings,
     pub method: Method,
     pub json: bool,
 }
@@ -41,10 +41,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let model = Model::load(&crate::env::model_path(), LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;
-    let settings = RepairSettings {
-        guard_projection: o.guard_projection,
-        ..RepairSettings::default()
-    };
+    let settings = o.settings;
     let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
     let lines = |patches: Option<&PatchSet>| -> anyhow::Result<Vec<String>> {

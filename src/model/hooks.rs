@@ -84,7 +84,7 @@ impl Capture {
 }
 
 /// A dense delta on some `down_proj` columns of one layer: `mlp_out += delta · z[columns]`, at every
-/// row or, gated, only at rows whose `z[columns]` points like one of the gate's keys.
+/// row or, gated, only at the rows its gate opens at.
 #[derive(Debug, Clone)]
 pub struct LayerPatch {
     columns: Vec<u32>,
@@ -96,68 +96,131 @@ pub struct LayerPatch {
     rows: Option<Tensor>,
 }
 
-/// Opens a patch at the rows whose activations on its columns have cosine at least `threshold` with
-/// one of `keys` (the activations it was solved at): elsewhere the layer is exactly as unpatched.
+/// Opens a patch at the rows whose activations have cosine at least `threshold` with one of `keys`
+/// (the activations it was solved at): elsewhere the layer is exactly as unpatched.
+///
+/// A gate keyed on the layer (`center` set) compares the whole `down_proj` input, centred on the
+/// layer's typical activation: late-layer activations are anisotropic, so raw cosines crowd near 1,
+/// and a few patched neurons say little about the context. A gate keyed on the patch's columns
+/// (`center` none) is what ledgers written before 2026-12-06 hold.
 #[derive(Debug, Clone)]
 pub struct Gate {
-    /// `(keys, columns)`, rows of unit norm.
+    /// `(keys, width)`, rows of unit norm: width `intermediate` keyed on the layer, else the patch's
+    /// columns.
     keys: Tensor,
+    /// `(1, intermediate)`.
+    center: Option<Tensor>,
     threshold: f32,
 }
 
 impl Gate {
-    /// `keys` `(n, columns)`: activations on the patch's columns; at least one.
-    pub fn new(keys: &Tensor, threshold: f32) -> Result<Self> {
+    /// Keyed on the patch's columns: `keys` `(n, columns)`, activations there; at least one.
+    pub fn on_columns(keys: &Tensor, threshold: f32) -> Result<Self> {
+        Self::build(keys, None, threshold)
+    }
+
+    /// Keyed on the layer: `keys` `(n, intermediate)`, whole activations, compared after subtracting
+    /// `center` `(intermediate,)`.
+    pub fn on_layer(keys: &Tensor, center: &Tensor, threshold: f32) -> Result<Self> {
+        let center = center.reshape((1, ()))?;
+        if center.dim(1)? != keys.dim(1)? {
+            candle_core::bail!(
+                "a gate's centre has {} values for keys of {}",
+                center.dim(1)?,
+                keys.dim(1)?
+            );
+        }
+        Self::build(keys, Some(center), threshold)
+    }
+
+    fn build(keys: &Tensor, center: Option<Tensor>, threshold: f32) -> Result<Self> {
         if keys.dims2()?.0 == 0 {
             candle_core::bail!("a gate needs at least one key");
         }
+        let keys = match &center {
+            Some(c) => unit_rows(&keys.broadcast_sub(c)?)?,
+            None => unit_rows(keys)?,
+        };
         Ok(Self {
-            keys: unit_rows(keys)?,
+            keys,
+            center,
             threshold,
         })
     }
 
-    /// This gate opening also at rows like `more` `(n, columns)`.
-    pub fn with_keys(&self, more: &Tensor) -> Result<Self> {
+    /// A gate as `keys()`, `center()` and `threshold()` describe it (unit keys, centred already).
+    pub fn stored(keys: &Tensor, center: Option<&Tensor>, threshold: f32) -> Result<Self> {
+        if keys.dims2()?.0 == 0 {
+            candle_core::bail!("a gate needs at least one key");
+        }
+        let center = center.map(|c| c.reshape((1, ()))).transpose()?;
+        if let Some(c) = &center {
+            if c.dim(1)? != keys.dim(1)? {
+                candle_core::bail!("a gate's centre does not fit its keys");
+            }
+        }
         Ok(Self {
-            keys: Tensor::cat(&[&self.keys, &unit_rows(more)?], 0)?,
-            threshold: self.threshold,
+            keys: keys.clone(),
+            center,
+            threshold,
         })
     }
 
-    /// `(keys, columns)`, rows of unit norm.
+    /// This gate opening also at rows like `more` `(n, width)`, activations as the gate reads them.
+    pub fn with_keys(&self, more: &Tensor) -> Result<Self> {
+        let more = Self::build(more, self.center.clone(), self.threshold)?;
+        Ok(Self {
+            keys: Tensor::cat(&[&self.keys, &more.keys], 0)?,
+            ..more
+        })
+    }
+
+    /// This gate at another threshold.
+    pub fn at(self, threshold: f32) -> Self {
+        Self { threshold, ..self }
+    }
+
+    /// `(keys, width)`, rows of unit norm (centred first when keyed on the layer).
     pub fn keys(&self) -> &Tensor {
         &self.keys
+    }
+
+    /// `(1, intermediate)` when keyed on the layer.
+    pub fn center(&self) -> Option<&Tensor> {
+        self.center.as_ref()
     }
 
     pub fn threshold(&self) -> f32 {
         self.threshold
     }
 
-    /// `(seq, 1)`: 1 at the rows of `zs` `(seq, columns)` the gate opens, else 0. No gradient flows
+    /// `(seq, 1)`: 1 at the rows of `z` `(seq, width)` the gate opens, else 0. No gradient flows
     /// through it.
-    fn open(&self, zs: &Tensor) -> Result<Tensor> {
-        self.cosines(zs)?
+    fn open(&self, z: &Tensor) -> Result<Tensor> {
+        self.scores(z)?
             .ge(self.threshold as f64)?
             .to_dtype(candle_core::DType::F32)
     }
 
-    /// The first row of `zs` `(seq, columns)` the gate might open at, for activations computed
-    /// another way than the pass's own (with other rounding): the first within `margin` of the
-    /// threshold. None: it stays shut at every row.
-    pub fn first_open(&self, zs: &Tensor, margin: f32) -> Result<Option<usize>> {
-        if zs.dim(0)? == 0 {
+    /// The first row of `z` `(seq, width)` the gate might open at, for activations computed another
+    /// way than the pass's own (with other rounding): the first within `margin` of the threshold.
+    /// None: it stays shut at every row.
+    pub fn first_open(&self, z: &Tensor, margin: f32) -> Result<Option<usize>> {
+        if z.dim(0)? == 0 {
             return Ok(None);
         }
-        let cos: Vec<f32> = self.cosines(zs)?.squeeze(1)?.to_vec1()?;
+        let cos: Vec<f32> = self.scores(z)?.squeeze(1)?.to_vec1()?;
         Ok(cos.iter().position(|&c| c >= self.threshold - margin))
     }
 
-    /// `(seq, 1)`: each row's largest cosine with a key.
-    fn cosines(&self, zs: &Tensor) -> Result<Tensor> {
-        unit_rows(&zs.detach())?
-            .matmul(&self.keys.t()?)?
-            .max_keepdim(1)
+    /// `(seq, 1)`: each row of `z` `(seq, width)`'s largest cosine with a key.
+    pub fn scores(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.detach();
+        let z = match &self.center {
+            Some(c) => z.broadcast_sub(c)?,
+            None => z,
+        };
+        unit_rows(&z)?.matmul(&self.keys.t()?)?.max_keepdim(1)
     }
 }
 
@@ -222,7 +285,8 @@ impl LayerPatch {
         let zs = z.index_select(&self.index, 1)?;
         let mut out = zs.matmul(&self.delta.t()?)?;
         if let Some(g) = &self.gate {
-            out = out.broadcast_mul(&g.open(&zs)?)?;
+            let read = if g.center.is_some() { z } else { &zs };
+            out = out.broadcast_mul(&g.open(read)?)?;
         }
         match &self.rows {
             Some(mask) => out.broadcast_mul(mask),

@@ -578,14 +578,18 @@ impl DecoderLayer {
         &self.mlp
     }
 
-    /// `z` on neurons `columns` only, from `mid` (the residual between this layer's attention and its
+    /// `z` on neurons `columns` only (all of them for none), from `mid` (the residual between this layer's attention and its
     /// MLP, as `Capture::mid` records it), in f32 from the weights as this layer holds them: the
     /// serving kernels quantize their input, so on a quantized layer this differs from the pass's
     /// own `z` by that rounding. Rows are independent: any subset of a pass's rows can be given.
-    pub fn neurons_on(&self, mid: &Tensor, columns: &Tensor) -> Result<Tensor> {
+    pub fn neurons_on(&self, mid: &Tensor, columns: Option<&Tensor>) -> Result<Tensor> {
         let h = rms_norm(mid, &self.ffn_norm, self.eps, false)?;
         let rows = |l: &Linear| -> Result<Tensor> {
-            let w = l.dense_weight()?.index_select(columns, 0)?;
+            let w = l.dense_weight()?;
+            let w = match columns {
+                Some(c) => w.index_select(c, 0)?,
+                None => w,
+            };
             l.rounded_input(&h)?.matmul(&w.t()?)
         };
         let (gate, up) = (rows(&self.mlp.gate)?, rows(&self.mlp.up)?);

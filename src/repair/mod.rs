@@ -5,6 +5,7 @@
 //! no I/O, no protocol, no store. Serving is untouched until the caller swaps the patches in.
 
 mod baselines;
+mod keys;
 mod linalg;
 mod residuals;
 mod star;
@@ -52,11 +53,17 @@ pub struct RepairSettings {
     /// directions the selected neurons rarely take in ordinary code (their prompts), so the patch
     /// moves other completions less. 0 is the paper's least-norm patch.
     pub preserve: f32,
-    /// Cosine threshold of the patches' gates (0: no gate): a patch acts only at rows whose activations
-    /// on its neurons point like those it was solved at (the failure positions', and the re-solves').
-    /// Least-norm patches move every row in proportion to its overlap with the failures' directions,
-    /// and in real code many rows overlap some: ungated, specificity on the library set was 0.80.
+    /// The patches' gates (0: none): a patch acts only at rows whose activations point like those it
+    /// was solved at (the failure positions', and the re-solves'). Least-norm patches move every row
+    /// in proportion to its overlap with the failures' directions, and in real code many rows overlap
+    /// some: ungated, specificity on the library set was 0.80. The cosine threshold for `keys:
+    /// "columns"`; for `"layer"` the highest threshold a gate may get.
     pub gate: f32,
+    /// What a gate compares: the layer's whole `down_proj` input, centred, or the patched neurons'.
+    pub keys: Keys,
+    /// Layer keys: a gate's threshold is this far above the highest cosine of the rows it must leave
+    /// alone (the cases' and guards' prompts, the guards' targets), up to `gate`.
+    pub gate_gap: f32,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -83,6 +90,16 @@ pub enum Locate {
     /// Occlusion to first order, `|Σ ∂CE/∂z ⊙ z|`, from the one backward pass per case that also
     /// gives every candidate neuron's attribution.
     Gradient,
+}
+
+/// What a patch's gate reads (`RepairSettings::keys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keys {
+    /// The layer's whole `down_proj` input, centred on its typical rows; the threshold from data.
+    Layer,
+    /// The patched neurons' activations; the threshold is `gate`.
+    Columns,
 }
 
 /// METHOD.md's two modes of guided optimization.
@@ -115,6 +132,8 @@ impl Default for RepairSettings {
             mode: Mode::Batch,
             preserve: 0.9,
             gate: 0.9,
+            keys: Keys::Layer,
+            gate_gap: 0.05,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

@@ -12,7 +12,7 @@
 
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
-use super::{linalg, Locate, Mode, RepairSettings, Residuals};
+use super::{linalg, Keys, Locate, Mode, RepairSettings, Residuals};
 use crate::model::generate::{argmax, mask_rows_to_heal};
 use crate::model::{
     kv_positions, Capture, DecoderLayer, Gate, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2,
@@ -339,7 +339,10 @@ pub(super) type PerLayer<T> = BTreeMap<usize, T>;
 /// The neurons chosen per layer, and their activations `(failure positions, chosen)` per layer.
 struct Selection {
     columns: BTreeMap<usize, Vec<u32>>,
+    /// `z` at the failure positions on the selected columns.
     z: BTreeMap<usize, Tensor>,
+    /// `z` at the failure positions, every neuron.
+    whole: BTreeMap<usize, Tensor>,
 }
 
 /// Neuron attribution over some cases, per layer.
@@ -534,8 +537,11 @@ impl<'a> Star<'a> {
             let (Some(gate), Some(mid)) = (p.gate(), check.mid.get(l)) else {
                 return Ok(0);
             };
-            let columns = Tensor::new(p.columns(), &Device::Cpu)?;
-            let z = batch.dense[l - batch.first].neurons_on(mid, &columns)?;
+            let columns = match gate.center() {
+                Some(_) => None,
+                None => Some(Tensor::new(p.columns(), &Device::Cpu)?),
+            };
+            let z = batch.dense[l - batch.first].neurons_on(mid, columns.as_ref())?;
             if let Some(r) = gate.first_open(&z, GATE_MARGIN)? {
                 first = first.min(r);
             }
@@ -551,7 +557,7 @@ impl<'a> Star<'a> {
         let key = CheckKey {
             first,
             overlay: live.id(),
-            typical: self.settings.preserve > 0.0,
+            typical: self.samples_typical(),
             tokens: prepared.tf.tokens.clone(),
         };
         if let Some(c) = self.residuals.and_then(|r| r.check(&key)) {
@@ -642,15 +648,22 @@ impl<'a> Star<'a> {
         Ok((scored, tail, capture))
     }
 
-    /// The prompt rows of `case` sampled for `preserve` (`Batch::typical`, `Checked::typical`): up to 64,
-    /// evenly over the rows before the tail but the first; `None` when `preserve` is off or there are
-    /// none. The first row is the attention sink: in the top layers its `|z|²` is 30–110 times a
+    /// Whether checks sample typical rows: for `preserve`, and for gates keyed on the layer (their
+    /// centre and threshold).
+    fn samples_typical(&self) -> bool {
+        self.settings.preserve > 0.0
+            || (self.settings.gate > 0.0 && self.settings.keys == Keys::Layer)
+    }
+
+    /// The prompt rows of `case` sampled for `preserve` and layer keys (`Batch::typical`,
+    /// `Checked::typical`): up to 64, evenly over the rows before the tail but the first; `None` when
+    /// neither wants them or there are none. The first row is the attention sink: in the top layers its `|z|²` is 30–110 times a
     /// typical row's, so it would make the metric a rank-one guard of itself.
     fn typical_rows(&self, case: &Prepared) -> Result<Option<Tensor>> {
         const ROWS: usize = 64;
         let tail = case.tf.row(0);
         let n = tail.saturating_sub(1).min(ROWS);
-        if self.settings.preserve <= 0.0 || n == 0 {
+        if !self.samples_typical() || n == 0 {
             return Ok(None);
         }
         let rows: Vec<u32> = (0..n).map(|i| (1 + i * (tail - 1) / n) as u32).collect();
@@ -890,6 +903,7 @@ impl<'a> Star<'a> {
         let mut selection = Selection {
             columns: BTreeMap::new(),
             z: BTreeMap::new(),
+            whole: BTreeMap::new(),
         };
         for (l, scores) in found.scores {
             let scores = match (self.settings.selective, batch.breadth.get(&l)) {
@@ -913,6 +927,7 @@ impl<'a> Star<'a> {
             let idx = Tensor::new(order.as_slice(), &Device::Cpu)?;
             let z = found.failing[&l].index_select(&idx, 1)?;
             selection.z.insert(l, z);
+            selection.whole.insert(l, found.failing[&l].clone());
             selection.columns.insert(l, order);
         }
         Ok(selection)
@@ -1137,14 +1152,8 @@ impl<'a> Star<'a> {
                 self.attribution(batch, &all, &layers)?
             }
         };
-        let Selection { columns, z } = self.select_neurons(batch, found)?;
+        let Selection { columns, z, whole } = self.select_neurons(batch, found)?;
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
-        let mut gates: BTreeMap<usize, Gate> = BTreeMap::new();
-        if self.settings.gate > 0.0 {
-            for &l in &layers {
-                gates.insert(l, Gate::new(&z[&l], self.settings.gate)?);
-            }
-        }
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
         // The guard activations on the selected neurons: patches and every update stay off their span.
@@ -1162,6 +1171,24 @@ impl<'a> Star<'a> {
             }
             let t = typical.entry(*l).or_default();
             t.extend(guards.iter().filter_map(|g| g.typical.get(l).cloned()));
+        }
+        let mut gates: BTreeMap<usize, Gate> = BTreeMap::new();
+        for &l in &layers {
+            let gate = match self.settings.keys {
+                _ if self.settings.gate <= 0.0 => continue,
+                Keys::Columns => Gate::on_columns(&z[&l], self.settings.gate)?,
+                Keys::Layer => {
+                    let mut ordinary = typical.get(&l).cloned().unwrap_or_default();
+                    ordinary.extend(guards.iter().map(|g| g.at_target[&l].clone()));
+                    let ordinary = match ordinary.is_empty() {
+                        true => Tensor::zeros((0, whole[&l].dim(1)?), DType::F32, &Device::Cpu)?,
+                        false => Tensor::cat(&ordinary, 0)?,
+                    };
+                    let (gap, ceiling) = (self.settings.gate_gap, self.settings.gate);
+                    super::keys::on_layer(&whole[&l], &ordinary, gap, ceiling)?
+                }
+            };
+            gates.insert(l, gate);
         }
         let off_guards = |l: usize, p: Tensor| match guard_span.get(&l) {
             Some(g) => project_off(&p, g),
@@ -1258,7 +1285,10 @@ impl<'a> Star<'a> {
             let current = sites.patches(patches.iter().map(|(l, p)| (*l, p.clone())))?;
             let set = self.served(&current)?;
             let (mut open, mut gains, mut wrong) = (Vec::new(), Vec::new(), 0);
+            // The unsettled rows' activations: on the patched columns for the solve, whole for
+            // gates keyed on the layer.
             let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+            let mut keys_at: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
             let mut capture = Capture::layers(layers.iter().copied());
             let scored = batch.score_from(
                 self,
@@ -1294,6 +1324,7 @@ impl<'a> Star<'a> {
                     for &l in &layers {
                         let at = capture.neurons[&l].index_select(&rows, 0)?;
                         z.entry(l).or_default().push(at.index_select(&cols[&l], 1)?);
+                        keys_at.entry(l).or_default().push(at);
                     }
                 }
                 open.push(positions);
@@ -1337,7 +1368,11 @@ impl<'a> Star<'a> {
                 patches.insert(l, sum);
                 // The gate opens where the patch was solved: these rows too.
                 if let Some(g) = sites.gates.get_mut(&l) {
-                    *g = g.with_keys(&at)?;
+                    let keys = match g.center() {
+                        Some(_) => Tensor::cat(&keys_at[&l], 0)?,
+                        None => at,
+                    };
+                    *g = g.with_keys(&keys)?;
                 }
             }
             outcome.solves += 1;

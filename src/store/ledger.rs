@@ -19,16 +19,29 @@ impl PatchLayer {
     /// What it holds in memory and in the ledger (columns, delta, keys), the measure of
     /// `patchMemoryMb` (`Store::evict_over` sums the same in SQL).
     pub fn bytes(&self) -> usize {
-        4 * (self.columns.len() + self.delta.len() + self.gate.as_ref().map_or(0, |g| g.keys.len()))
+        let gate = self
+            .gate
+            .as_ref()
+            .map_or(0, |g| g.keys.len() + g.center.as_ref().map_or(0, Vec::len));
+        4 * (self.columns.len() + self.delta.len() + gate)
     }
 }
 
-/// A gated layer's gate: it opens at rows whose activations on `columns` have cosine at least
-/// `threshold` with a row of `keys` (row-major `(keys.len() / columns.len(), columns.len())`).
+/// A gated layer's gate: it opens at rows whose activations have cosine at least `threshold` with a
+/// row of `keys` (unit rows, row-major): the whole layer's activations less `center` when it has
+/// one, else those on `columns` (the gates written before 2026-12-06).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchGate {
     pub keys: Vec<f32>,
+    pub center: Option<Vec<f32>>,
     pub threshold: f32,
+}
+
+impl PatchGate {
+    /// How many values each key has.
+    pub fn width(&self, columns: usize) -> usize {
+        self.center.as_ref().map_or(columns, Vec::len)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,7 +86,7 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
             b => Ok(b),
         }
     };
-    let (columns, delta, keys) = (floats(2)?, floats(3)?, floats(4)?);
+    let (columns, delta, keys, center) = (floats(2)?, floats(3)?, floats(4)?, floats(6)?);
     let threshold: Option<f64> = r.get(5).map_err(text)?;
     let (Some(columns), Some(delta)) = (columns, delta) else {
         return Err("no columns or delta".into());
@@ -93,17 +106,20 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
     let gate = match (keys, threshold) {
         (None, None) => None,
         (Some(k), Some(t)) => {
-            let keys = from_bytes(&k, f32::from_le_bytes);
-            if keys.is_empty() || keys.len() % columns.len() != 0 || !t.is_finite() {
+            let gate = PatchGate {
+                keys: from_bytes(&k, f32::from_le_bytes),
+                center: center.map(|c| from_bytes(&c, f32::from_le_bytes)),
+                threshold: t as f32,
+            };
+            let width = gate.width(columns.len());
+            if width == 0 || gate.keys.is_empty() || gate.keys.len() % width != 0 || !t.is_finite()
+            {
                 return Err(format!(
-                    "layer {layer}: a gate of {} key values",
-                    keys.len()
+                    "layer {layer}: a gate of {} key values {width} wide",
+                    gate.keys.len()
                 ));
             }
-            Some(PatchGate {
-                keys,
-                threshold: t as f32,
-            })
+            Some(gate)
         }
         // Half a gate: serving the patch ungated would move every row.
         _ => return Err(format!("layer {layer}: half a gate")),
@@ -147,8 +163,9 @@ impl Store {
             for l in layers {
                 tx.execute(
                     "INSERT INTO patch_layers
-                       (patch_id, layer, hidden, columns, delta, gate_keys, gate_threshold)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                       (patch_id, layer, hidden, columns, delta, gate_keys, gate_threshold,
+                        gate_center)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         id,
                         l.layer as i64,
@@ -157,6 +174,10 @@ impl Store {
                         to_bytes(&l.delta, f32::to_le_bytes),
                         l.gate.as_ref().map(|g| to_bytes(&g.keys, f32::to_le_bytes)),
                         l.gate.as_ref().map(|g| g.threshold as f64),
+                        l.gate
+                            .as_ref()
+                            .and_then(|g| g.center.as_ref())
+                            .map(|c| to_bytes(c, f32::to_le_bytes)),
                     ],
                 )?;
             }
@@ -200,7 +221,8 @@ impl Store {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut layers = self.conn.prepare(
-                "SELECT layer, hidden, columns, delta, gate_keys, gate_threshold FROM patch_layers
+                "SELECT layer, hidden, columns, delta, gate_keys, gate_threshold, gate_center
+                 FROM patch_layers
                  WHERE patch_id = ?1 ORDER BY layer",
             )?;
             let mut cases = self
@@ -267,7 +289,8 @@ impl Store {
             let sizes: Vec<(i64, i64)> = {
                 let mut stmt = tx.prepare(
                     "SELECT p.id, SUM(length(l.columns) + length(l.delta)
-                                     + coalesce(length(l.gate_keys), 0))
+                                     + coalesce(length(l.gate_keys), 0)
+                                     + coalesce(length(l.gate_center), 0))
                      FROM patches p JOIN patch_layers l ON l.patch_id = p.id
                      WHERE p.active = 1 AND p.model_sha = ?1 GROUP BY p.id ORDER BY p.id",
                 )?;

@@ -62,6 +62,9 @@ const MIGRATIONS: &[&str] = &[
     // (both NULL for an ungated layer).
     "ALTER TABLE patch_layers ADD COLUMN gate_keys BLOB;
      ALTER TABLE patch_layers ADD COLUMN gate_threshold REAL;",
+    // 4: gates keyed on the whole layer: the centre their keys and queries are taken from (NULL for a
+    // gate keyed on the patch's columns, as every gate before it).
+    "ALTER TABLE patch_layers ADD COLUMN gate_center BLOB;",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {
