@@ -234,7 +234,9 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
     let usable = records.iter().filter(|r| r.damaged.is_none());
     for layer in usable.flat_map(|r| &r.layers) {
         let n = layer.columns.len();
-        let delta = Tensor::from_vec(layer.delta.clone(), (layer.hidden, n), &Device::Cpu)?;
+        // `(hidden, columns)`, or `(hidden, keys)` for values.
+        let inputs = layer.delta.len() / layer.hidden.max(1);
+        let delta = Tensor::from_vec(layer.delta.clone(), (layer.hidden, inputs), &Device::Cpu)?;
         let gate = match &layer.gate {
             Some(g) => {
                 let width = g.width(n).max(1);
@@ -249,7 +251,10 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
             }
             None => None,
         };
-        let patch = LayerPatch::new(layer.columns.clone(), delta)?.gated(gate);
+        let patch = match gate {
+            Some(g) if n == 0 => LayerPatch::values(delta, g)?,
+            gate => LayerPatch::new(layer.columns.clone(), delta)?.gated(gate),
+        };
         set = set.with(layer.layer, patch)?;
     }
     Ok(set)

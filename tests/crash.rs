@@ -255,9 +255,13 @@ fn check_file(data: &Path, sha: &str, known: &mut Committed, what: &Interrupted)
     assert_eq!(orphans, 0, "after trial {t}: layers without a patch");
     let torn = count(
         &conn,
+        // A column patch: `hidden × columns` floats of delta; a patch of values (no columns): one
+        // `hidden` value per key of its centred gate.
         "SELECT count(*) FROM patch_layers
-         WHERE length(columns) = 0 OR length(columns) % 4 != 0
-            OR length(delta) != hidden * length(columns)",
+         WHERE length(columns) % 4 != 0
+            OR (length(columns) > 0 AND length(delta) != hidden * length(columns))
+            OR (length(columns) = 0 AND (gate_center IS NULL
+                OR length(delta) * length(gate_center) != 4 * hidden * length(gate_keys)))",
     );
     assert_eq!(torn, 0, "after trial {t}: a patch layer of the wrong size");
     let dangling = ids(

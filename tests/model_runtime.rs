@@ -957,6 +957,21 @@ fn hidden_rows(m: &Model, t: &[u32], set: &PatchSet) -> Vec<Vec<f32>> {
     h.unwrap().to_vec2().unwrap()
 }
 
+/// Which `rows` have cosine at least `threshold` with row 4 or 11 (computed here, not by the gate),
+/// checked to be some but not all.
+fn open_near_rows_4_and_11(rows: &[Vec<f32>], threshold: f32) -> Vec<bool> {
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+    };
+    let open: Vec<bool> = rows
+        .iter()
+        .map(|r| [4, 11].iter().any(|&k| cosine(r, &rows[k]) >= threshold))
+        .collect();
+    assert!(open[4] && open[11] && open.iter().any(|o| !o), "{open:?}");
+    open
+}
+
 /// A gated patch acts only at the rows whose activations on its columns point like one of its keys:
 /// elsewhere the model is bit-identical to the unpatched one, where it opens it is the ungated patch.
 /// It stays beside the summed patch of its layer, so re-quantized weights and dense copies hold the
@@ -976,15 +991,7 @@ fn a_gated_patch_acts_only_where_its_gate_opens() {
         .unwrap();
     let threshold = 0.9;
     let rows: Vec<Vec<f32>> = zs.to_vec2().unwrap();
-    let cosine = |a: &[f32], b: &[f32]| {
-        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
-        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
-    };
-    let open: Vec<bool> = rows
-        .iter()
-        .map(|r| [4, 11].iter().any(|&k| cosine(r, &rows[k]) >= threshold))
-        .collect();
-    assert!(open[4] && open[11] && open.iter().any(|o| !o), "{open:?}");
+    let open = open_near_rows_4_and_11(&rows, threshold);
 
     let ungated = patch(&columns, 21, 0.5);
     let gated = ungated
@@ -1035,19 +1042,26 @@ fn a_gated_patch_acts_only_where_its_gate_opens() {
     assert!(tensor_diff(&from_dense, &serving) < 1e-4);
 }
 
+/// The exact tiny model, its tokens, the last layer's `z` over them, a centre (the mean of rows 1–6)
+/// and keys at rows 4 and 11.
+fn keyed_on_the_last_layer() -> (Model, Vec<u32>, Tensor, Tensor, Tensor) {
+    let m = load_exact(&f32_path());
+    let t = tokens(&m);
+    let z = captured(&m, &t, [LAYERS - 1]).neurons[&(LAYERS - 1)].clone();
+    let center = z.narrow(0, 1, 6).unwrap().mean(0).unwrap();
+    let keys = z
+        .index_select(&Tensor::new(&[4u32, 11], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    (m, t, z, center, keys)
+}
+
 /// A gate keyed on the layer reads every neuron's activation less its centre: at the rows whose
 /// centred activation points like a centred key the patch acts as ungated, elsewhere the model is
 /// bit-identical to the unpatched one.
 #[test]
 fn a_gate_keyed_on_the_layer_reads_the_centred_activation() {
-    let m = load_exact(&f32_path());
-    let t = tokens(&m);
+    let (m, t, z, center, keys) = keyed_on_the_last_layer();
     let last = LAYERS - 1;
-    let z = captured(&m, &t, [last]).neurons[&last].clone();
-    let center = z.narrow(0, 1, 6).unwrap().mean(0).unwrap();
-    let keys = z
-        .index_select(&Tensor::new(&[4u32, 11], &Device::Cpu).unwrap(), 0)
-        .unwrap();
     let threshold = 0.6;
     let c: Vec<f32> = center.to_vec1().unwrap();
     let rows: Vec<Vec<f32>> = z
@@ -1056,15 +1070,7 @@ fn a_gate_keyed_on_the_layer_reads_the_centred_activation() {
         .into_iter()
         .map(|r| r.iter().zip(&c).map(|(x, m)| x - m).collect())
         .collect();
-    let cosine = |a: &[f32], b: &[f32]| {
-        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
-        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
-    };
-    let open: Vec<bool> = rows
-        .iter()
-        .map(|r| [4, 11].iter().any(|&k| cosine(r, &rows[k]) >= threshold))
-        .collect();
-    assert!(open[4] && open[11] && open.iter().any(|o| !o), "{open:?}");
+    let open = open_near_rows_4_and_11(&rows, threshold);
 
     let ungated = patch(&[3, 17, 64, 127], 21, 0.5);
     let gate = Gate::on_layer(&keys, &center, threshold).unwrap();
@@ -1080,6 +1086,58 @@ fn a_gate_keyed_on_the_layer_reads_the_centred_activation() {
     }
     let narrow = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(Gate::on_layer(&keys, &narrow, threshold).is_err());
+}
+
+/// A patch of values adds, at each row its gate opens at, the value of the row's nearest key, and
+/// nothing elsewhere: the same change wherever a context like the key's comes.
+#[test]
+fn a_value_patch_adds_its_nearest_keys_value() {
+    let (m, t, z, center, keys) = keyed_on_the_last_layer();
+    let last = LAYERS - 1;
+    let gate = Gate::on_layer(&keys, &center, 0.6).unwrap();
+    let values = random((HIDDEN, 2), 0.5, 31);
+    let value_patch = LayerPatch::values(values.clone(), gate.clone()).unwrap();
+    let scores: Vec<Vec<f32>> = (0..2)
+        .map(|k| {
+            let one = Gate::on_layer(&keys.narrow(0, k, 1).unwrap(), &center, 0.6).unwrap();
+            one.scores(&z)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
+    let plain = hidden(&PatchSet::default());
+    let got = hidden(&PatchSet::default().with(last, value_patch).unwrap());
+    // At the last layer rows are independent: an open row is the model with its key's value
+    // added at every row.
+    let mut opened = 0;
+    for r in 0..t.len() {
+        let (a, b) = (scores[0][r], scores[1][r]);
+        if a.max(b) < 0.6 {
+            assert!(got[r] == plain[r], "row {r} is shut: bit-identical");
+            continue;
+        }
+        opened += 1;
+        let k = if a >= b { 0 } else { 1 };
+        let only = LayerPatch::values(
+            values.narrow(1, k, 1).unwrap(),
+            Gate::on_layer(&keys.narrow(0, k, 1).unwrap(), &center, -1.0).unwrap(),
+        )
+        .unwrap();
+        let want = hidden(&PatchSet::default().with(last, only).unwrap());
+        assert!(got[r] == want[r], "row {r} gets key {k}'s value");
+        assert!(got[r] != plain[r]);
+    }
+    assert!(
+        opened >= 2 && opened < t.len(),
+        "{opened} of {} rows open",
+        t.len()
+    );
+    let three = random((HIDDEN, 3), 0.5, 32);
+    assert!(LayerPatch::values(three, gate).is_err(), "a value per key");
 }
 
 /// What repair relies on to run a case only from the first row a gated patch may change: `z` on a

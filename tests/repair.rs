@@ -176,8 +176,13 @@ fn a_planted_failure_is_found_and_repaired() {
     let out_patches = out.patches;
 
     // Iterative mode (METHOD.md: token by token, left to right), the paper's literal recipe (layers
-    // by occlusion, one analytical solve), ungated patches, and gated ones at any threshold reach the
-    // same line.
+    // by occlusion, one analytical solve), STAR's column patches ungated, gated on the layer and
+    // gated on their columns, and gated values at any threshold reach the same line.
+    use star_ls::repair::{Keys, PatchKind};
+    let columns = RepairSettings {
+        patch: PatchKind::Columns,
+        ..settings()
+    };
     let variants = [
         RepairSettings {
             mode: star_ls::repair::Mode::Iterative,
@@ -190,7 +195,12 @@ fn a_planted_failure_is_found_and_repaired() {
         },
         RepairSettings {
             gate: 0.0,
-            ..settings()
+            ..columns
+        },
+        columns,
+        RepairSettings {
+            keys: Keys::Columns,
+            ..columns
         },
         RepairSettings {
             gate: 0.99,
@@ -206,6 +216,17 @@ fn a_planted_failure_is_found_and_repaired() {
         let gated = out.patches.iter().all(|(_, p)| p.gate().is_some());
         assert_eq!(gated, variant.gate > 0.0, "{variant:?}");
     }
+
+    // Values need a gate keyed on the layer: said, not guessed.
+    let ungated_values = RepairSettings {
+        gate: 0.0,
+        ..settings()
+    };
+    let err = Star::new(&m.weights, &m.tokenizer, &head, ungated_values)
+        .repair(std::slice::from_ref(&failure), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keyed on the layer"), "{err}");
 
     // A case that already passes needs nothing.
     let out = star.repair(&[self_completed(&m)], &[]).unwrap();

@@ -197,6 +197,18 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
                 threshold: 0.4,
             }),
         },
+        // Values: no columns, one value per key.
+        PatchLayer {
+            layer: 23,
+            hidden: 2,
+            columns: vec![],
+            delta: vec![0.5, 0.5, -1.0, 2.0],
+            gate: Some(PatchGate {
+                keys: vec![0.6, 0.8, 0.0, 0.0, 1.0, 0.0],
+                center: Some(vec![0.25, -0.5, 1.0]),
+                threshold: 0.4,
+            }),
+        },
     ];
     let report = serde_json::json!({ "fixed": 1 });
     let id = store

@@ -83,13 +83,16 @@ impl Capture {
     }
 }
 
-/// A dense delta on some `down_proj` columns of one layer: `mlp_out += delta · z[columns]`, at every
-/// row or, gated, only at the rows its gate opens at.
+/// What one layer's MLP output gains, at every row or, gated, only at the rows its gate opens at:
+/// a dense delta on some `down_proj` columns, `mlp_out += delta · z[columns]` (STAR's patch), or with
+/// no columns one value per gate key, `mlp_out += delta[:, k]` at a row whose nearest key is `k`
+/// (a keyed memory in the manner of GRACE: what a failure position asked for, wherever a context
+/// like it comes again).
 #[derive(Debug, Clone)]
 pub struct LayerPatch {
     columns: Vec<u32>,
     index: Tensor,
-    /// `(hidden, columns.len())`, f32.
+    /// `(hidden, columns.len())` or, with no columns, `(hidden, keys)`; f32.
     delta: Tensor,
     gate: Option<Gate>,
     /// `(rows, 1)`, 0/1: the rows of one packed pass it acts at (`on_rows`), else every row.
@@ -215,12 +218,30 @@ impl Gate {
 
     /// `(seq, 1)`: each row of `z` `(seq, width)`'s largest cosine with a key.
     pub fn scores(&self, z: &Tensor) -> Result<Tensor> {
+        self.cosines(z)?.max_keepdim(1)
+    }
+
+    /// `(seq, keys)`: 1 at each row's nearest key where the gate opens, else 0. No gradient flows
+    /// through it.
+    fn nearest(&self, z: &Tensor) -> Result<Tensor> {
+        let cos = self.cosines(z)?;
+        let best = cos.max_keepdim(1)?;
+        let open = best
+            .ge(self.threshold as f64)?
+            .to_dtype(candle_core::DType::F32)?;
+        cos.broadcast_ge(&best)?
+            .to_dtype(candle_core::DType::F32)?
+            .broadcast_mul(&open)
+    }
+
+    /// `(seq, keys)`: each row of `z` `(seq, width)`'s cosine with each key.
+    fn cosines(&self, z: &Tensor) -> Result<Tensor> {
         let z = z.detach();
         let z = match &self.center {
             Some(c) => z.broadcast_sub(c)?,
             None => z,
         };
-        unit_rows(&z)?.matmul(&self.keys.t()?)?.max_keepdim(1)
+        unit_rows(&z)?.matmul(&self.keys.t()?)
     }
 }
 
@@ -240,6 +261,24 @@ impl LayerPatch {
             columns,
             delta,
             gate: None,
+            rows: None,
+        })
+    }
+
+    /// One value per key of `gate` (keyed on the layer): `values` `(hidden, keys)`.
+    pub fn values(values: Tensor, gate: Gate) -> Result<Self> {
+        let (_, k) = values.dims2()?;
+        if gate.center.is_none() || gate.keys.dim(0)? != k {
+            candle_core::bail!(
+                "{k} values for a gate of {} keys on the layer",
+                gate.keys.dim(0)?
+            );
+        }
+        Ok(Self {
+            columns: Vec::new(),
+            index: Tensor::new(&[] as &[u32], &Device::Cpu)?,
+            delta: values,
+            gate: Some(gate),
             rows: None,
         })
     }
@@ -282,12 +321,20 @@ impl LayerPatch {
 
     /// The overlay's contribution for neuron activations `z` `(seq, intermediate)`.
     pub(super) fn apply(&self, z: &Tensor) -> Result<Tensor> {
-        let zs = z.index_select(&self.index, 1)?;
-        let mut out = zs.matmul(&self.delta.t()?)?;
-        if let Some(g) = &self.gate {
-            let read = if g.center.is_some() { z } else { &zs };
-            out = out.broadcast_mul(&g.open(read)?)?;
-        }
+        let out = match &self.gate {
+            Some(g) if self.columns.is_empty() => g.nearest(z)?.matmul(&self.delta.t()?)?,
+            gate => {
+                let zs = z.index_select(&self.index, 1)?;
+                let out = zs.matmul(&self.delta.t()?)?;
+                match gate {
+                    Some(g) => {
+                        let read = if g.center.is_some() { z } else { &zs };
+                        out.broadcast_mul(&g.open(read)?)?
+                    }
+                    None => out,
+                }
+            }
+        };
         match &self.rows {
             Some(mask) => out.broadcast_mul(mask),
             None => Ok(out),

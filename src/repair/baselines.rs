@@ -25,6 +25,7 @@ pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Re
     let sites = Sites {
         columns: &columns,
         gates: BTreeMap::new(),
+        keyed: BTreeMap::new(),
     };
     star.optimize(batch, &sites, &deltas, false, outcome, |_, d, g| {
         d.set(&(d.as_tensor() - g.affine(lr, 0.0)?)?)

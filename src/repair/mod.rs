@@ -61,6 +61,9 @@ pub struct RepairSettings {
     pub gate: f32,
     /// What a gate compares: the layer's whole `down_proj` input, centred, or the patched neurons'.
     pub keys: Keys,
+    /// What a patch adds where it acts: a delta on the neurons attribution chose (STAR's), or one
+    /// value per key, what its failure position asked for (needs gates keyed on the layer).
+    pub patch: PatchKind,
     /// Layer keys: a gate's threshold is this far above the highest cosine of the rows it must leave
     /// alone (the cases' and guards' prompts, the guards' targets), up to `gate`.
     pub gate_gap: f32,
@@ -102,6 +105,18 @@ pub enum Keys {
     Columns,
 }
 
+/// What a patch adds where it acts (`RepairSettings::patch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchKind {
+    /// `delta · z[columns]` on the neurons attribution chose: solved by least squares, so a context
+    /// unlike the failures' gets a different change.
+    Columns,
+    /// The value of the nearest key: the steer its failure position asked for, the same wherever
+    /// the gate opens.
+    Values,
+}
+
 /// METHOD.md's two modes of guided optimization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +148,7 @@ impl Default for RepairSettings {
             preserve: 0.9,
             gate: 0.9,
             keys: Keys::Layer,
+            patch: PatchKind::Values,
             gate_gap: 0.05,
             guard_projection: true,
             max_guard_drop: 0.0,

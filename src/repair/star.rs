@@ -12,7 +12,7 @@
 
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
-use super::{linalg, Keys, Locate, Mode, RepairSettings, Residuals};
+use super::{linalg, Keys, Locate, Mode, PatchKind, RepairSettings, Residuals};
 use crate::model::generate::{argmax, mask_rows_to_heal};
 use crate::model::{
     kv_positions, Capture, DecoderLayer, Gate, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2,
@@ -70,14 +70,17 @@ impl std::fmt::Display for Method {
 }
 
 /// Where a repair's patches act: per layer, the neurons patched and the gate they act behind (none
-/// for an ungated patch).
+/// for an ungated patch). No columns: the patch holds a value per key, and `keyed` says per layer
+/// which failure position (case, target position) each key was taken at.
 pub(super) struct Sites<'a> {
     pub columns: &'a BTreeMap<usize, Vec<u32>>,
     pub gates: BTreeMap<usize, Gate>,
+    pub keyed: PerLayer<Vec<(usize, usize)>>,
 }
 
 impl Sites<'_> {
-    /// Per layer, a delta on that layer's columns as a patch, behind the layer's gate if it has one.
+    /// Per layer, a delta on that layer's columns (or values) as a patch, behind the layer's gate if
+    /// it has one.
     fn patches(
         &self,
         deltas: impl IntoIterator<Item = (usize, Tensor)>,
@@ -85,10 +88,62 @@ impl Sites<'_> {
         deltas
             .into_iter()
             .map(|(l, d)| {
-                let patch = LayerPatch::new(self.columns[&l].clone(), d)?;
-                Ok((l, patch.gated(self.gates.get(&l).cloned())))
+                let patch = match (self.columns[&l].is_empty(), self.gates.get(&l)) {
+                    (true, Some(g)) => LayerPatch::values(d, g.clone())?,
+                    (_, gate) => LayerPatch::new(self.columns[&l].clone(), d)?.gated(gate.cloned()),
+                };
+                Ok((l, patch))
             })
             .collect()
+    }
+
+    /// Layer `l`'s `patch` grown by a re-solve for the failure positions `at` (case, target
+    /// position), whose activations are `z` (on the patched columns) and `whole` (every neuron),
+    /// asking for `steers` `(positions, hidden)`. Its gate opens at these rows too.
+    fn grow(
+        &mut self,
+        l: usize,
+        patch: &Tensor,
+        at: &[(usize, usize)],
+        (z, whole): (&Tensor, &Tensor),
+        steers: &Tensor,
+        solve: &dyn Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let Some(gate) = self.gates.get_mut(&l) else {
+            return patch + solve(l, z, steers)?;
+        };
+        if !self.columns[&l].is_empty() {
+            *gate = gate.with_keys(if gate.center().is_some() { whole } else { z })?;
+            return patch + solve(l, z, steers)?;
+        }
+        // Values: a position keyed already asks its key's value for more, a new one gets a key.
+        let keyed = self.keyed.entry(l).or_default();
+        let (mut old, mut old_rows, mut new_rows) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, site) in at.iter().enumerate() {
+            match keyed.iter().position(|k| k == site) {
+                Some(k) => {
+                    old.push(k as u32);
+                    old_rows.push(r as u32);
+                }
+                None => {
+                    new_rows.push(r as u32);
+                    keyed.push(*site);
+                }
+            }
+        }
+        let rows = |r: &[u32], of: &Tensor| -> Result<Tensor> {
+            of.index_select(&Tensor::new(r, &Device::Cpu)?, 0)
+        };
+        let mut patch = patch.clone();
+        if !old.is_empty() {
+            let more = rows(&old_rows, steers)?.t()?.contiguous()?;
+            patch = patch.index_add(&Tensor::new(old.as_slice(), &Device::Cpu)?, &more, 1)?;
+        }
+        if !new_rows.is_empty() {
+            *gate = gate.with_keys(&rows(&new_rows, whole)?)?;
+            patch = Tensor::cat(&[&patch, &rows(&new_rows, steers)?.t()?], 1)?.contiguous()?;
+        }
+        Ok(patch)
     }
 }
 
@@ -1152,7 +1207,20 @@ impl<'a> Star<'a> {
                 self.attribution(batch, &all, &layers)?
             }
         };
-        let Selection { columns, z, whole } = self.select_neurons(batch, found)?;
+        let values = self.settings.patch == PatchKind::Values;
+        if values && (self.settings.gate <= 0.0 || self.settings.keys != Keys::Layer) {
+            candle_core::bail!(
+                "patch \"values\" needs gates keyed on the layer (gate > 0, keys \"layer\")"
+            );
+        }
+        let Selection {
+            mut columns,
+            z,
+            whole,
+        } = self.select_neurons(batch, found)?;
+        if values {
+            columns.values_mut().for_each(Vec::clear);
+        }
         outcome.neurons_per_layer = columns.values().next().map_or(0, Vec::len);
 
         let steers = self.steers(scored, cases, failing, layers.len())?;
@@ -1166,7 +1234,7 @@ impl<'a> Star<'a> {
         for l in &layers {
             let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
             let at: Vec<Tensor> = guards.iter().map(|g| g.at_target[l].clone()).collect();
-            if self.settings.guard_projection && !at.is_empty() {
+            if self.settings.guard_projection && !values && !at.is_empty() {
                 guard_span.insert(*l, Tensor::cat(&at, 0)?.index_select(&idx, 1)?);
             }
             let t = typical.entry(*l).or_default();
@@ -1197,7 +1265,7 @@ impl<'a> Star<'a> {
         // With `preserve`, each layer's solve runs in coordinates where the typical activations'
         // covariance is the identity: the patch that reaches the steers while moving typical rows least.
         let mut whiten: BTreeMap<usize, Tensor> = BTreeMap::new();
-        if self.settings.preserve > 0.0 {
+        if self.settings.preserve > 0.0 && !values {
             for l in &layers {
                 if let Some(t) = typical.get(l).filter(|t| !t.is_empty()) {
                     let idx = Tensor::new(columns[l].as_slice(), &Device::Cpu)?;
@@ -1219,13 +1287,27 @@ impl<'a> Star<'a> {
             None => off_guards(l, solve_patch(z, s)?),
         };
         let mut priors = BTreeMap::new();
+        let mut keyed = BTreeMap::new();
         for &l in &layers {
-            priors.insert(l, solve(l, &z[&l], &steers)?);
+            let prior = match values {
+                // Each failure position's key asks for its own steer.
+                true => steers.t()?.contiguous()?,
+                false => solve(l, &z[&l], &steers)?,
+            };
+            priors.insert(l, prior);
+            let sites = failing.iter().enumerate();
+            keyed.insert(
+                l,
+                sites
+                    .flat_map(|(i, ps)| ps.iter().map(move |&p| (i, p)))
+                    .collect(),
+            );
         }
         outcome.solves = 1;
         let mut sites = Sites {
             columns: &columns,
             gates,
+            keyed,
         };
         if let Some(verified) = self.resolve(batch, &mut sites, &mut priors, outcome, &solve)? {
             // Every failure position is right over the whole cases: none is left to step on.
@@ -1361,19 +1443,15 @@ impl<'a> Star<'a> {
             let steers = self
                 .steers(&scored, &batch.cases, &open, layers.len())?
                 .broadcast_mul(&gains)?;
+            let at: Vec<(usize, usize)> = open
+                .iter()
+                .enumerate()
+                .flat_map(|(i, ps)| ps.iter().map(move |&p| (i, p)))
+                .collect();
             for &l in &layers {
-                let at = Tensor::cat(&z[&l], 0)?;
-                let more = solve(l, &at, &steers)?;
-                let sum = (&patches[&l] + more)?;
-                patches.insert(l, sum);
-                // The gate opens where the patch was solved: these rows too.
-                if let Some(g) = sites.gates.get_mut(&l) {
-                    let keys = match g.center() {
-                        Some(_) => Tensor::cat(&keys_at[&l], 0)?,
-                        None => at,
-                    };
-                    *g = g.with_keys(&keys)?;
-                }
+                let rows = (&Tensor::cat(&z[&l], 0)?, &Tensor::cat(&keys_at[&l], 0)?);
+                let grown = sites.grow(l, &patches[&l], &at, rows, &steers, solve)?;
+                patches.insert(l, grown);
             }
             outcome.solves += 1;
             whole = None;

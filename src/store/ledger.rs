@@ -5,7 +5,8 @@ use super::{Store, StoreError};
 use rusqlite::params;
 use serde::Serialize;
 
-/// One layer of a patch: `mlp_out += delta · z[columns]`, `delta` row-major `(hidden, columns.len())`.
+/// One layer of a patch: `mlp_out += delta · z[columns]`, `delta` row-major `(hidden, columns.len())`;
+/// with no columns, one value per gate key, `delta` `(hidden, keys)` (`model::LayerPatch`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchLayer {
     pub layer: usize,
@@ -96,13 +97,6 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
     let (Ok(layer), Ok(hidden)) = (usize::try_from(layer), usize::try_from(hidden)) else {
         return Err(format!("layer {layer}, hidden {hidden}"));
     };
-    if columns.is_empty() || delta.len() != hidden * columns.len() {
-        return Err(format!(
-            "layer {layer}: a delta of {} values for {hidden} × {} columns",
-            delta.len(),
-            columns.len()
-        ));
-    }
     let gate = match (keys, threshold) {
         (None, None) => None,
         (Some(k), Some(t)) => {
@@ -112,7 +106,10 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
                 threshold: t as f32,
             };
             let width = gate.width(columns.len());
-            if width == 0 || gate.keys.is_empty() || gate.keys.len() % width != 0 || !t.is_finite()
+            if width == 0
+                || gate.keys.is_empty()
+                || !gate.keys.len().is_multiple_of(width)
+                || !t.is_finite()
             {
                 return Err(format!(
                     "layer {layer}: a gate of {} key values {width} wide",
@@ -124,6 +121,17 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
         // Half a gate: serving the patch ungated would move every row.
         _ => return Err(format!("layer {layer}: half a gate")),
     };
+    // No columns: one value per key of a gate keyed on the layer.
+    let inputs = match &gate {
+        Some(g) if columns.is_empty() && g.center.is_some() => g.keys.len() / g.width(0),
+        _ => columns.len(),
+    };
+    if inputs == 0 || delta.len() != hidden * inputs {
+        return Err(format!(
+            "layer {layer}: a delta of {} values for {hidden} × {inputs} inputs",
+            delta.len(),
+        ));
+    }
     Ok(PatchLayer {
         layer,
         hidden,
