@@ -200,7 +200,10 @@ fn parse_methods(s: &str) -> Result<Methods, String> {
 }
 
 fn parse_settings(s: &str) -> Result<star_ls::repair::RepairSettings, String> {
-    serde_json::from_str(s).map_err(|e| format!("not repair settings: {e}"))
+    let settings: star_ls::repair::RepairSettings =
+        serde_json::from_str(s).map_err(|e| format!("not repair settings: {e}"))?;
+    settings.check()?;
+    Ok(settings)
 }
 
 fn parse_method(s: &str) -> Result<star_ls::repair::Method, String> {

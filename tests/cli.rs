@@ -126,3 +126,43 @@ fn repair_rejects_a_malformed_cases_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":2: not a case"), "{err}");
 }
+
+/// Repair settings that cannot work together are refused before anything is loaded, by name:
+/// values per key with no gate, or with a gate on the patched columns.
+#[test]
+fn repair_settings_that_cannot_work_together_are_refused() {
+    for settings in [r#"{"gate": 0}"#, r#"{"keys": "columns"}"#] {
+        for command in ["repair", "eval", "replay"] {
+            let args = match command {
+                "replay" => vec![command, "--dir", ".", "--repair-settings", settings],
+                _ => vec![
+                    command,
+                    "--cases",
+                    "none.jsonl",
+                    "--repair-settings",
+                    settings,
+                ],
+            };
+            let out = star_ls(std::path::Path::new("/nonexistent.gguf"), &args);
+            assert!(!out.status.success(), "{command} {settings}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(r#"patch "values" needs gates keyed on the layer"#),
+                "{command} {settings}: {err}"
+            );
+        }
+    }
+    // Each is fine as STAR's column patch.
+    let out = star_ls(
+        std::path::Path::new("/nonexistent.gguf"),
+        &[
+            "repair",
+            "--cases",
+            "none.jsonl",
+            "--repair-settings",
+            r#"{"gate": 0, "patch": "columns"}"#,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("needs gates"), "{err}");
+}

@@ -76,6 +76,18 @@ pub struct RepairSettings {
 }
 
 impl RepairSettings {
+    /// Settings that cannot work together, said before any work is done.
+    pub fn check(&self) -> Result<(), String> {
+        if self.patch == PatchKind::Values && (self.gate <= 0.0 || self.keys != Keys::Layer) {
+            return Err(
+                "patch \"values\" needs gates keyed on the layer (gate > 0, keys \"layer\"); \
+                        an ungated or column-keyed patch is patch \"columns\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The first layer that may be patched, of `layers`: the top `candidate_fraction` of them.
     pub fn first_candidate(&self, layers: usize) -> usize {
         let k = ((layers as f32 * self.candidate_fraction).ceil() as usize).clamp(1, layers);

@@ -1208,11 +1208,7 @@ impl<'a> Star<'a> {
             }
         };
         let values = self.settings.patch == PatchKind::Values;
-        if values && (self.settings.gate <= 0.0 || self.settings.keys != Keys::Layer) {
-            candle_core::bail!(
-                "patch \"values\" needs gates keyed on the layer (gate > 0, keys \"layer\")"
-            );
-        }
+        self.settings.check().map_err(candle_core::Error::Msg)?;
         let Selection {
             mut columns,
             z,
