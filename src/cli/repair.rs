@@ -81,10 +81,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                     "passesBefore": passes(b, c), "passesAfter": passes(a, c) })
         })
         .collect();
+    // Keys of the first patched layer's gate (every layer of a repair keys the same positions).
+    let keys = match outcome.patches.first().and_then(|(_, p)| p.gate()) {
+        Some(g) => g.keys().dim(0)?,
+        None => 0,
+    };
     let report = json!({
         "method": o.method, "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
         "guardAfter": outcome.guard_after, "layers": outcome.layers,
-        "neuronsPerLayer": outcome.neurons_per_layer, "steps": outcome.steps, "solves": outcome.solves,
+        "neuronsPerLayer": outcome.neurons_per_layer, "keysPerLayer": keys, "steps": outcome.steps, "solves": outcome.solves,
         "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows,
     });
     if o.json {
@@ -102,7 +107,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons each; {} solves, {} steps; {:.1} s{}",
+        "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons and {} keys each; {} solves, {} steps; {:.1} s{}",
         o.method,
         outcome.fixed,
         outcome.failures,
@@ -110,6 +115,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         outcome.guard_after,
         outcome.layers,
         outcome.neurons_per_layer,
+        keys,
         outcome.solves,
         outcome.steps,
         outcome.seconds,
