@@ -125,30 +125,16 @@ impl Gate {
     /// Keyed on the layer: `keys` `(n, intermediate)`, whole activations, compared after subtracting
     /// `center` `(intermediate,)`.
     pub fn on_layer(keys: &Tensor, center: &Tensor, threshold: f32) -> Result<Self> {
-        let center = center.reshape((1, ()))?;
-        if center.dim(1)? != keys.dim(1)? {
-            candle_core::bail!(
-                "a gate's centre has {} values for keys of {}",
-                center.dim(1)?,
-                keys.dim(1)?
-            );
-        }
-        Self::build(keys, Some(center), threshold)
+        Self::build(keys, Some(center.clone()), threshold)
     }
 
     fn build(keys: &Tensor, center: Option<Tensor>, threshold: f32) -> Result<Self> {
-        if keys.dims2()?.0 == 0 {
-            candle_core::bail!("a gate needs at least one key");
-        }
-        let keys = match &center {
+        let raw = Self::stored(keys, center.as_ref(), threshold)?;
+        let keys = match &raw.center {
             Some(c) => unit_rows(&keys.broadcast_sub(c)?)?,
             None => unit_rows(keys)?,
         };
-        Ok(Self {
-            keys,
-            center,
-            threshold,
-        })
+        Ok(Self { keys, ..raw })
     }
 
     /// A gate as `keys()`, `center()` and `threshold()` describe it (unit keys, centred already).
