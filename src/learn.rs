@@ -7,6 +7,7 @@
 //! protocol, no threads of its own.
 
 use crate::capture::CaseKind;
+use crate::model::memory::key_width;
 use crate::model::{Config, Gate, LayerPatch, PatchSet};
 use crate::repair::{Case, RepairOutcome, RepairSettings};
 use crate::store::{PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
@@ -211,7 +212,11 @@ pub fn check_fit(records: &mut [PatchRecord], config: &Config) {
                 || l.gate
                     .as_ref()
                     .and_then(|g| g.center.as_ref())
-                    .is_some_and(|c| c.len() != config.intermediate_size);
+                    .is_some_and(|c| {
+                        // Sketched, or as wide as the layer (a ledger of 2026-12-06).
+                        let m = config.intermediate_size;
+                        c.len() != key_width(m) && c.len() != m
+                    });
             (l.layer >= config.num_layers || l.hidden != config.hidden_size || wide).then(|| {
                 format!(
                     "layer {} (hidden {}, neurons up to {:?}) does not fit the model",

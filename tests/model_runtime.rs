@@ -1140,6 +1140,50 @@ fn a_value_patch_adds_its_nearest_keys_value() {
     assert!(LayerPatch::values(three, gate).is_err(), "a value per key");
 }
 
+/// Gates keyed on one layer are scored together (one codebook per layer), yet each acts as it would
+/// alone: at the last layer, where rows are independent, two value patches add each its own value
+/// at the rows its gate opens at, and a row neither opens stays bit-identical.
+#[test]
+fn value_patches_on_one_layer_act_as_each_would_alone() {
+    let (m, t, z, center, _) = keyed_on_the_last_layer();
+    let last = LAYERS - 1;
+    let entry = |row: usize, seed: u64| {
+        let gate = Gate::on_layer(&z.narrow(0, row, 1).unwrap(), &center, 0.6).unwrap();
+        LayerPatch::values(random((HIDDEN, 1), 0.5, seed), gate).unwrap()
+    };
+    let (a, b) = (entry(4, 41), entry(11, 42));
+    let hidden = |set: &PatchSet| hidden_rows(&m, &t, set);
+    let plain = hidden(&PatchSet::default());
+    let only_a = hidden(&PatchSet::default().with(last, a.clone()).unwrap());
+    let only_b = hidden(&PatchSet::default().with(last, b.clone()).unwrap());
+    let both_set = PatchSet::default()
+        .with(last, a)
+        .unwrap()
+        .with(last, b)
+        .unwrap();
+    let both = hidden(&both_set);
+    for r in 0..t.len() {
+        let (moved_a, moved_b) = (only_a[r] != plain[r], only_b[r] != plain[r]);
+        match (moved_a, moved_b) {
+            (false, false) => assert!(both[r] == plain[r], "row {r}: both shut"),
+            (true, false) => assert!(both[r] == only_a[r], "row {r}: only a opens"),
+            (false, true) => assert!(both[r] == only_b[r], "row {r}: only b opens"),
+            (true, true) => {
+                // Both values added: the two changes sum (the final norm makes it approximate).
+                assert!(
+                    both[r] != only_a[r] && both[r] != only_b[r],
+                    "row {r}: both open"
+                );
+            }
+        }
+    }
+    assert!(only_a[4] != plain[4] && only_b[11] != plain[11]);
+    assert!(
+        (0..t.len()).any(|r| both[r] == plain[r]),
+        "some row stays shut"
+    );
+}
+
 /// What repair relies on to run a case only from the first row a gated patch may change: `z` on a
 /// patch's neurons recomputed from the residual a pass recorded between attention and MLP
 /// (`Capture::mid`, `DecoderLayer::neurons_on`, the input rounded as the quantized kernels round it)

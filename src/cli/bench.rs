@@ -5,12 +5,15 @@
 
 use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, EngineEvent};
 use crate::model::{
-    generate::argmax, Cancel, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2, StopAt,
+    generate::argmax, Cancel, Capture, GenerateParams, Hooks, KvCache, LayerPatch, Model, PatchSet,
+    Qwen2, StopAt,
 };
-use crate::repair::{overlay_on, Case, Head, RepairSettings, Star};
+use crate::repair::{Case, Head, RepairSettings, Star};
 use crate::store::PatchLayer;
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,12 +41,21 @@ const REPAIR_ROUNDS: usize = 4;
 /// does between a developer's keystrokes, so each request arrives in the middle of a repair step.
 const KEYSTROKE_GAP: Duration = Duration::from_millis(150);
 /// The failures STAR repairs, again and again, while edit latency is measured under a repair.
+/// Real code that is not the bench's prompt: where a large patch memory's other entries are keyed.
+const OTHER_CODE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/cases/grouped.jsonl"
+));
 const REPAIR_CASES: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/cases/conventions.jsonl"
 ));
 
 const REPS: usize = 3;
+/// Patch memory sizes the bench serves, in entries.
+const MEMORY_ENTRIES: [usize; 3] = [0, 500, 5000];
+/// Runs of each memory size: their costs are a few percent, under the noise of 3 runs here.
+const MEMORY_REPS: usize = 7;
 /// Tokens decoded after the prompt; the first comes from the prompt's logits, so DECODE - 1 single-token
 /// steps are timed (peer-bench counts the same way).
 const DECODE: usize = 64;
@@ -114,12 +126,24 @@ pub struct Patched {
     pub overlay_decode_tok_s: f64,
     pub requantized_prefill_tok_s: f64,
     pub requantized_decode_tok_s: f64,
-    /// The overlay with the repair's patches added `full_overlay_copies` times, as many as the
-    /// default `patchMemoryMb` keeps live: gated patches are not summed into one per layer, so each
-    /// costs its own pass.
-    pub full_overlay_copies: usize,
-    pub full_overlay_prefill_tok_s: f64,
-    pub full_overlay_decode_tok_s: f64,
+    /// Prefill and decode with a patch memory of `MEMORY_ENTRIES` entries, measured in one run.
+    pub memory: Vec<MemorySpeed>,
+    /// Bytes one entry (a key, its value and its share of its gate's centre) takes in memory and
+    /// the ledger, and how many the default `patchMemoryMb` holds.
+    pub entry_bytes: usize,
+    pub entries_in_budget: usize,
+}
+
+/// The speed of a patch memory of `entries` entries (keys with their values, over all patched
+/// layers) against the unpatched model measured beside it.
+#[derive(Debug, Serialize)]
+pub struct MemorySpeed {
+    pub entries: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Against 0 entries: memory / unpatched.
+    pub ratio_prefill: f64,
+    pub ratio_decode: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,34 +271,55 @@ struct Speed {
 
 /// Prefill and decode throughput: median of `REPS` runs after one warmup, each from an empty cache.
 fn bench_speed(model: &Qwen2, prompt: &[u32], patches: Option<&PatchSet>) -> Result<Speed> {
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
-    let mut tokens = Vec::new();
-    for rep in 0..=REPS {
-        let run = greedy_run(model, prompt, DECODE, prompt.len(), patches)?;
-        let (p, d) = (
-            prompt.len() as f64 / run.prefill_s,
-            (DECODE - 1) as f64 / run.decode_s,
-        );
-        if rep == 0 {
-            // Warmup: pages in the weights, spins up the thread pool.
-            tracing::info!("bench: warmup: prefill {p:.1} tok/s, decode {d:.1} tok/s");
-            continue;
+    let mut speeds = bench_speeds(model, prompt, &[patches], REPS)?;
+    Ok(speeds.remove(0))
+}
+
+/// `bench_speed` for several overlays, their runs interleaved (one of each per round): a machine
+/// that slows down or speeds up during the bench shifts them alike, so their ratios hold.
+fn bench_speeds(
+    model: &Qwen2,
+    prompt: &[u32],
+    sets: &[Option<&PatchSet>],
+    reps: usize,
+) -> Result<Vec<Speed>> {
+    let mut prefill = vec![Vec::new(); sets.len()];
+    let mut decode = vec![Vec::new(); sets.len()];
+    let mut tokens = vec![Vec::new(); sets.len()];
+    for rep in 0..=reps {
+        for (i, patches) in sets.iter().enumerate() {
+            let run = greedy_run(model, prompt, DECODE, prompt.len(), *patches)?;
+            let (p, d) = (
+                prompt.len() as f64 / run.prefill_s,
+                (DECODE - 1) as f64 / run.decode_s,
+            );
+            if rep == 0 {
+                // Warmup: pages in the weights, spins up the thread pool.
+                tracing::info!("bench: warmup {i}: prefill {p:.1} tok/s, decode {d:.1} tok/s");
+                continue;
+            }
+            tracing::info!(
+                "bench: run {rep}/{reps} of {i}: prefill {p:.1} tok/s, decode {d:.1} tok/s"
+            );
+            if tokens[i].is_empty() {
+                tokens[i] = run.tokens;
+            } else if tokens[i] != run.tokens {
+                tracing::warn!("bench: greedy runs decoded different tokens");
+            }
+            prefill[i].push(p);
+            decode[i].push(d);
         }
-        tracing::info!("bench: run {rep}/{REPS}: prefill {p:.1} tok/s, decode {d:.1} tok/s");
-        if tokens.is_empty() {
-            tokens = run.tokens;
-        } else if tokens != run.tokens {
-            tracing::warn!("bench: greedy runs decoded different tokens");
-        }
-        prefill.push(p);
-        decode.push(d);
     }
-    Ok(Speed {
-        prefill_tok_s: median(prefill),
-        decode_tok_s: median(decode),
-        tokens,
-    })
+    Ok(prefill
+        .into_iter()
+        .zip(decode)
+        .zip(tokens)
+        .map(|((p, d), tokens)| Speed {
+            prefill_tok_s: median(p),
+            decode_tok_s: median(d),
+            tokens,
+        })
+        .collect())
 }
 
 struct GreedyRun {
@@ -389,13 +434,37 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         .iter()
         .map(PatchLayer::bytes)
         .sum();
-    let budget = crate::learn::Policy::default().patch_memory_bytes() as usize;
-    let copies = (budget / bytes.max(1)).max(1);
-    let mut full = PatchSet::default();
-    for _ in 0..copies {
-        full = overlay_on(full, &outcome.patches)?;
+    let keys = entries_of(&outcome.patches)?;
+    let entry_bytes = bytes / keys.max(1);
+    if keys == 0 || outcome.patches.iter().any(|(_, p)| !p.columns().is_empty()) {
+        bail!("the bench's repair made no patch of values per key");
     }
-    let full = bench_speed(&model.weights, prompt, Some(&full))?;
+    let most = MEMORY_ENTRIES.iter().max().copied().unwrap_or(0);
+    let elsewhere =
+        activations_elsewhere(model, &outcome.layers, most.div_ceil(outcome.layers.len()))?;
+    let sets = MEMORY_ENTRIES
+        .iter()
+        .map(|&n| memory_of(&outcome.patches, &elsewhere, n))
+        .collect::<Result<Vec<_>>>()?;
+    let speeds = bench_speeds(
+        &model.weights,
+        prompt,
+        &sets.iter().map(Some).collect::<Vec<_>>(),
+        MEMORY_REPS,
+    )?;
+    // The first holds no entry: the unpatched model, measured beside the others.
+    let (p0, d0) = (speeds[0].prefill_tok_s, speeds[0].decode_tok_s);
+    let memory = sets
+        .iter()
+        .zip(&speeds)
+        .map(|(set, speed)| MemorySpeed {
+            entries: entries_of_set(set),
+            prefill_tok_s: round2(speed.prefill_tok_s),
+            decode_tok_s: round2(speed.decode_tok_s),
+            ratio_prefill: round2(speed.prefill_tok_s / p0),
+            ratio_decode: round2(speed.decode_tok_s / d0),
+        })
+        .collect();
     Ok(Patched {
         layers: outcome.layers,
         neurons_per_layer: outcome.neurons_per_layer,
@@ -403,10 +472,95 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         overlay_decode_tok_s: round2(overlay.decode_tok_s),
         requantized_prefill_tok_s: round2(requantized.prefill_tok_s),
         requantized_decode_tok_s: round2(requantized.decode_tok_s),
-        full_overlay_copies: copies,
-        full_overlay_prefill_tok_s: round2(full.prefill_tok_s),
-        full_overlay_decode_tok_s: round2(full.decode_tok_s),
+        memory,
+        entry_bytes,
+        entries_in_budget: crate::learn::Policy::default().patch_memory_bytes() as usize
+            / entry_bytes.max(1),
     })
+}
+
+/// The entries (gate keys) of `patches`, over all their layers.
+fn entries_of(patches: &[(usize, LayerPatch)]) -> Result<usize> {
+    let mut n = 0;
+    for (_, p) in patches {
+        n += p.gate().map(|g| g.keys().dim(0)).transpose()?.unwrap_or(0);
+    }
+    Ok(n)
+}
+
+fn entries_of_set(set: &PatchSet) -> usize {
+    set.iter()
+        .filter_map(|(_, p)| p.gate().and_then(|g| g.keys().dim(0).ok()))
+        .sum()
+}
+
+/// A patch memory of at least `entries` entries (none for 0): the repair's value patches, then as
+/// many more as needed keyed at rows of other real code (`OTHER_CODE`'s prefixes) with the
+/// repair's centres, thresholds and values: entries learned in other contexts, open at the bench's
+/// prompt only where it looks like them.
+fn memory_of(
+    patches: &[(usize, LayerPatch)],
+    elsewhere: &BTreeMap<usize, Tensor>,
+    entries: usize,
+) -> Result<PatchSet> {
+    let mut set = PatchSet::default();
+    if entries == 0 {
+        return Ok(set);
+    }
+    let per_layer = entries
+        .saturating_sub(entries_of(patches)?)
+        .div_ceil(patches.len());
+    for (l, p) in patches {
+        set = set.with(*l, p.clone())?;
+        let gate = p.gate().context("a value patch has a gate")?;
+        let width = gate.keys().dim(0)?;
+        for start in (0..per_layer).step_by(width) {
+            let n = width.min(per_layer - start);
+            let keyed = gate.keyed_at(&elsewhere[l].narrow(0, start, n)?)?;
+            let values = p.delta().narrow(1, 0, n)?;
+            set = set.with(*l, LayerPatch::values(values, keyed)?)?;
+        }
+    }
+    Ok(set)
+}
+
+/// `rows` activations per layer of `layers`, at the last `CONTEXT` tokens of `OTHER_CODE`'s
+/// prefixes in turn.
+fn activations_elsewhere(
+    model: &Model,
+    layers: &[usize],
+    rows: usize,
+) -> Result<BTreeMap<usize, Tensor>> {
+    const CONTEXT: usize = 256;
+    let mut got: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+    let mut n = 0;
+    for line in OTHER_CODE.lines() {
+        if n >= rows {
+            break;
+        }
+        let case: Case = serde_json::from_str(line).context("fixtures/cases/grouped.jsonl")?;
+        let tokens = model.tokenizer.encode(&case.prefix);
+        let tokens = &tokens[tokens.len().saturating_sub(CONTEXT)..];
+        let mut capture = Capture::layers(layers.iter().copied());
+        model.weights.forward(
+            tokens,
+            &mut model.weights.new_cache(),
+            &mut Hooks {
+                capture: Some(&mut capture),
+                ..Hooks::default()
+            },
+        )?;
+        n += tokens.len();
+        for (l, z) in capture.neurons {
+            got.entry(l).or_default().push(z);
+        }
+    }
+    if n < rows {
+        bail!("fixtures/cases/grouped.jsonl gives {n} rows, {rows} wanted");
+    }
+    got.into_iter()
+        .map(|(l, z)| Ok((l, Tensor::cat(&z, 0)?.narrow(0, 0, rows)?)))
+        .collect()
 }
 
 fn repair_cases() -> Result<Vec<Case>> {
@@ -827,9 +981,15 @@ fn print_table(r: &Report) {
         p.layers,
         p.neurons_per_layer
     );
+    for m in &p.memory {
+        println!(
+            "  a patch memory of {:>5} entries  prefill / decode tok/s: {:.1} / {:.1} ({:.2}x / {:.2}x)",
+            m.entries, m.prefill_tok_s, m.decode_tok_s, m.ratio_prefill, m.ratio_decode
+        );
+    }
     println!(
-        "  the same patches x{:<3}     prefill / decode tok/s: overlay {:.1} / {:.1}",
-        p.full_overlay_copies, p.full_overlay_prefill_tok_s, p.full_overlay_decode_tok_s
+        "  one entry                 {} bytes; the default patchMemoryMb holds {}",
+        p.entry_bytes, p.entries_in_budget
     );
     println!(
         "peak RSS                    {:.1} MiB (end {:.1} MiB)",

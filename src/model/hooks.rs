@@ -1,8 +1,10 @@
 //! What the repair engine needs from a forward pass, passed explicitly and free when empty:
 //! capture of `down_proj` inputs and residual streams, MLP occlusion, and the patch overlay.
 
+use super::memory::{Codebook, Gate};
 use candle_core::{Device, Result, Tensor};
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 /// Per-forward switches. `Hooks::default()` is a plain forward pass.
 #[derive(Default)]
@@ -99,143 +101,6 @@ pub struct LayerPatch {
     rows: Option<Tensor>,
 }
 
-/// Opens a patch at the rows whose activations have cosine at least `threshold` with one of `keys`
-/// (the activations it was solved at): elsewhere the layer is exactly as unpatched.
-///
-/// A gate keyed on the layer (`center` set) compares the whole `down_proj` input, centred on the
-/// layer's typical activation: late-layer activations are anisotropic, so raw cosines crowd near 1,
-/// and a few patched neurons say little about the context. A gate keyed on the patch's columns
-/// (`center` none) is what ledgers written before 2026-12-06 hold.
-#[derive(Debug, Clone)]
-pub struct Gate {
-    /// `(keys, width)`, rows of unit norm: width `intermediate` keyed on the layer, else the patch's
-    /// columns.
-    keys: Tensor,
-    /// `(1, intermediate)`.
-    center: Option<Tensor>,
-    threshold: f32,
-}
-
-impl Gate {
-    /// Keyed on the patch's columns: `keys` `(n, columns)`, activations there; at least one.
-    pub fn on_columns(keys: &Tensor, threshold: f32) -> Result<Self> {
-        Self::build(keys, None, threshold)
-    }
-
-    /// Keyed on the layer: `keys` `(n, intermediate)`, whole activations, compared after subtracting
-    /// `center` `(intermediate,)`.
-    pub fn on_layer(keys: &Tensor, center: &Tensor, threshold: f32) -> Result<Self> {
-        Self::build(keys, Some(center.clone()), threshold)
-    }
-
-    fn build(keys: &Tensor, center: Option<Tensor>, threshold: f32) -> Result<Self> {
-        let raw = Self::stored(keys, center.as_ref(), threshold)?;
-        let keys = match &raw.center {
-            Some(c) => unit_rows(&keys.broadcast_sub(c)?)?,
-            None => unit_rows(keys)?,
-        };
-        Ok(Self { keys, ..raw })
-    }
-
-    /// A gate as `keys()`, `center()` and `threshold()` describe it (unit keys, centred already).
-    pub fn stored(keys: &Tensor, center: Option<&Tensor>, threshold: f32) -> Result<Self> {
-        if keys.dims2()?.0 == 0 {
-            candle_core::bail!("a gate needs at least one key");
-        }
-        let center = center.map(|c| c.reshape((1, ()))).transpose()?;
-        if let Some(c) = &center {
-            if c.dim(1)? != keys.dim(1)? {
-                candle_core::bail!("a gate's centre does not fit its keys");
-            }
-        }
-        Ok(Self {
-            keys: keys.clone(),
-            center,
-            threshold,
-        })
-    }
-
-    /// This gate opening also at rows like `more` `(n, width)`, activations as the gate reads them.
-    pub fn with_keys(&self, more: &Tensor) -> Result<Self> {
-        let more = Self::build(more, self.center.clone(), self.threshold)?;
-        Ok(Self {
-            keys: Tensor::cat(&[&self.keys, &more.keys], 0)?,
-            ..more
-        })
-    }
-
-    /// This gate at another threshold.
-    pub fn at(self, threshold: f32) -> Self {
-        Self { threshold, ..self }
-    }
-
-    /// `(keys, width)`, rows of unit norm (centred first when keyed on the layer).
-    pub fn keys(&self) -> &Tensor {
-        &self.keys
-    }
-
-    /// `(1, intermediate)` when keyed on the layer.
-    pub fn center(&self) -> Option<&Tensor> {
-        self.center.as_ref()
-    }
-
-    pub fn threshold(&self) -> f32 {
-        self.threshold
-    }
-
-    /// `(seq, 1)`: 1 at the rows of `z` `(seq, width)` the gate opens, else 0. No gradient flows
-    /// through it.
-    fn open(&self, z: &Tensor) -> Result<Tensor> {
-        self.scores(z)?
-            .ge(self.threshold as f64)?
-            .to_dtype(candle_core::DType::F32)
-    }
-
-    /// The first row of `z` `(seq, width)` the gate might open at, for activations computed another
-    /// way than the pass's own (with other rounding): the first within `margin` of the threshold.
-    /// None: it stays shut at every row.
-    pub fn first_open(&self, z: &Tensor, margin: f32) -> Result<Option<usize>> {
-        if z.dim(0)? == 0 {
-            return Ok(None);
-        }
-        let cos: Vec<f32> = self.scores(z)?.squeeze(1)?.to_vec1()?;
-        Ok(cos.iter().position(|&c| c >= self.threshold - margin))
-    }
-
-    /// `(seq, 1)`: each row of `z` `(seq, width)`'s largest cosine with a key.
-    pub fn scores(&self, z: &Tensor) -> Result<Tensor> {
-        self.cosines(z)?.max_keepdim(1)
-    }
-
-    /// `(seq, keys)`: 1 at each row's nearest key where the gate opens, else 0. No gradient flows
-    /// through it.
-    fn nearest(&self, z: &Tensor) -> Result<Tensor> {
-        let cos = self.cosines(z)?;
-        let best = cos.max_keepdim(1)?;
-        let open = best
-            .ge(self.threshold as f64)?
-            .to_dtype(candle_core::DType::F32)?;
-        cos.broadcast_ge(&best)?
-            .to_dtype(candle_core::DType::F32)?
-            .broadcast_mul(&open)
-    }
-
-    /// `(seq, keys)`: each row of `z` `(seq, width)`'s cosine with each key.
-    fn cosines(&self, z: &Tensor) -> Result<Tensor> {
-        let z = z.detach();
-        let z = match &self.center {
-            Some(c) => z.broadcast_sub(c)?,
-            None => z,
-        };
-        unit_rows(&z)?.matmul(&self.keys.t()?)
-    }
-}
-
-fn unit_rows(x: &Tensor) -> Result<Tensor> {
-    let norm = (x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?;
-    x.broadcast_div(&norm)
-}
-
 impl LayerPatch {
     pub fn new(columns: Vec<u32>, delta: Tensor) -> Result<Self> {
         let (_, k) = delta.dims2()?;
@@ -254,16 +119,17 @@ impl LayerPatch {
     /// One value per key of `gate` (keyed on the layer): `values` `(hidden, keys)`.
     pub fn values(values: Tensor, gate: Gate) -> Result<Self> {
         let (_, k) = values.dims2()?;
-        if gate.center.is_none() || gate.keys.dim(0)? != k {
+        if gate.center().is_none() || gate.keys().dim(0)? != k {
             candle_core::bail!(
                 "{k} values for a gate of {} keys on the layer",
-                gate.keys.dim(0)?
+                gate.keys().dim(0)?
             );
         }
         Ok(Self {
             columns: Vec::new(),
             index: Tensor::new(&[] as &[u32], &Device::Cpu)?,
-            delta: values,
+            // Gathered by key at every pass that opens it.
+            delta: values.contiguous()?,
             gate: Some(gate),
             rows: None,
         })
@@ -305,22 +171,57 @@ impl LayerPatch {
         &self.index
     }
 
-    /// The overlay's contribution for neuron activations `z` `(seq, intermediate)`.
-    pub(super) fn apply(&self, z: &Tensor) -> Result<Tensor> {
+    /// Whether its gate is keyed on the layer: its layer's codebook decides where it opens.
+    fn in_codebook(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| g.center().is_some())
+    }
+
+    /// The overlay's contribution for neuron activations `z` `(seq, intermediate)`, when its gate is
+    /// not keyed on the layer (or it has none).
+    fn apply(&self, z: &Tensor) -> Result<Tensor> {
+        let zs = z.index_select(&self.index, 1)?;
+        let out = zs.matmul(&self.delta.t()?)?;
         let out = match &self.gate {
-            Some(g) if self.columns.is_empty() => g.nearest(z)?.matmul(&self.delta.t()?)?,
-            gate => {
-                let zs = z.index_select(&self.index, 1)?;
-                let out = zs.matmul(&self.delta.t()?)?;
-                match gate {
-                    Some(g) => {
-                        let read = if g.center.is_some() { z } else { &zs };
-                        out.broadcast_mul(&g.open(read)?)?
-                    }
-                    None => out,
+            Some(g) => out.broadcast_mul(&g.open(&zs)?)?,
+            None => out,
+        };
+        self.scoped(out)
+    }
+
+    /// The contribution at the rows `opened` (row, nearest key) its codebook found its gate open
+    /// at, when it has columns (or acts at some rows only): its column delta there.
+    fn apply_open(&self, z: &Tensor, opened: &[(u32, u32)]) -> Result<Tensor> {
+        let seq = z.dim(0)?;
+        let out = match self.columns.is_empty() {
+            true => {
+                let (rows, values) = self.values_at(opened)?;
+                Tensor::zeros((seq, self.delta.dim(0)?), z.dtype(), z.device())?
+                    .index_add(&rows, &values, 0)?
+            }
+            false => {
+                let mut open = vec![0f32; seq];
+                for (r, _) in opened {
+                    open[*r as usize] = 1.0;
                 }
+                let open = Tensor::from_vec(open, (seq, 1), &Device::Cpu)?;
+                let zs = z.index_select(&self.index, 1)?;
+                zs.matmul(&self.delta.t()?)?.broadcast_mul(&open)?
             }
         };
+        self.scoped(out)
+    }
+
+    /// A value patch's rows `opened` (row, nearest key) and the values added there `(n, hidden)`.
+    fn values_at(&self, opened: &[(u32, u32)]) -> Result<(Tensor, Tensor)> {
+        let (rows, keys): (Vec<u32>, Vec<u32>) = opened.iter().copied().unzip();
+        let keys = Tensor::new(keys.as_slice(), &Device::Cpu)?;
+        Ok((
+            Tensor::new(rows.as_slice(), &Device::Cpu)?,
+            self.delta.index_select(&keys, 1)?.t()?.contiguous()?,
+        ))
+    }
+
+    fn scoped(&self, out: Tensor) -> Result<Tensor> {
         match &self.rows {
             Some(mask) => out.broadcast_mul(mask),
             None => Ok(out),
@@ -354,12 +255,16 @@ impl LayerPatch {
 }
 
 /// The overlay the serving model runs with: per layer at most one merged ungated patch, and the gated
-/// (or row-scoped) patches each whole (their gates differ, so they cannot be summed). Immutable once built;
-/// the server swaps whole sets (`Arc<PatchSet>`) so requests in flight finish on the set they started with.
+/// (or row-scoped) patches each whole (their gates differ, so they cannot be summed); those keyed on
+/// the layer are scored together, per layer one `Codebook`. Immutable once built; the server swaps
+/// whole sets (`Arc<PatchSet>`) so requests in flight finish on the set they started with.
 #[derive(Debug, Clone, Default)]
 pub struct PatchSet {
     layers: BTreeMap<usize, LayerPatch>,
     gated: Vec<(usize, LayerPatch)>,
+    /// Per layer, the codebook of its gates keyed on the layer and their indices in `gated`: built
+    /// at the first pass that needs it.
+    books: OnceLock<BTreeMap<usize, (Codebook, Vec<usize>)>>,
     /// Names these contents: a set and its clones share it, every set built by `with` gets a new one
     /// (the empty set's is 0). Results computed under an overlay are kept by it (`repair::Residuals`).
     id: u64,
@@ -372,6 +277,65 @@ impl PatchSet {
 
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty() && self.gated.is_empty()
+    }
+
+    /// What the overlay adds to layer `layer`'s MLP output for its neuron activations `z`
+    /// `(seq, intermediate)`; None where nothing acts (the layer is then bit-identical to the
+    /// unpatched one).
+    pub(super) fn apply(&self, layer: usize, z: &Tensor) -> Result<Option<Tensor>> {
+        let mut out = self.layers.get(&layer).map(|p| p.apply(z)).transpose()?;
+        let mut add = |t: Tensor| -> Result<()> {
+            out = Some(match out.take() {
+                Some(o) => (o + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        if let Some((book, members)) = self.books()?.get(&layer) {
+            // Values of every open gate go in with one scatter: a pass's cost grows with the
+            // entries that open, not with those the codebook holds.
+            let (mut rows, mut values) = (Vec::new(), Vec::new());
+            for (opened, &i) in book.open(z)?.iter().zip(members) {
+                let p = &self.gated[i].1;
+                match (opened.is_empty(), p.columns.is_empty() && p.rows.is_none()) {
+                    (true, _) => {}
+                    (false, true) => {
+                        let (r, v) = p.values_at(opened)?;
+                        rows.push(r);
+                        values.push(v);
+                    }
+                    (false, false) => add(p.apply_open(z, opened)?)?,
+                }
+            }
+            if let Some(first) = values.first() {
+                let zeros = Tensor::zeros((z.dim(0)?, first.dim(1)?), z.dtype(), z.device())?;
+                add(zeros.index_add(&Tensor::cat(&rows, 0)?, &Tensor::cat(&values, 0)?, 0)?)?;
+            }
+        }
+        for p in self.gated_at(layer).filter(|p| !p.in_codebook()) {
+            add(p.apply(z)?)?;
+        }
+        Ok(out)
+    }
+
+    fn books(&self) -> Result<&BTreeMap<usize, (Codebook, Vec<usize>)>> {
+        if let Some(b) = self.books.get() {
+            return Ok(b);
+        }
+        let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, (l, p)) in self.gated.iter().enumerate() {
+            if p.in_codebook() {
+                members.entry(*l).or_default().push(i);
+            }
+        }
+        let books = members
+            .into_iter()
+            .map(|(l, m)| {
+                let gates = m.iter().filter_map(|&i| self.gated[i].1.gate());
+                Ok((l, (Codebook::new(gates)?, m)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(self.books.get_or_init(|| books))
     }
 
     /// The gated patches on `layer`.
@@ -402,6 +366,7 @@ impl PatchSet {
         Self {
             layers: BTreeMap::new(),
             gated: self.gated.clone(),
+            books: self.books.clone(),
             id: if self.gated.is_empty() {
                 0
             } else {
@@ -422,6 +387,7 @@ impl PatchSet {
     pub fn with(&self, layer: usize, patch: LayerPatch) -> Result<Self> {
         let mut next = self.clone();
         if patch.partial() {
+            next.books = OnceLock::new();
             next.gated.push((layer, patch));
             next.id = Self::next_id();
             return Ok(next);

@@ -7,12 +7,14 @@ pub mod generate;
 mod gguf;
 pub mod hooks;
 mod kernels;
+pub mod memory;
 mod qwen2;
 mod tokenizer;
 
 pub use generate::{generate, Cancel, GenerateParams, Generation, Prompt, StopAt};
 pub use gguf::GgufFile;
-pub use hooks::{Capture, Gate, Hooks, LayerPatch, PatchSet};
+pub use hooks::{Capture, Hooks, LayerPatch, PatchSet};
+pub use memory::Gate;
 pub use qwen2::{
     kv_positions, Config, DecoderLayer, KvCache, LayerKv, Linear, LoadOptions, Mlp, Qwen2,
 };

@@ -566,10 +566,9 @@ impl DecoderLayer {
             capture.record_neurons(index, &z);
         }
         let mut out = self.mlp.down.forward(&z)?;
-        if let Some(set) = hooks.patches {
-            for patch in set.layer(index).into_iter().chain(set.gated_at(index)) {
-                out = (out + patch.apply(&z)?)?;
-            }
+        let added = hooks.patches.map(|set| set.apply(index, &z)).transpose()?;
+        if let Some(add) = added.flatten() {
+            out = (out + add)?;
         }
         out + x
     }
