@@ -237,7 +237,7 @@ pub fn check_fit(records: &mut [PatchRecord], config: &Config) {
 pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
     let mut set = PatchSet::default();
     let usable = records.iter().filter(|r| r.damaged.is_none());
-    for layer in usable.flat_map(|r| &r.layers) {
+    for (id, layer) in usable.flat_map(|r| r.layers.iter().map(move |l| (&r.id, l))) {
         let n = layer.columns.len();
         // `(hidden, columns)`, or `(hidden, keys)` for values.
         let inputs = layer.delta.len() / layer.hidden.max(1);
@@ -260,7 +260,7 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
             Some(g) if n == 0 => LayerPatch::values(delta, g)?,
             gate => LayerPatch::new(layer.columns.clone(), delta)?.gated(gate),
         };
-        set = set.with(layer.layer, patch)?;
+        set = set.with(layer.layer, patch.named(id))?;
     }
     Ok(set)
 }

@@ -121,6 +121,13 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
     assert_eq!(after, "math.hypot(a, b)");
     let explained = command(&mut c, "star.explain", json!([id]));
     assert_eq!(explained["patches"], json!([patch]), "{explained}");
+    // Its entries opened where the developer's correction was learned: named, with their keys.
+    let fired = explained["fired"].as_array().expect("fired entries");
+    assert!(!fired.is_empty(), "{explained}");
+    for f in fired {
+        assert_eq!(f["patch"], patch.as_str(), "{explained}");
+        assert!(f["rows"].as_u64() >= Some(1) && !f["keys"].as_array().unwrap().is_empty());
+    }
     let listed = command(&mut c, "star.listPatches", json!([]));
     assert_eq!(listed[0]["id"], patch.as_str(), "{listed}");
     c.shutdown();

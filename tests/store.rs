@@ -47,6 +47,7 @@ fn shown(id: &str, prefix_len: usize, shown_ms: i64) -> ShownRecord {
         suffix: String::new(),
         proposed: "a + b".into(),
         patches: vec!["p1".into()],
+        fired: serde_json::json!([{ "patch": "p1", "layer": 20, "keys": [0, 3], "rows": 2 }]),
         shown_ms,
     }
 }
@@ -68,7 +69,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (4, "wal"));
+    assert_eq!((version, journal.as_str()), (5, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -91,11 +92,13 @@ fn identical_cases_are_stored_once_and_counted() {
     assert_eq!(targets, ["x + 1", "x + 2"]);
     assert_eq!(failures[0].id, "case-1");
     store.record_shown(&shown("c1", 10, 1)).unwrap();
+    let explained = store.explain("c1").unwrap().unwrap();
+    assert_eq!(explained.patches, vec!["p1".to_owned()]);
     assert_eq!(
-        store.completion_patches("c1").unwrap(),
-        Some(vec!["p1".to_owned()])
+        explained.fired.unwrap()[0]["keys"],
+        serde_json::json!([0, 3])
     );
-    assert_eq!(store.completion_patches("nope").unwrap(), None);
+    assert!(store.explain("nope").unwrap().is_none());
 }
 
 #[test]
@@ -113,8 +116,8 @@ fn the_size_cap_prunes_oldest_first() {
     assert!(deleted > 0);
     assert!(store.used_bytes().unwrap() <= 256 * 1024);
     // Shown completions go first, oldest first; the case stays.
-    assert_eq!(store.completion_patches("c0").unwrap(), None);
-    assert!(store.completion_patches("c199").unwrap().is_some());
+    assert!(store.explain("c0").unwrap().is_none());
+    assert!(store.explain("c199").unwrap().is_some());
     assert_eq!(store.counts().unwrap().failures_pending, 1);
 }
 
@@ -241,8 +244,9 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
     );
 }
 
-/// A ledger written before gates keyed on the layer (schema 3, no `gate_center`) opens migrated: its
-/// gates read as keyed on their columns, as they were written, and serve.
+/// A ledger written before gates keyed on the layer (schema 3, no `gate_center`, no `fired`) opens
+/// migrated: its gates read as keyed on their columns, as they were written, and serve; its
+/// completions explain their patches and say nothing of what fired.
 #[test]
 fn a_ledger_from_before_layer_keys_is_migrated() {
     use star_ls::store::{PatchGate, PatchLayer};
@@ -261,10 +265,13 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     let mut store = Store::open(&dir, 1 << 30).unwrap();
     let report = serde_json::json!({ "fixed": 1 });
     store.add_patch("sha", 5, &report, &layers, &[]).unwrap();
+    store.record_shown(&shown("c1", 10, 1)).unwrap();
     drop(store);
     let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
     conn.execute_batch(
-        "ALTER TABLE patch_layers DROP COLUMN gate_center; PRAGMA user_version = 3;",
+        "ALTER TABLE patch_layers DROP COLUMN gate_center;
+         ALTER TABLE completions DROP COLUMN fired;
+         PRAGMA user_version = 3;",
     )
     .unwrap();
     drop(conn);
@@ -275,12 +282,15 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     let set = star_ls::learn::overlay(&patches).unwrap();
     let gate = set.gated_at(1).next().unwrap().gate().unwrap();
     assert!(gate.center().is_none() && gate.keys().dims2().unwrap() == (1, 2));
+    // A completion shown before entries were noted: its patches, and nothing said of what fired.
+    let explained = store.explain("c1").unwrap().unwrap();
+    assert_eq!((explained.patches.len(), explained.fired), (1, None));
     drop(store);
     let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
 }
 
 /// A patch whose ledger rows were damaged on disk (a torn blob, half a gate, a neuron past the

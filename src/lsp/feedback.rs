@@ -149,6 +149,7 @@ impl Server {
                     .lock()
                     .map(|p| p.clone())
                     .unwrap_or_default(),
+                fired: json!(c.generation.fired),
                 shown_ms: now_ms(),
             }));
         }
@@ -295,7 +296,8 @@ impl Server {
             .map_err(|_| "the store thread stopped".to_owned())?
     }
 
-    /// `star.explain`: the patches that were live when a completion was made.
+    /// `star.explain`: the patches that were live when a completion was made, and their entries that
+    /// opened while it was made (per patch and layer: the keys, and the rows they opened at).
     pub(super) async fn explain(&self, id: String) -> Result<Value> {
         let store = self.store().ok_or_else(jsonrpc::Error::internal_error)?;
         let (tx, rx) = oneshot::channel();
@@ -306,7 +308,9 @@ impl Server {
             }),
         ));
         match rx.await {
-            Ok(Ok(Some(patches))) => Ok(json!({ "completionId": id, "patches": patches })),
+            Ok(Ok(Some(e))) => {
+                Ok(json!({ "completionId": id, "patches": e.patches, "fired": e.fired }))
+            }
             Ok(Ok(None)) => Err(super::proto::invalid_params(format!(
                 "unknown completion {id}"
             ))),

@@ -1,7 +1,7 @@
 //! Generation: prefill what the cache lacks, then decode token by token under the stop rules, with
 //! token healing at the cursor and cancellation between tokens.
 
-use super::{Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
+use super::{Fired, FiredEntries, Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
 use candle_core::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +93,9 @@ pub struct Generation {
     pub stop: StopReason,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// The ledger's entries that opened at the rows this generation ran (rows from the cache were
+    /// counted by the generation that ran them).
+    pub fired: Vec<FiredEntries>,
 }
 
 /// Runs `prompt` on `model`, reusing the longest common prefix of `cache`, and decodes a completion.
@@ -123,18 +126,23 @@ pub fn generate(
         stop: StopReason::MaxTokens,
         prefill_ms: 0.0,
         decode_ms: 0.0,
+        fired: Vec::new(),
     };
-    let hooks = || Hooks {
-        patches,
-        ..Hooks::default()
-    };
+    let mut fired = Fired::default();
+    fn hooks<'a>(patches: Option<&'a PatchSet>, fired: &'a mut Fired) -> Hooks<'a> {
+        Hooks {
+            patches,
+            fired: Some(fired),
+            ..Hooks::default()
+        }
+    }
     let mut logits = Vec::new();
     for chunk in prompt.tokens[common..].chunks(params.chunk.max(1)) {
         if cancel.is_cancelled() {
             out.stop = StopReason::Cancelled;
             return Ok(out);
         }
-        logits = model.next_logits(chunk, cache, &mut hooks())?;
+        logits = model.next_logits(chunk, cache, &mut hooks(patches, &mut fired))?;
     }
     let t1 = Instant::now();
     out.prefill_ms = (t1 - t0).as_secs_f64() * 1e3;
@@ -164,12 +172,13 @@ pub fn generate(
                 break;
             }
         }
-        logits = model.next_logits(&[next], cache, &mut hooks())?;
+        logits = model.next_logits(&[next], cache, &mut hooks(patches, &mut fired))?;
     }
     let body = bytes.get(prompt.heal.len()..).unwrap_or(&[]);
     let body = &body[..decoder.cut.unwrap_or(body.len()).min(body.len())];
     out.text = utf8_prefix(body);
     out.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    out.fired = fired.entries();
     Ok(out)
 }
 

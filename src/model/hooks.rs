@@ -4,7 +4,7 @@
 use super::memory::{Codebook, Gate};
 use candle_core::{Device, Result, Tensor};
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Per-forward switches. `Hooks::default()` is a plain forward pass.
 #[derive(Default)]
@@ -18,6 +18,42 @@ pub struct Hooks<'a> {
     /// Zero tensors added to `z_l` `(seq, intermediate)` per layer: make them `Var`s and their gradient
     /// is `∂loss/∂z_l`, which candle does not keep for intermediate tensors (neuron attribution).
     pub neuron_probes: Option<&'a BTreeMap<usize, Tensor>>,
+    /// Where to note the named patches whose gates opened (`star.explain`).
+    pub fired: Option<&'a mut Fired>,
+}
+
+/// The entries that opened during some passes: per named patch and layer, each key's rows.
+#[derive(Debug, Default)]
+pub struct Fired(BTreeMap<(Arc<str>, usize), BTreeMap<u32, usize>>);
+
+/// One patch's entries that opened on one layer: the keys, and the rows they opened at in all.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FiredEntries {
+    pub patch: String,
+    pub layer: usize,
+    pub keys: Vec<u32>,
+    pub rows: usize,
+}
+
+impl Fired {
+    fn note(&mut self, patch: &Arc<str>, layer: usize, opened: &[(u32, u32)]) {
+        let keys = self.0.entry((patch.clone(), layer)).or_default();
+        for (_, k) in opened {
+            *keys.entry(*k).or_default() += 1;
+        }
+    }
+
+    pub fn entries(&self) -> Vec<FiredEntries> {
+        self.0
+            .iter()
+            .map(|((patch, layer), keys)| FiredEntries {
+                patch: patch.to_string(),
+                layer: *layer,
+                keys: keys.keys().copied().collect(),
+                rows: keys.values().sum(),
+            })
+            .collect()
+    }
 }
 
 impl<'a> Hooks<'a> {
@@ -99,6 +135,8 @@ pub struct LayerPatch {
     gate: Option<Gate>,
     /// `(rows, 1)`, 0/1: the rows of one packed pass it acts at (`on_rows`), else every row.
     rows: Option<Tensor>,
+    /// The ledger's id for it, when it has one.
+    name: Option<Arc<str>>,
 }
 
 impl LayerPatch {
@@ -113,6 +151,7 @@ impl LayerPatch {
             delta,
             gate: None,
             rows: None,
+            name: None,
         })
     }
 
@@ -132,7 +171,16 @@ impl LayerPatch {
             delta: values.contiguous()?,
             gate: Some(gate),
             rows: None,
+            name: None,
         })
+    }
+
+    /// This patch under the ledger's id `name`.
+    pub fn named(self, name: &str) -> Self {
+        Self {
+            name: Some(name.into()),
+            ..self
+        }
     }
 
     /// This patch, applied only where `gate` opens.
@@ -282,7 +330,12 @@ impl PatchSet {
     /// What the overlay adds to layer `layer`'s MLP output for its neuron activations `z`
     /// `(seq, intermediate)`; None where nothing acts (the layer is then bit-identical to the
     /// unpatched one).
-    pub(super) fn apply(&self, layer: usize, z: &Tensor) -> Result<Option<Tensor>> {
+    pub(super) fn apply(
+        &self,
+        layer: usize,
+        z: &Tensor,
+        mut fired: Option<&mut Fired>,
+    ) -> Result<Option<Tensor>> {
         let mut out = self.layers.get(&layer).map(|p| p.apply(z)).transpose()?;
         let mut add = |t: Tensor| -> Result<()> {
             out = Some(match out.take() {
@@ -297,6 +350,11 @@ impl PatchSet {
             let (mut rows, mut values) = (Vec::new(), Vec::new());
             for (opened, &i) in book.open(z)?.iter().zip(members) {
                 let p = &self.gated[i].1;
+                if let (Some(f), Some(name), false) =
+                    (fired.as_deref_mut(), &p.name, opened.is_empty())
+                {
+                    f.note(name, layer, opened);
+                }
                 match (opened.is_empty(), p.columns.is_empty() && p.rows.is_none()) {
                     (true, _) => {}
                     (false, true) => {

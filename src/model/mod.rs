@@ -13,7 +13,7 @@ mod tokenizer;
 
 pub use generate::{generate, Cancel, GenerateParams, Generation, Prompt, StopAt};
 pub use gguf::GgufFile;
-pub use hooks::{Capture, Hooks, LayerPatch, PatchSet};
+pub use hooks::{Capture, Fired, FiredEntries, Hooks, LayerPatch, PatchSet};
 pub use memory::Gate;
 pub use qwen2::{
     kv_positions, Config, DecoderLayer, KvCache, LayerKv, Linear, LoadOptions, Mlp, Qwen2,

@@ -566,7 +566,11 @@ impl DecoderLayer {
             capture.record_neurons(index, &z);
         }
         let mut out = self.mlp.down.forward(&z)?;
-        let added = hooks.patches.map(|set| set.apply(index, &z)).transpose()?;
+        let fired = hooks.fired.as_deref_mut();
+        let added = hooks
+            .patches
+            .map(|set| set.apply(index, &z, fired))
+            .transpose()?;
         if let Some(add) = added.flatten() {
             out = (out + add)?;
         }

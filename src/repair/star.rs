@@ -761,6 +761,7 @@ impl<'a> Star<'a> {
             capture: Some(capture),
             skip_mlp: hooks.skip_mlp,
             neuron_probes: hooks.neuron_probes,
+            fired: hooks.fired.as_deref_mut(),
         };
         let normed = self
             .model

@@ -1,7 +1,7 @@
 //! The store's own thread: callers send operations and never wait on SQLite. Writes that fail (a locked
 //! database, a full disk) are kept in memory and retried, and each kind of trouble is reported once.
 
-use super::{Counts, NewCase, ShownRecord, Store, StoreError};
+use super::{Counts, Explained, NewCase, ShownRecord, Store, StoreError};
 use crate::capture::Outcome;
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ pub enum StoreOp {
     },
     Counts(Reply<Counts>),
     /// The patches live when a completion was made.
-    Explain(String, Reply<Option<Vec<String>>>),
+    Explain(String, Reply<Option<Explained>>),
     /// Answers once every write sent before it has been tried.
     Flush(Box<dyn FnOnce() + Send>),
     /// Runs on the store thread with the open store (or why it cannot be opened): reads and writes
@@ -124,7 +124,7 @@ impl Worker {
                 reply(r.map_err(|e| e.to_string()));
             }
             StoreOp::Explain(id, reply) => {
-                let r = self.store().and_then(|s| s.completion_patches(&id));
+                let r = self.store().and_then(|s| s.explain(&id));
                 reply(r.map_err(|e| e.to_string()));
             }
             StoreOp::Flush(reply) => reply(),

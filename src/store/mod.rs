@@ -78,7 +78,19 @@ pub struct ShownRecord {
     pub proposed: String,
     /// Ids of the patches live when it was made (for `star.explain`).
     pub patches: Vec<String>,
+    /// Their entries that opened while it was made, as the server lists them.
+    pub fired: serde_json::Value,
     pub shown_ms: i64,
+}
+
+/// What `star.explain` tells of a completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    /// The patches live when it was made.
+    pub patches: Vec<String>,
+    /// Their entries that opened while it was made; None for completions stored before it was
+    /// recorded.
+    pub fired: Option<serde_json::Value>,
 }
 
 /// A case to record, with where it came from.
@@ -197,8 +209,8 @@ impl Store {
             tx.execute(
                 "INSERT OR REPLACE INTO completions
                  (id, document, workspace, language, version, line, character, prefix, suffix, proposed,
-                  patches, shown_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                  patches, shown_ms, fired)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     r.id,
                     r.document,
@@ -211,7 +223,8 @@ impl Store {
                     r.suffix,
                     r.proposed,
                     patches,
-                    r.shown_ms
+                    r.shown_ms,
+                    r.fired.to_string()
                 ],
             )
             .map(drop)
@@ -315,16 +328,22 @@ impl Store {
         rows
     }
 
-    /// The patches live when a completion was made; `None` for an unknown completion.
-    pub fn completion_patches(&self, id: &str) -> Result<Option<Vec<String>>, StoreError> {
-        let json: Option<String> = self
+    /// The patches live when a completion was made and their entries that opened; `None` for an
+    /// unknown completion.
+    pub fn explain(&self, id: &str) -> Result<Option<Explained>, StoreError> {
+        let row: Option<(String, Option<String>)> = self
             .conn
-            .query_row("SELECT patches FROM completions WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT patches, fired FROM completions WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(|e| self.wrap(e))?;
-        Ok(json.map(|j| serde_json::from_str(&j).unwrap_or_default()))
+        Ok(row.map(|(patches, fired)| Explained {
+            patches: serde_json::from_str(&patches).unwrap_or_default(),
+            fired: fired.and_then(|f| serde_json::from_str(&f).ok()),
+        }))
     }
 
     /// Bytes in use (free pages not counted).

@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: gates keyed on the whole layer: the centre their keys and queries are taken from (NULL for a
     // gate keyed on the patch's columns, as every gate before it).
     "ALTER TABLE patch_layers ADD COLUMN gate_center BLOB;",
+    // 5: the ledger's entries that opened while a completion was made (JSON, for `star.explain`;
+    // NULL before it was recorded).
+    "ALTER TABLE completions ADD COLUMN fired TEXT;",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {
