@@ -255,8 +255,8 @@ impl Server {
             .join("heads")
             .join(format!("{sha}.chol"));
         let state = self.state.clone();
-        let (model_then, guards_then) = (model.clone(), job.guards.clone());
-        let (outcome, head, job) = tokio::task::spawn_blocking(move || {
+        let model_then = model.clone();
+        let (outcome, head, mut job) = tokio::task::spawn_blocking(move || {
             let head = {
                 let mut slot = head_slot.lock().unwrap_or_else(|e| e.into_inner());
                 match slot.as_ref() {
@@ -292,6 +292,8 @@ impl Server {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let kept = !outcome.patches.is_empty();
+        // The commit reads the failures only; the guards are warmed under the new overlay after it.
+        let guards_then = std::mem::take(&mut job.guards);
         let report = self
             .with_store(move |s| {
                 learn::commit(s, &sha, now, &job, &outcome, policy.patch_memory_bytes())

@@ -147,6 +147,15 @@ impl Sites<'_> {
     }
 }
 
+/// Per case `i`, its positions `p`, as the (case, position) sites a steer's rows follow.
+fn sites_of(positions: &[Vec<usize>]) -> Vec<(usize, usize)> {
+    positions
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ps)| ps.iter().map(move |&p| (i, p)))
+        .collect()
+}
+
 /// What every method starts from: the failing cases after the frozen lower layers, and dense copies of
 /// the upper ones.
 pub(super) struct Batch {
@@ -1292,13 +1301,7 @@ impl<'a> Star<'a> {
                 false => solve(l, &z[&l], &steers)?,
             };
             priors.insert(l, prior);
-            let sites = failing.iter().enumerate();
-            keyed.insert(
-                l,
-                sites
-                    .flat_map(|(i, ps)| ps.iter().map(move |&p| (i, p)))
-                    .collect(),
-            );
+            keyed.insert(l, sites_of(failing));
         }
         outcome.solves = 1;
         let mut sites = Sites {
@@ -1440,11 +1443,7 @@ impl<'a> Star<'a> {
             let steers = self
                 .steers(&scored, &batch.cases, &open, layers.len())?
                 .broadcast_mul(&gains)?;
-            let at: Vec<(usize, usize)> = open
-                .iter()
-                .enumerate()
-                .flat_map(|(i, ps)| ps.iter().map(move |&p| (i, p)))
-                .collect();
+            let at = sites_of(&open);
             for &l in &layers {
                 let rows = (&Tensor::cat(&z[&l], 0)?, &Tensor::cat(&keys_at[&l], 0)?);
                 let grown = sites.grow(l, &patches[&l], &at, rows, &steers, solve)?;
