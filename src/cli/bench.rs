@@ -40,12 +40,12 @@ const REPAIR_ROUNDS: usize = 4;
 /// Between an answer and the next keystroke while STAR repairs: the repair runs in these gaps, as it
 /// does between a developer's keystrokes, so each request arrives in the middle of a repair step.
 const KEYSTROKE_GAP: Duration = Duration::from_millis(150);
-/// The failures STAR repairs, again and again, while edit latency is measured under a repair.
 /// Real code that is not the bench's prompt: where a large patch memory's other entries are keyed.
 const OTHER_CODE: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/cases/grouped.jsonl"
 ));
+/// The failures STAR repairs, again and again, while edit latency is measured under a repair.
 const REPAIR_CASES: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/cases/conventions.jsonl"
@@ -440,8 +440,8 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         bail!("the bench's repair made no patch of values per key");
     }
     let most = MEMORY_ENTRIES.iter().max().copied().unwrap_or(0);
-    let elsewhere =
-        activations_elsewhere(model, &outcome.layers, most.div_ceil(outcome.layers.len()))?;
+    let layers: Vec<usize> = outcome.patches.iter().map(|(l, _)| *l).collect();
+    let elsewhere = activations_elsewhere(model, &layers, most.div_ceil(layers.len()))?;
     let sets = MEMORY_ENTRIES
         .iter()
         .map(|&n| memory_of(&outcome.patches, &elsewhere, n))

@@ -302,6 +302,9 @@ impl LayerPatch {
     }
 }
 
+/// A codebook and the indices in `PatchSet::gated` of its gates' patches.
+type Books = (Codebook, Vec<usize>);
+
 /// The overlay the serving model runs with: per layer at most one merged ungated patch, and the gated
 /// (or row-scoped) patches each whole (their gates differ, so they cannot be summed); those keyed on
 /// the layer are scored together, per layer one `Codebook`. Immutable once built; the server swaps
@@ -310,9 +313,10 @@ impl LayerPatch {
 pub struct PatchSet {
     layers: BTreeMap<usize, LayerPatch>,
     gated: Vec<(usize, LayerPatch)>,
-    /// Per layer, the codebook of its gates keyed on the layer and their indices in `gated`: built
-    /// at the first pass that needs it.
-    books: OnceLock<BTreeMap<usize, (Codebook, Vec<usize>)>>,
+    /// Per layer, the codebooks of its gates keyed on the layer (one per key width: sketched keys,
+    /// and those of ledgers from before) and their indices in `gated`: built at the first pass that
+    /// needs them.
+    books: OnceLock<BTreeMap<usize, Vec<Books>>>,
     /// Names these contents: a set and its clones share it, every set built by `with` gets a new one
     /// (the empty set's is 0). Results computed under an overlay are kept by it (`repair::Residuals`).
     id: u64,
@@ -344,10 +348,10 @@ impl PatchSet {
             });
             Ok(())
         };
-        if let Some((book, members)) = self.books()?.get(&layer) {
-            // Values of every open gate go in with one scatter: a pass's cost grows with the
-            // entries that open, not with those the codebook holds.
-            let (mut rows, mut values) = (Vec::new(), Vec::new());
+        // Values of every open gate go in with one scatter: adding them costs by the entries that
+        // open; scoring is the codebook's one product.
+        let (mut rows, mut values) = (Vec::new(), Vec::new());
+        for (book, members) in self.books()?.get(&layer).into_iter().flatten() {
             for (opened, &i) in book.open(z)?.iter().zip(members) {
                 let p = &self.gated[i].1;
                 if let (Some(f), Some(name), false) =
@@ -365,10 +369,10 @@ impl PatchSet {
                     (false, false) => add(p.apply_open(z, opened)?)?,
                 }
             }
-            if let Some(first) = values.first() {
-                let zeros = Tensor::zeros((z.dim(0)?, first.dim(1)?), z.dtype(), z.device())?;
-                add(zeros.index_add(&Tensor::cat(&rows, 0)?, &Tensor::cat(&values, 0)?, 0)?)?;
-            }
+        }
+        if let Some(first) = values.first() {
+            let zeros = Tensor::zeros((z.dim(0)?, first.dim(1)?), z.dtype(), z.device())?;
+            add(zeros.index_add(&Tensor::cat(&rows, 0)?, &Tensor::cat(&values, 0)?, 0)?)?;
         }
         for p in self.gated_at(layer).filter(|p| !p.in_codebook()) {
             add(p.apply(z)?)?;
@@ -376,23 +380,21 @@ impl PatchSet {
         Ok(out)
     }
 
-    fn books(&self) -> Result<&BTreeMap<usize, (Codebook, Vec<usize>)>> {
+    fn books(&self) -> Result<&BTreeMap<usize, Vec<Books>>> {
         if let Some(b) = self.books.get() {
             return Ok(b);
         }
-        let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        let mut members: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
         for (i, (l, p)) in self.gated.iter().enumerate() {
-            if p.in_codebook() {
-                members.entry(*l).or_default().push(i);
+            if let Some(g) = p.gate().filter(|_| p.in_codebook()) {
+                members.entry((*l, g.width())).or_default().push(i);
             }
         }
-        let books = members
-            .into_iter()
-            .map(|(l, m)| {
-                let gates = m.iter().filter_map(|&i| self.gated[i].1.gate());
-                Ok((l, (Codebook::new(gates)?, m)))
-            })
-            .collect::<Result<_>>()?;
+        let mut books: BTreeMap<usize, Vec<Books>> = BTreeMap::new();
+        for ((l, _), m) in members {
+            let gates = m.iter().filter_map(|&i| self.gated[i].1.gate());
+            books.entry(l).or_default().push((Codebook::new(gates)?, m));
+        }
         Ok(self.books.get_or_init(|| books))
     }
 
