@@ -308,6 +308,15 @@ mod tests {
         Tensor::from_vec(v, (rows, width), &Device::Cpu).unwrap()
     }
 
+    fn scores(gate: &Gate, z: &Tensor) -> Vec<f32> {
+        gate.scores(z)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn the_sketch_keeps_inner_products_roughly() {
         let x = random(40, 4864, 1);
@@ -345,13 +354,7 @@ mod tests {
         let book = Codebook::new(&gates).unwrap();
         let opened = book.open(&z).unwrap();
         for (g, gate) in gates.iter().enumerate() {
-            let alone: Vec<f32> = gate
-                .scores(&z)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let alone = scores(gate, &z);
             let rows: Vec<u32> = opened[g].iter().map(|(r, _)| *r).collect();
             let want: Vec<u32> = (0..30u32)
                 .filter(|&r| alone[r as usize] >= gate.threshold())
@@ -372,13 +375,7 @@ mod tests {
         let center = random(1, 4864, 5);
         let centred = unit_rows(&z.broadcast_sub(&center).unwrap()).unwrap();
         let old = Gate::stored(&centred.narrow(0, 0, 2).unwrap(), Some(&center), 0.5).unwrap();
-        let got: Vec<f32> = old
-            .scores(&z)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = scores(&old, &z);
         let cos = centred
             .matmul(&centred.narrow(0, 0, 2).unwrap().t().unwrap())
             .unwrap();
