@@ -434,7 +434,7 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         .iter()
         .map(PatchLayer::bytes)
         .sum();
-    let keys = entries_of(&outcome.patches)?;
+    let keys = entries_of(outcome.patches.iter().map(|(_, p)| p));
     let entry_bytes = bytes / keys.max(1);
     if keys == 0 || outcome.patches.iter().any(|(_, p)| !p.columns().is_empty()) {
         bail!("the bench's repair made no patch of values per key");
@@ -458,7 +458,7 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         .iter()
         .zip(&speeds)
         .map(|(set, speed)| MemorySpeed {
-            entries: entries_of_set(set),
+            entries: entries_of(set.iter().map(|(_, p)| p)),
             prefill_tok_s: round2(speed.prefill_tok_s),
             decode_tok_s: round2(speed.decode_tok_s),
             ratio_prefill: round2(speed.prefill_tok_s / p0),
@@ -480,17 +480,10 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
 }
 
 /// The entries (gate keys) of `patches`, over all their layers.
-fn entries_of(patches: &[(usize, LayerPatch)]) -> Result<usize> {
-    let mut n = 0;
-    for (_, p) in patches {
-        n += p.gate().map(|g| g.keys().dim(0)).transpose()?.unwrap_or(0);
-    }
-    Ok(n)
-}
-
-fn entries_of_set(set: &PatchSet) -> usize {
-    set.iter()
-        .filter_map(|(_, p)| p.gate().and_then(|g| g.keys().dim(0).ok()))
+fn entries_of<'a>(patches: impl IntoIterator<Item = &'a LayerPatch>) -> usize {
+    patches
+        .into_iter()
+        .filter_map(|p| p.gate().map(|g| g.keys().dims()[0]))
         .sum()
 }
 
@@ -508,7 +501,7 @@ fn memory_of(
         return Ok(set);
     }
     let per_layer = entries
-        .saturating_sub(entries_of(patches)?)
+        .saturating_sub(entries_of(patches.iter().map(|(_, p)| p)))
         .div_ceil(patches.len());
     for (l, p) in patches {
         set = set.with(*l, p.clone())?;
