@@ -79,6 +79,10 @@ enum Command {
         /// Only the first N cases of the file.
         #[arg(long)]
         limit: Option<usize>,
+        /// Draw the specificity sample from this cases file (other code, never repaired) instead
+        /// of from --cases, whose groups the run repairs one by one.
+        #[arg(long)]
+        unrelated: Option<PathBuf>,
         /// Seeds the specificity sample (and the guard sample).
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -278,6 +282,7 @@ fn main() {
             method,
             json,
             limit,
+            unrelated,
             seed,
             sample,
             guards,
@@ -290,6 +295,7 @@ fn main() {
             star_ls::env::set_threads(threads);
             star_ls::cli::eval::run(star_ls::cli::eval::Options {
                 cases: &cases,
+                unrelated: unrelated.as_deref(),
                 json: json.as_deref(),
                 limit,
                 plot: plot.as_deref(),

@@ -81,12 +81,16 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
 
     let dir = tmp_path("eval-planted");
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("cases.jsonl");
-    let lines: Vec<String> = cases
-        .iter()
-        .map(|c| serde_json::to_string(c).unwrap())
-        .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let write = |name: &str, cases: &[Case]| {
+        let path = dir.join(name);
+        let lines: Vec<String> = cases
+            .iter()
+            .map(|c| serde_json::to_string(c).unwrap())
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    };
+    let file = write("cases.jsonl", &cases);
     let json = dir.join("eval.json");
     let plots = dir.join("plots");
     // The repair settings the tiny model needs (two layers, all of them candidates).
@@ -216,4 +220,47 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     let out = run("star,adam");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adam"));
+
+    // Every case in the failure's group: the repair leaves nothing of the file unrelated to it, so
+    // the specificity sample comes from --unrelated (other code), all of it used.
+    let grouped: Vec<Case> = cases
+        .iter()
+        .map(|c| Case {
+            group: "g".into(),
+            ..c.clone()
+        })
+        .collect();
+    let sample_of = |unrelated: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
+        cmd.args(["eval", "--cases"])
+            .arg(write("grouped.jsonl", &grouped))
+            .args(["--method", "star", "--repair-settings", settings, "--json"])
+            .arg(&json)
+            .env("STAR_LS_MODEL", &model_path);
+        if let Some(u) = unrelated {
+            cmd.arg("--unrelated").arg(u);
+        }
+        let out = cmd.output().expect("running star-ls eval");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let star = &report["methods"]["star"];
+        assert_eq!(star["per_repair"][0]["status"], "patched", "{star}");
+        report
+    };
+    let own = sample_of(None);
+    assert_eq!(
+        own["methods"]["star"]["cumulative"][0]["sampled"], 0,
+        "{own}"
+    );
+    let other = write("other.jsonl", &passing);
+    let with = sample_of(Some(&other));
+    assert_eq!(with["cases"], grouped.len(), "{with}");
+    assert_eq!(with["unrelated_cases"], passing.len(), "{with}");
+    let star = &with["methods"]["star"];
+    assert_eq!(star["per_repair"][0]["sampled"], passing.len(), "{star}");
+    assert_eq!(star["cumulative"][0]["sampled"], passing.len(), "{star}");
 }

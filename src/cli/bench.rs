@@ -434,7 +434,11 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         .iter()
         .map(PatchLayer::bytes)
         .sum();
-    let keys = entries_of(outcome.patches.iter().map(|(_, p)| p));
+    let keys = outcome
+        .patches
+        .iter()
+        .map(|(_, p)| p.entries())
+        .sum::<usize>();
     let entry_bytes = bytes / keys.max(1);
     if keys == 0 || outcome.patches.iter().any(|(_, p)| !p.columns().is_empty()) {
         bail!("the bench's repair made no patch of values per key");
@@ -458,7 +462,7 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         .iter()
         .zip(&speeds)
         .map(|(set, speed)| MemorySpeed {
-            entries: entries_of(set.iter().map(|(_, p)| p)),
+            entries: set.entries(),
             prefill_tok_s: round2(speed.prefill_tok_s),
             decode_tok_s: round2(speed.decode_tok_s),
             ratio_prefill: round2(speed.prefill_tok_s / p0),
@@ -479,14 +483,6 @@ fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
     })
 }
 
-/// The entries (gate keys) of `patches`, over all their layers.
-fn entries_of<'a>(patches: impl IntoIterator<Item = &'a LayerPatch>) -> usize {
-    patches
-        .into_iter()
-        .filter_map(|p| p.gate().map(|g| g.keys().dims()[0]))
-        .sum()
-}
-
 /// A patch memory of at least `entries` entries (none for 0): the repair's value patches, then as
 /// many more as needed keyed at rows of other real code (`OTHER_CODE`'s prefixes) with the
 /// repair's centres, thresholds and values: entries learned in other contexts, open at the bench's
@@ -501,7 +497,7 @@ fn memory_of(
         return Ok(set);
     }
     let per_layer = entries
-        .saturating_sub(entries_of(patches.iter().map(|(_, p)| p)))
+        .saturating_sub(patches.iter().map(|(_, p)| p.entries()).sum())
         .div_ceil(patches.len());
     for (l, p) in patches {
         set = set.with(*l, p.clone())?;

@@ -10,6 +10,7 @@ use std::path::Path;
 
 pub struct Options<'a> {
     pub cases: &'a Path,
+    pub unrelated: Option<&'a Path>,
     pub json: Option<&'a Path>,
     pub limit: Option<usize>,
     pub plot: Option<&'a Path>,
@@ -19,6 +20,10 @@ pub struct Options<'a> {
 pub fn run(o: Options) -> anyhow::Result<()> {
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
+    let unrelated = match o.unrelated {
+        Some(p) => super::repair::read_cases(p)?,
+        None => Vec::new(),
+    };
     let path = crate::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
@@ -50,11 +55,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let report = eval::run(
-        &model.weights,
-        &model.tokenizer,
+        &model,
         &head,
         &name,
         &cases,
+        &unrelated,
         &o.eval,
         &mut on_progress,
     )?;

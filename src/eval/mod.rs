@@ -17,7 +17,7 @@ pub use report::{
     Status,
 };
 
-use crate::model::{KvCache, PatchSet, Qwen2, Tokenizer};
+use crate::model::{KvCache, Model, PatchSet, Qwen2, Tokenizer};
 use crate::repair::{
     complete_case, passes, Case, Head, Method, RepairOutcome, RepairSettings, Residuals, Star,
 };
@@ -137,22 +137,38 @@ mod rss {
     }
 }
 
-/// Runs the protocol on `cases` with every method of `options`.
+/// Runs the protocol on `cases` with every method of `options`. The specificity sample comes from
+/// `unrelated` when given (cases of other code, never repaired), else from `cases`: on a set whose
+/// every case is in a group, the groups repaired leave the cumulative run nothing unrelated.
 pub fn run(
-    model: &Qwen2,
-    tok: &Tokenizer,
+    model: &Model,
     head: &Head,
     model_name: &str,
     cases: &[Case],
+    unrelated: &[Case],
     options: &EvalOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> candle_core::Result<Report> {
+    let (model, tok) = (&model.weights, &model.tokenizer);
     let settings = options.settings;
     let star = Star::new(model, tok, head, settings);
     let first = star.first_candidate();
     let model_rss_mb = rss::current_mb().unwrap_or(0.0);
 
-    // Every case completed once on the unpatched model, shared by all methods.
+    // Every case completed once on the unpatched model, shared by all methods. Past `repairable`:
+    // a seeded sample of the unrelated cases, the specificity sample.
+    let repairable = cases.len();
+    let picked = sample(
+        &mut StdRng::seed_from_u64(options.seed),
+        unrelated.len(),
+        options.sample.min(unrelated.len()),
+    );
+    let cases: Vec<Case> = cases
+        .iter()
+        .chain(picked.iter().map(|i| &unrelated[i]))
+        .cloned()
+        .collect();
+    let cases = &cases[..];
     progress(Progress::Stage {
         name: "completing every case",
         total: cases.len(),
@@ -165,13 +181,15 @@ pub fn run(
         });
     }
     let failing: Vec<bool> = probes.iter().map(|p| !p.passes).collect();
-    let units = units(cases, &failing);
+    let units = units(&cases[..repairable], &failing[..repairable]);
 
+    // Drawn even when the sample is the unrelated cases', so that the guards are those of a run
+    // without them.
     let mut rng = StdRng::seed_from_u64(options.seed);
-    let sampled: Vec<usize> =
-        sample(&mut rng, cases.len(), options.sample.min(cases.len())).into_vec();
+    let mut sampled: Vec<usize> =
+        sample(&mut rng, repairable, options.sample.min(repairable)).into_vec();
     let in_sample: BTreeSet<usize> = sampled.iter().copied().collect();
-    let passing_outside: Vec<usize> = (0..cases.len())
+    let passing_outside: Vec<usize> = (0..repairable)
         .filter(|i| !failing[*i] && !in_sample.contains(i))
         .collect();
     let guards: Vec<Case> = sample(
@@ -182,6 +200,9 @@ pub fn run(
     .into_iter()
     .map(|j| cases[passing_outside[j]].clone())
     .collect();
+    if !unrelated.is_empty() {
+        sampled = (repairable..cases.len()).collect();
+    }
 
     let protocol = Protocol {
         model,
@@ -196,9 +217,10 @@ pub fn run(
     let methods = protocol.methods(&star, &units, &guards, options, progress)?;
     Ok(Report {
         model: model_name.to_owned(),
-        cases: cases.len(),
-        passing_before: failing.iter().filter(|f| !**f).count(),
-        failing_before: failing.iter().filter(|f| **f).count(),
+        cases: repairable,
+        unrelated_cases: unrelated.len(),
+        passing_before: failing[..repairable].iter().filter(|f| !**f).count(),
+        failing_before: failing[..repairable].iter().filter(|f| **f).count(),
         units: units.len(),
         sample: sampled.len(),
         guards: guards.len(),

@@ -134,7 +134,7 @@ pub struct ReplayReport {
     pub lines: usize,
     pub repairs: usize,
     pub repair_seconds_total: f64,
-    /// Patches live at the end.
+    /// Entries of the patch memory live at the end (`PatchSet::entries`).
     pub entries_live: usize,
     pub baseline_pass: f64,
     pub repaired_pass: f64,
@@ -276,7 +276,7 @@ pub fn run(
         rows,
         repairs,
         repair_seconds_total,
-        patches_live,
+        live.entries(),
         first_repaired_line,
     ))
 }

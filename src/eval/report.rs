@@ -10,6 +10,8 @@ use std::fmt::Write;
 pub struct Report {
     pub model: String,
     pub cases: usize,
+    /// Cases of other code the specificity sample was drawn from (0: from `cases`).
+    pub unrelated_cases: usize,
     pub passing_before: usize,
     pub failing_before: usize,
     /// Repairs per method: groups with a held-out case, then batches of failing singletons.
@@ -143,13 +145,17 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{}: {} cases, {} pass before, {} fail; {} repairs per method, specificity sample {}, {} guards, seed {}",
+            "{}: {} cases, {} pass before, {} fail; {} repairs per method, specificity sample {}{}, {} guards, seed {}",
             self.model,
             self.cases,
             self.passing_before,
             self.failing_before,
             self.units,
             self.sample,
+            match self.unrelated_cases {
+                0 => String::new(),
+                n => format!(" (of {n} unrelated cases)"),
+            },
             self.guards,
             self.seed
         );

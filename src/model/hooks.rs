@@ -210,6 +210,12 @@ impl LayerPatch {
         self.gate.as_ref()
     }
 
+    /// Its entries of the patch memory: a gated patch's keys (each with its value); an ungated one
+    /// acts everywhere as one.
+    pub fn entries(&self) -> usize {
+        self.gate.as_ref().map_or(1, |g| g.keys().dims()[0])
+    }
+
     /// Whether it acts at some rows only (gated, or `on_rows`): such patches are not summed.
     fn partial(&self) -> bool {
         self.gate.is_some() || self.rows.is_some()
@@ -441,6 +447,11 @@ impl PatchSet {
             .iter()
             .map(|(l, p)| (*l, p))
             .chain(self.gated.iter().map(|(l, p)| (*l, p)))
+    }
+
+    /// Its entries over every layer (`LayerPatch::entries`).
+    pub fn entries(&self) -> usize {
+        self.iter().map(|(_, p)| p.entries()).sum()
     }
 
     /// This set with `patch` added on `layer` (summed with what is there unless gated or row-scoped).
