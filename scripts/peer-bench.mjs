@@ -7,10 +7,8 @@
 //
 // Prints one JSON line on stdout; everything else (llama.cpp logs, per-run numbers) goes to stderr.
 import { readFileSync } from "node:fs";
-import { homedir } from "node:os";
-import { join } from "node:path";
-import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
+import { loadPeer } from "./peer-llama.mjs";
 
 const { values: opt } = parseArgs({
   options: {
@@ -26,19 +24,7 @@ if (!Array.isArray(prompt) || prompt.length === 0 || !prompt.every(Number.isInte
   throw new Error(`${opt["prompt-ids"]}: expected a non-empty JSON array of token ids`);
 if (!(nDecode >= 2)) throw new Error("--decode must be at least 2");
 
-// Same directory rule as scripts/install-peer; import by file path since the peer is not on NODE_PATH.
-const cache = process.env.STAR_LS_CACHE_DIR ||
-  join(process.env.XDG_CACHE_HOME || join(homedir(), ".cache"), "star-ls");
-const peerDir = opt["peer-dir"] ?? join(cache, "peer");
-const { getLlama, LlamaLogLevel } = await import(
-  pathToFileURL(join(peerDir, "node_modules/node-llama-cpp/dist/index.js")).href);
-
-const llama = await getLlama({
-  gpu: false, build: "never", // prebuilt CPU binary only: never fall back to compiling llama.cpp
-  maxThreads: threads,
-  logLevel: LlamaLogLevel.warn, logger: (level, msg) => process.stderr.write(`llama.cpp[${level}]: ${msg}\n`),
-});
-const model = await llama.loadModel({ modelPath: opt.model, gpuLayers: 0 });
+const { llama, model } = await loadPeer({ peerDir: opt["peer-dir"], threads, modelPath: opt.model });
 const context = await model.createContext({
   contextSize: prompt.length + nDecode + 64,
   batchSize: Math.max(512, prompt.length), // whole prompt in one batch, as a completion server would do it

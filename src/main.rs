@@ -21,16 +21,30 @@ enum Command {
     Serve,
     /// One completion at a 0-based LSP position (UTF-16 column), printed to stdout.
     Complete {
-        file: PathBuf,
+        #[arg(required_unless_present = "cases", requires_all = ["line", "character"])]
+        file: Option<PathBuf>,
         #[arg(long)]
-        line: u32,
+        line: Option<u32>,
         #[arg(long)]
-        character: u32,
+        character: Option<u32>,
         /// Complete to the end of the block instead of the line.
         #[arg(long)]
         multiline: bool,
         #[arg(long)]
         json: bool,
+        /// Instead of FILE: every case of a cases file, at its cursor as the server would; prints
+        /// exact, blank and runaway counts as JSON.
+        #[arg(long, conflicts_with_all = ["file", "multiline", "json"])]
+        cases: Option<PathBuf>,
+        /// Only the first N cases.
+        #[arg(long, requires = "cases")]
+        limit: Option<usize>,
+        /// Also llama.cpp's line on the same GGUF and prompt (installs it when missing).
+        #[arg(long, requires = "cases")]
+        peer: bool,
+        /// Write every case's lines here (JSON).
+        #[arg(long, requires = "cases")]
+        rows: Option<PathBuf>,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -240,6 +254,10 @@ fn main() {
             character,
             multiline,
             json,
+            cases,
+            limit,
+            peer,
+            rows,
             threads,
         } => {
             star_ls::env::set_threads(threads);
@@ -248,7 +266,25 @@ fn main() {
             } else {
                 StopAt::Line
             };
-            star_ls::cli::complete::run(&file, line, character, stop, json)
+            match (cases, file, line, character) {
+                (Some(cases), ..) => {
+                    star_ls::cli::complete::run_cases(star_ls::cli::complete::CasesOptions {
+                        cases: &cases,
+                        limit,
+                        peer,
+                        json: rows.as_deref(),
+                        threads: threads.unwrap_or_else(|| {
+                            std::thread::available_parallelism().map_or(2, |n| n.get())
+                        }),
+                    })
+                }
+                (None, Some(file), Some(line), Some(character)) => {
+                    star_ls::cli::complete::run(&file, line, character, stop, json)
+                }
+                _ => Err(anyhow::anyhow!(
+                    "complete needs FILE with --line and --character, or --cases FILE"
+                )),
+            }
         }
         Command::Bench { json, threads } => star_ls::cli::bench::run(threads, json.as_deref()),
         Command::Repair {

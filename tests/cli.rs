@@ -1,4 +1,4 @@
-//! The `star-ls` command line: one completion without an editor, and its errors.
+//! The `star-ls` command line: one completion without an editor, every case of a file, and errors.
 
 mod client;
 
@@ -165,4 +165,61 @@ fn repair_settings_that_cannot_work_together_are_refused() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("needs gates"), "{err}");
+}
+
+#[test]
+fn complete_cases_counts_exact_blank_and_runaway_lines() {
+    let cases = format!("{}/fixtures/cases/guards.jsonl", env!("CARGO_MANIFEST_DIR"));
+    let rows = std::env::temp_dir().join(format!("star-ls-cli-rows-{}.json", std::process::id()));
+    let out = star_ls(
+        &client::packaged_model(),
+        &[
+            "complete",
+            "--cases",
+            &cases,
+            "--rows",
+            rows.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The guards are lines the model completes by itself.
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["cases"], 4, "{summary}");
+    assert_eq!(summary["exact"], 4, "{summary}");
+    assert_eq!(
+        (summary["blank"].as_u64(), summary["runaway"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(
+        summary["peer_exact"].is_null(),
+        "no peer was asked for: {summary}"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&rows).unwrap()).unwrap();
+    let rows_ = doc["rows"].as_array().unwrap();
+    assert_eq!(rows_.len(), 4);
+    let said: Vec<&str> = rows_
+        .iter()
+        .map(|r| r["ours"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        said,
+        ["a + b", "a * b", "math.pi * r ** 2", "math.sqrt(x)"],
+        "{doc}"
+    );
+    assert!(
+        rows_.iter().all(|r| r["ours"]["stop"] == "end_of_line"),
+        "{doc}"
+    );
+    let _ = std::fs::remove_file(&rows);
+
+    // FILE and --cases are one or the other.
+    let out = star_ls(
+        &client::packaged_model(),
+        &["complete", "--cases", &cases, &fixture("demo.py")],
+    );
+    assert!(!out.status.success());
 }

@@ -11,7 +11,7 @@
 mod tiny_model;
 
 use candle_core::{Device, Tensor, Var};
-use star_ls::model::generate::StopReason;
+use star_ls::model::generate::{indent_of, mask_rows, LineShape, StopReason, BLANK_LINE_FLOOR};
 use star_ls::model::{
     generate, Cancel, Capture, Config, Gate, GenerateParams, Hooks, LayerPatch, LoadOptions, Model,
     ModelError, PatchSet, Prompt, StopAt,
@@ -1991,4 +1991,157 @@ fn a_packed_pass_equals_each_sequence_run_alone() {
         );
         assert!(err.is_err());
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The line's shape: no runaway whitespace, no blank line where the model gives a way on
+
+/// Logits over the tokenizer's ids: `top` leads `second` by `lead`, every other token far below.
+fn favouring(m: &Model, top: u32, second: u32, lead: f32) -> Vec<f32> {
+    let mut l = vec![-40.0; m.tokenizer.vocab_size()];
+    l[second as usize] = 0.0;
+    l[top as usize] = lead;
+    l
+}
+
+fn shape_at(line_start: &str, above_indent: usize) -> LineShape {
+    LineShape::new(&Prompt {
+        line_start: line_start.into(),
+        above_indent,
+        ..Prompt::default()
+    })
+}
+
+#[test]
+fn a_line_grows_no_whitespace_past_the_indentation_the_context_allows() {
+    let m = load(&mixed_path());
+    let tok = &m.tokenizer;
+    let (space, x) = (b' ' as u32, b'x' as u32);
+    let four = tok.encode("    ");
+    assert_eq!(four.len(), 1, "`    ` is one token of the tiny vocabulary");
+    let masked = |shape: &LineShape, top: u32| {
+        let mut l = favouring(&m, top, x, 5.0);
+        shape.mask(tok, &mut l, b"");
+        l
+    };
+    // A blank line may reach one level past the line above (4 + 4 columns)...
+    let mut shape = shape_at("    ", 4);
+    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    shape.feed(b"   ");
+    assert_eq!(argmax(&masked(&shape, four[0])), four[0] as usize);
+    // ...and no further: every whitespace-only token is out, content is not.
+    shape.feed(b" ");
+    let l = masked(&shape, four[0]);
+    assert_eq!(argmax(&l), x as usize);
+    assert!(l[space as usize] == f32::NEG_INFINITY && l[four[0] as usize] == f32::NEG_INFINITY);
+    // After content, a run of 16 columns may follow, and a tab counts 4.
+    shape.feed(b"x =");
+    shape.feed(&[b' '; 11]);
+    shape.feed(b"\t");
+    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    shape.feed(b" ");
+    assert_eq!(argmax(&masked(&shape, space)), x as usize);
+    // A new line starts over from the indentation of the line just ended (8 columns).
+    shape.feed(b"\n");
+    shape.feed(&[b' '; 11]);
+    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    shape.feed(b" ");
+    assert_eq!(argmax(&masked(&shape, space)), x as usize);
+}
+
+#[test]
+fn the_cursors_line_ends_blank_only_where_the_model_gives_no_way_on_a_fair_share() {
+    let m = load(&mixed_path());
+    let tok = &m.tokenizer;
+    let (newline, x) = (b'\n' as u32, b'x' as u32);
+    // With two live tokens the way on has probability 1 / (1 + e^lead): the floor's lead is this.
+    let at_floor = (1.0 / BLANK_LINE_FLOOR - 1.0).ln();
+    let decide = |shape: &LineShape, lead: f32, heal_rest: &[u8]| {
+        let mut l = favouring(&m, newline, x, lead);
+        shape.mask(tok, &mut l, heal_rest);
+        argmax(&l) as u32
+    };
+    let blank = shape_at("    ", 4);
+    assert_eq!(
+        decide(&blank, at_floor - 0.5, b""),
+        x,
+        "a fair share: the line goes on"
+    );
+    assert_eq!(
+        decide(&blank, at_floor + 0.5, b""),
+        newline,
+        "too little: it ends"
+    );
+    // A line with content ends where the model says.
+    let mut begun = shape_at("    ", 4);
+    begun.feed(b"y");
+    assert_eq!(decide(&begun, at_floor - 0.5, b""), newline);
+    // A line above the cursor's (healed bytes still hold a newline) is not the proposal's.
+    let healing = LineShape::new(&Prompt {
+        heal: b"\n    ".to_vec(),
+        ..Prompt::default()
+    });
+    assert_eq!(decide(&healing, at_floor - 0.5, b"\n    "), newline);
+}
+
+#[test]
+fn teacher_forced_decisions_are_the_ones_generation_makes() {
+    // A newline the random model often prefers, so that lines end blank unless the rule steps in.
+    let path = cached(
+        "newline-seed6",
+        TinySpec {
+            seed: 6,
+            newline_logit: 4.0,
+            ..TinySpec::default()
+        },
+    );
+    let m = load(&path);
+    let tok = &m.tokenizer;
+    let mut stepped_in = 0;
+    for (i, text) in [
+        "def add(a, b):\n    ",
+        "x = 1\n",
+        "def f(x):\n    y = x\n    ",
+        "if a:\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (above, line) = text.rsplit_once('\n').unwrap();
+        let prompt = Prompt {
+            tokens: tok.encode(text),
+            line_start: line.into(),
+            above_indent: above.lines().last().map_or(0, indent_of),
+            ..Prompt::default()
+        };
+        let g = generate(
+            &m.weights,
+            tok,
+            &prompt,
+            &mut m.weights.new_cache(),
+            None,
+            &params(12, 0.0, i as u64),
+            &Cancel::default(),
+        )
+        .unwrap();
+        // The generated tokens forced in: each row's masked argmax is the token generation chose.
+        let mut forced = prompt.tokens.clone();
+        forced.extend(&g.tokens);
+        let hidden = m
+            .weights
+            .forward(&forced, &mut m.weights.new_cache(), &mut Hooks::default())
+            .unwrap();
+        let n = g.tokens.len();
+        let rows = hidden.narrow(0, prompt.tokens.len() - 1, n).unwrap();
+        let raw: Vec<Vec<f32>> = m.weights.logits(&rows).unwrap().to_vec2().unwrap();
+        let mut rows = raw.clone();
+        mask_rows(tok, &mut rows, &g.tokens, &prompt);
+        let decided: Vec<u32> = rows.iter().map(|r| argmax(r) as u32).collect();
+        assert_eq!(decided, g.tokens, "{text:?}");
+        stepped_in += (argmax(&raw[0]) as u32 != g.tokens[0]) as usize;
+    }
+    assert!(
+        stepped_in > 0,
+        "the blank-line rule never changed a decision: the test shows nothing"
+    );
 }

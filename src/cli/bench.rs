@@ -3,6 +3,7 @@
 //!
 //! Every number printed is measured here; when the peer cannot run, its figures are `null` with the reason.
 
+use super::peer;
 use crate::completion::{CompletionRequest, Document, Engine, EngineConfig, EngineEvent};
 use crate::model::{
     generate::argmax, Cancel, Capture, GenerateParams, Hooks, KvCache, LayerPatch, Model, PatchSet,
@@ -14,8 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -709,50 +709,26 @@ struct PeerResults {
 
 /// Installs the peer if needed and runs it on the bench prompt and on the cold prompt.
 fn run_peer(model: &Path, threads: usize, prompt: &[u32], cold: &[u32]) -> Result<PeerResults> {
-    let scripts = scripts_dir()?;
-    let install = run_captured(Command::new("bash").arg(scripts.join("install-peer")))
-        .context("scripts/install-peer")?;
-    let peer_dir = install
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("scripts/install-peer printed no peer directory")?
-        .trim()
-        .to_owned();
-    let main = peer_bench(&scripts, model, threads, &peer_dir, prompt, DECODE)?;
-    let cold = peer_bench(&scripts, model, threads, &peer_dir, cold, COLD_DECODE)?;
+    let peer = peer::Peer::install()?;
+    let main = peer_bench(&peer, model, threads, prompt, DECODE)?;
+    let cold = peer_bench(&peer, model, threads, cold, COLD_DECODE)?;
     Ok(PeerResults { main, cold })
 }
 
 fn peer_bench(
-    scripts: &Path,
+    peer: &peer::Peer,
     model: &Path,
     threads: usize,
-    peer_dir: &str,
     ids: &[u32],
     decode: usize,
 ) -> Result<PeerRun> {
-    let ids_file = std::env::temp_dir().join(format!(
-        "star-ls-bench-{}-{}.json",
-        std::process::id(),
-        ids.len()
-    ));
-    std::fs::write(&ids_file, serde_json::to_string(ids)?)
-        .with_context(|| format!("writing {}", ids_file.display()))?;
-    let out = run_captured(
-        Command::new("node")
-            .arg(scripts.join("peer-bench.mjs"))
-            .arg("--model")
-            .arg(model)
-            .args(["--threads", &threads.to_string()])
-            .arg("--prompt-ids")
-            .arg(&ids_file)
-            .args(["--decode", &decode.to_string()])
-            .args(["--peer-dir", peer_dir]),
-    )
-    .context("scripts/peer-bench.mjs");
-    let _ = std::fs::remove_file(&ids_file);
-    let out = out?;
+    let out = peer.run(
+        "peer-bench.mjs",
+        model,
+        threads,
+        ("prompt-ids", &ids),
+        &["--decode".into(), decode.to_string()],
+    )?;
     let line = out
         .lines()
         .rev()
@@ -764,37 +740,6 @@ fn peer_bench(
         bail!("peer-bench reported non-positive speeds: {line}");
     }
     Ok(run)
-}
-
-/// Runs a command to completion; its stdout on success, an error with the tail of its stderr otherwise.
-fn run_captured(cmd: &mut Command) -> Result<String> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not run `{program}`"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for line in stderr.lines() {
-        tracing::debug!("{program}: {line}");
-    }
-    if !out.status.success() {
-        let lines: Vec<&str> = stderr.lines().collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-        bail!("`{program}` failed ({}): {tail}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The repository's `scripts/`: next to the sources this binary was built from, else under the current dir.
-fn scripts_dir() -> Result<PathBuf> {
-    let candidates = [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts"),
-        std::env::current_dir()?.join("scripts"),
-    ];
-    candidates
-        .iter()
-        .find(|d| d.join("peer-bench.mjs").is_file())
-        .cloned()
-        .context("no scripts/peer-bench.mjs next to the sources or in the current directory")
 }
 
 /// Everything measured on our side.

@@ -1,8 +1,12 @@
-//! `star-ls complete FILE --line L --character C`: one completion without an editor.
+//! `star-ls complete FILE --line L --character C`: one completion without an editor;
+//! `star-ls complete --cases FILE [--peer]`: every case's line, beside llama.cpp's.
 
-use crate::completion::{CompletionRequest, Document, Engine, EngineConfig};
-use crate::model::{Cancel, StopAt};
-use anyhow::{Context, Result};
+use crate::completion::{fim_prompt, CompletionRequest, Document, Engine, EngineConfig};
+use crate::model::generate::StopReason;
+use crate::model::{generate, Cancel, GenerateParams, Model, StopAt};
+use crate::repair::{passes, text_after_cursor, Case};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> Result<()> {
@@ -29,4 +33,171 @@ pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> 
         println!("{}", completion.generation.text);
     }
     Ok(())
+}
+
+/// What `complete --cases` compares per case: our line, and llama.cpp's on the same prompt.
+#[derive(Debug, Serialize)]
+struct Row {
+    id: String,
+    target: String,
+    ours: Line,
+    peer: Option<Line>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Line {
+    text: String,
+    stop: StopReason,
+}
+
+impl Line {
+    fn blank(&self) -> bool {
+        self.text.trim().is_empty()
+    }
+
+    /// Spent the whole token budget and ended in whitespace: a runaway, not a line.
+    fn runaway(&self) -> bool {
+        self.stop == StopReason::MaxTokens && self.text.trim_end() != self.text
+    }
+}
+
+/// The figures over every row, ours and the peer's.
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    cases: usize,
+    exact: usize,
+    blank: usize,
+    runaway: usize,
+    peer_exact: Option<usize>,
+    peer_blank: Option<usize>,
+    peer_runaway: Option<usize>,
+    /// Where the peer proposes a line: how often, and how often ours is blank there.
+    peer_has_line: Option<usize>,
+    blank_where_peer_has_line: Option<usize>,
+}
+
+pub struct CasesOptions<'a> {
+    pub cases: &'a Path,
+    pub limit: Option<usize>,
+    pub peer: bool,
+    pub json: Option<&'a Path>,
+    pub threads: usize,
+}
+
+/// Completes every case of a cases file as the server would at its cursor (the engine's prompt,
+/// token budget and line rules, the unpatched model) and, with `peer`, llama.cpp on the same GGUF
+/// and the same prompt (unhealed: llama.cpp does not heal), then counts exact, blank and runaway
+/// lines for both.
+pub fn run_cases(o: CasesOptions) -> Result<()> {
+    let mut cases = super::repair::read_cases(o.cases)?;
+    cases.truncate(o.limit.unwrap_or(cases.len()));
+    let config = EngineConfig::new(crate::env::model_path());
+    let model = Model::load(&config.model_path, config.load)?;
+    let (weights, tok) = (&model.weights, &model.tokenizer);
+    let params = GenerateParams {
+        max_tokens: config.max_tokens,
+        ..GenerateParams::default()
+    };
+    let mut rows = Vec::with_capacity(cases.len());
+    let mut peer_prompts = Vec::with_capacity(cases.len());
+    for c in &cases {
+        let prompt = fim_prompt(tok, &c.prefix, &text_after_cursor(c), config.limits);
+        let g = generate(
+            weights,
+            tok,
+            &prompt,
+            &mut weights.new_cache(),
+            None,
+            &params,
+            &Cancel::default(),
+        )?;
+        tracing::debug!(id = c.id, text = g.text, stop = ?g.stop, "ours");
+        let mut unhealed = prompt.tokens.clone();
+        let at = unhealed
+            .iter()
+            .position(|t| *t == tok.fim.suffix)
+            .context("a FIM prompt without its suffix marker")?;
+        let heal = tok.encode(&String::from_utf8_lossy(&prompt.heal));
+        unhealed.splice(at..at, heal);
+        peer_prompts.push(serde_json::json!({"id": c.id, "tokens": unhealed}));
+        rows.push(Row {
+            id: c.id.clone(),
+            target: c.target.clone(),
+            ours: Line {
+                text: g.text,
+                stop: g.stop,
+            },
+            peer: None,
+        });
+    }
+    if o.peer {
+        let lines = peer_lines(
+            &config.model_path,
+            o.threads,
+            &peer_prompts,
+            params.max_tokens,
+        )?;
+        for (row, line) in rows.iter_mut().zip(lines) {
+            row.peer = Some(line);
+        }
+    }
+    let summary = summarize(&cases, &rows);
+    println!("{}", serde_json::to_string(&summary)?);
+    if let Some(out) = o.json {
+        let doc = serde_json::json!({"summary": summary, "rows": rows});
+        std::fs::write(out, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn summarize(cases: &[Case], rows: &[Row]) -> Summary {
+    let count = |f: &dyn Fn(&Row) -> bool| rows.iter().filter(|r| f(r)).count();
+    let peer = |f: &dyn Fn(&Row, &Line) -> bool| {
+        rows.iter()
+            .all(|r| r.peer.is_some())
+            .then(|| count(&|r| r.peer.as_ref().is_some_and(|p| f(r, p))))
+    };
+    let case = |r: &Row| cases.iter().find(|c| c.id == r.id).expect("a row per case");
+    Summary {
+        cases: rows.len(),
+        exact: count(&|r| passes(&r.ours.text, case(r))),
+        blank: count(&|r| r.ours.blank()),
+        runaway: count(&|r| r.ours.runaway()),
+        peer_exact: peer(&|r, p| passes(&p.text, case(r))),
+        peer_blank: peer(&|_, p| p.blank()),
+        peer_runaway: peer(&|_, p| p.runaway()),
+        peer_has_line: peer(&|_, p| !p.blank()),
+        blank_where_peer_has_line: peer(&|r, p| !p.blank() && r.ours.blank()),
+    }
+}
+
+/// llama.cpp's line for each prompt (scripts/peer-complete.mjs), in order.
+fn peer_lines(
+    model: &Path,
+    threads: usize,
+    prompts: &[serde_json::Value],
+    max_tokens: usize,
+) -> Result<Vec<Line>> {
+    let out = super::peer::Peer::install()?.run(
+        "peer-complete.mjs",
+        model,
+        threads,
+        ("prompts", &prompts),
+        &["--max-tokens".into(), max_tokens.to_string()],
+    )?;
+    let lines: Vec<Line> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<serde_json::Result<_>>()
+        .context("parsing peer-complete's lines")?;
+    if lines.len() != prompts.len() {
+        bail!(
+            "peer-complete answered {} of {} prompts",
+            lines.len(),
+            prompts.len()
+        );
+    }
+    Ok(lines)
 }

@@ -5,5 +5,6 @@ pub mod cases;
 pub mod complete;
 pub mod eval;
 pub mod patches;
+mod peer;
 pub mod repair;
 pub mod replay;

@@ -62,6 +62,17 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
     tokens.push(fim.middle);
 
     let cursor_line = prefix.rsplit('\n').next().unwrap_or("");
+    // The prompt's text ends before the healed bytes; generation starts there.
+    let kept = prefix
+        .as_bytes()
+        .strip_suffix(heal.as_slice())
+        .map_or(prefix, |k| &prefix[..k.len()]);
+    let (above, line_start) = kept.rsplit_once('\n').unwrap_or(("", kept));
+    let above_indent = above
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map_or(0, crate::model::generate::indent_of);
     Prompt {
         tokens,
         heal,
@@ -72,6 +83,8 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
             .map(str::trim)
             .find(|l| !l.is_empty())
             .map(str::to_owned),
+        line_start: line_start.to_owned(),
+        above_indent,
     }
 }
 

@@ -4,7 +4,7 @@
 //! upper layers (a quarter of the model for the defaults) instead of a prefill and a decode.
 
 use crate::completion::{fim_prompt, ContextLimits};
-use crate::model::generate::{argmax, mask_rows_to_heal, StopReason};
+use crate::model::generate::{argmax, mask_rows, StopReason};
 use crate::model::{Capture, Hooks, KvCache, PatchSet, Prompt, Qwen2, Tokenizer};
 use crate::repair::{
     greedy_case, passes, same_line, teacher_forced, text_after_cursor, Case, Residuals,
@@ -158,7 +158,7 @@ impl Probe {
         )?;
         let rows = hidden.narrow(0, self.prompt.tokens.len() - 1, f.forced.len())?;
         let mut rows = model.logits(&rows)?.to_vec2::<f32>()?;
-        mask_rows_to_heal(tok, &mut rows, &f.forced, &self.prompt.heal);
+        mask_rows(tok, &mut rows, &f.forced, &self.prompt);
         Ok(rows)
     }
 

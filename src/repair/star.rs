@@ -13,7 +13,7 @@
 use super::steer::{row_rms, Head};
 use super::targets::{same_line, teacher_forced, Case, TeacherForced};
 use super::{linalg, Keys, Locate, Mode, PatchKind, RepairSettings, Residuals};
-use crate::model::generate::{argmax, mask_rows_to_heal};
+use crate::model::generate::{argmax, mask_rows};
 use crate::model::{
     kv_positions, Capture, DecoderLayer, Gate, Hooks, LayerKv, LayerPatch, PatchSet, Qwen2,
     Tokenizer,
@@ -800,11 +800,10 @@ impl<'a> Star<'a> {
         Ok(scored)
     }
 
-    /// A case's target-row logits as generation sees them: at the first positions, only tokens that
-    /// re-produce the healed bytes.
+    /// A case's target-row logits as generation sees them (`mask_rows`: healing, the line's shape).
     fn decisions(&self, tf: &TeacherForced, logits: &Tensor) -> Result<Vec<Vec<f32>>> {
         let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        mask_rows_to_heal(self.tokenizer, &mut rows, &tf.target, &tf.heal);
+        mask_rows(self.tokenizer, &mut rows, &tf.target, &tf.prompt);
         Ok(rows)
     }
 

@@ -33,8 +33,9 @@ pub struct TeacherForced {
     pub prompt_len: usize,
     /// What the model must produce: the healed bytes, the developer's text, and the end of the line.
     pub target: Vec<u32>,
-    /// The bytes the prompt backed up over, which generation constrains its first tokens to re-produce.
-    pub heal: Vec<u8>,
+    /// The prompt generation would run, whose healed bytes and line shape constrain its decisions
+    /// (`mask_rows`).
+    pub prompt: Prompt,
 }
 
 impl TeacherForced {
@@ -52,13 +53,13 @@ pub fn teacher_forced(tok: &Tokenizer, case: &Case, limits: ContextLimits) -> Te
     text.push(b'\n');
     let target = tok.encode(&String::from_utf8_lossy(&text));
     let prompt_len = prompt.tokens.len();
-    let mut tokens = prompt.tokens;
+    let mut tokens = prompt.tokens.clone();
     tokens.extend_from_slice(&target[..target.len() - 1]);
     TeacherForced {
         tokens,
         prompt_len,
         target,
-        heal: prompt.heal,
+        prompt,
     }
 }
 
