@@ -260,6 +260,10 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     let with = sample_of(Some(&other));
     assert_eq!(with["cases"], grouped.len(), "{with}");
     assert_eq!(with["unrelated_cases"], passing.len(), "{with}");
+    assert_eq!(
+        with["guards"], own["guards"],
+        "the guards do not depend on --unrelated"
+    );
     let star = &with["methods"]["star"];
     assert_eq!(star["per_repair"][0]["sampled"], passing.len(), "{star}");
     assert_eq!(star["cumulative"][0]["sampled"], passing.len(), "{star}");

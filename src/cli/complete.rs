@@ -84,10 +84,10 @@ pub struct CasesOptions<'a> {
     pub threads: usize,
 }
 
-/// Completes every case of a cases file as the server would at its cursor (the engine's prompt,
-/// token budget and line rules, the unpatched model) and, with `peer`, llama.cpp on the same GGUF
-/// and the same prompt (unhealed: llama.cpp does not heal), then counts exact, blank and runaway
-/// lines for both.
+/// Completes every case of a cases file with the line the server proposes at its cursor (the
+/// engine's context limits, token budget and line rules; the unpatched model) and, with `peer`,
+/// llama.cpp's on the same GGUF and prompt, unhealed (llama.cpp does not heal: its budget does not
+/// spend the healing tokens ours does), then counts exact, blank and runaway lines for both.
 pub fn run_cases(o: CasesOptions) -> Result<()> {
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
@@ -152,23 +152,22 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
 }
 
 fn summarize(cases: &[Case], rows: &[Row]) -> Summary {
-    let count = |f: &dyn Fn(&Row) -> bool| rows.iter().filter(|r| f(r)).count();
-    let peer = |f: &dyn Fn(&Row, &Line) -> bool| {
-        rows.iter()
-            .all(|r| r.peer.is_some())
-            .then(|| count(&|r| r.peer.as_ref().is_some_and(|p| f(r, p))))
+    let count =
+        |f: &dyn Fn(&Case, &Row) -> bool| cases.iter().zip(rows).filter(|(c, r)| f(c, r)).count();
+    let with_peer = rows.iter().all(|r| r.peer.is_some());
+    let peer = |f: &dyn Fn(&Case, &Line, &Line) -> bool| {
+        with_peer.then(|| count(&|c, r| r.peer.as_ref().is_some_and(|p| f(c, &r.ours, p))))
     };
-    let case = |r: &Row| cases.iter().find(|c| c.id == r.id).expect("a row per case");
     Summary {
         cases: rows.len(),
-        exact: count(&|r| passes(&r.ours.text, case(r))),
-        blank: count(&|r| r.ours.blank()),
-        runaway: count(&|r| r.ours.runaway()),
-        peer_exact: peer(&|r, p| passes(&p.text, case(r))),
-        peer_blank: peer(&|_, p| p.blank()),
-        peer_runaway: peer(&|_, p| p.runaway()),
-        peer_has_line: peer(&|_, p| !p.blank()),
-        blank_where_peer_has_line: peer(&|r, p| !p.blank() && r.ours.blank()),
+        exact: count(&|c, r| passes(&r.ours.text, c)),
+        blank: count(&|_, r| r.ours.blank()),
+        runaway: count(&|_, r| r.ours.runaway()),
+        peer_exact: peer(&|c, _, p| passes(&p.text, c)),
+        peer_blank: peer(&|_, _, p| p.blank()),
+        peer_runaway: peer(&|_, _, p| p.runaway()),
+        peer_has_line: peer(&|_, _, p| !p.blank()),
+        blank_where_peer_has_line: peer(&|_, ours, p| !p.blank() && ours.blank()),
     }
 }
 

@@ -63,11 +63,14 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
 
     let cursor_line = prefix.rsplit('\n').next().unwrap_or("");
     // The prompt's text ends before the healed bytes; generation starts there.
-    let kept = prefix
-        .as_bytes()
-        .strip_suffix(heal.as_slice())
-        .map_or(prefix, |k| &prefix[..k.len()]);
-    let (above, line_start) = kept.rsplit_once('\n').unwrap_or(("", kept));
+    // Bytes: the healed token may be part of a character.
+    let kept = String::from_utf8_lossy(
+        prefix
+            .as_bytes()
+            .strip_suffix(heal.as_slice())
+            .unwrap_or(prefix.as_bytes()),
+    );
+    let (above, line_start) = kept.rsplit_once('\n').unwrap_or(("", &kept));
     let above_indent = above
         .lines()
         .rev()

@@ -165,8 +165,12 @@ pub fn run(
     );
     let cases: Vec<Case> = cases
         .iter()
-        .chain(picked.iter().map(|i| &unrelated[i]))
         .cloned()
+        .chain(picked.iter().map(|i| Case {
+            // Another file's group names mean nothing here: none may match a repaired group.
+            group: String::new(),
+            ..unrelated[i].clone()
+        }))
         .collect();
     let cases = &cases[..];
     progress(Progress::Stage {

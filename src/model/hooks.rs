@@ -210,8 +210,8 @@ impl LayerPatch {
         self.gate.as_ref()
     }
 
-    /// Its entries of the patch memory: a gated patch's keys (each with its value); an ungated one
-    /// acts everywhere as one.
+    /// Its entries of the patch memory: a gated patch's keys (a value patch holds a value per key;
+    /// a gated column patch one delta for all of them); an ungated patch acts everywhere, as one.
     pub fn entries(&self) -> usize {
         self.gate.as_ref().map_or(1, |g| g.keys().dims()[0])
     }

@@ -108,6 +108,10 @@ impl Head {
         // How much one unit of `x` closes the gap (in normed space), and how much must close.
         let per_unit: f64 = v.iter().zip(&x).map(|(a, b)| a * b).sum();
         let gap = (logits[got as usize] - logits[want as usize]).max(0.0) as f64;
+        if !gap.is_finite() {
+            // Generation may not choose the developer's token here (`LineShape`): no steer reaches it.
+            return Ok(vec![0.0; x.len()]);
+        }
         let scale = (gap + margin as f64) / per_unit.max(f64::MIN_POSITIVE) * rms as f64;
         Ok(x.iter().map(|v| (v * scale) as f32).collect())
     }
