@@ -2018,36 +2018,61 @@ fn a_line_grows_no_whitespace_past_the_indentation_the_context_allows() {
     let m = load(&mixed_path());
     let tok = &m.tokenizer;
     let (space, x) = (b' ' as u32, b'x' as u32);
-    let four = tok.encode("    ");
-    assert_eq!(four.len(), 1, "`    ` is one token of the tiny vocabulary");
-    let masked = |shape: &LineShape, top: u32| {
+    let four = tok.encode("    ")[0];
+    assert_eq!(
+        tok.token_bytes(four),
+        b"    ",
+        "`    ` is one token of the tiny vocabulary"
+    );
+    let decide = |shape: &LineShape, top: u32, heal_rest: &[u8]| {
         let mut l = favouring(&m, top, x, 5.0);
-        shape.mask(tok, &mut l, b"");
-        l
+        shape.mask(tok, &mut l, heal_rest);
+        argmax(&l) as u32
     };
-    // A blank line may reach one level past the line above (4 + 4 columns)...
-    let mut shape = shape_at("    ", 4);
-    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    // At column 0 of a blank line, whitespace may reach one level past the line above (4 + 4)...
+    let mut shape = shape_at("", 4);
+    shape.feed(b"    ");
+    assert_eq!(decide(&shape, four, b""), four);
     shape.feed(b"   ");
-    assert_eq!(argmax(&masked(&shape, four[0])), four[0] as usize);
-    // ...and no further: every whitespace-only token is out, content is not.
+    assert_eq!(decide(&shape, four, b""), x, "`    ` would pass column 8");
+    assert_eq!(decide(&shape, space, b""), space);
     shape.feed(b" ");
-    let l = masked(&shape, four[0]);
-    assert_eq!(argmax(&l), x as usize);
-    assert!(l[space as usize] == f32::NEG_INFINITY && l[four[0] as usize] == f32::NEG_INFINITY);
-    // After content, a run of 16 columns may follow, and a tab counts 4.
+    assert_eq!(decide(&shape, space, b""), x, "...and no further");
+    // Where the developer left the cursor's line indented, that is its indentation: healing it
+    // back may not widen it.
+    let indented = shape_at("    ", 0);
+    assert_eq!(decide(&indented, space, b""), x);
+    let healing = LineShape::new(&Prompt {
+        heal: b"    ".to_vec(),
+        ..Prompt::default()
+    });
+    assert_eq!(
+        decide(&healing, four, b"    "),
+        four,
+        "the healed bytes themselves"
+    );
+    let eight = tok.encode("        ");
+    if let [eight] = eight[..] {
+        assert_eq!(
+            decide(&healing, eight, b"    "),
+            x,
+            "past them, more indentation"
+        );
+    }
+    // After content, a run of 16 columns, a tab counting 4.
+    let mut shape = indented.clone();
     shape.feed(b"x =");
     shape.feed(&[b' '; 11]);
     shape.feed(b"\t");
-    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    assert_eq!(decide(&shape, space, b""), space);
     shape.feed(b" ");
-    assert_eq!(argmax(&masked(&shape, space)), x as usize);
-    // A new line starts over from the indentation of the line just ended (8 columns).
+    assert_eq!(decide(&shape, space, b""), x);
+    // A line after the cursor's: one level past the line just ended (4 columns).
     shape.feed(b"\n");
-    shape.feed(&[b' '; 11]);
-    assert_eq!(argmax(&masked(&shape, space)), space as usize);
+    shape.feed(&[b' '; 7]);
+    assert_eq!(decide(&shape, space, b""), space);
     shape.feed(b" ");
-    assert_eq!(argmax(&masked(&shape, space)), x as usize);
+    assert_eq!(decide(&shape, space, b""), x);
 }
 
 #[test]
@@ -2108,8 +2133,8 @@ fn teacher_forced_decisions_are_the_ones_generation_makes() {
     let m = load_exact(&path);
     let tok = &m.tokenizer;
     let mut stepped_in = 0;
-    // Prompts as the server builds them, healing the indentation, a word (` ret`), a newline, or
-    // the last byte of a character.
+    // Prompts as the server builds them: at an indentation or a line start (not healed), inside a
+    // word (` ret` healed) or after the first byte of a character (healed).
     for (i, text) in [
         "def add(a, b):\n    ",
         "x = 1\n",

@@ -225,10 +225,10 @@ pub fn mask_rows(tokenizer: &Tokenizer, rows: &mut [Vec<f32>], forced: &[u32], p
     }
 }
 
-/// Columns past the indentation of the line above from which a line of only whitespace takes no
-/// more whitespace-only tokens (checked before each token, so one token may pass it).
+/// Columns past the indentation of the line above that a line of only whitespace may reach (on the
+/// cursor's line, only when the developer left it at column 0).
 const INDENT_STEP: usize = 4;
-/// The same for a run of whitespace after a line's content.
+/// Columns a run of whitespace after a line's content may reach.
 const INNER_RUN: usize = 16;
 /// Where the line at the cursor would end blank, the best token that keeps it going is taken
 /// instead when the model gives it at least this probability (measured in docs/completion.md).
@@ -251,6 +251,8 @@ pub struct LineShape {
     /// and whether the cursor's line has ended.
     to_cursor: usize,
     past_cursor: bool,
+    /// The indentation the developer left on the cursor's blank line, if any: its own limit.
+    cursor_lead: Option<usize>,
 }
 
 impl LineShape {
@@ -262,8 +264,12 @@ impl LineShape {
             run: 0,
             to_cursor: prompt.heal.iter().filter(|&&b| b == b'\n').count(),
             past_cursor: false,
+            cursor_lead: None,
         };
         shape.feed(prompt.line_start.as_bytes());
+        let mut at_cursor = shape.clone();
+        at_cursor.feed(&prompt.heal);
+        shape.cursor_lead = (at_cursor.blank && at_cursor.lead > 0).then_some(at_cursor.lead);
         shape
     }
 
@@ -294,31 +300,46 @@ impl LineShape {
         }
     }
 
-    /// Whitespace may not grow the current line further.
-    fn full(&self) -> bool {
-        match self.blank {
-            true => self.lead >= self.above + INDENT_STEP,
-            false => self.run >= INNER_RUN,
+    /// Columns of whitespace alone the current line may still grow by: a blank line up to the
+    /// indentation the developer left at the cursor, else one level past the line above; a run after
+    /// content up to `INNER_RUN`.
+    fn room(&self) -> usize {
+        if !self.blank {
+            return INNER_RUN.saturating_sub(self.run);
         }
+        let limit = match (self.to_cursor == 0 && !self.past_cursor, self.cursor_lead) {
+            (true, Some(lead)) => lead,
+            _ => self.above + INDENT_STEP,
+        };
+        limit.saturating_sub(self.lead)
     }
 
     /// Masks `logits` to the tokens that may come next: those that re-produce `heal_rest` (the healed
-    /// bytes still to come), no whitespace-only token on a full line, and, where the cursor's line
-    /// would end blank, the tokens that end it when a token that does not has the floor's probability.
+    /// bytes still to come) and add no whitespace-only text past the line's room; and, where the
+    /// cursor's line would end blank, not the tokens that end it when a token that does not has the
+    /// floor's probability.
     pub fn mask(&self, tokenizer: &Tokenizer, logits: &mut [f32], heal_rest: &[u8]) {
         if !heal_rest.is_empty() {
             mask_to_heal(tokenizer, logits, heal_rest);
-        } else if self.full() {
-            for (id, l) in logits.iter_mut().enumerate() {
-                let b = tokenizer.token_bytes(id as u32);
-                if !b.is_empty() && b.iter().all(|c| *c == b' ' || *c == b'\t') {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
         }
         // Where the healed bytes leave the line: tokens are judged by what they add past them.
         let mut healed = self.clone();
         healed.feed(heal_rest);
+        let room = healed.room();
+        for (id, l) in logits.iter_mut().enumerate() {
+            let past = tokenizer
+                .token_bytes(id as u32)
+                .get(heal_rest.len()..)
+                .unwrap_or_default();
+            let spaces = past.iter().try_fold(0, |cols, c| match c {
+                b' ' => Some(cols + 1),
+                b'\t' => Some(cols + 4),
+                _ => None,
+            });
+            if !past.is_empty() && spaces.is_some_and(|cols| cols > room) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         if !(healed.blank && healed.to_cursor == 0 && !healed.past_cursor) {
             return;
         }
