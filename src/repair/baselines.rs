@@ -53,102 +53,12 @@ pub(super) fn mint(
         .map(|&l| Ok((l, batch.dense[l - batch.first].mlp().down().dense_weight()?)))
         .collect::<Result<_>>()?;
     // Column deltas kept so far: (layer, neuron) → (hidden,).
-    let mut kept: BTreeMap<(usize, u32), Tensor> = BTreeMap::new();
+    let mut kept: Columns = BTreeMap::new();
     let mut steps = 0;
-    let lo = layers.iter().copied().min().unwrap_or(batch.first);
-    for (i, ((case, positions), scored)) in batch
-        .cases
-        .iter()
-        .zip(&batch.failing)
-        .zip(&batch.scored)
-        .enumerate()
-    {
-        let one = std::slice::from_ref(case);
-        let at = std::slice::from_ref(positions);
-        // The failure's loss, and whether it is fixed, under the patches kept so far plus, on its own
-        // copy of the failure in one packed pass, each candidate's step: the trials side by side.
-        let trials = |base: &BTreeMap<(usize, u32), Tensor>,
-                      steps: &[((usize, u32), Tensor)]|
-         -> Result<Vec<(f32, bool)>> {
-            let copies = steps.len().max(1);
-            let rows = batch.tail_rows(i)?;
-            let mut set = star.served(&to_patches(base)?)?;
-            for (k, ((l, n), step)) in steps.iter().enumerate() {
-                let patch = LayerPatch::new(vec![*n], step.unsqueeze(1)?)?
-                    .on_rows(k * rows..(k + 1) * rows, copies * rows)?;
-                set = set.with(*l, patch)?;
-            }
-            batch
-                .score_from(
-                    star,
-                    Upper::Serving,
-                    lo,
-                    &vec![i; copies],
-                    &mut Hooks {
-                        patches: Some(&set),
-                        ..Hooks::default()
-                    },
-                )?
-                .iter()
-                .map(|s| {
-                    let fixed = star.failure_positions(case, &s.logits)?.is_empty();
-                    Ok((s.cross_entropy(&s.all())?, fixed))
-                })
-                .collect()
-        };
-        // τ: the failure's steer at its first failure position.
-        let tau = star
-            .steers(std::slice::from_ref(scored), one, at, 1)?
-            .get(0)?;
-        // Scored once on the unpatched layers: the candidates are the same for every patch.
-        let scores = star.attribution(batch, &[i], &layers)?.scores;
-        let mut candidates: Vec<(usize, u32, f32)> = scores
-            .iter()
-            .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
-            .collect();
-        candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
-        candidates.truncate(MINT_CANDIDATES);
-        let mut trial = kept.clone();
-        let (mut best_loss, mut fixed) = trials(&trial, &[])?[0];
-        for _ in 0..MINT_PATCHES {
-            if fixed {
-                break;
-            }
-            star.checkpoint()?;
-            steps += 1;
-            // col + delta → (col + f·τ) / (1 + f), i.e. delta += f (τ − col) / (1 + f), with `col`
-            // the column as patched so far.
-            let mut tried = Vec::with_capacity(candidates.len());
-            for &(l, n, _) in &candidates {
-                let col = downs[&l].narrow(1, n as usize, 1)?.squeeze(1)?;
-                let col = match trial.get(&(l, n)) {
-                    Some(d) => (col + d)?,
-                    None => col,
-                };
-                tried.push((
-                    (l, n),
-                    ((&tau - &col)? * (MINT_FACTOR / (1.0 + MINT_FACTOR)) as f64)?,
-                ));
-            }
-            let results = trials(&trial, &tried)?;
-            let best = tried
-                .into_iter()
-                .zip(results)
-                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0));
-            match best {
-                Some(((key, step), (loss, ok))) if loss < best_loss => {
-                    let total = match trial.remove(&key) {
-                        Some(d) => (d + step)?,
-                        None => step,
-                    };
-                    trial.insert(key, total);
-                    best_loss = loss;
-                    fixed = ok;
-                }
-                _ => break, // no candidate helps any more
-            }
-        }
-        if fixed {
+    for i in 0..batch.cases.len() {
+        let (trial, taken) = mint_one(star, batch, i, &downs, &kept)?;
+        steps += taken;
+        if let Some(trial) = trial {
             kept = trial;
         }
     }
@@ -157,7 +67,123 @@ pub(super) fn mint(
     to_patches(&kept)
 }
 
-fn to_patches(deltas: &BTreeMap<(usize, u32), Tensor>) -> Result<Vec<(usize, LayerPatch)>> {
+/// Column deltas by (layer, neuron), each `(hidden,)`.
+type Columns = BTreeMap<(usize, u32), Tensor>;
+
+/// MINT on failure `i` of `batch`, on top of the columns `kept` so far at the layers of `downs` (their
+/// `down_proj` weights): the columns with its patches added when they fix it (`None` when they do
+/// not), and the patches tried.
+fn mint_one(
+    star: &Star,
+    batch: &Batch,
+    i: usize,
+    downs: &BTreeMap<usize, Tensor>,
+    kept: &Columns,
+) -> Result<(Option<Columns>, usize)> {
+    let layers: Vec<usize> = downs.keys().copied().collect();
+    let (case, positions) = (&batch.cases[i], &batch.failing[i]);
+    // τ: the failure's steer at its first failure position.
+    let tau = star
+        .steers(
+            std::slice::from_ref(&batch.scored[i]),
+            std::slice::from_ref(case),
+            std::slice::from_ref(positions),
+            1,
+        )?
+        .get(0)?;
+    // Scored once on the unpatched layers: the candidates are the same for every patch.
+    let scores = star.attribution(batch, &[i], &layers)?.scores;
+    let mut candidates: Vec<(usize, u32, f32)> = scores
+        .iter()
+        .flat_map(|(l, s)| s.iter().enumerate().map(|(n, v)| (*l, n as u32, *v)))
+        .collect();
+    candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
+    candidates.truncate(MINT_CANDIDATES);
+    let mut trial = kept.clone();
+    let (mut best_loss, mut fixed) = mint_trials(star, batch, i, &layers, &trial, &[])?[0];
+    let mut steps = 0;
+    for _ in 0..MINT_PATCHES {
+        if fixed {
+            break;
+        }
+        star.checkpoint()?;
+        steps += 1;
+        // col + delta → (col + f·τ) / (1 + f), i.e. delta += f (τ − col) / (1 + f), with `col`
+        // the column as patched so far.
+        let mut tried = Vec::with_capacity(candidates.len());
+        for &(l, n, _) in &candidates {
+            let col = downs[&l].narrow(1, n as usize, 1)?.squeeze(1)?;
+            let col = match trial.get(&(l, n)) {
+                Some(d) => (col + d)?,
+                None => col,
+            };
+            tried.push((
+                (l, n),
+                ((&tau - &col)? * (MINT_FACTOR / (1.0 + MINT_FACTOR)) as f64)?,
+            ));
+        }
+        let results = mint_trials(star, batch, i, &layers, &trial, &tried)?;
+        let best = tried
+            .into_iter()
+            .zip(results)
+            .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0));
+        match best {
+            Some(((key, step), (loss, ok))) if loss < best_loss => {
+                let total = match trial.remove(&key) {
+                    Some(d) => (d + step)?,
+                    None => step,
+                };
+                trial.insert(key, total);
+                best_loss = loss;
+                fixed = ok;
+            }
+            _ => break, // no candidate helps any more
+        }
+    }
+    Ok((fixed.then_some(trial), steps))
+}
+
+/// Failure `i`'s loss, and whether it is fixed, under the columns `base` plus, on its own copy of
+/// the failure in one packed pass, each of `steps`: the trials side by side.
+fn mint_trials(
+    star: &Star,
+    batch: &Batch,
+    i: usize,
+    layers: &[usize],
+    base: &Columns,
+    steps: &[((usize, u32), Tensor)],
+) -> Result<Vec<(f32, bool)>> {
+    let copies = steps.len().max(1);
+    let rows = batch.tail_rows(i)?;
+    let mut set = star.served(&to_patches(base)?)?;
+    for (k, ((l, n), step)) in steps.iter().enumerate() {
+        let patch = LayerPatch::new(vec![*n], step.unsqueeze(1)?)?
+            .on_rows(k * rows..(k + 1) * rows, copies * rows)?;
+        set = set.with(*l, patch)?;
+    }
+    let lo = layers.iter().copied().min().unwrap_or(batch.first);
+    batch
+        .score_from(
+            star,
+            Upper::Serving,
+            lo,
+            &vec![i; copies],
+            &mut Hooks {
+                patches: Some(&set),
+                ..Hooks::default()
+            },
+        )?
+        .iter()
+        .map(|s| {
+            let fixed = star
+                .failure_positions(&batch.cases[i], &s.logits)?
+                .is_empty();
+            Ok((s.cross_entropy(&s.all())?, fixed))
+        })
+        .collect()
+}
+
+fn to_patches(deltas: &Columns) -> Result<Vec<(usize, LayerPatch)>> {
     let mut by_layer: BTreeMap<usize, (Vec<u32>, Vec<Tensor>)> = BTreeMap::new();
     for ((l, n), d) in deltas {
         let e = by_layer.entry(*l).or_default();
