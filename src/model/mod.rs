@@ -7,6 +7,8 @@ pub mod generate;
 mod gguf;
 pub mod hooks;
 mod kernels;
+mod kv;
+mod linear;
 pub mod memory;
 mod qwen2;
 mod tokenizer;
@@ -14,10 +16,10 @@ mod tokenizer;
 pub use generate::{generate, Cancel, GenerateParams, Generation, Prompt, StopAt};
 pub use gguf::GgufFile;
 pub use hooks::{Capture, Fired, FiredEntries, Hooks, LayerPatch, PatchSet};
+pub use kv::{kv_positions, KvCache, LayerKv};
+pub use linear::{Linear, LoadOptions};
 pub use memory::Gate;
-pub use qwen2::{
-    kv_positions, Config, DecoderLayer, KvCache, LayerKv, Linear, LoadOptions, Mlp, Qwen2,
-};
+pub use qwen2::{Config, DecoderLayer, Mlp, Qwen2};
 pub use tokenizer::{FimTokens, Tokenizer};
 
 use std::path::{Path, PathBuf};
