@@ -9,6 +9,7 @@ mod plot;
 mod probe;
 pub mod replay;
 mod report;
+mod rss;
 
 pub use plot::{plot, plot_replay};
 use probe::Probe;
@@ -112,29 +113,6 @@ pub fn units(cases: &[Case], failing: &[bool]) -> Vec<Unit> {
         });
     }
     out
-}
-
-/// Resident-set figures of this process, from /proc (Linux); `None` elsewhere.
-mod rss {
-    fn status_kb(key: &str) -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-
-    pub fn current_mb() -> Option<f64> {
-        status_kb("VmRSS:").map(|kb| kb as f64 / 1024.0)
-    }
-
-    /// The peak since the last `reset_peak` (or since start).
-    pub fn peak_mb() -> Option<f64> {
-        status_kb("VmHWM:").map(|kb| kb as f64 / 1024.0)
-    }
-
-    /// Starts a new peak from the current RSS (`clear_refs` value 5, Linux ≥ 4.0).
-    pub fn reset_peak() {
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-    }
 }
 
 /// Runs the protocol on `cases` with every method of `options`. The specificity sample comes from
@@ -425,29 +403,7 @@ impl Protocol<'_> {
         }));
         let seconds = t0.elapsed().as_secs_f64();
         let peak = rss::peak_mb().unwrap_or(0.0);
-        let mut record = RepairRecord {
-            unit: unit.name.clone(),
-            cases: unit.repaired.len(),
-            held_out: unit.held_out.is_some(),
-            status: Status::Patched,
-            message: None,
-            fixed: 0,
-            generalized: false,
-            sampled: 0,
-            unchanged: 0,
-            passing_sampled: 0,
-            kept: 0,
-            seconds,
-            // The process peak, less what eval itself holds beyond the model (its cached residuals):
-            // what a server holding the model would reach running this repair.
-            peak_rss_mb: self.model_rss_mb + (peak - rss_before).max(0.0),
-            repair_rss_mb: (peak - rss_before).max(0.0),
-            layers: Vec::new(),
-            steps: 0,
-            solves: 0,
-            requantized: None,
-            changed: Vec::new(),
-        };
+        let mut record = self.record(unit, seconds, (peak - rss_before).max(0.0));
         let lowers_again = options.requantized.then(|| lowers.clone());
         let set = match result {
             Ok(Ok(outcome)) => {
@@ -470,25 +426,76 @@ impl Protocol<'_> {
                 None
             }
         };
-        if let (Some(h), Some(set)) = (unit.held_out, &set) {
+        let record = self.measure(unit, set.as_ref(), lowers_again, record)?;
+        Ok((record, set))
+    }
+
+    /// A repair's record before it is judged: patched, nothing measured yet.
+    fn record(&self, unit: &Unit, seconds: f64, repair_rss_mb: f64) -> RepairRecord {
+        RepairRecord {
+            unit: unit.name.clone(),
+            cases: unit.repaired.len(),
+            held_out: unit.held_out.is_some(),
+            status: Status::Patched,
+            message: None,
+            fixed: 0,
+            generalized: false,
+            sampled: 0,
+            unchanged: 0,
+            passing_sampled: 0,
+            kept: 0,
+            seconds,
+            // The process peak, less what eval itself holds beyond the model (its cached residuals):
+            // what a server holding the model would reach running this repair.
+            peak_rss_mb: self.model_rss_mb + repair_rss_mb,
+            repair_rss_mb,
+            layers: Vec::new(),
+            steps: 0,
+            solves: 0,
+            requantized: None,
+            changed: Vec::new(),
+        }
+    }
+
+    /// A repair's measures past its own verdict: whether the held-out case now passes, its
+    /// specificity, and (given `lowers_again`) its repaired cases and specificity re-quantized.
+    fn measure(
+        &self,
+        unit: &Unit,
+        set: Option<&PatchSet>,
+        lowers_again: Option<Vec<KvCache>>,
+        mut record: RepairRecord,
+    ) -> candle_core::Result<RepairRecord> {
+        if let (Some(h), Some(set)) = (unit.held_out, set) {
             let case = &self.cases[h];
             let line = complete_case(self.model, self.tok, case, self.context, Some(set))?;
             record.generalized = passes(&line, case);
         }
-        // Specificity: without a patch the model is as it was, every completion unchanged.
         let repaired: BTreeSet<usize> =
             unit.repaired.iter().copied().chain(unit.held_out).collect();
         let sample = unrelated(self.cases, self.sampled, &repaired);
-        if let (Some(set), Some(lowers)) = (&set, lowers_again) {
+        if let (Some(set), Some(lowers)) = (set, lowers_again) {
             let model = self.model.requantized(set)?;
             let rest = set.gated_only();
             let fixed = self.fixed(&model, &unit.repaired, lowers, &rest)?;
             let unchanged = self.unchanged(&model, &sample, &rest)?;
             record.requantized = Some(Requantized { fixed, unchanged });
         }
-        for i in sample {
+        self.specificity(&sample, set, record)
+    }
+
+    /// The unit's specificity on `sample`: the completions `set` changes, and of the passing ones
+    /// how many still pass.
+    fn specificity(
+        &self,
+        sample: &[usize],
+        set: Option<&PatchSet>,
+        mut record: RepairRecord,
+    ) -> candle_core::Result<RepairRecord> {
+        // Without a patch the model is as it was, every completion unchanged.
+        for &i in sample {
             let probe = &self.probes[i];
-            let change = match &set {
+            let change = match set {
                 Some(set) => probe.changed(self.model, self.tok, set)?,
                 None => None,
             };
@@ -504,7 +511,7 @@ impl Protocol<'_> {
             if probe.passes {
                 record.passing_sampled += 1;
                 // A changed completion may still be the developer's: complete it to know.
-                record.kept += match (unchanged, &set) {
+                record.kept += match (unchanged, set) {
                     (false, Some(set)) => {
                         let line = complete_case(
                             self.model,
@@ -519,7 +526,7 @@ impl Protocol<'_> {
                 };
             }
         }
-        Ok((record, set))
+        Ok(record)
     }
 
     /// A finished repair's patches (if the method kept one) as the overlay to measure, and its

@@ -9,8 +9,8 @@
 
 use crate::capture::{CaseKind, CaseText, Outcome};
 use crate::completion::ContextLimits;
-use crate::learn::{self, Job, Policy};
-use crate::model::{Model, PatchSet};
+use crate::learn::{self, Job, Policy, RepairReport};
+use crate::model::{Config, Model, PatchSet};
 use crate::repair::{complete_case, passes, Case, Head, Residuals, Star};
 use crate::store::{NewCase, Store};
 use anyhow::Context;
@@ -205,29 +205,7 @@ pub fn run(
             complete_case(weights, tok, &t.case, limits, Some(&live))?
         };
         let right = passes(&repaired, &t.case);
-        store.add_case(&NewCase {
-            case: CaseText {
-                kind: if right {
-                    CaseKind::Guard
-                } else {
-                    CaseKind::Failure
-                },
-                outcome: if right {
-                    Outcome::Accepted
-                } else {
-                    Outcome::Corrected
-                },
-                prefix: t.case.prefix.clone(),
-                target: t.case.target.clone(),
-                suffix: t.case.suffix.clone(),
-                proposed: repaired.clone(),
-            },
-            completion_id: None,
-            language: t.case.language.clone(),
-            document: t.file.clone(),
-            workspace: String::new(),
-            created_ms: i as i64,
-        })?;
+        store.add_case(&written(i, t, &repaired, right))?;
         let row = Row {
             id: t.case.id.clone(),
             target: t.case.target.clone(),
@@ -244,30 +222,18 @@ pub fn run(
         {
             continue;
         }
-        let job = Job::pending(store, policy.repair_guards)?;
         let star = Star {
             live: Some(&live),
             residuals: Some(&residuals),
             ..Star::new(weights, tok, head, policy.repair)
         };
-        let outcome = star.repair(&job.failures, &job.guards)?;
-        let report = learn::commit(
-            store,
-            model_sha,
-            i as i64,
-            &job,
-            &outcome,
-            policy.patch_memory_bytes(),
-        )?;
+        let report = repair(&star, store, model_sha, i, policy)?;
         repairs += 1;
         repair_seconds_total += report.seconds;
         seen = report.unfixed();
         tracing::info!(line = i + 1, ?report, "replay repair");
         if report.patch_id.is_some() {
-            let mut records = store.patches(Some(model_sha), true)?;
-            learn::check_fit(&mut records, weights.config());
-            live = learn::overlay(&records)?;
-            patches_live = records.len();
+            (live, patches_live) = serving(store, model_sha, weights.config())?;
             first_repaired_line.get_or_insert(i + 1);
         }
     }
@@ -279,6 +245,63 @@ pub fn run(
         live.entries(),
         first_repaired_line,
     ))
+}
+
+/// Line `i` as the server stores it: a guard when the learning model proposed the developer's line
+/// (accepted), a failure otherwise (corrected).
+fn written(i: usize, t: &Target, proposed: &str, right: bool) -> NewCase {
+    NewCase {
+        case: CaseText {
+            kind: if right {
+                CaseKind::Guard
+            } else {
+                CaseKind::Failure
+            },
+            outcome: if right {
+                Outcome::Accepted
+            } else {
+                Outcome::Corrected
+            },
+            prefix: t.case.prefix.clone(),
+            target: t.case.target.clone(),
+            suffix: t.case.suffix.clone(),
+            proposed: proposed.to_owned(),
+        },
+        completion_id: None,
+        language: t.case.language.clone(),
+        document: t.file.clone(),
+        workspace: String::new(),
+        created_ms: i as i64,
+    }
+}
+
+/// The store's pending failures repaired by `star` and committed as the server commits them, at
+/// line `i`.
+fn repair(
+    star: &Star,
+    store: &mut Store,
+    model_sha: &str,
+    i: usize,
+    policy: &Policy,
+) -> anyhow::Result<RepairReport> {
+    let job = Job::pending(store, policy.repair_guards)?;
+    let outcome = star.repair(&job.failures, &job.guards)?;
+    let report = learn::commit(
+        store,
+        model_sha,
+        i as i64,
+        &job,
+        &outcome,
+        policy.patch_memory_bytes(),
+    )?;
+    Ok(report)
+}
+
+/// The overlay the store's active patches for `model_sha` serve, and how many patches they are.
+fn serving(store: &Store, model_sha: &str, config: &Config) -> anyhow::Result<(PatchSet, usize)> {
+    let mut records = store.patches(Some(model_sha), true)?;
+    learn::check_fit(&mut records, config);
+    Ok((learn::overlay(&records)?, records.len()))
 }
 
 fn summarize(
