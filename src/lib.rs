@@ -2,7 +2,6 @@
 //! corrections. See ARCHITECTURE.md for the map.
 
 pub mod capture;
-pub mod cli;
 pub mod completion;
 pub mod env;
 pub mod eval;

@@ -1,8 +1,10 @@
 //! The module dependencies ARCHITECTURE.md states: every `crate::` path in `src/` names a module its
-//! module may use, and the order of the list is a layering (no module uses one listed after it).
+//! module may use, and the order of the list is a layering (no module uses one listed after it). And
+//! rooms a newcomer can read whole: no file under `src/` over 700 lines, no function over 100.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use syn::visit::{self, Visit};
 
 /// ARCHITECTURE.md's block of `module -> allowed modules` lines, in its order.
 fn stated() -> Vec<(String, Vec<String>)> {
@@ -39,20 +41,15 @@ fn module_of(src: &Path, file: &Path) -> String {
 
 /// Every module each module's files name as `crate::NAME`.
 fn used() -> BTreeMap<String, Vec<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src();
     let mut used: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let module = module_of(&src, &path);
-            let text = std::fs::read_to_string(&path).unwrap();
-            for (i, _) in text.match_indices("crate::") {
-                let name: String = text[i + 7..]
+    for path in sources() {
+        let module = module_of(&src, &path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The binary's modules name the library's as `star_ls::`.
+        for prefix in ["crate::", "star_ls::"] {
+            for (i, _) in text.match_indices(prefix) {
+                let name: String = text[i + prefix.len()..]
                     .chars()
                     .take_while(|c| c.is_ascii_lowercase() || *c == '_')
                     .collect();
@@ -64,6 +61,28 @@ fn used() -> BTreeMap<String, Vec<String>> {
         }
     }
     used
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every `.rs` file under `src/`.
+fn sources() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![src()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            match path.is_dir() {
+                true => stack.push(path),
+                false if path.extension().is_some_and(|e| e == "rs") => files.push(path),
+                false => {}
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 #[test]
@@ -95,4 +114,67 @@ fn modules_use_only_what_architecture_md_allows() {
             );
         }
     }
+}
+
+const MAX_FILE_LINES: usize = 700;
+const MAX_FN_LINES: usize = 100;
+
+/// Functions outside `#[cfg(test)]` modules longer than `MAX_FN_LINES`, signature to closing brace.
+#[derive(Default)]
+struct LongFunctions(Vec<String>);
+
+impl LongFunctions {
+    fn check(&mut self, name: &syn::Ident, block: &syn::Block) {
+        let lines = block.brace_token.span.close().end().line - name.span().start().line + 1;
+        if lines > MAX_FN_LINES {
+            self.0.push(format!("{name} ({lines} lines)"));
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for LongFunctions {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        let test_only = m.attrs.iter().any(|a| {
+            a.path().is_ident("cfg") && a.parse_args::<syn::Ident>().is_ok_and(|i| i == "test")
+        });
+        if !test_only {
+            visit::visit_item_mod(self, m);
+        }
+    }
+
+    fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
+        self.check(&f.sig.ident, &f.block);
+        visit::visit_item_fn(self, f);
+    }
+
+    fn visit_impl_item_fn(&mut self, f: &'ast syn::ImplItemFn) {
+        self.check(&f.sig.ident, &f.block);
+        visit::visit_impl_item_fn(self, f);
+    }
+}
+
+#[test]
+fn no_file_or_function_is_too_long_to_read_whole() {
+    let mut long = Vec::new();
+    for path in sources() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rel = path.strip_prefix(src()).unwrap().display().to_string();
+        let lines = text.lines().count();
+        if lines > MAX_FILE_LINES {
+            long.push(format!("src/{rel}: {lines} lines"));
+        }
+        let mut functions = LongFunctions::default();
+        functions.visit_file(&syn::parse_file(&text).unwrap());
+        long.extend(
+            functions
+                .0
+                .into_iter()
+                .map(|f| format!("src/{rel}: fn {f}")),
+        );
+    }
+    assert!(
+        long.is_empty(),
+        "over {MAX_FILE_LINES} lines a file, {MAX_FN_LINES} a function:\n{}",
+        long.join("\n")
+    );
 }

@@ -1,12 +1,12 @@
 //! `star-ls cases export` (the stored cases as cases-JSONL, CONTRACT.md, on stdout) and `star-ls forget`.
 
-use crate::capture::CaseKind;
-use crate::store::{Store, FILE_NAME};
 use anyhow::Context;
+use star_ls::capture::CaseKind;
+use star_ls::store::{Store, FILE_NAME};
 use std::io::Write;
 
 pub fn export(kind: Option<CaseKind>) -> anyhow::Result<()> {
-    let dir = crate::env::data_dir();
+    let dir = star_ls::env::data_dir();
     if !dir.join(FILE_NAME).exists() {
         eprintln!(
             "star-ls: no feedback recorded yet ({} does not exist)",
@@ -28,7 +28,7 @@ pub fn export(kind: Option<CaseKind>) -> anyhow::Result<()> {
 /// `star-ls forget`: wipes one workspace's cases and the patches that learned from them, or
 /// everything (`workspace` None). The workspace is its root URI as the editor sent it, or a directory.
 pub fn forget(workspace: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let dir = crate::env::data_dir();
+    let dir = star_ls::env::data_dir();
     if !dir.join(FILE_NAME).exists() {
         eprintln!(
             "star-ls: nothing to forget ({} does not exist)",

@@ -1,12 +1,12 @@
 //! `star-ls complete FILE --line L --character C`: one completion without an editor;
 //! `star-ls complete --cases FILE [--peer]`: every case's line, beside llama.cpp's.
 
-use crate::completion::{fim_prompt, CompletionRequest, Document, Engine, EngineConfig};
-use crate::model::generate::StopReason;
-use crate::model::{generate, Cancel, GenerateParams, Model, StopAt};
-use crate::repair::{passes, text_after_cursor, Case};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use star_ls::completion::{fim_prompt, CompletionRequest, Document, Engine, EngineConfig};
+use star_ls::model::generate::StopReason;
+use star_ls::model::{generate, Cancel, GenerateParams, Model, StopAt};
+use star_ls::repair::{passes, text_after_cursor, Case};
 use std::path::Path;
 
 pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> Result<()> {
@@ -17,7 +17,7 @@ pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> 
         .char_at(line, character)
         .with_context(|| format!("position {line}:{character} in {}", file.display()))?;
     let (prefix, suffix) = doc.split_at(at);
-    let engine = Engine::start(EngineConfig::new(crate::env::model_path()), |e| {
+    let engine = Engine::start(EngineConfig::new(star_ls::env::model_path()), |e| {
         tracing::debug!(?e, "model")
     });
     let completion = engine.complete_blocking(CompletionRequest {
@@ -91,7 +91,7 @@ pub struct CasesOptions<'a> {
 pub fn run_cases(o: CasesOptions) -> Result<()> {
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
-    let config = EngineConfig::new(crate::env::model_path());
+    let config = EngineConfig::new(star_ls::env::model_path());
     let model = Model::load(&config.model_path, config.load)?;
     let (weights, tok) = (&model.weights, &model.tokenizer);
     let params = GenerateParams {

@@ -1,11 +1,11 @@
-//! `star-ls eval`: runs the protocol (`crate::eval`) with a progress bar on stderr, prints the table,
+//! `star-ls eval`: runs the protocol (`star_ls::eval`) with a progress bar on stderr, prints the table,
 //! writes the JSON and the charts.
 
-use crate::eval::{self, EvalOptions, Progress};
-use crate::model::{LoadOptions, Model};
-use crate::repair::Head;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use star_ls::eval::{self, EvalOptions, Progress};
+use star_ls::model::{LoadOptions, Model};
+use star_ls::repair::Head;
 use std::path::Path;
 
 pub struct Options<'a> {
@@ -24,7 +24,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         Some(p) => super::repair::read_cases(p)?,
         None => Vec::new(),
     };
-    let path = crate::env::model_path();
+    let path = star_ls::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;

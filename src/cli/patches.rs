@@ -1,12 +1,12 @@
 //! `star-ls patches list|rollback`: the patch ledger from the command line. A running server picks up a
 //! rollback made here at its next start; `star.rollback` does it live.
 
-use crate::learn::RepairReport;
-use crate::store::{PatchRecord, Store, FILE_NAME};
+use star_ls::learn::RepairReport;
+use star_ls::store::{PatchRecord, Store, FILE_NAME};
 use std::io::Write;
 
 fn open() -> anyhow::Result<Option<Store>> {
-    let dir = crate::env::data_dir();
+    let dir = star_ls::env::data_dir();
     if !dir.join(FILE_NAME).exists() {
         eprintln!(
             "star-ls: no feedback recorded yet ({} does not exist)",

@@ -1,10 +1,10 @@
 //! `star-ls repair --cases FILE`: STAR on cases-JSONL files, outside the server and without touching the
 //! store or the ledger: a dry run that shows what a repair would fix and keep, line by line.
 
-use crate::model::{LoadOptions, Model, PatchSet};
-use crate::repair::{complete_case, passes, Case, Head, Method, RepairSettings, Star};
 use anyhow::Context;
 use serde_json::json;
+use star_ls::model::{LoadOptions, Model, PatchSet};
+use star_ls::repair::{complete_case, passes, Case, Head, Method, RepairSettings, Star};
 use std::io::BufRead;
 use std::path::Path;
 
@@ -38,7 +38,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         Some(p) => read_cases(p)?,
         None => Vec::new(),
     };
-    let model = Model::load(&crate::env::model_path(), LoadOptions::default())?;
+    let model = Model::load(&star_ls::env::model_path(), LoadOptions::default())?;
     let (gamma, weight) = model.weights.head_dense()?;
     let head = Head::new(&gamma, weight)?;
     let settings = o.settings;

@@ -1,11 +1,11 @@
-//! `star-ls replay`: a developer writing a codebase, beside the unpatched model (`crate::eval::replay`):
+//! `star-ls replay`: a developer writing a codebase, beside the unpatched model (`star_ls::eval::replay`):
 //! a line per target on stderr, the summary on stdout, the JSON and the chart on request.
 
-use crate::eval::replay::{self, ReplayOptions};
-use crate::learn::{self, Policy};
-use crate::model::{LoadOptions, Model};
-use crate::repair::Head;
 use anyhow::Context;
+use star_ls::eval::replay::{self, ReplayOptions};
+use star_ls::learn::{self, Policy};
+use star_ls::model::{LoadOptions, Model};
+use star_ls::repair::Head;
 use std::path::Path;
 
 pub struct Options<'a> {
@@ -26,7 +26,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             o.replay.dir.display()
         );
     }
-    let path = crate::env::model_path();
+    let path = star_ls::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
     let sha = learn::file_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
     let (gamma, weight) = model.weights.head_dense()?;
@@ -69,7 +69,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     if let Some(dir) = o.plot {
-        let chart = crate::eval::plot_replay(&report, dir)
+        let chart = star_ls::eval::plot_replay(&report, dir)
             .map_err(|e| anyhow::anyhow!("plotting into {}: {e}", dir.display()))?;
         eprintln!("wrote {}", chart.display());
     }

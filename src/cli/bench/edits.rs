@@ -1,10 +1,10 @@
 //! Edit latency: typing into a document with a warm prefix cache, alone and while STAR repairs.
 
 use super::{repair_cases, DOCUMENT};
-use crate::completion::{CompletionRequest, Document, Engine};
-use crate::model::{Cancel, Model, StopAt};
-use crate::repair::{Head, RepairSettings, Star};
 use anyhow::{Context, Result};
+use star_ls::completion::{CompletionRequest, Document, Engine};
+use star_ls::model::{Cancel, Model, StopAt};
+use star_ls::repair::{Head, RepairSettings, Star};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ pub(super) fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Resul
             let mut n = 0;
             while !done.load(Ordering::SeqCst) {
                 // Ends with an error when the bench is over, mid-repair.
-                if crate::env::in_background(|| star.repair(&cases, &[])).is_ok() {
+                if star_ls::env::in_background(|| star.repair(&cases, &[])).is_ok() {
                     n += 1;
                 }
             }
@@ -123,7 +123,7 @@ fn complete_at(
     doc: &Document,
     cursor: usize,
     name: &str,
-) -> Result<crate::completion::Completion> {
+) -> Result<star_ls::completion::Completion> {
     let (prefix, suffix) = doc.split_at(cursor);
     let completion = engine.complete_blocking(CompletionRequest {
         document: name.to_owned(),

@@ -9,12 +9,12 @@ mod peer_bench;
 mod report;
 mod speed;
 
-pub use report::{Cold, Machine, MemorySpeed, Ours, Patched, PeerFigures, Report};
+use report::Machine;
 
-use crate::completion::{Engine, EngineConfig, EngineEvent};
-use crate::model::Model;
-use crate::repair::Case;
 use anyhow::{bail, Context, Result};
+use star_ls::completion::{Engine, EngineConfig, EngineEvent};
+use star_ls::model::Model;
+use star_ls::repair::Case;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -50,12 +50,12 @@ const BUSY_LOAD: f64 = 1.0;
 
 pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
-    crate::env::set_threads(Some(threads));
+    star_ls::env::set_threads(Some(threads));
     let load_start = load_average();
     if let Some(load) = load_start.filter(|l| *l >= BUSY_LOAD) {
         tracing::warn!("bench: the machine is busy (load {load:.2}); figures will be unreliable");
     }
-    let model_path = crate::env::model_path();
+    let model_path = star_ls::env::model_path();
     // One model for everything: the engine's. A second copy would only inflate the RSS figure.
     let (engine, model) = start_engine(&model_path)?;
 

@@ -4,11 +4,11 @@
 use super::report::{MemorySpeed, Patched};
 use super::speed::{bench_speed, bench_speeds};
 use super::{repair_cases, round2};
-use crate::model::{Capture, Hooks, LayerPatch, Model, PatchSet};
-use crate::repair::{Case, Head, RepairSettings, Star};
-use crate::store::PatchLayer;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
+use star_ls::model::{Capture, Hooks, LayerPatch, Model, PatchSet};
+use star_ls::repair::{Case, Head, RepairSettings, Star};
+use star_ls::store::PatchLayer;
 use std::collections::BTreeMap;
 
 /// Real code that is not the bench's prompt: where a large patch memory's other entries are keyed.
@@ -43,7 +43,7 @@ pub(super) fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
     let overlay = bench_speed(&model.weights, prompt, Some(&set))?;
     let rest = set.gated_only();
     let requantized = bench_speed(&model.weights.requantized(&set)?, prompt, Some(&rest))?;
-    let bytes: usize = crate::learn::ledger_layers(&outcome.patches)?
+    let bytes: usize = star_ls::learn::ledger_layers(&outcome.patches)?
         .iter()
         .map(PatchLayer::bytes)
         .sum();
@@ -91,7 +91,7 @@ pub(super) fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
         requantized_decode_tok_s: round2(requantized.decode_tok_s),
         memory,
         entry_bytes,
-        entries_in_budget: crate::learn::Policy::default().patch_memory_bytes() as usize
+        entries_in_budget: star_ls::learn::Policy::default().patch_memory_bytes() as usize
             / entry_bytes.max(1),
     })
 }

@@ -1,8 +1,8 @@
 //! Prefill and decode throughput from an empty cache, and a cold completion's wall time.
 
 use super::{median, COLD_DECODE, COLD_PROMPT, DECODE, DOCUMENT};
-use crate::model::{generate::argmax, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2};
 use anyhow::{bail, Result};
+use star_ls::model::{generate::argmax, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2};
 use std::time::Instant;
 
 const REPS: usize = 3;
