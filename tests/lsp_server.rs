@@ -113,7 +113,15 @@ fn cancellation_stops_a_decode_and_newer_requests_supersede_older() {
         "textDocument/inlineCompletion",
         Client::inline_params(uri, 5, 4),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Cancelled once the decode is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while c.status()["completions"]["decoding"]
+        .as_u64()
+        .is_none_or(|n| n == 0)
+    {
+        assert!(std::time::Instant::now() < deadline, "no decode started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.notify("$/cancelRequest", json!({ "id": id }));
     let r = c.response(id);
     assert_eq!(

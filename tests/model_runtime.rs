@@ -1682,10 +1682,12 @@ fn cancelled_generation_stops_immediately() {
     let mut cache = m.weights.new_cache();
     let g = std::thread::scope(|s| {
         s.spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(30));
+            while c2.decoded() == 0 && !c2.is_cancelled() {
+                std::thread::yield_now();
+            }
             c2.cancel();
         });
-        generate(
+        let g = generate(
             &m.weights,
             &m.tokenizer,
             &prompt,
@@ -1694,7 +1696,10 @@ fn cancelled_generation_stops_immediately() {
             &big,
             &cancel,
         )
-        .unwrap()
+        .unwrap();
+        // Releases the canceller if the decode ended before its first token (the asserts fail then).
+        cancel.cancel();
+        g
     });
     assert_eq!(g.stop, StopReason::Cancelled, "{} tokens", g.tokens.len());
     assert!(g.tokens.len() < big.max_tokens);

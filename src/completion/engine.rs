@@ -94,6 +94,8 @@ pub struct EngineStats {
     pub failed: u64,
     /// The last finished or cancelled generation.
     pub last: Option<GenerationStats>,
+    /// Tokens decoded so far by the completion running now; none when none runs.
+    pub decoding: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -128,7 +130,12 @@ pub struct Engine {
     patches: Arc<RwLock<Arc<PatchSet>>>,
     model: ModelSlot,
     stats: Arc<Mutex<EngineStats>>,
+    /// The running completion's handle.
+    running: Running,
 }
+
+/// The completion the worker runs now, if any.
+type Running = Arc<Mutex<Option<Cancel>>>;
 
 impl Engine {
     /// Starts the worker, which loads the model first; requests sent meanwhile wait for it.
@@ -137,9 +144,11 @@ impl Engine {
         let patches = Arc::new(RwLock::new(Arc::new(PatchSet::default())));
         let model = Arc::new(Mutex::new(None));
         let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let running = Running::default();
         let worker = Worker {
             config,
             stats: stats.clone(),
+            running: running.clone(),
             patches: patches.clone(),
             caches: VecDeque::new(),
             ids: IdGen::new(),
@@ -157,6 +166,7 @@ impl Engine {
             patches,
             model,
             stats,
+            running,
         }
     }
 
@@ -216,13 +226,22 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let decoding = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(Cancel::decoded));
+        EngineStats {
+            decoding,
+            ..self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        }
     }
 }
 
 struct Worker {
     config: EngineConfig,
     stats: Arc<Mutex<EngineStats>>,
+    running: Running,
     patches: Arc<RwLock<Arc<PatchSet>>>,
     /// Per recently used document, its KV cache and the overlay it was made under.
     caches: VecDeque<(String, u64, KvCache)>,
@@ -258,11 +277,22 @@ impl Worker {
         }
         for job in jobs {
             let result = match &loaded {
-                Ok(model) => self.serve(model, &job.request),
+                Ok(model) => {
+                    self.set_running(Some(job.request.cancel.clone()));
+                    let served = self.serve(model, &job.request);
+                    self.set_running(None);
+                    served
+                }
                 Err(e) => Err(EngineError::ModelUnavailable(e.clone())),
             };
             (job.reply)(result);
             in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn set_running(&self, cancel: Option<Cancel>) {
+        if let Ok(mut r) = self.running.lock() {
+            *r = cancel;
         }
     }
 

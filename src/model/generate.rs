@@ -4,21 +4,27 @@
 use super::{Fired, FiredEntries, Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
 use candle_core::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Set from any thread to stop a generation between two tokens (or two prefill chunks).
+/// A requester's handle on a generation, from any thread: stops it between two tokens (or two
+/// prefill chunks), and tells how many tokens it has decoded so far.
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+pub struct Cancel(Arc<(AtomicBool, AtomicUsize)>);
 
 impl Cancel {
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed)
+        self.0 .0.store(true, Ordering::Relaxed)
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0 .0.load(Ordering::Relaxed)
+    }
+
+    /// Tokens the generation has decoded so far.
+    pub fn decoded(&self) -> usize {
+        self.0 .1.load(Ordering::Relaxed)
     }
 }
 
@@ -169,6 +175,7 @@ pub fn generate(
             break;
         }
         out.tokens.push(next);
+        cancel.0 .1.store(out.tokens.len(), Ordering::Relaxed);
         bytes.extend_from_slice(tokenizer.token_bytes(next));
         shape.feed(tokenizer.token_bytes(next));
         if bytes.len() >= prompt.heal.len() {
