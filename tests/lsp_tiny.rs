@@ -1,7 +1,8 @@
 //! The real binary on a tiny random-weight model (its completions are noise, which is all capture and
 //! the scheduler need): bad notifications and edits are survived; enough new failures start a repair by
 //! themselves, and `star.repairNow` during one waits for it; a line is decided when Enter ends it and
-//! when `star.repairNow` comes; an unknown setting is named. (SIGKILL at random moments is
+//! when `star.repairNow` comes; a client that never answers the server's progress requests blocks no
+//! repair; an unknown setting is named. (SIGKILL at random moments is
 //! tests/crash.rs.)
 
 mod client;
@@ -171,6 +172,35 @@ fn repair_now_while_a_repair_runs_waits_for_it_and_status_is_pushed() {
             && m["params"]["repairRunning"] == false
             && !m["params"]["lastRepair"].is_null()
     });
+    assert_eq!(c.status()["repairRunning"], false);
+    c.shutdown();
+}
+
+#[test]
+fn a_client_that_never_answers_progress_requests_blocks_no_repair() {
+    // It says it shows progress, then leaves every `window/workDoneProgress/create` unanswered.
+    let data = data_dir("stuck");
+    let mut c = start(&tiny_model(), &data).never_answering();
+    let uri = "file:///w/stuck.py";
+    c.open(uri, "");
+    let mut version = 1;
+    write_line(&mut c, uri, &mut version, 0, "v0 = 0");
+    for _ in 0..2 {
+        let r = command(&mut c, "star.repairNow");
+        assert!(r["failures"].as_u64().is_some(), "{r}");
+    }
+    let asked = |c: &Client| {
+        c.notifications
+            .iter()
+            .filter(|m| m["method"] == "window/workDoneProgress/create")
+            .count()
+    };
+    assert!(asked(&c) >= 2, "the repairs asked for progress");
+    let forgot = c.call(
+        "workspace/executeCommand",
+        json!({ "command": "star.forget", "arguments": ["all"] }),
+    );
+    assert!(!forgot.is_null(), "{forgot}");
     assert_eq!(c.status()["repairRunning"], false);
     c.shutdown();
 }

@@ -31,9 +31,23 @@ impl GgufFile {
             .map_err(|e| corrupt(format!("not a GGUF file ({})", super::one_line(&e))))?;
         // A truncated download passes the header check; catch it here instead of mid-load.
         for (name, info) in &content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            // Checked: a crafted header's sizes may overflow.
+            let end = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|n| {
+                    let bytes = n / info.ggml_dtype.block_size() as u64;
+                    bytes.checked_mul(info.ggml_dtype.type_size() as u64)
+                })
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                })
+                .unwrap_or(u64::MAX);
             if end > len {
                 return Err(corrupt(format!(
                     "truncated: tensor `{name}` ends at byte {end} but the file has {len}"

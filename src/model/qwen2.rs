@@ -38,30 +38,107 @@ pub struct Config {
 }
 
 impl Config {
+    /// The sizes, checked against each other and against every tensor the model reads: a crafted
+    /// file gets its one-line error here, not a division by zero or a kernel reading past a row.
     fn from_gguf(f: &GgufFile) -> std::result::Result<Self, ModelError> {
-        let hidden_size = f.u32("qwen2.embedding_length")? as usize;
-        let num_heads = f.u32("qwen2.attention.head_count")? as usize;
-        let vocab_size = f
-            .content
-            .tensor_infos
-            .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
-            .ok_or_else(|| ModelError::Corrupt {
-                path: f.path.clone(),
-                reason: "missing tensor `token_embd.weight`".into(),
-            })?;
-        Ok(Self {
+        let corrupt = |reason: String| ModelError::Corrupt {
+            path: f.path.clone(),
+            reason,
+        };
+        let count = |key: &str| match f.u32(key)? {
+            0 => Err(corrupt(format!("metadata `{key}` is 0"))),
+            n => Ok(n as usize),
+        };
+        let vocab_size = match f.content.tensor_infos.get("token_embd.weight") {
+            Some(t) => match t.shape.dims() {
+                &[vocab, _] if vocab > 0 => vocab,
+                dims => {
+                    return Err(corrupt(format!(
+                        "tensor `token_embd.weight` has shape {dims:?}"
+                    )))
+                }
+            },
+            None => return Err(corrupt("missing tensor `token_embd.weight`".into())),
+        };
+        let hidden_size = count("qwen2.embedding_length")?;
+        let num_heads = count("qwen2.attention.head_count")?;
+        let num_kv_heads = count("qwen2.attention.head_count_kv")?;
+        if hidden_size % num_heads != 0
+            || num_heads % num_kv_heads != 0
+            || (hidden_size / num_heads) % 2 != 0
+        {
+            return Err(corrupt(format!(
+                "{num_heads} heads and {num_kv_heads} key-value heads do not split a hidden size of \
+                 {hidden_size} into heads of an even size"
+            )));
+        }
+        let config = Self {
             vocab_size,
             hidden_size,
-            intermediate_size: f.u32("qwen2.feed_forward_length")? as usize,
-            num_layers: f.u32("qwen2.block_count")? as usize,
+            intermediate_size: count("qwen2.feed_forward_length")?,
+            num_layers: count("qwen2.block_count")?,
             num_heads,
-            num_kv_heads: f.u32("qwen2.attention.head_count_kv")? as usize,
+            num_kv_heads,
             head_dim: hidden_size / num_heads,
             rope_theta: f.f32("qwen2.rope.freq_base").unwrap_or(10_000.0),
             rms_eps: f.f32("qwen2.attention.layer_norm_rms_epsilon")? as f64,
-            context_length: f.u32("qwen2.context_length")? as usize,
-        })
+            context_length: count("qwen2.context_length")?,
+        };
+        config.check_tensors(f)?;
+        Ok(config)
+    }
+
+    /// Every tensor the model reads has the shape these sizes give it, in whole quantization
+    /// blocks; layer by layer, so an absurd layer count stops at the first missing tensor.
+    fn check_tensors(&self, f: &GgufFile) -> std::result::Result<(), ModelError> {
+        let (h, m, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = self.num_kv_heads * self.head_dim;
+        let check = |name: &str, want: &[usize]| {
+            let info = f
+                .content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::Corrupt {
+                    path: f.path.clone(),
+                    reason: format!("missing tensor `{name}`"),
+                })?;
+            let dims = info.shape.dims();
+            if dims != want || dims[dims.len() - 1] % info.ggml_dtype.block_size() != 0 {
+                return Err(ModelError::Corrupt {
+                    path: f.path.clone(),
+                    reason: format!(
+                        "tensor `{name}` has shape {dims:?} ({:?}), the model's sizes say {want:?}",
+                        info.ggml_dtype
+                    ),
+                });
+            }
+            Ok(())
+        };
+        check("token_embd.weight", &[v, h])?;
+        check("output_norm.weight", &[h])?;
+        if f.has_tensor("output.weight") {
+            check("output.weight", &[v, h])?;
+        }
+        for i in 0..self.num_layers {
+            let shapes: [(&str, &[usize]); 12] = [
+                ("attn_norm.weight", &[h]),
+                ("attn_q.weight", &[h, h]),
+                ("attn_q.bias", &[h]),
+                ("attn_k.weight", &[kv, h]),
+                ("attn_k.bias", &[kv]),
+                ("attn_v.weight", &[kv, h]),
+                ("attn_v.bias", &[kv]),
+                ("attn_output.weight", &[h, h]),
+                ("ffn_norm.weight", &[h]),
+                ("ffn_gate.weight", &[m, h]),
+                ("ffn_up.weight", &[m, h]),
+                ("ffn_down.weight", &[h, m]),
+            ];
+            for (name, want) in shapes {
+                check(&format!("blk.{i}.{name}"), want)?;
+            }
+        }
+        Ok(())
     }
 }
 

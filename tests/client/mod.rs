@@ -18,6 +18,8 @@ pub struct Client {
     next_id: i64,
     /// Notifications and server requests seen so far, in order.
     pub notifications: Vec<Value>,
+    /// Whether the server's requests (`window/workDoneProgress/create`) get an answer.
+    answers: bool,
 }
 
 /// The packaged model, as scripts/fetch-model puts it (tests need it: scripts/test fetches it first).
@@ -124,6 +126,7 @@ impl Client {
             stderr: Some(stderr),
             next_id: 1,
             notifications: Vec::new(),
+            answers: true,
         };
         let caps = json!({ "window": { "workDoneProgress": true } });
         let init = client.request(
@@ -199,9 +202,17 @@ impl Client {
         }
     }
 
+    /// This client from now on leaves the server's requests unanswered, as a stuck editor would.
+    pub fn never_answering(self) -> Self {
+        Self {
+            answers: false,
+            ..self
+        }
+    }
+
     fn handle_incoming(&mut self, msg: Value) {
         // Server-to-client requests (progress tokens) get an empty success.
-        if msg.get("method").is_some() && msg.get("id").is_some() {
+        if self.answers && msg.get("method").is_some() && msg.get("id").is_some() {
             let id = msg["id"].clone();
             self.send(&json!({ "jsonrpc": "2.0", "id": id, "result": null }));
         }
