@@ -1,6 +1,7 @@
 //! A crafted or damaged GGUF never panics the loader: the tiny model's header (metadata and tensor
 //! table) mutated at seeded places, 10,000 times; each file either loads, and runs its first forward
-//! pass, or gives the one-line error that names it.
+//! pass, or gives the one-line error that names it. One case in 100 also goes through the real
+//! binary (`star-ls complete`), which exits 0 or 1 with that line, never with a panic.
 
 #[path = "support/tiny_model.rs"]
 mod tiny_model;
@@ -11,6 +12,8 @@ use star_ls::model::{LoadOptions, Model};
 use std::os::unix::fs::FileExt;
 
 const CASES: u64 = 10_000;
+/// Every this many cases, the binary too.
+const THROUGH_BINARY: u64 = 100;
 
 /// Values that sit at the edges of what a count, a size or an offset may be.
 const EDGES: [u64; 9] = [0, 1, 2, 3, 255, 0x7fff_ffff, 0xffff_ffff, 1 << 40, u64::MAX];
@@ -37,6 +40,8 @@ fn sizes_at(header: &[u8], tensors: &[&String]) -> Vec<usize> {
             .unwrap();
         at.push(last + n);
     }
+    // The table is a hash map: sorted, the same seed mutates the same places in every run.
+    at.sort_unstable();
     at
 }
 
@@ -74,6 +79,8 @@ fn a_mutated_header_loads_or_names_the_file_in_one_line_and_never_panics() {
     let path = tiny_model::tmp_path("fuzzed.gguf");
     std::fs::write(&path, &bytes).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let code = tiny_model::tmp_path("fuzzed.py").display().to_string();
+    std::fs::write(&code, "x = 1\n").unwrap();
     let (mut loaded, mut refused) = (0, 0);
     for seed in 0..CASES {
         let mutated = mutate(header, &sizes, &mut StdRng::seed_from_u64(seed));
@@ -81,8 +88,11 @@ fn a_mutated_header_loads_or_names_the_file_in_one_line_and_never_panics() {
         file.write_all_at(&mutated, 0).unwrap();
         let result = std::panic::catch_unwind(|| Model::load(&path, LoadOptions::default()))
             .unwrap_or_else(|_| panic!("seed {seed}: the loader panicked"));
-        match result {
-            Ok(_) => loaded += 1,
+        let refusal = match result {
+            Ok(_) => {
+                loaded += 1;
+                None
+            }
             Err(e) => {
                 let msg = e.to_string();
                 assert!(
@@ -90,6 +100,29 @@ fn a_mutated_header_loads_or_names_the_file_in_one_line_and_never_panics() {
                     "seed {seed}: {msg}"
                 );
                 refused += 1;
+                Some(msg)
+            }
+        };
+        if seed % THROUGH_BINARY == 0 {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_star-ls"))
+                .args(["complete", &code, "--line", "0", "--character", "4"])
+                .env("STAR_LS_MODEL", &path)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains("panicked"), "seed {seed}: {err}");
+            match &refusal {
+                None => assert!(out.status.success(), "seed {seed}: {err}"),
+                Some(msg) => assert!(
+                    out.status.code() == Some(1)
+                        && err
+                            .trim()
+                            .lines()
+                            .last()
+                            .is_some_and(|l| l.contains(msg.as_str())),
+                    "seed {seed}: {:?} {err}",
+                    out.status
+                ),
             }
         }
     }
