@@ -177,6 +177,22 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
             "{method}: {m}"
         );
     }
+    // SGD fixes the planted failure after all its epochs (the baseline has no early stop); MINT's
+    // ten neuron patches do not, so it rolls them back, and a refused repair changes nothing else.
+    let sgd = &report["methods"]["sgd"];
+    assert_eq!(sgd["per_repair"][0]["status"], "patched", "{sgd}");
+    assert_eq!(sgd["per_repair"][0]["steps"], 40, "{sgd}");
+    assert_eq!(number(sgd, "effectiveness"), 1.0, "{sgd}");
+    let mint = &report["methods"]["mint"];
+    assert_eq!(mint["per_repair"][0]["status"], "refused", "{mint}");
+    assert_eq!(mint["per_repair"][0]["steps"], 10, "{mint}");
+    for (key, want) in [
+        ("effectiveness", 0.0),
+        ("specificity", 1.0),
+        ("passing_kept", 1.0),
+    ] {
+        assert_eq!(number(mint, key), want, "{key}: {mint}");
+    }
     // STAR repairs the planted failure, and the repair is counted.
     let star = &report["methods"]["star"];
     assert_eq!(star["per_repair"][0]["status"], "patched", "{star}");

@@ -22,20 +22,9 @@ pub struct Client {
     answers: bool,
 }
 
-/// The packaged model, as scripts/fetch-model puts it (tests need it: scripts/test fetches it first).
+/// The packaged model, where the server looks for it (tests need it: scripts/test fetches it first).
 pub fn packaged_model() -> PathBuf {
-    if let Some(p) = std::env::var_os("STAR_LS_MODEL") {
-        return p.into();
-    }
-    let cache = std::env::var_os("STAR_LS_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("star-ls")
-        });
-    let path = cache.join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let path = star_ls::env::model_path();
     assert!(
         path.exists(),
         "no model at {}: run scripts/fetch-model",
