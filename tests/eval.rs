@@ -212,6 +212,12 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         let svg = std::fs::read_to_string(plots.join(chart)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("star"), "{chart}");
     }
+    // Nothing was held out: no generalization bar.
+    let measures = std::fs::read_to_string(plots.join("measures.svg")).unwrap();
+    assert!(
+        measures.contains("specificity") && !measures.contains("generalization"),
+        "{measures}"
+    );
 
     // A list of methods runs just those; an unknown one in it is refused.
     let run = |methods: &str| {

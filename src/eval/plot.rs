@@ -23,28 +23,30 @@ pub fn plot(report: &Report, dir: &Path) -> PlotResult<Vec<PathBuf>> {
         .map(|(k, v)| (format!("{k:?}").to_lowercase(), v))
         .collect();
     let measures = dir.join("measures.svg");
+    // Generalization only where some case was held out: a bar at 0 would say it was measured.
+    let held_out = methods.iter().any(|(_, m)| m.held_out_cases > 0);
+    let named = |m: &super::MethodReport| {
+        let mut v = vec![("effectiveness", m.effectiveness)];
+        if held_out {
+            v.push(("generalization", m.generalization));
+        }
+        v.extend([
+            ("specificity", m.specificity),
+            ("passing kept", m.passing_kept),
+        ]);
+        v
+    };
+    let labels: Vec<&str> = methods
+        .first()
+        .map(|(_, m)| named(m).into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
     bars(
         &measures,
         "Repair measures per method (share of cases)",
-        &[
-            "effectiveness",
-            "generalization",
-            "specificity",
-            "passing kept",
-        ],
+        &labels,
         &methods
             .iter()
-            .map(|(n, m)| {
-                (
-                    n.as_str(),
-                    vec![
-                        m.effectiveness,
-                        m.generalization,
-                        m.specificity,
-                        m.passing_kept,
-                    ],
-                )
-            })
+            .map(|(n, m)| (n.as_str(), named(m).into_iter().map(|(_, v)| v).collect()))
             .collect::<Vec<_>>(),
         1.0,
     )?;
