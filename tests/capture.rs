@@ -43,13 +43,7 @@ impl Session {
     }
 
     fn replace(&mut self, start: usize, end: usize, text: &str) {
-        let removed = self.doc.slice(start, end);
-        self.doc.replace(start, end, text).unwrap();
-        let edit = Edit {
-            start,
-            removed,
-            inserted: text.into(),
-        };
+        let edit = Edit::apply(&mut self.doc, start, end, text.into()).unwrap();
         let r = self.tracker.edited(KEY, &self.doc, edit, self.now);
         self.resolved.extend(r);
     }

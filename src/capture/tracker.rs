@@ -7,7 +7,7 @@
 //! text just before the position abandons it (its context is gone).
 
 use super::outcome::{compare, judge, CaseKind, CaseText, Outcome, Verdict};
-use crate::completion::Document;
+use crate::completion::{Document, PositionError};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,24 @@ pub struct Edit {
     pub start: usize,
     pub removed: String,
     pub inserted: String,
+}
+
+impl Edit {
+    /// Replaces chars `start..end` of `doc` by `text`: the edit, as the tracker follows it.
+    pub fn apply(
+        doc: &mut Document,
+        start: usize,
+        end: usize,
+        text: String,
+    ) -> Result<Self, PositionError> {
+        let removed = doc.slice(start, end);
+        doc.replace(start, end, &text)?;
+        Ok(Self {
+            start,
+            removed,
+            inserted: text,
+        })
+    }
 }
 
 /// A completion whose outcome is decided.

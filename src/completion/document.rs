@@ -77,10 +77,6 @@ impl Document {
         Ok(())
     }
 
-    pub fn set_text(&mut self, text: &str) {
-        self.text = Rope::from_str(text);
-    }
-
     /// The text before and after char `at`.
     pub fn split_at(&self, at: usize) -> (String, String) {
         (
@@ -285,7 +281,7 @@ mod tests {
                 let mut reference = initial.clone();
                 for e in edits {
                     if e.whole {
-                        doc.set_text(&e.text);
+                        doc.replace(0, doc.len_chars(), &e.text).unwrap();
                         reference = e.text.clone();
                         continue;
                     }

@@ -431,29 +431,14 @@ impl LanguageServer for Server {
         let mut resolved = Vec::new();
         let now = std::time::Instant::now();
         for change in params.content_changes {
+            // A change without a range replaces the whole text.
             let applied = match change.range {
-                None => {
-                    let removed = doc.text();
-                    doc.set_text(&change.text);
-                    Ok(Edit {
-                        start: 0,
-                        removed,
-                        inserted: change.text,
-                    })
-                }
+                None => Ok((0, doc.len_chars())),
                 Some(r) => doc
                     .char_at(r.start.line, r.start.character)
-                    .and_then(|s| Ok((s, doc.char_at(r.end.line, r.end.character)?)))
-                    .and_then(|(s, e)| {
-                        let removed = doc.slice(s, e);
-                        doc.replace(s, e, &change.text)?;
-                        Ok(Edit {
-                            start: s,
-                            removed,
-                            inserted: change.text,
-                        })
-                    }),
-            };
+                    .and_then(|s| Ok((s, doc.char_at(r.end.line, r.end.character)?))),
+            }
+            .and_then(|(s, e)| Edit::apply(doc, s, e, change.text));
             match applied {
                 Ok(edit) => resolved.extend(self.lock_tracker().edited(&key, doc, edit, now)),
                 Err(e) => {
