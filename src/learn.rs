@@ -8,8 +8,9 @@
 
 use crate::capture::CaseKind;
 use crate::model::memory::key_width;
+use crate::model::Qwen2;
 use crate::model::{Config, Gate, LayerPatch, PatchSet};
-use crate::repair::{Case, RepairOutcome, RepairSettings};
+use crate::repair::{Case, Head, RepairOutcome, RepairSettings};
 use crate::store::{PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -266,6 +267,35 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
 }
 
 /// The sha256 of a file, hex: patches are only ever applied to the model they were made for.
+/// `model`'s factored head (`Head::of`), its factor kept in `file` (keyed by the model's sha256):
+/// read from there when it holds this head's, else computed and written there for next time.
+pub fn head(model: &Qwen2, file: &Path) -> candle_core::Result<Head> {
+    let stored = std::fs::read(file).ok();
+    let head = Head::of(model, stored.as_deref())?;
+    let bytes = head.factor_bytes();
+    if stored.as_deref() != Some(bytes.as_slice()) {
+        if let Err(e) = write_atomically(file, &bytes) {
+            tracing::warn!(
+                "could not cache the LM head factor in {}: {e}",
+                file.display()
+            );
+        }
+    }
+    Ok(head)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;

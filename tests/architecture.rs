@@ -178,3 +178,76 @@ fn no_file_or_function_is_too_long_to_read_whole() {
         long.join("\n")
     );
 }
+
+/// ARCHITECTURE.md's invariants a reading of the source can check: per module, text its files never
+/// hold (`None`: every module but the named one), and the files the promise leaves out.
+type Promise = (
+    &'static str,
+    Option<&'static str>,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+const PROMISES: [Promise; 6] = [
+    // Only `lsp/` knows JSON-RPC or LSP types (the binary names the crate in its log filter only).
+    ("lsp", None, &["use tower_lsp", "ls_types", "jsonrpc"], &[]),
+    // Only `store/` touches SQLite.
+    ("store", None, &["rusqlite"], &[]),
+    // The repair engine: no I/O, no store, no protocol.
+    (
+        "repair",
+        Some("repair"),
+        &["std::fs", "File::", "crate::store", "serde_json"],
+        &[],
+    ),
+    // Capture: pure, no clock of its own.
+    (
+        "capture",
+        Some("capture"),
+        &["std::fs", "File::", "Instant::now", "SystemTime"],
+        &[],
+    ),
+    // Eval: no files written, nothing printed, no files read but the process's own memory figures.
+    (
+        "eval",
+        Some("eval"),
+        &[
+            "File::",
+            "create_dir",
+            "println!",
+            "plotters",
+            "walkdir",
+            "read_to_string(&",
+        ],
+        &[],
+    ),
+    // The model runtime reads its file at load, nowhere else.
+    (
+        "model",
+        Some("model"),
+        &["std::fs", "println!"],
+        &["model/gguf.rs"],
+    ),
+];
+
+#[test]
+fn modules_keep_the_promises_architecture_md_makes() {
+    let src = src();
+    let mut broken = Vec::new();
+    for path in sources() {
+        let module = module_of(&src, &path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rel = path.strip_prefix(&src).unwrap().display().to_string();
+        for (owner, applies_to, never, except) in PROMISES {
+            let applies = !except.contains(&rel.as_str())
+                && match applies_to {
+                    None => module != owner,
+                    Some(m) => module == m,
+                };
+            for word in never.iter().filter(|w| applies && text.contains(**w)) {
+                broken.push(format!("src/{rel} holds `{word}` ({owner})"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}

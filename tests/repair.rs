@@ -112,8 +112,7 @@ fn gaussian(shape: (usize, usize), seed: u64) -> Tensor {
 }
 
 fn head_of(m: &Model) -> Head {
-    let (gamma, weight) = m.weights.head_dense().unwrap();
-    Head::new(&gamma, weight).unwrap()
+    Head::of(&m.weights, None).unwrap()
 }
 
 /// A failure to repair and a case the model already completes as written, to guard.
@@ -552,25 +551,19 @@ fn the_frozen_layers_run_once_per_case_and_never_under_a_patch_below() {
 #[test]
 fn the_head_factor_is_cached_and_checked() {
     let m = model();
-    let (gamma, weight) = m.weights.head_dense().unwrap();
     let file = tmp_path("head-cache").join("model-sha.chol");
     let _ = std::fs::remove_file(&file);
     let logits = vec![0.0f32; m.tokenizer.vocab_size()];
     let steer = |h: &Head| h.steer(3, 7, &logits, 1.5, 1.0).unwrap();
-    let fresh = steer(&Head::new(&gamma, weight.clone()).unwrap());
-    assert_eq!(
-        steer(&Head::cached(&gamma, weight.clone(), &file).unwrap()),
-        fresh
-    );
+    let cached = || star_ls::learn::head(&m.weights, &file).unwrap();
+    let fresh = steer(&head_of(&m));
+    assert_eq!(steer(&cached()), fresh);
     let written = std::fs::read(&file).expect("the factor was written");
-    assert_eq!(
-        steer(&Head::cached(&gamma, weight.clone(), &file).unwrap()),
-        fresh
-    );
+    assert_eq!(steer(&cached()), fresh);
     let mut corrupt = written.clone();
     corrupt[100] ^= 0xff;
     std::fs::write(&file, &corrupt).unwrap();
-    assert_eq!(steer(&Head::cached(&gamma, weight, &file).unwrap()), fresh);
+    assert_eq!(steer(&cached()), fresh);
     assert_eq!(std::fs::read(&file).unwrap(), written, "rewritten whole");
 }
 

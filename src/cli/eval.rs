@@ -26,8 +26,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     };
     let path = star_ls::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
-    let (gamma, weight) = model.weights.head_dense()?;
-    let head = Head::new(&gamma, weight)?;
+    let head = Head::of(&model.weights, None)?;
 
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
@@ -71,7 +70,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     if let Some(dir) = o.plot {
-        let written = eval::plot(&report, dir)
+        let written = super::plot::plot(&report, dir)
             .map_err(|e| anyhow::anyhow!("plotting into {}: {e}", dir.display()))?;
         for p in written {
             eprintln!("wrote {}", p.display());

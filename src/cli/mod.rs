@@ -7,6 +7,7 @@ mod complete;
 mod eval;
 mod patches;
 mod peer;
+mod plot;
 mod repair;
 mod replay;
 
@@ -367,7 +368,7 @@ impl ReplayArgs {
                 repair_threshold: repair_threshold.unwrap_or(default.repair_threshold),
                 ..default
             },
-            replay: star_ls::eval::replay::ReplayOptions {
+            replay: replay::ReplayOptions {
                 dir,
                 glob,
                 max_files,

@@ -39,8 +39,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let model = Model::load(&star_ls::env::model_path(), LoadOptions::default())?;
-    let (gamma, weight) = model.weights.head_dense()?;
-    let head = Head::new(&gamma, weight)?;
+    let head = Head::of(&model.weights, None)?;
     let settings = o.settings;
     let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];

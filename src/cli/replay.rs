@@ -2,11 +2,13 @@
 //! a line per target on stderr, the summary on stdout, the JSON and the chart on request.
 
 use anyhow::Context;
-use star_ls::eval::replay::{self, ReplayOptions};
+use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
+use star_ls::eval::replay::{self, code_lines, cut, Target};
 use star_ls::learn::{self, Policy};
 use star_ls::model::{LoadOptions, Model};
 use star_ls::repair::Head;
 use std::path::Path;
+use std::path::PathBuf;
 
 pub struct Options<'a> {
     pub replay: ReplayOptions,
@@ -18,7 +20,7 @@ pub struct Options<'a> {
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
-    let targets = replay::targets(&o.replay)?;
+    let targets = targets(&o.replay)?;
     if targets.is_empty() {
         anyhow::bail!(
             "no target lines in files matching {:?} under {}",
@@ -29,8 +31,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let path = star_ls::env::model_path();
     let model = Model::load(&path, LoadOptions::default())?;
     let sha = learn::file_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
-    let (gamma, weight) = model.weights.head_dense()?;
-    let head = Head::new(&gamma, weight)?;
+    let head = Head::of(&model.weights, None)?;
     let scratch = tempfile::Builder::new()
         .prefix("star-ls-replay")
         .tempdir()?;
@@ -69,9 +70,67 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     if let Some(dir) = o.plot {
-        let chart = star_ls::eval::plot_replay(&report, dir)
+        let chart = super::plot::plot_replay(&report, dir)
             .map_err(|e| anyhow::anyhow!("plotting into {}: {e}", dir.display()))?;
         eprintln!("wrote {}", chart.display());
     }
     Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub dir: PathBuf,
+    /// Which files under `dir` are written (a glob over their paths relative to `dir`).
+    pub glob: String,
+    /// At most this many files, a seeded sample when there are more.
+    pub max_files: usize,
+    /// At most this many target lines per file, a seeded sample, in file order.
+    pub lines_per_file: usize,
+    pub seed: u64,
+}
+
+/// The replayed files' target lines, in the order the developer writes them.
+pub fn targets(o: &ReplayOptions) -> anyhow::Result<Vec<Target>> {
+    let glob = globset::Glob::new(&o.glob)
+        .with_context(|| format!("--glob {:?}", o.glob))?
+        .compile_matcher();
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(&o.dir).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("reading {}", o.dir.display()))?;
+        let rel = entry.path().strip_prefix(&o.dir).unwrap_or(entry.path());
+        if entry.file_type().is_file() && glob.is_match(rel) {
+            files.push(rel.to_path_buf());
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    if files.len() > o.max_files {
+        let mut keep = sample(&mut rng, files.len(), o.max_files).into_vec();
+        keep.sort_unstable();
+        files = keep.into_iter().map(|i| files[i].clone()).collect();
+    }
+    let mut out = Vec::new();
+    for rel in files {
+        let path = o.dir.join(&rel);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            tracing::warn!("{} is not UTF-8 text: skipped", path.display());
+            continue;
+        };
+        let lines = code_lines(&text);
+        let mut picked = if lines.len() > o.lines_per_file {
+            sample(&mut rng, lines.len(), o.lines_per_file).into_vec()
+        } else {
+            (0..lines.len()).collect()
+        };
+        picked.sort_unstable();
+        let file = rel.to_string_lossy().into_owned();
+        out.extend(picked.into_iter().map(|i| {
+            let line = lines[i];
+            Target {
+                case: cut(&text, line, &format!("{file}:{}", line + 1)),
+                file: file.clone(),
+                line,
+            }
+        }));
+    }
+    Ok(out)
 }

@@ -3,15 +3,13 @@
 //! are METHOD.md's (effectiveness, generalization, specificity, cumulative impact, time and memory).
 //!
 //! Architecture invariant: a function of (model, cases, options) → `Report`; the CLI prints, writes and
-//! plots it (`cli/eval.rs`, `plot.rs`).
+//! plots it (`cli/eval.rs`, `cli/plot.rs`).
 
-mod plot;
 mod probe;
 pub mod replay;
 mod report;
 mod rss;
 
-pub use plot::{plot, plot_replay};
 use probe::Probe;
 pub use report::{
     Changed, CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares,

@@ -4,8 +4,8 @@
 //! store and repaired as the server does (`learn`, the server's default policy), synchronously, so a
 //! replay is deterministic. The headline measure of the product: do later completions get better?
 //!
-//! Architecture invariant: a function of (model, store, lines, policy) → `ReplayReport`; finding the
-//! lines on disk is `targets`, the CLI does the rest (`cli/replay.rs`).
+//! Architecture invariant: a function of (model, store, lines, policy) → `ReplayReport`; the CLI
+//! finds the lines on disk (`cli/replay.rs`, through `code_lines` and `cut`) and writes the report.
 
 use crate::capture::{CaseKind, CaseText, Outcome};
 use crate::completion::ContextLimits;
@@ -13,22 +13,8 @@ use crate::learn::{self, Job, Policy, RepairReport};
 use crate::model::{Config, Model, PatchSet};
 use crate::repair::{complete_case, passes, Case, Head, Residuals, Star};
 use crate::store::{NewCase, Store};
-use anyhow::Context;
-use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone)]
-pub struct ReplayOptions {
-    pub dir: PathBuf,
-    /// Which files under `dir` are written (a glob over their paths relative to `dir`).
-    pub glob: String,
-    /// At most this many files, a seeded sample when there are more.
-    pub max_files: usize,
-    /// At most this many target lines per file, a seeded sample, in file order.
-    pub lines_per_file: usize,
-    pub seed: u64,
-}
+use std::path::Path;
 
 /// One line the developer writes: the case its completion is judged by.
 #[derive(Debug, Clone)]
@@ -38,52 +24,6 @@ pub struct Target {
     /// 0-based line number.
     pub line: usize,
     pub case: Case,
-}
-
-/// The replayed files' target lines, in the order the developer writes them.
-pub fn targets(o: &ReplayOptions) -> anyhow::Result<Vec<Target>> {
-    let glob = globset::Glob::new(&o.glob)
-        .with_context(|| format!("--glob {:?}", o.glob))?
-        .compile_matcher();
-    let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(&o.dir).sort_by_file_name() {
-        let entry = entry.with_context(|| format!("reading {}", o.dir.display()))?;
-        let rel = entry.path().strip_prefix(&o.dir).unwrap_or(entry.path());
-        if entry.file_type().is_file() && glob.is_match(rel) {
-            files.push(rel.to_path_buf());
-        }
-    }
-    let mut rng = StdRng::seed_from_u64(o.seed);
-    if files.len() > o.max_files {
-        let mut keep = sample(&mut rng, files.len(), o.max_files).into_vec();
-        keep.sort_unstable();
-        files = keep.into_iter().map(|i| files[i].clone()).collect();
-    }
-    let mut out = Vec::new();
-    for rel in files {
-        let path = o.dir.join(&rel);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            tracing::warn!("{} is not UTF-8 text: skipped", path.display());
-            continue;
-        };
-        let lines = code_lines(&text);
-        let mut picked = if lines.len() > o.lines_per_file {
-            sample(&mut rng, lines.len(), o.lines_per_file).into_vec()
-        } else {
-            (0..lines.len()).collect()
-        };
-        picked.sort_unstable();
-        let file = rel.to_string_lossy().into_owned();
-        out.extend(picked.into_iter().map(|i| {
-            let line = lines[i];
-            Target {
-                case: cut(&text, line, &format!("{file}:{}", line + 1)),
-                file: file.clone(),
-                line,
-            }
-        }));
-    }
-    Ok(out)
 }
 
 /// The 0-based numbers of `text`'s lines a replay may target: code, not blank, not a comment, not
@@ -111,7 +51,7 @@ pub fn code_lines(text: &str) -> Vec<usize> {
 
 /// The case at line `line` of `text`: the cursor after its indentation, the rest of the line the
 /// target, the lines after it the suffix (cases-JSONL's layout).
-fn cut(text: &str, line: usize, id: &str) -> Case {
+pub fn cut(text: &str, line: usize, id: &str) -> Case {
     let start: usize = text.split_inclusive('\n').take(line).map(str::len).sum();
     let rest = &text[start..];
     let end = rest.find('\n').map_or(text.len(), |e| start + e);

@@ -262,8 +262,7 @@ impl Server {
                 match slot.as_ref() {
                     Some(h) => h.clone(),
                     None => {
-                        let (gamma, weight) = model.weights.head_dense()?;
-                        let h = Arc::new(Head::cached(&gamma, weight, &head_file)?);
+                        let h = Arc::new(crate::learn::head(&model.weights, &head_file)?);
                         *slot = Some(h.clone());
                         h
                     }

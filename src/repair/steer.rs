@@ -5,9 +5,9 @@
 //! the final norm divides by.
 
 use super::linalg::Cholesky;
+use crate::model::Qwen2;
 use candle_core::{DType, Result, Tensor, D};
 use sha2::{Digest, Sha256};
-use std::path::Path;
 
 /// The factored head, built once per model.
 pub struct Head {
@@ -19,28 +19,17 @@ pub struct Head {
 }
 
 impl Head {
-    /// `gamma` is the final norm's gain, `weight` the LM head `(vocab, hidden)`.
-    pub fn new(gamma: &Tensor, weight: Tensor) -> Result<Self> {
+    /// `model`'s head, its factor from `stored` when that holds one for this head (what
+    /// `factor_bytes` gave before, for the same model: the caller keys it by the model's sha256), else
+    /// computed, the costly part: a pass over the whole head. Stored bytes end with the sha256 of what
+    /// precedes them: torn or corrupt ones are recomputed, never trusted.
+    pub fn of(model: &Qwen2, stored: Option<&[u8]>) -> Result<Self> {
+        let (gamma, weight) = model.head_dense()?;
         // Contiguous: a padded serving matrix comes back as a narrowed view.
         let weight = weight.contiguous()?;
         let gamma: Vec<f64> = gamma.to_dtype(DType::F64)?.to_vec1()?;
-        let gram = Self::factor(&weight, &gamma)?;
-        Ok(Self {
-            weight,
-            gamma,
-            gram,
-        })
-    }
-
-    /// `new`, with the factor read from `file` when it holds one for this head (the caller keys the
-    /// file by the model's sha256), else computed (the costly part: a pass over the whole head) and
-    /// written there for next time. The file ends with the sha256 of what precedes it: a torn or
-    /// corrupt file is recomputed, never trusted.
-    pub fn cached(gamma: &Tensor, weight: Tensor, file: &Path) -> Result<Self> {
-        let weight = weight.contiguous()?;
-        let gamma: Vec<f64> = gamma.to_dtype(DType::F64)?.to_vec1()?;
         let hidden = weight.dim(1)?;
-        let stored = std::fs::read(file).ok().and_then(|bytes| {
+        let stored = stored.and_then(|bytes| {
             let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
             (Sha256::digest(body).as_slice() == sum)
                 .then(|| Cholesky::from_bytes(body, hidden))
@@ -48,24 +37,20 @@ impl Head {
         });
         let gram = match stored {
             Some(gram) => gram,
-            None => {
-                let gram = Self::factor(&weight, &gamma)?;
-                let mut bytes = gram.to_bytes();
-                bytes.extend_from_slice(&Sha256::digest(&bytes));
-                if let Err(e) = write_atomically(file, &bytes) {
-                    tracing::warn!(
-                        "could not cache the LM head factor in {}: {e}",
-                        file.display()
-                    );
-                }
-                gram
-            }
+            None => Self::factor(&weight, &gamma)?,
         };
         Ok(Self {
             weight,
             gamma,
             gram,
         })
+    }
+
+    /// The factor as `of` takes it back.
+    pub fn factor_bytes(&self) -> Vec<u8> {
+        let mut bytes = self.gram.to_bytes();
+        bytes.extend_from_slice(&Sha256::digest(&bytes));
+        bytes
     }
 
     fn factor(weight: &Tensor, gamma: &[f64]) -> Result<Cholesky> {
@@ -115,18 +100,6 @@ impl Head {
         let scale = (gap + margin as f64) / per_unit.max(f64::MIN_POSITIVE) * rms as f64;
         Ok(x.iter().map(|v| (v * scale) as f32).collect())
     }
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 /// RMS of each row of `(rows, hidden)`: what the final RMSNorm divides by.

@@ -69,8 +69,7 @@ pub(super) fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
 /// its checkpoints exactly as the server's repair does. Returns the edit latencies, ms.
 pub(super) fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Result<Vec<f64>> {
     let cases = repair_cases()?;
-    let (gamma, weight) = model.weights.head_dense()?;
-    let head = Head::new(&gamma, weight)?;
+    let head = Head::of(&model.weights, None)?;
     let done = AtomicBool::new(false);
     let repairing = AtomicBool::new(false);
     let yield_to_completions = || {

@@ -24,8 +24,7 @@ const MEMORY_REPS: usize = 7;
 /// Repairs the convention fixtures once and measures prefill and decode with the patches served as
 /// an overlay and re-quantized into their layers.
 pub(super) fn bench_patched(model: &Model, prompt: &[u32]) -> Result<Patched> {
-    let (gamma, weight) = model.weights.head_dense()?;
-    let head = Head::new(&gamma, weight)?;
+    let head = Head::of(&model.weights, None)?;
     let star = Star::new(
         &model.weights,
         &model.tokenizer,

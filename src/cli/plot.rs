@@ -1,9 +1,9 @@
 //! `--plot DIR`: the report as SVG charts (plotters): the three measures per method, seconds per
 //! repair per method, and the cumulative curves; for a replay, its running exact-match shares.
 
-use super::replay::ReplayReport;
-use super::Report;
 use plotters::prelude::*;
+use star_ls::eval::replay::ReplayReport;
+use star_ls::eval::{MethodReport, Report};
 use std::path::{Path, PathBuf};
 
 const COLORS: [RGBColor; 3] = [
@@ -17,7 +17,7 @@ type PlotResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// Writes `measures.svg`, `seconds.svg` and `cumulative.svg` into `dir`; returns their paths.
 pub fn plot(report: &Report, dir: &Path) -> PlotResult<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    let methods: Vec<(String, &super::MethodReport)> = report
+    let methods: Vec<(String, &MethodReport)> = report
         .methods
         .iter()
         .map(|(k, v)| (format!("{k:?}").to_lowercase(), v))
@@ -25,7 +25,7 @@ pub fn plot(report: &Report, dir: &Path) -> PlotResult<Vec<PathBuf>> {
     let measures = dir.join("measures.svg");
     // Generalization only where some case was held out: a bar at 0 would say it was measured.
     let held_out = methods.iter().any(|(_, m)| m.held_out_cases > 0);
-    let named = |m: &super::MethodReport| {
+    let named = |m: &MethodReport| {
         let mut v = vec![("effectiveness", m.effectiveness)];
         if held_out {
             v.push(("generalization", m.generalization));
@@ -125,7 +125,7 @@ fn bars(
 }
 
 /// Effectiveness (solid) and specificity (dashed markers) after each cumulative step, per method.
-fn curves(path: &Path, methods: &[(String, &super::MethodReport)]) -> PlotResult<()> {
+fn curves(path: &Path, methods: &[(String, &MethodReport)]) -> PlotResult<()> {
     let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let steps = methods
