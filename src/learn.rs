@@ -266,7 +266,6 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
     Ok(set)
 }
 
-/// The sha256 of a file, hex: patches are only ever applied to the model they were made for.
 /// `model`'s factored head (`Head::of`), its factor kept in `file` (keyed by the model's sha256):
 /// read from there when it holds this head's, else computed and written there for next time.
 pub fn head(model: &Qwen2, file: &Path) -> candle_core::Result<Head> {
@@ -296,6 +295,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// The sha256 of a file, hex: patches are only ever applied to the model they were made for.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;

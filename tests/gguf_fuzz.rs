@@ -33,12 +33,14 @@ fn sizes_at(header: &[u8], tensors: &[&String]) -> Vec<usize> {
         at.push(i + header[i..].iter().take_while(|b| printable(b)).count() + 4);
     }
     for name in tensors {
-        let n = name.len();
+        // The table's entry: the name after its length (`output.weight` is also the end of
+        // `blk.N.attn_output.weight`).
+        let entry = [&(name.len() as u64).to_le_bytes()[..], name.as_bytes()].concat();
         let last = header
-            .windows(n)
-            .rposition(|w| w == name.as_bytes())
+            .windows(entry.len())
+            .rposition(|w| w == entry)
             .unwrap();
-        at.push(last + n);
+        at.push(last + entry.len());
     }
     // The table is a hash map: sorted, the same seed mutates the same places in every run.
     at.sort_unstable();

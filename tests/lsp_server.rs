@@ -115,10 +115,15 @@ fn cancellation_stops_a_decode_and_newer_requests_supersede_older() {
     );
     // Cancelled once the decode is under way.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while c.status()["completions"]["decoding"]
-        .as_u64()
-        .is_none_or(|n| n == 0)
-    {
+    loop {
+        let s = c.status()["completions"].clone();
+        if s["decoding"].as_u64().is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(
+            s["completed"] == 0 && s["cancelled"] == 0,
+            "the completion ended before its decode was seen: {s}"
+        );
         assert!(std::time::Instant::now() < deadline, "no decode started");
         std::thread::sleep(Duration::from_millis(20));
     }

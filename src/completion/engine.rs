@@ -86,7 +86,7 @@ struct Job {
 }
 
 /// What the engine has done so far, for `star.status` and tests.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineStats {
     pub completed: u64,
@@ -98,7 +98,7 @@ pub struct EngineStats {
     pub decoding: Option<usize>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GenerationStats {
     pub prompt_tokens: usize,

@@ -308,9 +308,11 @@ impl Server {
             }),
         ));
         match rx.await {
-            Ok(Ok(Some(e))) => {
-                Ok(json!({ "completionId": id, "patches": e.patches, "fired": e.fired }))
-            }
+            Ok(Ok(Some(e))) => Ok(json!(super::proto::Explanation {
+                completion_id: id,
+                patches: e.patches,
+                fired: e.fired,
+            })),
             Ok(Ok(None)) => Err(super::proto::invalid_params(format!(
                 "unknown completion {id}"
             ))),

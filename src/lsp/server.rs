@@ -183,7 +183,7 @@ impl Server {
         }
     }
 
-    async fn status(&self) -> Value {
+    async fn status(&self) -> proto::Status {
         let settings = self.settings();
         let model = self
             .state
@@ -199,19 +199,19 @@ impl Server {
             Ok(c) => (c, None),
             Err(e) => (Default::default(), Some(e)),
         };
-        json!({
-            "model": model,
-            "modelPath": settings.model_path,
-            "documents": documents,
-            "failuresPending": counts.failures_pending,
-            "guardCases": counts.guard_cases,
-            "completionsRecorded": counts.completions,
-            "storeError": store_error,
-            "patches": patches,
-            "repairRunning": self.state.repair.try_lock().is_err(),
-            "lastRepair": last_repair,
-            "completions": engine.map(Engine::stats),
-        })
+        proto::Status {
+            model,
+            model_path: settings.model_path,
+            documents,
+            failures_pending: counts.failures_pending,
+            guard_cases: counts.guard_cases,
+            completions_recorded: counts.completions,
+            store_error,
+            patches,
+            repair_running: self.state.repair.try_lock().is_err(),
+            last_repair,
+            completions: engine.map(Engine::stats),
+        }
     }
 
     /// Something `star.status` reports changed: `star/status` goes out (`publish_status`).
@@ -504,7 +504,7 @@ impl LanguageServer for Server {
     async fn execute_command(&self, params: ExecuteCommandParams) -> Result<Option<Value>> {
         let first = params.arguments.first().cloned();
         match params.command.as_str() {
-            "star.status" => Ok(Some(self.status().await)),
+            "star.status" => Ok(Some(json!(self.status().await))),
             ACCEPTED_COMMAND => {
                 let id = proto::completion_id_arg(first)?;
                 self.lock_tracker().accept(&id);

@@ -30,7 +30,10 @@ impl GgufFile {
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| corrupt(format!("not a GGUF file ({})", super::one_line(&e))))?;
         // A truncated download passes the header check; catch it here instead of mid-load.
-        for (name, info) in &content.tensor_infos {
+        // In name order: the same damaged file names the same tensor every time.
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_unstable_by_key(|(name, _)| name.as_str());
+        for (name, info) in infos {
             // Checked: a crafted header's sizes may overflow.
             let end = info
                 .shape

@@ -102,17 +102,21 @@ impl Config {
                     path: f.path.clone(),
                     reason: format!("missing tensor `{name}`"),
                 })?;
-            let dims = info.shape.dims();
-            if dims != want || dims[dims.len() - 1] % info.ggml_dtype.block_size() != 0 {
-                return Err(ModelError::Corrupt {
-                    path: f.path.clone(),
-                    reason: format!(
-                        "tensor `{name}` has shape {dims:?} ({:?}), the model's sizes say {want:?}",
-                        info.ggml_dtype
-                    ),
-                });
-            }
-            Ok(())
+            let (dims, dtype) = (info.shape.dims(), info.ggml_dtype);
+            let reason = if dims != want {
+                format!("tensor `{name}` has shape {dims:?}, the model's sizes say {want:?}")
+            } else if dims[dims.len() - 1] % dtype.block_size() != 0 {
+                format!(
+                    "tensor `{name}`'s rows of {} are not whole {dtype:?} blocks",
+                    dims[dims.len() - 1]
+                )
+            } else {
+                return Ok(());
+            };
+            Err(ModelError::Corrupt {
+                path: f.path.clone(),
+                reason,
+            })
         };
         check("token_embd.weight", &[v, h])?;
         check("output_norm.weight", &[h])?;
