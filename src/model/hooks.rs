@@ -319,10 +319,11 @@ type Books = (Codebook, Vec<usize>);
 pub struct PatchSet {
     layers: BTreeMap<usize, LayerPatch>,
     gated: Vec<(usize, LayerPatch)>,
-    /// Per layer, the codebooks of its gates keyed on the layer (one per key width: sketched keys,
-    /// and those of ledgers from before) and their indices in `gated`: built at the first pass that
-    /// needs them.
-    books: OnceLock<BTreeMap<usize, Vec<Books>>>,
+    /// Per layer with gated patches, the codebooks of its gates keyed on the layer (one per key
+    /// width: sketched keys, and those of ledgers from before) and their indices in `gated`: built at
+    /// the first pass that needs them, and shared with the sets `with` makes from this one until one
+    /// adds a gate on that layer (a repair builds many sets, each touching a few layers).
+    books: BTreeMap<usize, Arc<OnceLock<Vec<Books>>>>,
     /// Names these contents: a set and its clones share it, every set built by `with` gets a new one
     /// (the empty set's is 0). Results computed under an overlay are kept by it (`repair::Residuals`).
     id: u64,
@@ -357,7 +358,7 @@ impl PatchSet {
         // Values of every open gate go in with one scatter: adding them costs by the entries that
         // open; scoring is the codebook's one product.
         let (mut rows, mut values) = (Vec::new(), Vec::new());
-        for (book, members) in self.books()?.get(&layer).into_iter().flatten() {
+        for (book, members) in self.books(layer)? {
             for (opened, &i) in book.open(z)?.iter().zip(members) {
                 let p = &self.gated[i].1;
                 if let (Some(f), Some(name), false) =
@@ -386,22 +387,25 @@ impl PatchSet {
         Ok(out)
     }
 
-    fn books(&self) -> Result<&BTreeMap<usize, Vec<Books>>> {
-        if let Some(b) = self.books.get() {
+    fn books(&self, layer: usize) -> Result<&[Books]> {
+        let Some(slot) = self.books.get(&layer) else {
+            return Ok(&[]);
+        };
+        if let Some(b) = slot.get() {
             return Ok(b);
         }
-        let mut members: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, (l, p)) in self.gated.iter().enumerate() {
-            if let Some(g) = p.gate().filter(|_| p.in_codebook()) {
-                members.entry((*l, g.width())).or_default().push(i);
+            if let Some(g) = p.gate().filter(|_| *l == layer && p.in_codebook()) {
+                members.entry(g.width()).or_default().push(i);
             }
         }
-        let mut books: BTreeMap<usize, Vec<Books>> = BTreeMap::new();
-        for ((l, _), m) in members {
+        let mut books = Vec::new();
+        for m in members.into_values() {
             let gates = m.iter().filter_map(|&i| self.gated[i].1.gate());
-            books.entry(l).or_default().push((Codebook::new(gates)?, m));
+            books.push((Codebook::new(gates)?, m));
         }
-        Ok(self.books.get_or_init(|| books))
+        Ok(slot.get_or_init(|| books))
     }
 
     /// The gated patches on `layer`.
@@ -458,7 +462,8 @@ impl PatchSet {
     pub fn with(&self, layer: usize, patch: LayerPatch) -> Result<Self> {
         let mut next = self.clone();
         if patch.partial() {
-            next.books = OnceLock::new();
+            // Indices into `gated` stay valid: patches are only appended.
+            next.books.insert(layer, Arc::default());
             next.gated.push((layer, patch));
             next.id = Self::next_id();
             return Ok(next);
