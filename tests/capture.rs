@@ -1,51 +1,62 @@
 //! Outcome inference: completions followed through the edits an editor sends, as the server applies them.
 
-use star_ls::capture::{CaseKind, Edit, Outcome, Resolved, Tracker};
+use star_ls::capture::{CaseKind, Change, Outcome, Resolved, Workspace};
 use star_ls::completion::Document;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "file:///w/a.py";
 
-/// A document and a tracker, edited the way the server does it.
+/// One open document in a workspace, edited as the server edits it (`Workspace::change`).
 struct Session {
-    doc: Document,
-    tracker: Tracker,
+    ws: Workspace,
+    version: i32,
     now: Instant,
     resolved: Vec<Resolved>,
 }
 
 impl Session {
     fn new(text: &str) -> Self {
+        let mut ws = Workspace::default();
+        ws.open(KEY.into(), Document::new(text, 1, "python"));
         Self {
-            doc: Document::new(text, 1, "python"),
-            tracker: Tracker::default(),
+            ws,
+            version: 1,
             now: Instant::now(),
             resolved: Vec::new(),
         }
     }
 
+    fn doc(&self) -> &Document {
+        self.ws.document(KEY).unwrap()
+    }
+
     fn offset(&self, line: u32, col: u32) -> usize {
-        self.doc.char_at(line, col).unwrap()
+        self.doc().char_at(line, col).unwrap()
     }
 
     fn show(&mut self, id: Option<&str>, line: u32, col: u32, proposed: &str) {
         let at = self.offset(line, col);
-        let r = self.tracker.shown(
+        let r = self.ws.shown(
             KEY,
-            &self.doc,
+            self.version,
             id.map(str::to_owned),
             at,
             proposed.into(),
             self.now,
         );
-        self.resolved.extend(r);
+        self.resolved.extend(r.unwrap());
     }
 
+    /// Replaces chars `start..end`, sent as the editor sends it: a range of lines and columns.
     fn replace(&mut self, start: usize, end: usize, text: &str) {
-        let edit = Edit::apply(&mut self.doc, start, end, text.into()).unwrap();
-        let r = self.tracker.edited(KEY, &self.doc, edit, self.now);
-        self.resolved.extend(r);
+        let range = Some((self.doc().position(start), self.doc().position(end)));
+        self.version += 1;
+        let change = Change {
+            range,
+            text: text.into(),
+        };
+        let r = self.ws.change(KEY, self.version, [change], self.now);
+        self.resolved.extend(r.unwrap());
     }
 
     /// Types `text` one character at a time at (line, col).
@@ -55,8 +66,13 @@ impl Session {
         }
     }
 
+    /// Decides what is open after `wait` with nothing typed (`captureIdleMs` of 1 s).
+    fn idle_after(&mut self, wait: Duration) -> Vec<Resolved> {
+        self.ws.idle(self.now + wait, Duration::from_secs(1))
+    }
+
     fn close(&mut self) -> Vec<Resolved> {
-        let r = self.tracker.close(KEY, &self.doc);
+        let r = self.ws.close(KEY);
         self.resolved.extend(r);
         std::mem::take(&mut self.resolved)
     }
@@ -141,7 +157,7 @@ fn accepted_then_edited_is_a_correction() {
     s.show(Some("c1"), 1, 8, "sum(xs)");
     let at = s.offset(1, 8);
     s.replace(at, at, "sum(xs)");
-    s.tracker.accept("c1");
+    s.ws.accept("c1");
     // The developer edits inside the inserted text: sum(xs) -> sum(xs) / len(xs)
     s.type_at(1, 15, " / len(xs)");
     let r = s.close();
@@ -190,7 +206,7 @@ fn changing_the_text_before_the_position_abandons_the_completion() {
 fn a_dismissed_completion_with_nothing_typed_is_rejected_without_a_case() {
     let mut s = Session::new("def f():\n    \n");
     s.show(Some("c1"), 1, 4, "pass");
-    s.tracker.reject("c1");
+    s.ws.reject("c1");
     let r = s.close();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].outcome, Some(Outcome::Rejected));
@@ -230,17 +246,8 @@ fn edits_elsewhere_shift_completions_and_idle_ones_are_decided() {
 
     s.show(Some("c2"), 2, 5, "\nc = 4");
     s.type_at(2, 5, "\nc = 5");
-    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
-    let later = s.now + Duration::from_secs(3);
-    assert!(s
-        .tracker
-        .idle(
-            &docs,
-            s.now + Duration::from_millis(500),
-            Duration::from_secs(1)
-        )
-        .is_empty());
-    let r = s.tracker.idle(&docs, later, Duration::from_secs(1));
+    assert!(s.idle_after(Duration::from_millis(500)).is_empty());
+    let r = s.idle_after(Duration::from_secs(3));
     assert_eq!(
         cases(&r),
         [(CaseKind::Failure, Outcome::Rejected, "c = 5", "\nc = 4")]
@@ -251,10 +258,7 @@ fn edits_elsewhere_shift_completions_and_idle_ones_are_decided() {
 fn an_explicit_correction_is_decided_at_once() {
     let mut s = Session::new("name = \n");
     s.show(Some("c1"), 0, 7, "input()");
-    let r = s
-        .tracker
-        .correct(KEY, &s.doc, "c1", "input().strip()")
-        .unwrap();
+    let r = s.ws.correct("c1", "input().strip()").unwrap();
     let c = r.case.unwrap();
     assert_eq!(
         (c.kind, c.outcome, c.target.as_str()),
@@ -268,20 +272,10 @@ fn a_proposal_nobody_typed_at_is_not_decided_by_idleness() {
     // The developer may look at a proposal a while, and editors may send their edits late.
     let mut s = Session::new("total = \n");
     s.show(Some("c1"), 0, 8, "sum(xs)");
-    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
-    let later = s.now + Duration::from_secs(60);
-    assert!(s
-        .tracker
-        .idle(&docs, later, Duration::from_secs(1))
-        .is_empty());
-    s.now = later;
+    assert!(s.idle_after(Duration::from_secs(60)).is_empty());
+    s.now += Duration::from_secs(60);
     s.type_at(0, 8, "0");
-    let docs = HashMap::from([(KEY.to_owned(), s.doc.clone())]);
-    let r = s.tracker.idle(
-        &docs,
-        later + Duration::from_secs(2),
-        Duration::from_secs(1),
-    );
+    let r = s.idle_after(Duration::from_secs(2));
     assert_eq!(
         cases(&r),
         [(CaseKind::Failure, Outcome::Rejected, "0", "sum(xs)")]

@@ -6,6 +6,8 @@
 
 mod outcome;
 mod tracker;
+mod workspace;
 
 pub use outcome::{compare, judge, CaseKind, CaseText, Outcome, Verdict};
 pub use tracker::{Edit, Resolved, Tracker};
+pub use workspace::{Change, Unfollowed, Workspace};

@@ -41,6 +41,8 @@ impl Edit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub document: String,
+    /// The document's language, as its editor named it.
+    pub language: String,
     /// `None` for a place where the model proposed nothing (no id was shown).
     pub completion_id: Option<String>,
     pub outcome: Option<Outcome>,
@@ -194,6 +196,7 @@ impl Tracker {
         );
         Some(Resolved {
             document: key.to_owned(),
+            language: doc.language.clone(),
             completion_id: t.id,
             outcome: Some(case.as_ref().map_or(Outcome::Rejected, |c| c.outcome)),
             case,
@@ -289,6 +292,7 @@ fn decide(key: &str, doc: &Document, mut finished: Vec<Tracked>) -> Vec<Resolved
             }
             Resolved {
                 document: key.to_owned(),
+                language: doc.language.clone(),
                 completion_id: t.id,
                 outcome,
                 case,

@@ -3,13 +3,11 @@
 
 use super::server::Server;
 use super::settings::Settings;
-use crate::capture::{CaseKind, Resolved, Tracker};
-use crate::completion::{Completion, Document};
+use crate::capture::{CaseKind, Resolved};
+use crate::completion::Completion;
 use crate::store::{Counts, NewCase, ShownRecord, StoreHandle, StoreOp};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tower_lsp_server::jsonrpc::{self, Result};
@@ -87,10 +85,6 @@ fn head(s: &str, max: usize) -> &str {
 }
 
 impl Server {
-    pub(super) fn lock_tracker(&self) -> MutexGuard<'_, Tracker> {
-        self.state.tracker.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn store(&self) -> Option<&StoreHandle> {
         self.state.store.get()
     }
@@ -114,29 +108,27 @@ impl Server {
 
     /// Starts following a completion (or, with `None`, a place where the model proposed nothing).
     pub(super) fn track_shown(&self, shown: Shown, completion: Option<&Completion>) {
-        let docs = self.lock_documents();
-        let Some(doc) = docs.get(&shown.document) else {
-            return;
-        };
-        // The document moved on while the model ran: the offset no longer means the same place.
-        if doc.version != shown.version {
-            return;
-        }
+        let mut ws = self.lock_workspace();
         let proposed = completion.map_or(String::new(), |c| c.generation.text.clone());
-        let resolved = self.lock_tracker().shown(
+        let Some(resolved) = ws.shown(
             &shown.document,
-            doc,
+            shown.version,
             completion.map(|c| c.id.clone()),
             shown.at,
             proposed.clone(),
             Instant::now(),
-        );
+        ) else {
+            return;
+        };
+        let language = ws
+            .document(&shown.document)
+            .map_or(String::new(), |d| d.language.clone());
         if let (Some(c), Some(store)) = (completion, self.store()) {
             store.send(StoreOp::Shown(ShownRecord {
                 id: c.id.clone(),
                 document: shown.document.clone(),
                 workspace: self.workspace(),
-                language: doc.language.clone(),
+                language,
                 version: shown.version,
                 line: shown.position.line,
                 character: shown.position.character,
@@ -153,7 +145,7 @@ impl Server {
                 shown_ms: now_ms(),
             }));
         }
-        self.record(resolved, &docs);
+        self.record(resolved);
     }
 
     fn workspace(&self) -> String {
@@ -161,7 +153,7 @@ impl Server {
     }
 
     /// Sends decided completions to the store.
-    pub(super) fn record(&self, resolved: Vec<Resolved>, docs: &HashMap<String, Document>) {
+    pub(super) fn record(&self, resolved: Vec<Resolved>) {
         let Some(store) = self.store() else {
             return;
         };
@@ -172,13 +164,10 @@ impl Server {
                 case = ?r.case.as_ref().map(|c| (c.kind, &c.target)),
                 "completion decided"
             );
-            let language = docs
-                .get(&r.document)
-                .map_or(String::new(), |d| d.language.clone());
             let case = r.case.map(|case| NewCase {
                 case,
                 completion_id: r.completion_id.clone(),
-                language,
+                language: r.language.clone(),
                 document: r.document.clone(),
                 workspace: self.workspace(),
                 created_ms: now_ms(),
@@ -253,9 +242,9 @@ impl Server {
             let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(100)));
             loop {
                 tick.tick().await;
-                let docs = server.lock_documents();
-                let resolved = server.lock_tracker().idle(&docs, Instant::now(), timeout);
-                server.record(resolved, &docs);
+                let mut ws = server.lock_workspace();
+                let resolved = ws.idle(Instant::now(), timeout);
+                server.record(resolved);
             }
         });
     }
@@ -263,14 +252,9 @@ impl Server {
     /// Decides every open completion and waits until the store has written them (at shutdown).
     pub(super) async fn capture_all(&self) {
         {
-            let docs = self.lock_documents();
-            let keys = self.lock_tracker().open_documents();
-            for key in keys {
-                if let Some(doc) = docs.get(&key) {
-                    let resolved = self.lock_tracker().close(&key, doc);
-                    self.record(resolved, &docs);
-                }
-            }
+            let mut ws = self.lock_workspace();
+            let resolved = ws.decide_all();
+            self.record(resolved);
         }
         if let Some(store) = self.store() {
             let (tx, rx) = oneshot::channel();
@@ -327,23 +311,19 @@ impl Server {
 
     /// `star/didAccept`: the editor inserted the completion.
     pub async fn did_accept(&self, params: CompletionRef) {
-        self.lock_tracker().accept(&params.completion_id);
+        self.lock_workspace().accept(&params.completion_id);
     }
 
     /// `star/didReject`: the editor dismissed it; what the developer writes there next is the target.
     pub async fn did_reject(&self, params: CompletionRef) {
-        self.lock_tracker().reject(&params.completion_id);
+        self.lock_workspace().reject(&params.completion_id);
     }
 
     /// `star/didCorrect`: the developer wrote `text` in place of the completion.
     pub async fn did_correct(&self, params: Correction) {
-        let docs = self.lock_documents();
-        let resolved = docs.iter().find_map(|(key, doc)| {
-            self.lock_tracker()
-                .correct(key, doc, &params.completion_id, &params.text)
-        });
-        match resolved {
-            Some(r) => self.record(vec![r], &docs),
+        let mut ws = self.lock_workspace();
+        match ws.correct(&params.completion_id, &params.text) {
+            Some(r) => self.record(vec![r]),
             None => tracing::warn!(
                 "star/didCorrect for unknown or already decided completion {}",
                 params.completion_id

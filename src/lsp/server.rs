@@ -3,7 +3,7 @@
 
 use super::proto::{self, ACCEPTED_COMMAND};
 use super::settings::{Multiline, Settings};
-use crate::capture::{Edit, Tracker};
+use crate::capture::{Change, Unfollowed, Workspace};
 use crate::completion::{
     Completion, CompletionRequest, Document, Engine, EngineConfig, EngineError, EngineEvent,
 };
@@ -29,9 +29,8 @@ pub(super) struct State {
     settings: OnceLock<Settings>,
     pub(super) engine: OnceLock<Engine>,
     events: Mutex<Option<mpsc::UnboundedReceiver<EngineEvent>>>,
-    /// Lock order: `documents` before `tracker`.
-    pub(super) documents: Mutex<HashMap<String, Document>>,
-    pub(super) tracker: Mutex<Tracker>,
+    /// The open documents and the completions followed through their edits.
+    workspace_docs: Mutex<Workspace>,
     pub(super) store: OnceLock<StoreHandle>,
     /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
     pub(super) workspace: OnceLock<String>,
@@ -92,10 +91,10 @@ impl Server {
         self.state.settings.get().cloned().unwrap_or_default()
     }
 
-    pub(super) fn lock_documents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Document>> {
+    pub(super) fn lock_workspace(&self) -> std::sync::MutexGuard<'_, Workspace> {
         // A panic elsewhere while holding the lock must not take the server down with it.
         self.state
-            .documents
+            .workspace_docs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -110,9 +109,9 @@ impl Server {
     ) -> Result<Option<(Completion, String, Position)>> {
         let key = uri.as_str().to_owned();
         let (prefix, suffix, word_start, at, version) = {
-            let docs = self.lock_documents();
-            let doc = docs
-                .get(&key)
+            let ws = self.lock_workspace();
+            let doc = ws
+                .document(&key)
                 .ok_or_else(|| proto::invalid_params(format!("unknown document {key}")))?;
             let at = proto::offset(doc, pos)?;
             let (prefix, suffix) = doc.split_at(at);
@@ -194,7 +193,7 @@ impl Server {
         let engine = self.state.engine.get();
         let patches = self.state.live_patches.lock().map_or(0, |p| p.len());
         let last_repair = self.state.last_repair.lock().ok().and_then(|r| r.clone());
-        let documents = self.lock_documents().len();
+        let documents = self.lock_workspace().len();
         let (counts, store_error) = match self.store_counts().await {
             Ok(c) => (c, None),
             Err(e) => (Default::default(), Some(e)),
@@ -408,7 +407,7 @@ impl LanguageServer for Server {
 
     async fn did_open(&self, params: DidOpenTextDocumentParams) {
         let d = params.text_document;
-        self.lock_documents().insert(
+        self.lock_workspace().open(
             d.uri.as_str().to_owned(),
             Document::new(&d.text, d.version, &d.language_id),
         );
@@ -417,53 +416,39 @@ impl LanguageServer for Server {
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
         let key = params.text_document.uri.as_str().to_owned();
         let version = params.text_document.version;
-        let mut docs = self.lock_documents();
-        let Some(doc) = docs.get_mut(&key) else {
-            tracing::warn!("didChange for unknown document {key}");
-            return;
-        };
-        if version <= doc.version {
+        let changes = params.content_changes.into_iter().map(|c| Change {
+            range: c.range.map(|r| {
+                (
+                    (r.start.line, r.start.character),
+                    (r.end.line, r.end.character),
+                )
+            }),
+            text: c.text,
+        });
+        let mut ws = self.lock_workspace();
+        if let Some(doc) = ws.document(&key).filter(|d| version <= d.version) {
             tracing::warn!(
                 "stale didChange for {key}: version {version} after {}",
                 doc.version
             );
         }
-        let mut resolved = Vec::new();
-        let now = std::time::Instant::now();
-        for change in params.content_changes {
-            // A change without a range replaces the whole text.
-            let applied = match change.range {
-                None => Ok((0, doc.len_chars())),
-                Some(r) => doc
-                    .char_at(r.start.line, r.start.character)
-                    .and_then(|s| Ok((s, doc.char_at(r.end.line, r.end.character)?))),
-            }
-            .and_then(|(s, e)| Edit::apply(doc, s, e, change.text));
-            match applied {
-                Ok(edit) => resolved.extend(self.lock_tracker().edited(&key, doc, edit, now)),
-                Err(e) => {
-                    // The client and server now disagree on the text; say so rather than guess.
-                    tracing::error!("didChange for {key} could not be applied ({e}); document dropped until reopened");
-                    resolved.extend(self.lock_tracker().close(&key, doc));
-                    self.record(resolved, &docs);
-                    docs.remove(&key);
-                    return;
-                }
+        match ws.change(&key, version, changes, std::time::Instant::now()) {
+            Ok(resolved) => self.record(resolved),
+            Err(Unfollowed::Unknown) => tracing::warn!("didChange for unknown document {key}"),
+            Err(Unfollowed::Dropped { resolved, error }) => {
+                // The client and server now disagree on the text; say so rather than guess.
+                tracing::error!("didChange for {key} could not be applied ({error}); document dropped until reopened");
+                self.record(resolved);
             }
         }
-        doc.version = version;
-        self.record(resolved, &docs);
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
         let key = params.text_document.uri.as_str();
         {
-            let mut docs = self.lock_documents();
-            if let Some(doc) = docs.get(key) {
-                let resolved = self.lock_tracker().close(key, doc);
-                self.record(resolved, &docs);
-            }
-            docs.remove(key);
+            let mut ws = self.lock_workspace();
+            let resolved = ws.close(key);
+            self.record(resolved);
         }
         self.state
             .latest
@@ -507,7 +492,7 @@ impl LanguageServer for Server {
             "star.status" => Ok(Some(json!(self.status().await))),
             ACCEPTED_COMMAND => {
                 let id = proto::completion_id_arg(first)?;
-                self.lock_tracker().accept(&id);
+                self.lock_workspace().accept(&id);
                 Ok(None)
             }
             "star.explain" => self

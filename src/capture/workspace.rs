@@ -1,0 +1,141 @@
+//! The open documents and the completions followed through their edits, kept together: what
+//! `didOpen`, `didChange` and `didClose` change, in the order they came (the server holds it under
+//! one lock, so an edit and the tracker never see each other half-applied).
+
+use super::tracker::{Edit, Resolved, Tracker};
+use crate::completion::{Document, PositionError};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// One change to a document: `range` (its start and end as 0-based line and UTF-16 column) replaced
+/// by `text`; no range replaces the whole text.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub range: Option<((u32, u32), (u32, u32))>,
+    pub text: String,
+}
+
+/// A change the workspace could not follow.
+#[derive(Debug)]
+pub enum Unfollowed {
+    /// No such document is open.
+    Unknown,
+    /// A change did not fit the text: client and server disagree on it, so the document is
+    /// dropped until reopened, its open completions decided first (`resolved`).
+    Dropped {
+        resolved: Vec<Resolved>,
+        error: PositionError,
+    },
+}
+
+#[derive(Default)]
+pub struct Workspace {
+    documents: HashMap<String, Document>,
+    tracker: Tracker,
+}
+
+impl Workspace {
+    pub fn open(&mut self, key: String, doc: Document) {
+        self.documents.insert(key, doc);
+    }
+
+    pub fn document(&self, key: &str) -> Option<&Document> {
+        self.documents.get(key)
+    }
+
+    /// How many documents are open.
+    pub fn len(&self) -> usize {
+        self.documents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.documents.is_empty()
+    }
+
+    /// Applies `changes` to document `key` in order, following each with the tracker; the document
+    /// is then at `version` (applied whatever version it was at: the caller may warn of a stale one).
+    /// The completions the changes decided.
+    pub fn change(
+        &mut self,
+        key: &str,
+        version: i32,
+        changes: impl IntoIterator<Item = Change>,
+        now: Instant,
+    ) -> Result<Vec<Resolved>, Unfollowed> {
+        let doc = self.documents.get_mut(key).ok_or(Unfollowed::Unknown)?;
+        let mut resolved = Vec::new();
+        for change in changes {
+            let applied = match change.range {
+                None => Ok((0, doc.len_chars())),
+                Some(((l0, c0), (l1, c1))) => doc
+                    .char_at(l0, c0)
+                    .and_then(|s| Ok((s, doc.char_at(l1, c1)?))),
+            }
+            .and_then(|(s, e)| Edit::apply(doc, s, e, change.text));
+            match applied {
+                Ok(edit) => resolved.extend(self.tracker.edited(key, doc, edit, now)),
+                Err(error) => {
+                    resolved.extend(self.close(key));
+                    return Err(Unfollowed::Dropped { resolved, error });
+                }
+            }
+        }
+        doc.version = version;
+        Ok(resolved)
+    }
+
+    /// Decides every completion open in document `key` and closes it.
+    pub fn close(&mut self, key: &str) -> Vec<Resolved> {
+        match self.documents.remove(key) {
+            Some(doc) => self.tracker.close(key, &doc),
+            None => Vec::new(),
+        }
+    }
+
+    /// A completion (`id`, or none where the model proposed nothing) was shown at char `at` of
+    /// document `key` as it was at `version`; None when the document has moved on since (the offset
+    /// no longer means the same place) or is gone.
+    pub fn shown(
+        &mut self,
+        key: &str,
+        version: i32,
+        id: Option<String>,
+        at: usize,
+        proposed: String,
+        now: Instant,
+    ) -> Option<Vec<Resolved>> {
+        let doc = self.documents.get(key).filter(|d| d.version == version)?;
+        Some(self.tracker.shown(key, doc, id, at, proposed, now))
+    }
+
+    /// Decides the completions typed at and then left alone for `timeout`.
+    pub fn idle(&mut self, now: Instant, timeout: Duration) -> Vec<Resolved> {
+        self.tracker.idle(&self.documents, now, timeout)
+    }
+
+    /// Decides every open completion, the documents staying open (at shutdown, or before a repair).
+    pub fn decide_all(&mut self) -> Vec<Resolved> {
+        let mut resolved = Vec::new();
+        for key in self.tracker.open_documents() {
+            if let Some(doc) = self.documents.get(&key) {
+                resolved.extend(self.tracker.close(&key, doc));
+            }
+        }
+        resolved
+    }
+
+    pub fn accept(&mut self, id: &str) {
+        self.tracker.accept(id);
+    }
+
+    pub fn reject(&mut self, id: &str) {
+        self.tracker.reject(id);
+    }
+
+    /// The developer says `text` is what they wrote in place of completion `id`: decided now.
+    pub fn correct(&mut self, id: &str, text: &str) -> Option<Resolved> {
+        self.documents
+            .iter()
+            .find_map(|(key, doc)| self.tracker.correct(key, doc, id, text))
+    }
+}
