@@ -1,6 +1,7 @@
 //! Generation: prefill what the cache lacks, then decode token by token under the stop rules, with
 //! token healing at the cursor and cancellation between tokens.
 
+use super::tokenizer::blank_width;
 use super::{Fired, FiredEntries, Hooks, KvCache, PatchSet, Qwen2, Tokenizer};
 use candle_core::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -333,18 +334,19 @@ impl LineShape {
         let mut healed = self.clone();
         healed.feed(heal_rest);
         let room = healed.room();
-        for (id, l) in logits.iter_mut().enumerate() {
-            let past = tokenizer
-                .token_bytes(id as u32)
-                .get(heal_rest.len()..)
-                .unwrap_or_default();
-            let spaces = past.iter().try_fold(0, |cols, c| match c {
-                b' ' => Some(cols + 1),
-                b'\t' => Some(cols + 4),
-                _ => None,
-            });
-            if !past.is_empty() && spaces.is_some_and(|cols| cols > room) {
-                *l = f32::NEG_INFINITY;
+        if heal_rest.is_empty() {
+            // Only whitespace runs can pass the room: a short list, not the vocabulary.
+            for &(id, cols) in tokenizer.blank_runs() {
+                if let Some(l) = logits.get_mut(id as usize).filter(|_| cols > room) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        } else {
+            for (id, l) in logits.iter_mut().enumerate() {
+                let past = tokenizer.token_bytes(id as u32).get(heal_rest.len()..);
+                if past.and_then(blank_width).is_some_and(|cols| cols > room) {
+                    *l = f32::NEG_INFINITY;
+                }
             }
         }
         if !(healed.blank && healed.to_cursor == 0 && !healed.past_cursor) {

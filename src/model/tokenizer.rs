@@ -12,6 +12,9 @@ pub struct Tokenizer {
     pub fim: FimTokens,
     /// Tokens that end a completion: EOS, end of text, FIM end/pad, file separator.
     stop: Vec<u32>,
+    /// The tokens made of spaces and tabs alone, with their width in columns (a tab is 4): the
+    /// only ones the line's shape limits once no healed bytes remain, looked at each decode step.
+    blank_runs: Vec<(u32, usize)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,11 +74,17 @@ impl Tokenizer {
         if let Ok(eos) = f.u32("tokenizer.ggml.eos_token_id") {
             stop.push(eos);
         }
+        let blank_runs = bytes
+            .iter()
+            .enumerate()
+            .filter_map(|(id, b)| Some((id as u32, blank_width(b)?)))
+            .collect();
         Ok(Self {
             inner,
             bytes,
             fim,
             stop,
+            blank_runs,
         })
     }
 
@@ -96,6 +105,11 @@ impl Tokenizer {
             .get(id as usize)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// The tokens made of spaces and tabs alone, and their widths in columns.
+    pub fn blank_runs(&self) -> &[(u32, usize)] {
+        &self.blank_runs
     }
 
     pub fn is_stop(&self, id: u32) -> bool {
@@ -135,4 +149,17 @@ fn byte_decoder() -> std::collections::HashMap<char, u8> {
         .zip(chars)
         .map(|(b, c)| (char::from_u32(c).expect("valid code point"), b as u8))
         .collect()
+}
+
+/// The width in columns of `bytes` made of spaces and tabs alone (a tab is 4); None for any other
+/// text, and for no text.
+pub(super) fn blank_width(bytes: &[u8]) -> Option<usize> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0, |cols, c| match c {
+        b' ' => Some(cols + 1),
+        b'\t' => Some(cols + 4),
+        _ => None,
+    })
 }
