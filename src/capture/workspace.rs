@@ -44,12 +44,8 @@ impl Workspace {
     }
 
     /// How many documents are open.
-    pub fn len(&self) -> usize {
+    pub fn open_count(&self) -> usize {
         self.documents.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.documents.is_empty()
     }
 
     /// Applies `changes` to document `key` in order, following each with the tracker; the document

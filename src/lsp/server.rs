@@ -193,7 +193,7 @@ impl Server {
         let engine = self.state.engine.get();
         let patches = self.state.live_patches.lock().map_or(0, |p| p.len());
         let last_repair = self.state.last_repair.lock().ok().and_then(|r| r.clone());
-        let documents = self.lock_workspace().len();
+        let documents = self.lock_workspace().open_count();
         let (counts, store_error) = match self.store_counts().await {
             Ok(c) => (c, None),
             Err(e) => (Default::default(), Some(e)),
