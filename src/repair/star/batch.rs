@@ -84,10 +84,11 @@ impl Tail {
 }
 
 impl Batch {
-    /// The batch of `checks`, the failing cases `ids` checked under `live`: what every method
-    /// starts from.
+    /// The batch of `checks`, the failing cases `ids` checked under `live` from layer `first` up: what every
+    /// method starts from.
     fn of(
         star: &Star,
+        first: usize,
         ids: Vec<String>,
         checks: Vec<Arc<Checked>>,
         live: &PatchSet,
@@ -107,7 +108,6 @@ impl Batch {
             }
             rows += checked.prepared.residual.dim(0)?;
         }
-        let first = star.first_candidate();
         Ok(Self {
             first,
             ids,
@@ -302,7 +302,7 @@ impl Star<'_> {
         }
         match checks.is_empty() {
             true => Ok(None),
-            false => Batch::of(self, ids, checks, live).map(Some),
+            false => Batch::of(self, first, ids, checks, live).map(Some),
         }
     }
 
