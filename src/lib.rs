@@ -1,6 +1,7 @@
 //! star-ls: code completion from a local language model that repairs itself from the developer's
 //! corrections. See ARCHITECTURE.md for the map.
 
+pub mod application;
 pub mod capture;
 pub mod completion;
 pub mod env;

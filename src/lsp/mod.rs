@@ -1,9 +1,9 @@
 //! The LSP surface: the only module that knows JSON-RPC. It translates protocol messages into calls on
-//! the completion core and back (`proto`), and never waits on the model itself.
+//! the application's `Host` and back (`proto`), and never waits on the model itself.
 
-mod feedback;
+mod commands;
+mod events;
 mod proto;
-mod repair;
 mod server;
 mod settings;
 mod transport;

@@ -12,38 +12,23 @@ use tower_lsp_server::ls_types::{
 pub enum StarStatus {}
 
 impl tower_lsp_server::ls_types::notification::Notification for StarStatus {
-    type Params = Status;
+    type Params = crate::application::Status;
     const METHOD: &'static str = "star/status";
 }
 
-/// What `star.status` answers and `star/status` sends (CONTRACT.md, README's additions).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    /// `loading`, `ready` or why not.
-    pub model: String,
-    pub model_path: Option<std::path::PathBuf>,
-    pub documents: usize,
-    pub failures_pending: i64,
-    pub guard_cases: i64,
-    pub completions_recorded: i64,
-    /// Why the store cannot be read, if it cannot.
-    pub store_error: Option<String>,
-    pub patches: usize,
-    pub repair_running: bool,
-    pub last_repair: Option<crate::learn::RepairReport>,
-    pub completions: Option<crate::completion::EngineStats>,
+/// A failure of the application's, as a JSON-RPC internal error.
+pub fn internal(e: impl std::fmt::Display) -> jsonrpc::Error {
+    jsonrpc::Error {
+        code: jsonrpc::ErrorCode::InternalError,
+        message: e.to_string().into(),
+        data: None,
+    }
 }
 
-/// What `star.explain` answers.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Explanation {
-    pub completion_id: String,
-    /// The patches live when the completion was made.
-    pub patches: Vec<String>,
-    /// Their entries that opened while it was made; null for completions stored before this was kept.
-    pub fired: Option<serde_json::Value>,
+impl From<crate::application::Error> for jsonrpc::Error {
+    fn from(e: crate::application::Error) -> Self {
+        internal(e)
+    }
 }
 
 /// The command an inline item carries: the editor runs it after inserting the item.

@@ -1,0 +1,332 @@
+//! The application: what the server does, with no protocol in it (rust-analyzer's `AnalysisHost`). A
+//! `Host` owns the engine, the store, the open documents with the completions followed through them,
+//! and the repair service; the LSP handlers turn each message into one call on it and its answers and
+//! `Event`s back into messages.
+//!
+//! Architecture invariant: no protocol types; the LSP loop's calls never wait on the model or the
+//! store's disk (they send work and await its answer); STAR runs on tokio's blocking pool.
+
+mod feedback;
+mod repair;
+
+pub use feedback::Shown;
+
+use crate::capture::{Change, Unfollowed, Workspace};
+use crate::completion::{Completion, CompletionRequest, Document, Engine, EngineConfig};
+use crate::completion::{EngineError, EngineEvent, EngineStats};
+use crate::learn::{Policy, RepairReport};
+use crate::store::{Counts, StoreHandle, StoreOp};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// What a `Host` is started with.
+pub struct Config {
+    pub engine: EngineConfig,
+    /// The model file as the settings named it, for `Status::model_path` (None: the default).
+    pub model_path: Option<PathBuf>,
+    /// Where the feedback store lives, and its size cap in bytes.
+    pub data_dir: PathBuf,
+    pub store_max_bytes: u64,
+    /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
+    pub root: String,
+    pub policy: Policy,
+    /// A shown completion untouched this long is decided.
+    pub capture_idle: Duration,
+}
+
+/// What the host tells its owner, as it happens.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Something `Host::status` reports changed.
+    Changed,
+    /// The model's lifecycle, as the engine reports it.
+    Model(EngineEvent),
+    /// The store cannot save feedback (once per kind of trouble).
+    StoreTrouble(String),
+    /// A repair began.
+    RepairStarted,
+    /// It ended: its report, or None when it failed (the caller of `repair_now` gets the error).
+    RepairEnded(Option<RepairReport>),
+}
+
+/// Why the host could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(String);
+
+impl Error {
+    fn new(message: impl std::fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What `star.status` answers and `star/status` sends (CONTRACT.md, README's additions).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// `loading`, `ready` or why not.
+    pub model: String,
+    pub model_path: Option<PathBuf>,
+    pub documents: usize,
+    pub failures_pending: i64,
+    pub guard_cases: i64,
+    pub completions_recorded: i64,
+    /// Why the store cannot be read, if it cannot.
+    pub store_error: Option<String>,
+    pub patches: usize,
+    pub repair_running: bool,
+    pub last_repair: Option<RepairReport>,
+    pub completions: Option<EngineStats>,
+}
+
+/// What `star.explain` answers.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    pub completion_id: String,
+    /// The patches live when the completion was made.
+    pub patches: Vec<String>,
+    /// Their entries that opened while it was made; null for completions stored before this was kept.
+    pub fired: Option<serde_json::Value>,
+}
+
+pub struct Host {
+    /// Itself, for the work it spawns.
+    me: Weak<Host>,
+    engine: Engine,
+    store: StoreHandle,
+    root: String,
+    policy: Policy,
+    model_path: Option<PathBuf>,
+    /// The model's lifecycle in a line (`Status::model`).
+    model_status: Mutex<String>,
+    /// The open documents and the completions followed through their edits.
+    workspace: Mutex<Workspace>,
+    repairs: repair::Repairs,
+    on_event: Box<dyn Fn(Event) + Send + Sync>,
+}
+
+impl Host {
+    /// Starts the store and the engine (which loads the model, then the ledger's patches go live) and
+    /// the idle timer. Must run inside a tokio runtime.
+    pub fn start(config: Config, on_event: impl Fn(Event) + Send + Sync + 'static) -> Arc<Self> {
+        let on_event: Arc<dyn Fn(Event) + Send + Sync> = Arc::new(on_event);
+        let store_events = on_event.clone();
+        let store = StoreHandle::start(config.data_dir, config.store_max_bytes, move |e| {
+            store_events(Event::StoreTrouble(format!(
+                "feedback is not being saved ({}): {e}",
+                e.kind()
+            )))
+        });
+        // The engine reports from its own thread, possibly before the host exists: through a channel.
+        let (tx, mut engine_events) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::start(config.engine, move |e| {
+            let _ = tx.send(e);
+        });
+        let forward = on_event.clone();
+        let host = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            engine,
+            store,
+            root: config.root,
+            policy: config.policy,
+            model_path: config.model_path,
+            model_status: Mutex::default(),
+            workspace: Mutex::default(),
+            repairs: repair::Repairs::default(),
+            on_event: Box::new(move |e| forward(e)),
+        });
+        let weak = Arc::downgrade(&host);
+        tokio::spawn(async move {
+            while let Some(event) = engine_events.recv().await {
+                let Some(host) = weak.upgrade() else { return };
+                host.model_event(event);
+            }
+        });
+        spawn_idle_capture(Arc::downgrade(&host), config.capture_idle);
+        host
+    }
+
+    fn emit(&self, event: Event) {
+        (self.on_event)(event);
+    }
+
+    fn model_event(self: &Arc<Self>, event: EngineEvent) {
+        let text = match &event {
+            EngineEvent::Loading { path } => format!("loading {}", path.display()),
+            EngineEvent::Loaded { path, seconds } => {
+                format!("ready: {} ({seconds:.1} s)", path.display())
+            }
+            EngineEvent::LoadFailed { error } => format!("failed: {error}"),
+        };
+        tracing::info!("model {text}");
+        *lock(&self.model_status) = text;
+        match &event {
+            EngineEvent::Loading { .. } => {}
+            EngineEvent::Loaded { path, .. } => {
+                let (host, path) = (self.clone(), path.clone());
+                tokio::spawn(async move { host.restore_patches(path).await });
+            }
+            EngineEvent::LoadFailed { .. } => self.repairs.no_ledger(),
+        }
+        self.emit(Event::Model(event));
+        self.emit(Event::Changed);
+    }
+
+    fn workspace(&self) -> MutexGuard<'_, Workspace> {
+        lock(&self.workspace)
+    }
+
+    /// Reads the open document `uri`, if it is open.
+    pub fn document<R>(&self, uri: &str, read: impl FnOnce(&Document) -> R) -> Option<R> {
+        self.workspace().document(uri).map(read)
+    }
+
+    pub fn open(&self, uri: String, document: Document) {
+        self.workspace().open(uri, document);
+    }
+
+    /// Applies an editor's changes to `uri` in order, deciding the completions they settle.
+    pub fn change(&self, uri: &str, version: i32, changes: impl IntoIterator<Item = Change>) {
+        let mut ws = self.workspace();
+        if let Some(doc) = ws.document(uri).filter(|d| version <= d.version) {
+            tracing::warn!(
+                "stale didChange for {uri}: version {version} after {}",
+                doc.version
+            );
+        }
+        match ws.change(uri, version, changes, Instant::now()) {
+            Ok(resolved) => self.record(resolved),
+            Err(Unfollowed::Unknown) => tracing::warn!("didChange for unknown document {uri}"),
+            Err(Unfollowed::Dropped { resolved, error }) => {
+                // The client and server now disagree on the text; say so rather than guess.
+                tracing::error!("didChange for {uri} could not be applied ({error}); document dropped until reopened");
+                self.record(resolved);
+            }
+        }
+    }
+
+    pub fn close(&self, uri: &str) {
+        let mut ws = self.workspace();
+        let resolved = ws.close(uri);
+        self.record(resolved);
+    }
+
+    /// The editor inserted completion `id`.
+    pub fn accept(&self, id: &str) {
+        self.workspace().accept(id);
+    }
+
+    /// The editor dismissed it; what the developer writes there next is the target.
+    pub fn reject(&self, id: &str) {
+        self.workspace().reject(id);
+    }
+
+    /// The developer wrote `text` in place of completion `id`.
+    pub fn correct(&self, id: &str, text: &str) {
+        let mut ws = self.workspace();
+        match ws.correct(id, text) {
+            Some(r) => self.record(vec![r]),
+            None => {
+                tracing::warn!("a correction for unknown or already decided completion {id}")
+            }
+        }
+    }
+
+    /// Runs `request` where `shown` says, once the ledger's patches are live, and follows what it
+    /// proposed. None when the model proposes nothing but blanks.
+    pub async fn complete(
+        &self,
+        request: CompletionRequest,
+        shown: Shown,
+    ) -> std::result::Result<Option<Completion>, EngineError> {
+        // Not before the ledger's patches are live: a job queued while the model loads would run first.
+        self.repairs.wait_restored().await;
+        let (tx, rx) = oneshot::channel();
+        self.engine.complete(request, move |r| {
+            let _ = tx.send(r);
+        });
+        let completion = rx
+            .await
+            .unwrap_or_else(|_| Err(EngineError::Inference("the model thread stopped".into())))?;
+        let shown_one = (!completion.generation.text.trim().is_empty()).then_some(completion);
+        self.track_shown(shown, shown_one.as_ref());
+        Ok(shown_one)
+    }
+
+    /// What `star.status` reports.
+    pub async fn status(&self) -> Status {
+        let (counts, store_error) = match self.counts().await {
+            Ok(c) => (c, None),
+            Err(e) => (Counts::default(), Some(e.0)),
+        };
+        Status {
+            model: lock(&self.model_status).clone(),
+            model_path: self.model_path.clone(),
+            documents: self.workspace().open_count(),
+            failures_pending: counts.failures_pending,
+            guard_cases: counts.guard_cases,
+            completions_recorded: counts.completions,
+            store_error,
+            patches: self.repairs.live_count(),
+            repair_running: self.repairs.running(),
+            last_repair: self.repairs.last(),
+            completions: Some(self.engine.stats()),
+        }
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        let (tx, rx) = oneshot::channel();
+        self.store.send(StoreOp::Counts(Box::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.await
+            .map_err(|_| Error::new("the store thread stopped"))?
+            .map_err(Error)
+    }
+
+    /// The patches that were live when completion `id` was made, and their entries that opened while
+    /// it was made; None for an unknown completion.
+    pub async fn explain(&self, id: String) -> Result<Option<Explanation>> {
+        let (tx, rx) = oneshot::channel();
+        let asked = id.clone();
+        self.store.send(StoreOp::Explain(
+            asked,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        let explained = rx
+            .await
+            .map_err(|_| Error::new("the store thread stopped"))?
+            .map_err(Error)?;
+        Ok(explained.map(|e| Explanation {
+            completion_id: id,
+            patches: e.patches,
+            fired: e.fired,
+        }))
+    }
+}
+
+/// Every `idle / 4` (at least 100 ms), decides the completions left idle.
+fn spawn_idle_capture(host: Weak<Host>, idle: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        loop {
+            tick.tick().await;
+            let Some(host) = host.upgrade() else { return };
+            let mut ws = host.workspace();
+            let resolved = ws.idle(Instant::now(), idle);
+            host.record(resolved);
+        }
+    });
+}
+
+/// A panic elsewhere while holding a lock must not take the server down with it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
