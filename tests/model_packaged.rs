@@ -5,7 +5,7 @@
 //! (default cache `~/.cache/star-ls`). A missing model fails these tests: run `scripts/fetch-model`.
 
 use candle_core::{Device, Tensor};
-use star_ls::completion::{fim_prompt, ContextLimits};
+use star_ls::completion::{fim_prompt, prompt_with, Chunk, ContextLimits, CrossFile, Layout};
 use star_ls::model::generate::StopReason;
 use star_ls::model::{
     generate, Cancel, Capture, GenerateParams, Hooks, LoadOptions, Model, StopAt,
@@ -285,4 +285,108 @@ fn neurons_recomputed_from_mid_point_where_the_serving_ones_do() {
         worst = worst.max(most);
     }
     assert!(worst < 1e-3, "the recomputed rows moved by {worst}");
+}
+
+/// Another file's chunk, in the repo-level format, brings a name the current file never shows.
+#[test]
+fn another_files_chunk_reaches_the_prompt_within_its_budget() {
+    let m = model();
+    let tok = &m.tokenizer;
+    let chunk = |path: &str, text: &str| Chunk {
+        path: path.into(),
+        text: text.into(),
+    };
+    let helper = chunk(
+        "shop/pricing.py",
+        "def apply_seasonal_discount(order, rate):\n    return _DISCOUNTS.lookup(order.season).apply(order, rate)\n",
+    );
+    let other = chunk("shop/models.py", "class Order:\n    total: float\n");
+    let (prefix, suffix) = ("from .pricing import ", "\n\ndef checkout(order, rate):\n");
+    let limits = ContextLimits::default();
+    let cross = |chunks: Vec<Chunk>, budget, layout| CrossFile {
+        repo: "shop".into(),
+        path: "shop/cart.py".into(),
+        chunks,
+        budget,
+        layout,
+    };
+    let bare = fim_prompt(tok, prefix, suffix, limits);
+    let none = prompt_with(
+        tok,
+        &cross(vec![helper.clone()], 0, Layout::Repo),
+        prefix,
+        suffix,
+        limits,
+    );
+    assert_eq!(none.tokens, bare.tokens, "a budget of 0 adds nothing");
+
+    let both = prompt_with(
+        tok,
+        &cross(vec![helper.clone(), other.clone()], 4096, Layout::Repo),
+        prefix,
+        suffix,
+        limits,
+    );
+    let text = tok.decode(&both.tokens);
+    let (head, tail) = text.split_once("<|fim_prefix|>").unwrap();
+    assert!(head.starts_with("<|repo_name|>shop\n"), "{head}");
+    // The most similar last, nearest the cursor; then the current file's path.
+    let (models, pricing) = (
+        head.find("shop/models.py").unwrap(),
+        head.find("shop/pricing.py").unwrap(),
+    );
+    assert!(models < pricing, "{head}");
+    assert!(head.ends_with("<|file_sep|>shop/cart.py\n"), "{head}");
+    assert_eq!(tail, tok.decode(&bare.tokens[1..]));
+
+    // A budget that holds the first chunk only takes it alone.
+    let first = tok
+        .encode(&format!("{}\n{}", helper.path, helper.text))
+        .len()
+        + 1;
+    let one = prompt_with(
+        tok,
+        &cross(vec![helper.clone(), other], first, Layout::Repo),
+        prefix,
+        suffix,
+        limits,
+    );
+    let one_text = tok.decode(&one.tokens);
+    assert!(one_text.contains("apply_seasonal_discount") && !one_text.contains("class Order"));
+
+    let concat = prompt_with(
+        tok,
+        &cross(vec![helper], 4096, Layout::Concat),
+        prefix,
+        suffix,
+        limits,
+    );
+    let concat_text = tok.decode(&concat.tokens);
+    assert!(
+        concat_text.starts_with("<|fim_prefix|>def apply_seasonal_discount"),
+        "{concat_text}"
+    );
+
+    let params = GenerateParams {
+        max_tokens: 16,
+        stop: StopAt::Line,
+        ..GenerateParams::default()
+    };
+    let line = |p| {
+        let mut cache = m.weights.new_cache();
+        generate(
+            &m.weights,
+            tok,
+            p,
+            &mut cache,
+            None,
+            &params,
+            &Cancel::default(),
+        )
+        .unwrap()
+        .text
+    };
+    let (with, without) = (line(&both), line(&bare));
+    assert!(with.contains("apply_seasonal_discount"), "{with}");
+    assert!(!without.contains("apply_seasonal_discount"), "{without}");
 }

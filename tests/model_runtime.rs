@@ -1916,6 +1916,7 @@ fn engine_swaps_the_patch_overlay_between_requests() {
                 suffix: "\n".into(),
                 stop: StopAt::Block,
                 cancel: Cancel::default(),
+                cross: Default::default(),
             })
             .unwrap()
             .generation

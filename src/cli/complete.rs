@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use star_ls::completion::{fim_prompt, CompletionRequest, Document, Engine, EngineConfig};
+use star_ls::completion::crossfile::{self, Chunk, CrossFile, Layout};
+use star_ls::completion::{prompt_with, CompletionRequest, Document, Engine, EngineConfig};
 use star_ls::model::generate::StopReason;
 use star_ls::model::{generate, Cancel, GenerateParams, Model, StopAt};
 use star_ls::repair::{passes, text_after_cursor, Case};
@@ -26,6 +27,7 @@ pub fn run(file: &Path, line: u32, character: u32, stop: StopAt, json: bool) -> 
         suffix,
         stop,
         cancel: Cancel::default(),
+        cross: Default::default(),
     })?;
     if json {
         println!("{}", serde_json::to_string(&completion)?);
@@ -81,16 +83,25 @@ pub struct CasesOptions<'a> {
     pub limit: Option<usize>,
     pub peer: bool,
     pub json: Option<&'a Path>,
+    /// Where the cases' repositories are, for their other files.
+    pub repo_root: Option<&'a Path>,
+    pub cross_file_tokens: usize,
+    pub layout: Layout,
     pub threads: usize,
 }
 
 /// Completes every case of a cases file with the line the server proposes at its cursor (the
 /// engine's context limits, token budget and line rules; the unpatched model) and, with `peer`,
 /// llama.cpp's on the same GGUF and prompt, unhealed (llama.cpp does not heal: its budget does not
-/// spend the healing tokens ours does), then counts exact, blank and runaway lines for both.
+/// spend the healing tokens ours does), then counts exact, blank and runaway lines for both. With a
+/// repository root, ours sees the case's repository's other files (the peer does not).
 pub fn run_cases(o: CasesOptions) -> Result<()> {
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
+    let others = match o.repo_root {
+        Some(root) => Some(Repositories::read(o.cases, root, cases.len())?),
+        None => None,
+    };
     let config = EngineConfig::new(star_ls::env::model_path());
     let model = Model::load(&config.model_path, config.load)?;
     let (weights, tok) = (&model.weights, &model.tokenizer);
@@ -100,8 +111,14 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
     };
     let mut rows = Vec::with_capacity(cases.len());
     let mut peer_prompts = Vec::with_capacity(cases.len());
-    for c in &cases {
-        let prompt = fim_prompt(tok, &c.prefix, &text_after_cursor(c), config.limits);
+    for (i, c) in cases.iter().enumerate() {
+        let after = text_after_cursor(c);
+        let cross = match &others {
+            Some(repos) => repos.cross_file(i, c, &after, o.cross_file_tokens, o.layout),
+            None => CrossFile::default(),
+        };
+        let bare = prompt_with(tok, &CrossFile::default(), &c.prefix, &after, config.limits);
+        let prompt = prompt_with(tok, &cross, &c.prefix, &after, config.limits);
         let g = generate(
             weights,
             tok,
@@ -112,12 +129,12 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
             &Cancel::default(),
         )?;
         tracing::debug!(id = c.id, text = g.text, stop = ?g.stop, "ours");
-        let mut unhealed = prompt.tokens.clone();
+        let mut unhealed = bare.tokens.clone();
         let at = unhealed
             .iter()
             .position(|t| *t == tok.fim.suffix)
             .context("a FIM prompt without its suffix marker")?;
-        let heal = tok.encode(&String::from_utf8_lossy(&prompt.heal));
+        let heal = tok.encode(&String::from_utf8_lossy(&bare.heal));
         unhealed.splice(at..at, heal);
         peer_prompts.push(serde_json::json!({"id": c.id, "tokens": unhealed}));
         rows.push(Row {
@@ -149,6 +166,94 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
+}
+
+/// The cases' repositories, cut into chunks: what each case may see of its other files.
+struct Repositories {
+    /// Per case: its repository's name and its file's path in it.
+    files: Vec<(String, String)>,
+    /// Per repository: the chunks of all its files.
+    chunks: std::collections::HashMap<String, Vec<Chunk>>,
+}
+
+impl Repositories {
+    /// Reads the `file` field (`<repo>/<path>`) of the first `n` cases of `cases`, and the files of
+    /// each repository named, under `root`.
+    fn read(cases: &Path, root: &Path, n: usize) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Named {
+            file: Option<String>,
+        }
+        let text = std::fs::read_to_string(cases)
+            .with_context(|| format!("reading {}", cases.display()))?;
+        let mut files = Vec::with_capacity(n);
+        for (i, line) in text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(n)
+            .enumerate()
+        {
+            let named: Named = serde_json::from_str(line)?;
+            let file = named.file.with_context(|| {
+                format!(
+                    "{}:{}: no `file` to find its repository by",
+                    cases.display(),
+                    i + 1
+                )
+            })?;
+            let (repo, path) = file.split_once('/').with_context(|| {
+                format!("{}:{}: `file` is not <repo>/<path>", cases.display(), i + 1)
+            })?;
+            files.push((repo.to_owned(), path.to_owned()));
+        }
+        let mut chunks = std::collections::HashMap::new();
+        for (repo, _) in &files {
+            if chunks.contains_key(repo) {
+                continue;
+            }
+            let dir = root.join(repo);
+            let mut all = Vec::new();
+            for entry in walkdir::WalkDir::new(&dir).sort_by_file_name() {
+                let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "py") {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let rel = path
+                        .strip_prefix(&dir)
+                        .unwrap_or(path)
+                        .display()
+                        .to_string();
+                    all.extend(crossfile::chunks(&rel, &text));
+                }
+            }
+            if all.is_empty() {
+                bail!("no .py files in {}", dir.display());
+            }
+            chunks.insert(repo.clone(), all);
+        }
+        Ok(Self { files, chunks })
+    }
+
+    /// What case `i` sees: its repository's other files, ranked around its cursor.
+    fn cross_file(
+        &self,
+        i: usize,
+        case: &Case,
+        after: &str,
+        budget: usize,
+        layout: Layout,
+    ) -> CrossFile {
+        let (repo, path) = &self.files[i];
+        let others = self.chunks[repo].iter().filter(|c| &c.path != path);
+        CrossFile {
+            repo: repo.clone(),
+            path: path.clone(),
+            chunks: crossfile::rank(others, &crossfile::around(&case.prefix, after)),
+            budget,
+            layout,
+        }
+    }
 }
 
 fn summarize(cases: &[Case], rows: &[Row]) -> Summary {

@@ -94,6 +94,31 @@ struct CompleteArgs {
     rows: Option<PathBuf>,
     #[arg(long)]
     threads: Option<usize>,
+    /// With --cases: the repositories the cases' `file`s are in (`DIR/<repo>/<path>`); each case
+    /// sees its repository's other files, as the server sees the files opened lately.
+    #[arg(long, requires = "cases")]
+    repo_root: Option<PathBuf>,
+    /// Tokens of other files a prompt may take (the `crossFileTokens` setting; llama.cpp gets none).
+    #[arg(long, default_value_t = 0, requires = "repo_root")]
+    cross_file_tokens: usize,
+    /// How other files go into the prompt (the `crossFileLayout` setting).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Repo)]
+    cross_file_layout: LayoutArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LayoutArg {
+    Repo,
+    Concat,
+}
+
+impl From<LayoutArg> for star_ls::completion::Layout {
+    fn from(l: LayoutArg) -> Self {
+        match l {
+            LayoutArg::Repo => Self::Repo,
+            LayoutArg::Concat => Self::Concat,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -244,6 +269,9 @@ impl CompleteArgs {
             peer,
             rows,
             threads,
+            repo_root,
+            cross_file_tokens,
+            cross_file_layout,
         } = self;
         star_ls::env::set_threads(threads);
         let stop = if multiline {
@@ -257,6 +285,9 @@ impl CompleteArgs {
                 limit,
                 peer,
                 json: rows.as_deref(),
+                repo_root: repo_root.as_deref(),
+                cross_file_tokens,
+                layout: cross_file_layout.into(),
                 threads: threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             }),

@@ -3,7 +3,8 @@
 //!
 //! Architecture invariant: this module knows nothing of LSP; it speaks in documents, texts and ids.
 
-use super::prompt::{fim_prompt, ContextLimits};
+use super::crossfile::CrossFile;
+use super::prompt::{prompt_with, ContextLimits};
 use crate::model::{
     generate::{generate, Generation, StopReason},
     Cancel, GenerateParams, KvCache, LoadOptions, Model, ModelError, PatchSet, StopAt,
@@ -66,6 +67,8 @@ pub struct CompletionRequest {
     pub suffix: String,
     pub stop: StopAt,
     pub cancel: Cancel,
+    /// Other files' chunks to put before the document's text (none: the default).
+    pub cross: CrossFile,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -304,11 +307,12 @@ impl Worker {
                 .cancelled += 1;
             return Err(EngineError::Cancelled);
         }
-        let prompt = fim_prompt(
+        let prompt = prompt_with(
             &model.tokenizer,
+            &req.cross,
             &req.prefix,
             &req.suffix,
-            self.limits(model),
+            self.limits(model, req.cross.budget),
         );
         let patches = self.patches.read().map(|p| p.clone()).unwrap_or_default();
         let mut cache = self.take_cache(&req.document, patches.id(), model);
@@ -360,13 +364,17 @@ impl Worker {
         }
     }
 
-    /// The configured context limits, shrunk to fit the model's context with room for the answer.
-    fn limits(&self, model: &Model) -> ContextLimits {
+    /// The configured context limits, shrunk to fit the model's context with room for the answer and
+    /// `other_files` tokens of other files.
+    fn limits(&self, model: &Model, other_files: usize) -> ContextLimits {
         let mut limits = self.config.limits;
         let room = model
             .weights
             .max_positions()
-            .saturating_sub(self.config.max_tokens + 3); // + the three FIM markers
+            // + the three FIM markers, and the repo-level format's own (a repo and a path: some 32).
+            .saturating_sub(
+                self.config.max_tokens + 3 + other_files + 32 * usize::from(other_files > 0),
+            );
         if limits.prefix_tokens + limits.suffix_tokens > room {
             limits.suffix_tokens = limits.suffix_tokens.min(room / 8);
             limits.prefix_tokens = room - limits.suffix_tokens;

@@ -1,5 +1,6 @@
 //! From text around the cursor to a fill-in-the-middle prompt, the same way for serving and for repair.
 
+use super::crossfile::{CrossFile, Layout};
 use crate::model::{generate::Prompt, Tokenizer};
 
 /// How much context goes into a prompt.
@@ -29,6 +30,18 @@ impl Default for ContextLimits {
 /// The prefix window starts at a line boundary, chosen from whole lines, so typing on the last line keeps
 /// the window's start (and so the prefix cache) stable.
 pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLimits) -> Prompt {
+    prompt_with(tok, &CrossFile::default(), prefix, suffix, limits)
+}
+
+/// `fim_prompt` with other files' chunks before the text of this one (`crossfile`): as many of
+/// `cross.chunks` as fit in `cross.budget` tokens, in their order, the first nearest the cursor.
+pub fn prompt_with(
+    tok: &Tokenizer,
+    cross: &CrossFile,
+    prefix: &str,
+    suffix: &str,
+    limits: ContextLimits,
+) -> Prompt {
     // ~3 bytes a token in code; a generous char budget first, then an exact token cut at a line start.
     let prefix = tail_lines(prefix, limits.prefix_tokens * 4);
     let mut prefix_ids = tok.encode(prefix);
@@ -54,8 +67,12 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
     suffix_ids.truncate(limits.suffix_tokens);
 
     let fim = tok.fim;
-    let mut tokens = Vec::with_capacity(prefix_ids.len() + suffix_ids.len() + 3);
+    let (before, within) = other_files(tok, cross);
+    let mut tokens =
+        Vec::with_capacity(before.len() + within.len() + prefix_ids.len() + suffix_ids.len() + 3);
+    tokens.extend(before);
     tokens.push(fim.prefix);
+    tokens.extend(within);
     tokens.extend(prefix_ids);
     tokens.push(fim.suffix);
     tokens.extend(suffix_ids);
@@ -88,6 +105,49 @@ pub fn fim_prompt(tok: &Tokenizer, prefix: &str, suffix: &str, limits: ContextLi
             .map(str::to_owned),
         line_start: line_start.to_owned(),
         above_indent,
+    }
+}
+
+/// The tokens other files add to a prompt: before `<|fim_prefix|>` (the repo-level format) and
+/// within it, before the file's own text (plain concatenation).
+fn other_files(tok: &Tokenizer, cross: &CrossFile) -> (Vec<u32>, Vec<u32>) {
+    let mut taken: Vec<Vec<u32>> = Vec::new();
+    let mut used = 0;
+    let markers = tok.fim.repo_name.zip(tok.fim.file_sep);
+    let layout = match markers {
+        Some(_) => cross.layout,
+        None => Layout::Concat,
+    };
+    for chunk in &cross.chunks {
+        let ids = match (layout, markers) {
+            (Layout::Repo, Some((_, sep))) => {
+                let mut ids = vec![sep];
+                ids.extend(tok.encode(&format!("{}\n{}", chunk.path, chunk.text)));
+                ids
+            }
+            _ => tok.encode(&format!("{}\n", chunk.text)),
+        };
+        if used + ids.len() > cross.budget {
+            break;
+        }
+        used += ids.len();
+        taken.push(ids);
+    }
+    if taken.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    // The most similar nearest the cursor.
+    let chunks = taken.into_iter().rev().flatten();
+    match (layout, markers) {
+        (Layout::Repo, Some((repo, sep))) => {
+            let mut ids = vec![repo];
+            ids.extend(tok.encode(&format!("{}\n", cross.repo)));
+            ids.extend(chunks);
+            ids.push(sep);
+            ids.extend(tok.encode(&format!("{}\n", cross.path)));
+            (ids, Vec::new())
+        }
+        _ => (Vec::new(), chunks.collect()),
     }
 }
 

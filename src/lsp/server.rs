@@ -130,6 +130,7 @@ impl Server {
             suffix,
             stop,
             cancel,
+            cross: Default::default(),
         };
         match host.complete(request, shown).await {
             Ok(Some(c)) => Ok(Some((c, word, word_start))),

@@ -22,6 +22,10 @@ pub struct FimTokens {
     pub prefix: u32,
     pub suffix: u32,
     pub middle: u32,
+    /// The repo-level format's markers, where the vocabulary has them (`<|repo_name|>`,
+    /// `<|file_sep|>`).
+    pub repo_name: Option<u32>,
+    pub file_sep: Option<u32>,
 }
 
 impl Tokenizer {
@@ -60,6 +64,8 @@ impl Tokenizer {
             prefix: id("<|fim_prefix|>")?,
             suffix: id("<|fim_suffix|>")?,
             middle: id("<|fim_middle|>")?,
+            repo_name: inner.token_to_id("<|repo_name|>"),
+            file_sep: inner.token_to_id("<|file_sep|>"),
         };
         let mut stop: Vec<u32> = [
             "<|endoftext|>",

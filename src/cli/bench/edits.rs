@@ -130,6 +130,7 @@ fn complete_at(
         suffix,
         stop: StopAt::Line,
         cancel: Cancel::default(),
+        cross: Default::default(),
     })?;
     Ok(completion)
 }
