@@ -281,3 +281,31 @@ fn a_proposal_nobody_typed_at_is_not_decided_by_idleness() {
         [(CaseKind::Failure, Outcome::Rejected, "0", "sum(xs)")]
     );
 }
+
+#[test]
+fn another_files_edits_reach_the_context_once_the_developer_leaves_it() {
+    let mut ws = Workspace::default();
+    let now = Instant::now();
+    ws.open(
+        "a.py".into(),
+        Document::new("def load_rows():\n    pass\n", 1, "python"),
+    );
+    ws.open("b.py".into(), Document::new("rows = \n", 1, "python"));
+    let seen = |ws: &mut Workspace, key: &str| -> String {
+        ws.other_files(key, "rows = load_rows() + parse_rows_fast(", "")
+            .iter()
+            .map(|c| format!("{}:{}", c.path, c.text))
+            .collect()
+    };
+    assert!(seen(&mut ws, "b.py").contains("a.py:def load_rows"));
+    let edit = Change {
+        range: Some(((2, 0), (2, 0))),
+        text: "def parse_rows_fast():\n    pass\n".into(),
+    };
+    ws.change("a.py", 2, [edit], now).unwrap();
+    // Typing in a.py: its own edits are never its context, and b.py's context holds until a.py is left.
+    assert!(!seen(&mut ws, "a.py").contains("a.py:"));
+    let in_b = seen(&mut ws, "b.py");
+    assert!(in_b.contains("parse_rows_fast"), "{in_b}");
+    assert!(!seen(&mut ws, "a.py").contains("a.py:"));
+}

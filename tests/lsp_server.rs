@@ -250,3 +250,62 @@ fn a_missing_model_is_reported_with_the_fetch_command() {
     );
     c.shutdown();
 }
+
+/// With `crossFileTokens`, a completion sees a file opened before: here the one name it can import
+/// from it. Typing then re-runs only the tokens typed: the other files' chunks stay as they were.
+#[test]
+fn another_open_file_reaches_the_completion_and_typing_keeps_the_cache_warm() {
+    let pricing =
+        "def apply_seasonal_discount(order, rate):\n    return round(order.total * (1 - rate), 2)\n";
+    let cart = "from .pricing import \n\ndef checkout(order, rate):\n    pass\n";
+    let col = "from .pricing import ".len() as u32;
+    let line_at = |tokens: u64| {
+        let mut c = Client::start_in(
+            &packaged_model(),
+            json!({ "threads": 2, "debounceMs": 0, "crossFileTokens": tokens }),
+            &[],
+            json!("file:///work/shop"),
+        );
+        ready(&mut c);
+        c.open("file:///work/shop/pricing.py", pricing);
+        let uri = "file:///work/shop/cart.py";
+        c.open(uri, cart);
+        let r = c.call(
+            "textDocument/inlineCompletion",
+            Client::inline_params(uri, 0, col),
+        );
+        let text = r["items"][0]["insertText"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        (c, text)
+    };
+    let (mut bare, without) = line_at(0);
+    let bare_tokens = bare.status()["completions"]["last"]["promptTokens"]
+        .as_u64()
+        .unwrap();
+    bare.shutdown();
+    assert!(!without.contains("apply_seasonal_discount"), "{without}");
+
+    let (mut c, with) = line_at(512);
+    assert!(with.contains("apply_seasonal_discount"), "{with}");
+    let uri = "file:///work/shop/cart.py";
+    c.insert(uri, 2, 0, col, "a");
+    c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(uri, 0, col + 1),
+    );
+    let warm = c.status()["completions"]["last"].clone();
+    let prefilled = warm["prefilled"].as_u64().unwrap();
+    // Still with pricing.py's chunk before it (some 25 tokens), which was not run again: at most the
+    // file's own part of the prompt was (the typed token, then the suffix after it).
+    assert!(
+        warm["promptTokens"].as_u64().unwrap() > bare_tokens + 20,
+        "{warm}"
+    );
+    assert!(
+        prefilled < bare_tokens,
+        "one typed character re-ran {prefilled} prompt tokens: {warm}, {bare_tokens} without other files"
+    );
+    c.shutdown();
+}

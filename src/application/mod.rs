@@ -12,7 +12,8 @@ mod repair;
 pub use feedback::Shown;
 
 use crate::capture::{Change, Unfollowed, Workspace};
-use crate::completion::{Completion, CompletionRequest, Document, Engine, EngineConfig};
+use crate::completion::Layout;
+use crate::completion::{Completion, CompletionRequest, CrossFile, Document, Engine, EngineConfig};
 use crate::completion::{EngineError, EngineEvent, EngineStats};
 use crate::learn::{Policy, RepairReport};
 use crate::store::{Counts, StoreHandle, StoreOp};
@@ -34,6 +35,9 @@ pub struct Config {
     pub policy: Policy,
     /// A shown completion untouched this long is decided.
     pub capture_idle: Duration,
+    /// Tokens of other files' chunks a completion's prompt may take (0: none), and how.
+    pub cross_file_tokens: usize,
+    pub cross_file_layout: Layout,
 }
 
 /// What the host tells its owner, as it happens.
@@ -102,6 +106,8 @@ pub struct Host {
     root: String,
     policy: Policy,
     model_path: Option<PathBuf>,
+    cross_file_tokens: usize,
+    cross_file_layout: Layout,
     /// The model's lifecycle in a line (`Status::model`).
     model_status: Mutex<String>,
     /// The open documents and the completions followed through their edits.
@@ -135,6 +141,8 @@ impl Host {
             root: config.root,
             policy: config.policy,
             model_path: config.model_path,
+            cross_file_tokens: config.cross_file_tokens,
+            cross_file_layout: config.cross_file_layout,
             model_status: Mutex::default(),
             workspace: Mutex::default(),
             repairs: repair::Repairs::default(),
@@ -241,9 +249,12 @@ impl Host {
     /// proposed. None when the model proposes nothing but blanks.
     pub async fn complete(
         &self,
-        request: CompletionRequest,
+        mut request: CompletionRequest,
         shown: Shown,
     ) -> std::result::Result<Option<Completion>, EngineError> {
+        if self.cross_file_tokens > 0 {
+            request.cross = self.other_files(&request);
+        }
         // Not before the ledger's patches are live: a job queued while the model loads would run first.
         self.repairs.wait_restored().await;
         let (tx, rx) = oneshot::channel();
@@ -256,6 +267,37 @@ impl Host {
         let shown_one = (!completion.generation.text.trim().is_empty()).then_some(completion);
         self.track_shown(shown, shown_one.as_ref());
         Ok(shown_one)
+    }
+
+    /// What a completion in `request.document` sees of the files opened and edited lately, named by
+    /// their paths in the workspace.
+    fn other_files(&self, request: &CompletionRequest) -> CrossFile {
+        let relative = |uri: &str| {
+            let path = uri.strip_prefix(self.root.as_str()).unwrap_or(uri);
+            path.trim_start_matches('/').to_owned()
+        };
+        let chunks =
+            self.workspace()
+                .other_files(&request.document, &request.prefix, &request.suffix);
+        CrossFile {
+            repo: self
+                .root
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            path: relative(&request.document),
+            chunks: chunks
+                .into_iter()
+                .map(|c| crate::completion::Chunk {
+                    path: relative(&c.path),
+                    text: c.text,
+                })
+                .collect(),
+            budget: self.cross_file_tokens,
+            layout: self.cross_file_layout,
+        }
     }
 
     /// What `star.status` reports.

@@ -1,8 +1,10 @@
 //! The open documents and the completions followed through their edits, kept together: what
 //! `didOpen`, `didChange` and `didClose` change, in the order they came (the server holds it under
-//! one lock, so an edit and the tracker never see each other half-applied).
+//! one lock, so an edit and the tracker never see each other half-applied). Beside them, the ring of
+//! the files opened, closed and edited lately, whose chunks a completion may see (`crossfile::Ring`).
 
 use super::tracker::{Edit, Resolved, Tracker};
+use crate::completion::crossfile::{self, Chunk, Ring};
 use crate::completion::{Document, PositionError};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,11 +34,27 @@ pub enum Unfollowed {
 pub struct Workspace {
     documents: HashMap<String, Document>,
     tracker: Tracker,
+    ring: Ring,
+    /// The document edited last: the ring takes its text once a completion is asked in another.
+    edited: Option<String>,
 }
 
 impl Workspace {
     pub fn open(&mut self, key: String, doc: Document) {
+        self.ring.add(&key, &doc.text());
         self.documents.insert(key, doc);
+    }
+
+    /// Other files' chunks for a completion in document `key` around `prefix`|`suffix`, the most
+    /// like that text first (`Ring::for_document`: they change only when the ring does).
+    pub fn other_files(&mut self, key: &str, prefix: &str, suffix: &str) -> Vec<Chunk> {
+        if let Some(edited) = self.edited.take_if(|e| e != key) {
+            if let Some(doc) = self.documents.get(&edited) {
+                self.ring.add(&edited, &doc.text());
+            }
+        }
+        self.ring
+            .for_document(key, &crossfile::around(prefix, suffix))
     }
 
     pub fn document(&self, key: &str) -> Option<&Document> {
@@ -77,13 +95,18 @@ impl Workspace {
             }
         }
         doc.version = version;
+        self.edited = Some(key.to_owned());
         Ok(resolved)
     }
 
     /// Decides every completion open in document `key` and closes it.
     pub fn close(&mut self, key: &str) -> Vec<Resolved> {
+        self.ring.closed(key);
         match self.documents.remove(key) {
-            Some(doc) => self.tracker.close(key, &doc),
+            Some(doc) => {
+                self.ring.add(key, &doc.text());
+                self.tracker.close(key, &doc)
+            }
             None => Vec::new(),
         }
     }

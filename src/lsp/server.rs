@@ -207,6 +207,8 @@ impl LanguageServer for Server {
                 root,
                 policy: settings.policy(),
                 capture_idle: Duration::from_millis(settings.capture_idle_ms),
+                cross_file_tokens: settings.cross_file_tokens,
+                cross_file_layout: settings.cross_file_layout,
             };
             let (tx, rx) = mpsc::unbounded_channel();
             let state = Arc::downgrade(&self.state);

@@ -34,6 +34,11 @@ pub struct Settings {
     pub patch_memory_mb: u64,
     /// Guard cases (accepted completions) a repair checks, the newest first.
     pub repair_guards: usize,
+    /// Tokens of the files opened and edited lately that a completion's prompt may take, the chunks
+    /// most like the text around the cursor first; 0 turns it off.
+    pub cross_file_tokens: usize,
+    /// How they go into the prompt: `repo` (Qwen2.5-Coder's repo-level format) or `concat`.
+    pub cross_file_layout: crate::completion::Layout,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -60,6 +65,8 @@ impl Default for Settings {
             repair_threshold: policy.repair_threshold,
             patch_memory_mb: policy.patch_memory_mb,
             repair_guards: policy.repair_guards,
+            cross_file_tokens: 0,
+            cross_file_layout: crate::completion::Layout::default(),
         }
     }
 }
