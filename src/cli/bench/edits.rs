@@ -2,7 +2,7 @@
 
 use super::{repair_cases, DOCUMENT};
 use anyhow::{Context, Result};
-use star_ls::completion::{CompletionRequest, Document, Engine};
+use star_ls::completion::{CompletionRequest, CrossFile, Document, Engine};
 use star_ls::model::{Cancel, Model, StopAt};
 use star_ls::repair::{Head, RepairSettings, Star};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,8 +27,9 @@ pub(super) struct Edits {
 }
 
 /// Types `TYPED` one character at a time on a new line in `DOCUMENT`, asking for a line completion after
-/// each keystroke as an editor would (`gap` after each answer), and times request → answer.
-pub(super) fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
+/// each keystroke as an editor would (`gap` after each answer, `cross` the other files' chunks it
+/// sees), and times request → answer.
+pub(super) fn bench_edits(engine: &Engine, gap: Duration, cross: &CrossFile) -> Result<Edits> {
     let anchor = DOCUMENT
         .find(EDIT_ANCHOR)
         .context("the edit anchor is missing from fixtures/bench/access_log.py")?
@@ -40,7 +41,7 @@ pub(super) fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
     let name = "bench://access_log.py";
 
     // Warm the prefix cache on the untouched line, as the editor's first request would have.
-    complete_at(engine, &doc, cursor, name).context("warmup completion")?;
+    complete_at(engine, &doc, cursor, name, cross).context("warmup completion")?;
 
     let mut out = Edits {
         latencies_ms: Vec::new(),
@@ -53,7 +54,7 @@ pub(super) fn bench_edits(engine: &Engine, gap: Duration) -> Result<Edits> {
         doc.replace(cursor, cursor, ch.encode_utf8(&mut [0; 4]))?;
         cursor += 1;
         let t0 = Instant::now();
-        let completion = complete_at(engine, &doc, cursor, name)?;
+        let completion = complete_at(engine, &doc, cursor, name, cross)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let g = &completion.generation;
         tracing::debug!(ms, prefilled = g.prefilled, text = %g.text, "bench: edit");
@@ -107,7 +108,8 @@ pub(super) fn bench_edits_during_repair(engine: &Engine, model: &Model) -> Resul
         // gradient steps.
         let mut latencies = Vec::new();
         let typed = (0..REPAIR_ROUNDS).try_for_each(|_| {
-            latencies.extend(bench_edits(engine, KEYSTROKE_GAP)?.latencies_ms);
+            latencies
+                .extend(bench_edits(engine, KEYSTROKE_GAP, &CrossFile::default())?.latencies_ms);
             anyhow::Ok(())
         });
         done.store(true, Ordering::SeqCst);
@@ -122,6 +124,7 @@ fn complete_at(
     doc: &Document,
     cursor: usize,
     name: &str,
+    cross: &CrossFile,
 ) -> Result<star_ls::completion::Completion> {
     let (prefix, suffix) = doc.split_at(cursor);
     let completion = engine.complete_blocking(CompletionRequest {
@@ -130,7 +133,7 @@ fn complete_at(
         suffix,
         stop: StopAt::Line,
         cancel: Cancel::default(),
-        cross: Default::default(),
+        cross: cross.clone(),
     })?;
     Ok(completion)
 }

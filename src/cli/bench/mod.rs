@@ -12,7 +12,7 @@ mod speed;
 use report::Machine;
 
 use anyhow::{bail, Context, Result};
-use star_ls::completion::{Engine, EngineConfig, EngineEvent};
+use star_ls::completion::{crossfile, CrossFile, Engine, EngineConfig, EngineEvent};
 use star_ls::model::Model;
 use star_ls::repair::Case;
 use std::path::Path;
@@ -35,11 +35,39 @@ const DOCUMENT: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/bench/access_log.py"
 ));
+/// `OTHER_FILES` as the server would give them to a completion in `DOCUMENT`, ranked around its end.
+fn other_file() -> CrossFile {
+    let chunks: Vec<_> = OTHER_FILES
+        .iter()
+        .flat_map(|(path, text)| crossfile::chunks(path, text))
+        .collect();
+    CrossFile {
+        repo: "bench".into(),
+        path: "access_log.py".into(),
+        chunks: crossfile::rank(&chunks, DOCUMENT),
+        budget: CROSS_FILE_TOKENS,
+        layout: Default::default(),
+    }
+}
+
 /// The failures STAR repairs, again and again, while edit latency is measured under a repair.
 const REPAIR_CASES: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/cases/conventions.jsonl"
 ));
+/// Other files a developer has open while typing into `DOCUMENT`, for edit latency with their chunks.
+const OTHER_FILES: [(&str, &str); 2] = [
+    (
+        "inventory.py",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/python/inventory.py"
+        )),
+    ),
+    ("prompt.py", PROMPT),
+];
+/// What edit latency with other files' chunks allows them (`crossFileTokens`).
+const CROSS_FILE_TOKENS: usize = 1024;
 /// Tokens decoded after the prompt; the first comes from the prompt's logits, so DECODE - 1 single-token
 /// steps are timed (peer-bench counts the same way).
 const DECODE: usize = 64;
@@ -64,7 +92,12 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     let speed = bench_speed(&model.weights, &prompt, None)?;
 
     tracing::info!(edits = TYPED.len(), "bench: edit latency");
-    let edits = bench_edits(&engine, Duration::ZERO)?;
+    let edits = bench_edits(&engine, Duration::ZERO, &CrossFile::default())?;
+    tracing::info!(
+        tokens = CROSS_FILE_TOKENS,
+        "bench: edit latency with another file's chunks"
+    );
+    let with_context = bench_edits(&engine, Duration::ZERO, &other_file())?;
 
     let cold_ids = cold_prompt(&model)?;
     tracing::info!(tokens = cold_ids.len(), "bench: cold completion");
@@ -91,6 +124,7 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
         prompt_tokens: prompt.len(),
         speed,
         edits,
+        with_context,
         during_repair,
         cold_ms,
         rss_mb,

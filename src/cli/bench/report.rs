@@ -44,6 +44,10 @@ pub struct Ours {
     pub edit_prefilled_mean: f64,
     pub edit_prompt_tokens_mean: f64,
     pub edit_generated_mean: f64,
+    /// The same edits with another file's chunks before the prompt (`crossFileTokens` 1024).
+    pub edit_latency_with_context_ms_p50: f64,
+    pub edit_latency_with_context_ms_p95: f64,
+    pub edit_with_context_prompt_tokens_mean: f64,
     /// The same edits while STAR repairs in the background, as the server runs it (the repair waits
     /// at its checkpoints while a completion is queued or running).
     pub edit_latency_during_repair_ms_p50: f64,
@@ -114,6 +118,7 @@ pub(super) struct Measured {
     pub(super) prompt_tokens: usize,
     pub(super) speed: Speed,
     pub(super) edits: Edits,
+    pub(super) with_context: Edits,
     pub(super) during_repair: Vec<f64>,
     pub(super) cold_ms: f64,
     pub(super) rss_mb: f64,
@@ -128,6 +133,7 @@ pub(super) fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
         prompt_tokens,
         speed,
         edits,
+        with_context,
         during_repair,
         cold_ms,
         rss_mb,
@@ -155,6 +161,9 @@ pub(super) fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
         edit_prefilled_mean: round2(mean(&edits.prefilled)),
         edit_prompt_tokens_mean: round2(mean(&edits.prompt_tokens)),
         edit_generated_mean: round2(mean(&edits.generated)),
+        edit_latency_with_context_ms_p50: round2(percentile(&with_context.latencies_ms, 50.0)),
+        edit_latency_with_context_ms_p95: round2(percentile(&with_context.latencies_ms, 95.0)),
+        edit_with_context_prompt_tokens_mean: round2(mean(&with_context.prompt_tokens)),
         rss_mb: round2(rss_mb),
         rss_end_mb: round2(rss_end_mb),
         patched,
@@ -262,6 +271,12 @@ pub(super) fn print_table(r: &Report) {
         r.ours.edit_prefilled_mean,
         r.ours.edit_prompt_tokens_mean,
         r.ours.edit_generated_mean
+    );
+    println!(
+        "  with another file         {:.1} / {:.1} ms  ({:.1} prompt tokens)",
+        r.ours.edit_latency_with_context_ms_p50,
+        r.ours.edit_latency_with_context_ms_p95,
+        r.ours.edit_with_context_prompt_tokens_mean
     );
     println!(
         "  during a repair           {:.1} / {:.1} ms  ({:.2}x / {:.2}x without)",
