@@ -309,3 +309,20 @@ fn another_files_edits_reach_the_context_once_the_developer_leaves_it() {
     assert!(in_b.contains("parse_rows_fast"), "{in_b}");
     assert!(!seen(&mut ws, "a.py").contains("a.py:"));
 }
+
+#[test]
+fn a_private_documents_text_reaches_no_other_files_context() {
+    let mut ws = Workspace::default();
+    let now = Instant::now();
+    ws.open_private(".env".into(), Document::new("SECRET_TOKEN=abc\n", 1, ""));
+    ws.open("app.py".into(), Document::new("token = \n", 1, "python"));
+    let edit = Change {
+        range: Some(((1, 0), (1, 0))),
+        text: "OTHER_SECRET_TOKEN=def\n".into(),
+    };
+    ws.change(".env", 2, [edit], now).unwrap();
+    let resolved = ws.close(".env");
+    assert!(resolved.is_empty());
+    let seen = ws.other_files("app.py", "token = SECRET_TOKEN OTHER_SECRET_TOKEN", "");
+    assert!(seen.is_empty(), "{seen:?}");
+}

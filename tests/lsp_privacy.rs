@@ -168,3 +168,35 @@ fn past_patch_memory_mb_the_oldest_patches_are_evicted_and_learning_goes_on() {
     );
     c.shutdown();
 }
+
+#[test]
+fn nothing_is_completed_or_recorded_in_an_excluded_file() {
+    let data = client::fresh_data_dir("exclude");
+    let mut c = start(&data, json!({ "exclude": ["**/secrets/**"] }));
+    // The store takes the server's writes in order: a count asked after a completion includes it.
+    let recorded = |c: &mut Client| c.status()["completionsRecorded"].as_i64().unwrap();
+    for uri in [
+        format!("{ROOT}/.env"),
+        format!("{ROOT}/.env.local"),
+        format!("{ROOT}/deploy/server.pem"),
+        format!("{ROOT}/secrets/token.py"),
+    ] {
+        c.open(&uri, "API_KEY=\n");
+        let r = c.call(
+            "textDocument/inlineCompletion",
+            Client::inline_params(&uri, 0, 8),
+        );
+        assert_eq!(r["items"], json!([]), "{uri}: {r}");
+    }
+    assert_eq!(recorded(&mut c), 0);
+    // The same text in an ordinary file is completed and recorded.
+    let uri = format!("{ROOT}/settings.py");
+    c.open(&uri, "API_KEY=\n");
+    let r = c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(&uri, 0, 8),
+    );
+    assert!(r["items"][0]["insertText"].is_string(), "{r}");
+    assert_eq!(recorded(&mut c), 1);
+    c.shutdown();
+}

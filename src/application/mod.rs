@@ -38,6 +38,48 @@ pub struct Config {
     /// Tokens of other files' chunks a completion's prompt may take (0: none), and how.
     pub cross_file_tokens: usize,
     pub cross_file_layout: Layout,
+    /// Files never completed, recorded or shown to another file's prompt (`Exclude`).
+    pub exclude: Exclude,
+}
+
+/// The files whose text must stay out of the model and the store: `.env` files, keys. A glob with a
+/// `/` matches the whole path, one without it the file's name.
+#[derive(Debug, Clone)]
+pub struct Exclude(globset::GlobSet);
+
+impl Exclude {
+    /// What is always excluded; settings add to it.
+    pub const DEFAULTS: [&str; 4] = [".env*", "*.pem", "*.key", "id_*"];
+
+    /// The defaults and `more`; an error names a glob that does not parse.
+    pub fn with(more: &[String]) -> std::result::Result<Self, globset::Error> {
+        let mut set = globset::GlobSetBuilder::new();
+        for glob in Self::DEFAULTS
+            .iter()
+            .copied()
+            .chain(more.iter().map(String::as_str))
+        {
+            set.add(
+                globset::GlobBuilder::new(glob)
+                    .literal_separator(true)
+                    .build()?,
+            );
+        }
+        Ok(Self(set.build()?))
+    }
+
+    /// Whether document `uri` (a `file:` URI or a path) is excluded.
+    pub fn excludes(&self, uri: &str) -> bool {
+        let path = uri.strip_prefix("file://").unwrap_or(uri);
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.0.is_match(name) || self.0.is_match(path)
+    }
+}
+
+impl Default for Exclude {
+    fn default() -> Self {
+        Self::with(&[]).expect("the default globs parse")
+    }
 }
 
 /// What the host tells its owner, as it happens.
@@ -108,6 +150,7 @@ pub struct Host {
     model_path: Option<PathBuf>,
     cross_file_tokens: usize,
     cross_file_layout: Layout,
+    exclude: Exclude,
     /// The model's lifecycle in a line (`Status::model`).
     model_status: Mutex<String>,
     /// The open documents and the completions followed through their edits.
@@ -143,6 +186,7 @@ impl Host {
             model_path: config.model_path,
             cross_file_tokens: config.cross_file_tokens,
             cross_file_layout: config.cross_file_layout,
+            exclude: config.exclude,
             model_status: Mutex::default(),
             workspace: Mutex::default(),
             repairs: repair::Repairs::default(),
@@ -194,8 +238,14 @@ impl Host {
         self.workspace().document(uri).map(read)
     }
 
+    /// An excluded document is followed (its edits apply) but stays out of other files' prompts.
     pub fn open(&self, uri: String, document: Document) {
-        self.workspace().open(uri, document);
+        let mut ws = self.workspace();
+        if self.exclude.excludes(&uri) {
+            ws.open_private(uri, document);
+        } else {
+            ws.open(uri, document);
+        }
     }
 
     /// Applies an editor's changes to `uri` in order, deciding the completions they settle.
@@ -246,12 +296,16 @@ impl Host {
     }
 
     /// Runs `request` where `shown` says, once the ledger's patches are live, and follows what it
-    /// proposed. None when the model proposes nothing but blanks.
+    /// proposed. None when the model proposes nothing but blanks, and in an excluded document, where
+    /// the model never runs and nothing is recorded.
     pub async fn complete(
         &self,
         mut request: CompletionRequest,
         shown: Shown,
     ) -> std::result::Result<Option<Completion>, EngineError> {
+        if self.exclude.excludes(&request.document) {
+            return Ok(None);
+        }
         if self.cross_file_tokens > 0 {
             request.cross = self.other_files(&request);
         }

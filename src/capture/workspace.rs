@@ -37,11 +37,20 @@ pub struct Workspace {
     ring: Ring,
     /// The document edited last: the ring takes its text once a completion is asked in another.
     edited: Option<String>,
+    /// Documents whose text must never reach a prompt of another file (`open_private`).
+    private: std::collections::HashSet<String>,
 }
 
 impl Workspace {
     pub fn open(&mut self, key: String, doc: Document) {
         self.ring.add(&key, &doc.text());
+        self.private.remove(&key);
+        self.documents.insert(key, doc);
+    }
+
+    /// Opens a document that stays out of the ring: no other file's completion sees its text.
+    pub fn open_private(&mut self, key: String, doc: Document) {
+        self.private.insert(key.clone());
         self.documents.insert(key, doc);
     }
 
@@ -95,7 +104,9 @@ impl Workspace {
             }
         }
         doc.version = version;
-        self.edited = Some(key.to_owned());
+        if !self.private.contains(key) {
+            self.edited = Some(key.to_owned());
+        }
         Ok(resolved)
     }
 
@@ -104,7 +115,9 @@ impl Workspace {
         self.ring.closed(key);
         match self.documents.remove(key) {
             Some(doc) => {
-                self.ring.add(key, &doc.text());
+                if !self.private.remove(key) {
+                    self.ring.add(key, &doc.text());
+                }
                 self.tracker.close(key, &doc)
             }
             None => Vec::new(),

@@ -209,6 +209,7 @@ impl LanguageServer for Server {
                 capture_idle: Duration::from_millis(settings.capture_idle_ms),
                 cross_file_tokens: settings.cross_file_tokens,
                 cross_file_layout: settings.cross_file_layout,
+                exclude: application::Exclude::with(&settings.exclude).unwrap_or_default(),
             };
             let (tx, rx) = mpsc::unbounded_channel();
             let state = Arc::downgrade(&self.state);

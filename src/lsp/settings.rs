@@ -39,6 +39,9 @@ pub struct Settings {
     pub cross_file_tokens: usize,
     /// How they go into the prompt: `repo` (Qwen2.5-Coder's repo-level format) or `concat`.
     pub cross_file_layout: crate::completion::Layout,
+    /// Globs of files never completed or recorded, beside the defaults (`.env*`, `*.pem`, `*.key`,
+    /// `id_*`); one with a `/` matches the whole path.
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -67,6 +70,7 @@ impl Default for Settings {
             repair_guards: policy.repair_guards,
             cross_file_tokens: 0,
             cross_file_layout: crate::completion::Layout::default(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -76,8 +80,14 @@ impl Settings {
     pub fn from_options(options: Option<serde_json::Value>) -> (Self, Option<String>) {
         match options {
             None | Some(serde_json::Value::Null) => (Self::default(), None),
-            Some(v) => match serde_json::from_value(v) {
-                Ok(s) => (s, None),
+            Some(v) => match serde_json::from_value::<Self>(v) {
+                Ok(s) => match crate::application::Exclude::with(&s.exclude) {
+                    Ok(_) => (s, None),
+                    Err(e) => (
+                        Self::default(),
+                        Some(format!("ignoring initializationOptions: exclude: {e}")),
+                    ),
+                },
                 Err(e) => (
                     Self::default(),
                     Some(format!("ignoring initializationOptions: {e}")),
