@@ -69,7 +69,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (5, "wal"));
+    assert_eq!((version, journal.as_str()), (6, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -271,6 +271,7 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     conn.execute_batch(
         "ALTER TABLE patch_layers DROP COLUMN gate_center;
          ALTER TABLE completions DROP COLUMN fired;
+         DROP TABLE leases;
          PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -290,7 +291,7 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
 }
 
 /// A patch whose ledger rows were damaged on disk (a torn blob, half a gate, a neuron past the

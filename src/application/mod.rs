@@ -143,6 +143,8 @@ pub struct Explanation {
 pub struct Host {
     /// Itself, for the work it spawns.
     me: Weak<Host>,
+    /// This server among those of one data directory (its process and start), for the store's leases.
+    holder: String,
     engine: Engine,
     store: StoreHandle,
     root: String,
@@ -179,6 +181,7 @@ impl Host {
         let forward = on_event.clone();
         let host = Arc::new_cyclic(|me| Self {
             me: me.clone(),
+            holder: format!("{}-{}", std::process::id(), feedback::now_ms()),
             engine,
             store,
             root: config.root,
@@ -200,6 +203,7 @@ impl Host {
             }
         });
         spawn_idle_capture(Arc::downgrade(&host), config.capture_idle);
+        spawn_store_watch(Arc::downgrade(&host));
         host
     }
 
@@ -418,6 +422,32 @@ fn spawn_idle_capture(host: Weak<Host>, idle: Duration) {
             let mut ws = host.workspace();
             let resolved = ws.idle(Instant::now(), idle);
             host.record(resolved);
+        }
+    });
+}
+
+/// Another server on this data directory writes to the same store: every `WATCH_EVERY`, when the
+/// store has changed under another connection, its patches go live here too and the status is sent.
+fn spawn_store_watch(host: Weak<Host>) {
+    const WATCH_EVERY: Duration = Duration::from_secs(1);
+    tokio::spawn(async move {
+        // The first look goes to the store before the ledger is first read (the model is still
+        // loading): a change between them is seen at the next look.
+        let mut seen = None;
+        loop {
+            let Some(host) = host.upgrade() else { return };
+            if let Ok(version) = host.data_version().await {
+                if seen.replace(version).is_some_and(|v| v != version) {
+                    if host.repairs.sha_known() {
+                        if let Err(e) = host.reload_overlay().await {
+                            tracing::warn!("could not take up another server's patches: {e}");
+                        }
+                    }
+                    host.emit(Event::Changed);
+                }
+            }
+            drop(host);
+            tokio::time::sleep(WATCH_EVERY).await;
         }
     });
 }

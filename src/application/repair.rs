@@ -8,8 +8,8 @@ use crate::model::Model;
 use crate::repair::{self, Case, Head, RepairSettings, Residuals, Star};
 use crate::store::{Forgotten, PatchRecord, Store, StoreOp};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::sync::{oneshot, MutexGuard};
 
 /// The repair service's state.
@@ -22,15 +22,33 @@ pub(super) struct Repairs {
     /// Cases run through the frozen lower layers, kept for repairs.
     residuals: Residuals,
     /// Held while a repair (or a forget) runs: one at a time, and a `repair_now` meanwhile waits.
+    /// Across the servers of one data directory, the store's lease `REPAIR_LEASE` does the same.
     lock: tokio::sync::Mutex<()>,
-    /// Failures the last repair saw and left unfixed: the scheduler counts new ones past these.
-    unfixed: AtomicU64,
     last: Mutex<Option<RepairReport>>,
     /// Ids of the patches in the live overlay.
     live: Mutex<Vec<String>>,
     /// Set once the ledger's patches for the loaded model are live, or cannot be: completions wait for
     /// it, so that after a restart none is served (and recorded) without them.
     restored: tokio::sync::SetOnce<()>,
+}
+
+/// The store's lease on repairing: one server of a data directory repairs at a time.
+const REPAIR_LEASE: &str = "repair";
+/// How long a lease lasts unless renewed: a server that dies mid-repair holds up the others this long.
+const LEASE_MS: i64 = 60_000;
+/// While a repair runs, its lease is renewed this often.
+const RENEW_EVERY: Duration = Duration::from_secs(20);
+/// A server that waits for another's repair looks again this often.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// What a repair leaves pending for the scheduler to count new failures past.
+enum Left {
+    /// Those it was given and did not fix.
+    Unfixed(i64),
+    /// All pending failures (it failed).
+    AllPending,
+    /// What the last repair left (none ran).
+    AsBefore,
 }
 
 impl Repairs {
@@ -58,6 +76,10 @@ impl Repairs {
     pub(super) fn last(&self) -> Option<RepairReport> {
         lock(&self.last).clone()
     }
+
+    pub(super) fn sha_known(&self) -> bool {
+        self.model_sha.get().is_some()
+    }
 }
 
 impl Host {
@@ -79,6 +101,11 @@ impl Host {
         }
     }
 
+    /// The store's `data_version`: it moves when another server has written to it.
+    pub(super) async fn data_version(&self) -> Result<i64> {
+        self.with_store(|s| s.data_version()).await
+    }
+
     fn loaded_model(&self) -> Result<Arc<Model>> {
         match self.engine.model() {
             Some(Ok(m)) => Ok(m),
@@ -95,9 +122,19 @@ impl Host {
             .ok_or_else(|| Error::new("the model's sha is not known yet"))
     }
 
-    /// Puts the ledger's active patches for this model live (after load, and after every change).
-    async fn reload_overlay(&self) -> Result<usize> {
+    /// Puts the ledger's active patches for this model live (after load, after every change, and
+    /// when another server on this data directory has written), unless they are live already.
+    pub(super) async fn reload_overlay(&self) -> Result<usize> {
         let records = self.ledger(Some(self.model_sha()?)).await?;
+        let live: Vec<String> = records
+            .iter()
+            .filter(|r| r.damaged.is_none())
+            .map(|r| r.id.clone())
+            .collect();
+        let n = live.len();
+        if *lock(&self.repairs.live) == live && self.repairs.restored.get().is_some() {
+            return Ok(n);
+        }
         for r in &records {
             if let Some(why) = &r.damaged {
                 tracing::warn!("{} is not applied: {why}", r.id);
@@ -105,12 +142,6 @@ impl Host {
         }
         self.engine
             .set_patches(learn::overlay(&records).map_err(Error::new)?);
-        let live: Vec<String> = records
-            .into_iter()
-            .filter(|r| r.damaged.is_none())
-            .map(|r| r.id)
-            .collect();
-        let n = live.len();
         *lock(&self.repairs.live) = live;
         self.emit(Event::Changed);
         Ok(n)
@@ -198,15 +229,51 @@ impl Host {
                 lock
             }
         };
-        let report = self.repair_locked(lock).await;
+        let report = self.repair_locked(lock, None).await;
         self.schedule_repair();
-        report
+        report?.ok_or_else(|| Error::new("no repair ran"))
     }
 
-    /// Pending failures the last repair did not see (stored since it started).
+    /// Pending failures the last repair (of any server on this data directory) did not see.
     async fn failures_unseen(&self) -> Result<u64> {
-        let pending = self.counts().await?.failures_pending.max(0) as u64;
-        Ok(pending.saturating_sub(self.repairs.unfixed.load(Ordering::SeqCst)))
+        let (counts, lease) = self
+            .with_store(|s| {
+                Ok::<_, crate::store::StoreError>((s.counts()?, s.lease(REPAIR_LEASE)?))
+            })
+            .await?;
+        let unfixed = lease.map_or(0, |l| l.unfixed);
+        Ok(counts.failures_pending.saturating_sub(unfixed).max(0) as u64)
+    }
+
+    /// Takes the store's repair lease, waiting while another server holds it, and keeps it renewed
+    /// until the returned task is aborted.
+    async fn take_lease(&self) -> Result<tokio::task::JoinHandle<()>> {
+        loop {
+            let holder = self.holder.clone();
+            let now = super::feedback::now_ms();
+            let taken = self
+                .with_store(move |s| s.take_lease(REPAIR_LEASE, &holder, now, LEASE_MS))
+                .await?;
+            if taken {
+                break;
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+        let (store, holder) = (self.store.clone(), self.holder.clone());
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                let holder = holder.clone();
+                store.send(StoreOp::With(Box::new(move |s| {
+                    if let Ok(s) = s {
+                        let now = super::feedback::now_ms();
+                        if let Err(e) = s.take_lease(REPAIR_LEASE, &holder, now, LEASE_MS) {
+                            tracing::warn!("could not renew the repair lease: {e}");
+                        }
+                    }
+                })));
+            }
+        }))
     }
 
     /// The scheduler: a repair in the background once `repair_threshold` failures are pending that
@@ -230,8 +297,9 @@ impl Host {
                 if !due().await {
                     return;
                 }
-                match host.repair_locked(lock).await {
-                    Ok(report) => tracing::info!("scheduled repair: {report:?}"),
+                match host.repair_locked(lock, Some(threshold)).await {
+                    Ok(None) => return, // another server's repair took them up
+                    Ok(Some(report)) => tracing::info!("scheduled repair: {report:?}"),
                     Err(e) => {
                         tracing::warn!("scheduled repair: {e}");
                         return;
@@ -241,21 +309,36 @@ impl Host {
         });
     }
 
-    /// One repair, the caller holding the repair lock, between `Event::RepairStarted` and
-    /// `Event::RepairEnded`.
-    async fn repair_locked(&self, held: MutexGuard<'_, ()>) -> Result<RepairReport> {
+    /// One repair, the caller holding the repair lock, under the store's lease (waiting for another
+    /// server's repair first), between `Event::RepairStarted` and `Event::RepairEnded`. With
+    /// `threshold` (the scheduler), none when fewer unseen failures than it are left once the lease is
+    /// ours.
+    async fn repair_locked(
+        &self,
+        held: MutexGuard<'_, ()>,
+        threshold: Option<u64>,
+    ) -> Result<Option<RepairReport>> {
         self.emit(Event::RepairStarted);
         self.emit(Event::Changed);
+        let renewing = self.take_lease().await?;
+        if let Some(t) = threshold {
+            if self.failures_unseen().await? < t {
+                renewing.abort();
+                self.release_lease(Left::AsBefore).await;
+                drop(held);
+                self.emit(Event::RepairEnded(None));
+                self.emit(Event::Changed);
+                return Ok(None);
+            }
+        }
         let report = self.repair_once().await;
-        let unfixed = match &report {
-            Ok(r) => r.unfixed() as u64,
+        renewing.abort();
+        self.release_lease(match &report {
+            Ok(r) => Left::Unfixed(r.unfixed() as i64),
             // Not tried again on their own: the next failure stored brings them back in.
-            Err(_) => self
-                .counts()
-                .await
-                .map_or(0, |c| c.failures_pending.max(0) as u64),
-        };
-        self.repairs.unfixed.store(unfixed, Ordering::SeqCst);
+            Err(_) => Left::AllPending,
+        })
+        .await;
         if let Ok(report) = &report {
             // Before the lock goes: a client that asks for the status on seeing it gets this report.
             *lock(&self.repairs.last) = Some(report.clone());
@@ -263,7 +346,25 @@ impl Host {
         drop(held);
         self.emit(Event::RepairEnded(report.as_ref().ok().cloned()));
         self.emit(Event::Changed);
-        report
+        report.map(Some)
+    }
+
+    /// Gives the repair lease back, saying what the scheduler is to count new failures past.
+    async fn release_lease(&self, left: Left) {
+        let holder = self.holder.clone();
+        let released = self
+            .with_store(move |s| {
+                let unfixed = match left {
+                    Left::Unfixed(n) => n,
+                    Left::AllPending => s.counts()?.failures_pending,
+                    Left::AsBefore => s.lease(REPAIR_LEASE)?.map_or(0, |l| l.unfixed),
+                };
+                s.release_lease(REPAIR_LEASE, &holder, unfixed)
+            })
+            .await;
+        if let Err(e) = released {
+            tracing::warn!("could not release the repair lease: {e}");
+        }
     }
 
     async fn repair_once(&self) -> Result<RepairReport> {

@@ -6,10 +6,12 @@
 //! [`StoreHandle`], which owns the connection on its own thread.
 
 mod handle;
+mod lease;
 mod ledger;
 mod schema;
 
 pub use handle::{StoreHandle, StoreOp};
+pub use lease::Lease;
 pub use ledger::{patch_number, Forgotten, PatchGate, PatchLayer, PatchRecord};
 
 use crate::capture::{CaseKind, CaseText};
@@ -399,7 +401,12 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(wrap)?;
+        // Immediate: a write that reads first must not find, at its first write, that another
+        // server on this data directory has written meanwhile (a busy error no timeout waits out).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(wrap)?;
         let out = f(&tx).map_err(wrap)?;
         tx.commit().map_err(wrap)?;
         Ok(out)

@@ -68,6 +68,13 @@ const MIGRATIONS: &[&str] = &[
     // 5: the ledger's entries that opened while a completion was made (JSON, for `star.explain`;
     // NULL before it was recorded).
     "ALTER TABLE completions ADD COLUMN fired TEXT;",
+    // 6: leases between the servers of one data directory (`lease.rs`).
+    "CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        unfixed INTEGER NOT NULL DEFAULT 0
+     );",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {
