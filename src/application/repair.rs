@@ -47,7 +47,7 @@ enum Left {
     Unfixed(i64),
     /// All pending failures (it failed).
     AllPending,
-    /// What the last repair left (none ran).
+    /// What the last repair left, of what is still pending (none ran).
     AsBefore,
 }
 
@@ -357,7 +357,11 @@ impl Host {
                 let unfixed = match left {
                     Left::Unfixed(n) => n,
                     Left::AllPending => s.counts()?.failures_pending,
-                    Left::AsBefore => s.lease(REPAIR_LEASE)?.map_or(0, |l| l.unfixed),
+                    // Cases forgotten since are no longer pending: no more than are.
+                    Left::AsBefore => s
+                        .lease(REPAIR_LEASE)?
+                        .map_or(0, |l| l.unfixed)
+                        .min(s.counts()?.failures_pending),
                 };
                 s.release_lease(REPAIR_LEASE, &holder, unfixed)
             })
@@ -466,11 +470,15 @@ impl Host {
     /// with `everything`, all of them), and takes those patches out of the live model.
     pub async fn forget(&self, everything: bool) -> Result<Forgotten> {
         let workspace = (!everything).then(|| self.root.clone());
-        // A repair running now may be learning from the cases about to go: forget after it.
+        // A repair running now (here, or in another window) may be learning from the cases about to
+        // go: forget after it.
         let lock = self.repairs.lock.lock().await;
+        let renewing = self.take_lease().await?;
         let gone = self
             .with_store(move |s| s.forget(workspace.as_deref()))
             .await;
+        renewing.abort();
+        self.release_lease(Left::AsBefore).await;
         let reloaded = match (&gone, self.repairs.model_sha.get()) {
             (Ok(_), Some(_)) => self.reload_overlay().await.map(drop),
             _ => Ok(()),
