@@ -131,14 +131,7 @@ fn past_patch_memory_mb_the_oldest_patches_are_evicted_and_learning_goes_on() {
     let mut c = start_on(&model, &data, json!({ "patchMemoryMb": 0 }));
     let mut patches = Vec::new();
     for k in 0..2 {
-        let uri = format!("{ROOT}/f{k}.py");
-        c.open(&uri, &format!("def f{k}(x):\n    return \n"));
-        c.call(
-            "textDocument/inlineCompletion",
-            Client::inline_params(&uri, 1, 11),
-        );
-        c.insert(&uri, 2, 1, 11, &format!("x + {k}"));
-        c.insert(&uri, 3, 1, 16, "\n");
+        c.fail_at_return(ROOT, k);
         let report = c.call(
             "workspace/executeCommand",
             json!({ "command": "star.repairNow" }),

@@ -22,18 +22,6 @@ fn start(data: &Path) -> Client {
     )
 }
 
-/// Types `x + k` over the completion at the end of `def f{k}(x): return `, then Enter: one failure.
-fn fail_once(c: &mut Client, k: usize) {
-    let uri = format!("{ROOT}/f{k}.py");
-    c.open(&uri, &format!("def f{k}(x):\n    return \n"));
-    c.call(
-        "textDocument/inlineCompletion",
-        Client::inline_params(&uri, 1, 11),
-    );
-    c.insert(&uri, 2, 1, 11, &format!("x + {k}"));
-    c.insert(&uri, 3, 1, 16, "\n");
-}
-
 fn command(c: &mut Client, name: &str, args: Value) -> Value {
     c.call(
         "workspace/executeCommand",
@@ -55,7 +43,7 @@ fn a_repair_and_a_rollback_in_one_window_are_served_in_the_other() {
     for c in [&mut a, &mut b] {
         c.wait_for("the ledger read", |m| m["method"] == "star/status");
     }
-    fail_once(&mut a, 0);
+    a.fail_at_return(ROOT, 0);
     let report = command(&mut a, "star.repairNow", json!([]));
     let id = report["patchId"]
         .as_str()
@@ -74,7 +62,7 @@ fn a_repair_and_a_rollback_in_one_window_are_served_in_the_other() {
 fn a_repair_waits_while_another_window_holds_the_lease_then_takes_it() {
     let data = client::fresh_data_dir("shared-lease");
     let mut b = start(&data);
-    fail_once(&mut b, 1);
+    b.fail_at_return(ROOT, 1);
     // Another server is repairing: it holds the lease (until 2100, unless it gives it back).
     let db = rusqlite::Connection::open(data.join("feedback.sqlite3")).unwrap();
     let far = 4_102_444_800_000_i64; // 2100-01-01

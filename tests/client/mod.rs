@@ -259,6 +259,20 @@ impl Client {
         );
     }
 
+    /// Opens `{root}/f{k}.py` as `def f{k}(x): return `, asks for a completion at the end, types
+    /// `x + {k}` over it and presses Enter: one failure case, which the repairable tiny model's repair
+    /// fixes.
+    pub fn fail_at_return(&mut self, root: &str, k: usize) {
+        let uri = format!("{root}/f{k}.py");
+        self.open(&uri, &format!("def f{k}(x):\n    return \n"));
+        self.call(
+            "textDocument/inlineCompletion",
+            Self::inline_params(&uri, 1, 11),
+        );
+        self.insert(&uri, 2, 1, 11, &format!("x + {k}"));
+        self.insert(&uri, 3, 1, 16, "\n");
+    }
+
     pub fn completion_params(uri: &str, line: u32, character: u32) -> Value {
         json!({ "textDocument": { "uri": uri }, "position": { "line": line, "character": character } })
     }
