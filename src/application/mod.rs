@@ -158,12 +158,12 @@ pub struct Host {
     /// The open documents and the completions followed through their edits.
     workspace: Mutex<Workspace>,
     repairs: repair::Repairs,
-    on_event: Box<dyn Fn(Event) + Send + Sync>,
+    on_event: Arc<dyn Fn(Event) + Send + Sync>,
 }
 
 impl Host {
-    /// Starts the store and the engine (which loads the model, then the ledger's patches go live) and
-    /// the idle timer. Must run inside a tokio runtime.
+    /// Starts the store and the engine (which loads the model, then the ledger's patches go live), the
+    /// idle timer and the watch on the store. Must run inside a tokio runtime.
     pub fn start(config: Config, on_event: impl Fn(Event) + Send + Sync + 'static) -> Arc<Self> {
         let on_event: Arc<dyn Fn(Event) + Send + Sync> = Arc::new(on_event);
         let store_events = on_event.clone();
@@ -178,7 +178,6 @@ impl Host {
         let engine = Engine::start(config.engine, move |e| {
             let _ = tx.send(e);
         });
-        let forward = on_event.clone();
         let host = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             holder: format!("{}-{}", std::process::id(), feedback::now_ms()),
@@ -193,7 +192,7 @@ impl Host {
             model_status: Mutex::default(),
             workspace: Mutex::default(),
             repairs: repair::Repairs::default(),
-            on_event: Box::new(move |e| forward(e)),
+            on_event,
         });
         let weak = Arc::downgrade(&host);
         tokio::spawn(async move {
