@@ -4,7 +4,7 @@
 //! the files opened, closed and edited lately, whose chunks a completion may see (`crossfile::Ring`).
 
 use super::tracker::{Edit, Resolved, Tracker};
-use crate::completion::crossfile::{self, Chunk, Ring};
+use crate::completion::crossfile::{Chunk, Ring};
 use crate::completion::{Document, PositionError};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -62,8 +62,7 @@ impl Workspace {
                 self.ring.add(&edited, &doc.text());
             }
         }
-        self.ring
-            .for_document(key, &crossfile::around(prefix, suffix))
+        self.ring.for_document(key, prefix, suffix)
     }
 
     pub fn document(&self, key: &str) -> Option<&Document> {

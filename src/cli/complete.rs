@@ -249,7 +249,7 @@ impl Repositories {
         CrossFile {
             repo: repo.clone(),
             path: path.clone(),
-            chunks: crossfile::rank(others, &crossfile::around(&case.prefix, after)),
+            chunks: crossfile::rank(others, &case.prefix, after),
             budget,
             layout,
         }

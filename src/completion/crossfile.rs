@@ -66,7 +66,7 @@ pub fn chunks(path: &str, text: &str) -> Vec<Chunk> {
 
 /// The text that chunks are compared with: the lines before the cursor (as many as a chunk holds)
 /// and a few after.
-pub fn around(prefix: &str, suffix: &str) -> String {
+fn around(prefix: &str, suffix: &str) -> String {
     let before: Vec<&str> = prefix.lines().rev().take(CHUNK_LINES).collect();
     let after = suffix.lines().take(CHUNK_LINES / 4);
     before
@@ -75,6 +75,50 @@ pub fn around(prefix: &str, suffix: &str) -> String {
         .chain(after)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The names the text imports from other modules (Python's `from module import a, b as c`, also
+/// over parenthesized lines): a chunk that defines one is what the lines using it need.
+fn imported(prefix: &str) -> HashSet<&str> {
+    let mut names = HashSet::new();
+    let mut open = false;
+    for line in prefix.lines().map(str::trim) {
+        let list = match line
+            .strip_prefix("from ")
+            .and_then(|l| l.split_once(" import "))
+        {
+            Some((_, list)) => list,
+            None if open => line,
+            None => continue,
+        };
+        open = list.starts_with('(') && !list.contains(')') || open && !list.contains(')');
+        for item in list.split(',') {
+            let name = item.trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace());
+            let name = name.split_whitespace().next().unwrap_or("");
+            if name.len() >= 3 && name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                names.insert(name);
+            }
+        }
+    }
+    names
+}
+
+/// Whether `chunk` defines one of `names` (`def`, `class`, or an assignment at the line's start).
+fn defines(chunk: &str, names: &HashSet<&str>) -> bool {
+    chunk.lines().map(str::trim_start).any(|l| {
+        let l = l.strip_prefix("async ").unwrap_or(l);
+        let l = l
+            .strip_prefix("def ")
+            .or_else(|| l.strip_prefix("class "))
+            .unwrap_or(l);
+        let end = l
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(l.len());
+        end > 0 && names.contains(&l[..end]) && {
+            let rest = l[end..].trim_start();
+            rest.starts_with(['(', ':', '=', '[']) && !rest.starts_with("==")
+        }
+    })
 }
 
 /// The identifiers of 3 or more characters in `text`: what similarity compares.
@@ -95,13 +139,25 @@ fn similarity(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
     }
 }
 
-/// `chunks` most like `around` first (the Jaccard similarity of their identifiers), those that share
-/// none of its identifiers left out, at most `RANKED`; ties keep their order.
-pub fn rank<'a>(chunks: impl IntoIterator<Item = &'a Chunk>, around: &str) -> Vec<Chunk> {
-    let here = words(around);
+/// `chunks` for a cursor between `prefix` and `suffix`, at most `RANKED`: those that define a name the
+/// prefix imports first, then the rest, each by the Jaccard similarity of their identifiers with the
+/// text around the cursor; those that share none of its identifiers are left out, ties keep their
+/// order.
+pub fn rank<'a>(
+    chunks: impl IntoIterator<Item = &'a Chunk>,
+    prefix: &str,
+    suffix: &str,
+) -> Vec<Chunk> {
+    let here_text = around(prefix, suffix);
+    let here = words(&here_text);
+    let names = imported(prefix);
     let mut scored: Vec<(f32, &Chunk)> = chunks
         .into_iter()
-        .map(|c| (similarity(&here, &words(&c.text)), c))
+        .map(|c| {
+            let like = similarity(&here, &words(&c.text));
+            let needed = if defines(&c.text, &names) { 1.0 } else { 0.0 };
+            (like + needed, c)
+        })
         .filter(|(s, _)| *s > 0.0)
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -138,15 +194,19 @@ impl Ring {
         self.generation += 1;
     }
 
-    /// The chunks of other files ranked for document `path` around `around`: ranked again only when
-    /// the ring has changed since, so typing does not change them.
-    pub fn for_document(&mut self, path: &str, around: &str) -> Vec<Chunk> {
+    /// The chunks of other files ranked for document `path` at a cursor between `prefix` and
+    /// `suffix`: ranked again only when the ring has changed since, so typing does not change them.
+    pub fn for_document(&mut self, path: &str, prefix: &str, suffix: &str) -> Vec<Chunk> {
         if let Some((generation, ranked)) = self.ranked.get(path) {
             if *generation == self.generation {
                 return ranked.clone();
             }
         }
-        let ranked = rank(self.chunks.iter().filter(|c| c.path != path), around);
+        let ranked = rank(
+            self.chunks.iter().filter(|c| c.path != path),
+            prefix,
+            suffix,
+        );
         self.ranked
             .insert(path.to_owned(), (self.generation, ranked.clone()));
         ranked
@@ -176,25 +236,36 @@ mod tests {
             path: "c.py".into(),
             text: "def parse_header(x): ...\ndef other_thing(): ...\n".into(),
         };
-        let ranked = rank([&b, &c, &a], "h = parse_header(value)");
-        assert_eq!(ranked, vec![a, c]);
+        let ranked = rank([&b, &c, &a], "h = parse_header(value)", "");
+        assert_eq!(ranked, vec![a.clone(), c.clone()]);
+        // A name the file imports brings the chunk that defines it first.
+        let d = Chunk {
+            path: "d.py".into(),
+            text: "class Unrelated_Reader:\n    pass\n".into(),
+        };
+        let ranked = rank(
+            [&a, &c, &d],
+            "from .d import (\n    Unrelated_Reader,\n)\nh = parse_header(value)",
+            "",
+        );
+        assert_eq!(ranked, vec![d, a, c]);
     }
 
     #[test]
     fn a_ranking_changes_when_the_ring_does_not_at_each_keystroke() {
         let mut ring = Ring::default();
         ring.add("lib.py", "def alpha_one():\n    pass\n");
-        let first = ring.for_document("main.py", "alpha_one(");
+        let first = ring.for_document("main.py", "alpha_one(", "");
         assert_eq!(first.len(), 1);
         // Typing: the text around the cursor changes, the ranking does not.
-        assert_eq!(ring.for_document("main.py", "nothing alike"), first);
+        assert_eq!(ring.for_document("main.py", "nothing alike", ""), first);
         ring.add("other.py", "def beta_two():\n    pass\n");
-        let again = ring.for_document("main.py", "beta_two(");
+        let again = ring.for_document("main.py", "beta_two(", "");
         assert_eq!(again[0].path, "other.py");
         // The document's own chunks are never its context.
         ring.add("main.py", "def beta_two_main():\n    pass\n");
         assert!(ring
-            .for_document("main.py", "beta_two(")
+            .for_document("main.py", "beta_two(", "")
             .iter()
             .all(|c| c.path != "main.py"));
     }

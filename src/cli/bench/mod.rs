@@ -44,7 +44,7 @@ fn other_file() -> CrossFile {
     CrossFile {
         repo: "bench".into(),
         path: "access_log.py".into(),
-        chunks: crossfile::rank(&chunks, DOCUMENT),
+        chunks: crossfile::rank(&chunks, DOCUMENT, ""),
         budget: CROSS_FILE_TOKENS,
         layout: Default::default(),
     }
