@@ -264,27 +264,7 @@ pub(super) fn print_table(r: &Report) {
         r.cold_700.peer_ms,
         r.cold_700.ratio,
     );
-    println!(
-        "edit latency p50 / p95      {:.1} / {:.1} ms  ({:.1} of {:.1} prompt tokens prefilled per edit, {:.1} generated)",
-        r.ours.edit_latency_ms_p50,
-        r.ours.edit_latency_ms_p95,
-        r.ours.edit_prefilled_mean,
-        r.ours.edit_prompt_tokens_mean,
-        r.ours.edit_generated_mean
-    );
-    println!(
-        "  with another file         {:.1} / {:.1} ms  ({:.1} prompt tokens)",
-        r.ours.edit_latency_with_context_ms_p50,
-        r.ours.edit_latency_with_context_ms_p95,
-        r.ours.edit_with_context_prompt_tokens_mean
-    );
-    println!(
-        "  during a repair           {:.1} / {:.1} ms  ({:.2}x / {:.2}x without)",
-        r.ours.edit_latency_during_repair_ms_p50,
-        r.ours.edit_latency_during_repair_ms_p95,
-        r.ours.repair_slowdown_p50,
-        r.ours.repair_slowdown_p95
-    );
+    print_edits(&r.ours);
     let p = &r.ours.patched;
     println!(
         "with a repair's patches     prefill / decode tok/s: overlay {:.1} / {:.1}, re-quantized {:.1} / {:.1} (layers {:?}, {} neurons each)",
@@ -314,4 +294,29 @@ pub(super) fn print_table(r: &Report) {
         (None, Some(e)) => println!("peer unavailable: {e}"),
         (None, None) => {}
     }
+}
+
+/// The edit-latency lines of the table: alone, with another file's chunks, during a repair.
+fn print_edits(o: &Ours) {
+    println!(
+        "edit latency p50 / p95      {:.1} / {:.1} ms  ({:.1} of {:.1} prompt tokens prefilled per edit, {:.1} generated)",
+        o.edit_latency_ms_p50,
+        o.edit_latency_ms_p95,
+        o.edit_prefilled_mean,
+        o.edit_prompt_tokens_mean,
+        o.edit_generated_mean
+    );
+    println!(
+        "  with another file         {:.1} / {:.1} ms  ({:.1} prompt tokens)",
+        o.edit_latency_with_context_ms_p50,
+        o.edit_latency_with_context_ms_p95,
+        o.edit_with_context_prompt_tokens_mean
+    );
+    println!(
+        "  during a repair           {:.1} / {:.1} ms  ({:.2}x / {:.2}x without)",
+        o.edit_latency_during_repair_ms_p50,
+        o.edit_latency_during_repair_ms_p95,
+        o.repair_slowdown_p50,
+        o.repair_slowdown_p95
+    );
 }
