@@ -436,13 +436,18 @@ fn spawn_store_watch(host: Weak<Host>) {
         loop {
             let Some(host) = host.upgrade() else { return };
             if let Ok(version) = host.data_version().await {
-                if seen.replace(version).is_some_and(|v| v != version) {
+                let mut taken_up = true;
+                if seen.is_some_and(|v| v != version) {
                     if host.repairs.sha_known() {
                         if let Err(e) = host.reload_overlay().await {
                             tracing::warn!("could not take up another server's patches: {e}");
+                            taken_up = false; // looks again at the next tick
                         }
                     }
                     host.emit(Event::Changed);
+                }
+                if taken_up {
+                    seen = Some(version);
                 }
             }
             drop(host);

@@ -27,6 +27,9 @@ pub(super) struct Repairs {
     last: Mutex<Option<RepairReport>>,
     /// Ids of the patches in the live overlay.
     live: Mutex<Vec<String>>,
+    /// Held from reading the ledger to putting its patches live: two reloads (after this server's
+    /// repair, and on another's write) never put an older read live over a newer one.
+    reloading: tokio::sync::Mutex<()>,
     /// Set once the ledger's patches for the loaded model are live, or cannot be: completions wait for
     /// it, so that after a restart none is served (and recorded) without them.
     restored: tokio::sync::SetOnce<()>,
@@ -125,6 +128,7 @@ impl Host {
     /// Puts the ledger's active patches for this model live (after load, after every change, and
     /// when another server on this data directory has written), unless they are live already.
     pub(super) async fn reload_overlay(&self) -> Result<usize> {
+        let _reloading = self.repairs.reloading.lock().await;
         let records = self.ledger(Some(self.model_sha()?)).await?;
         let live: Vec<String> = records
             .iter()
