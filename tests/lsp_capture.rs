@@ -147,3 +147,53 @@ fn a_locked_store_is_reported_and_completion_goes_on() {
     let guards = export(&data, Some("guard"));
     assert_eq!(guards.len(), 1, "{guards:?}");
 }
+
+/// Typing the start of a shown completion (or taking a word of it, as the editors' accept-word
+/// does) is answered with its rest under its id, without running the model; the whole line kept is
+/// one guard case, filed under the workspace folder that holds the document (one added after
+/// initialize: one server serves every project).
+#[test]
+fn the_rest_of_a_completion_typed_into_is_answered_without_the_model() {
+    let data = fresh_data_dir("typed-ahead");
+    let mut c = Client::start_in(
+        &client::packaged_model(),
+        json!({ "debounceMs": 0, "multiline": "line", "captureIdleMs": 600000 }),
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+        json!("file:///home/dev/a"),
+    );
+    let folder = "file:///home/dev/b";
+    c.notify(
+        "workspace/didChangeWorkspaceFolders",
+        json!({ "event": { "added": [{ "uri": folder, "name": "b" }], "removed": [] } }),
+    );
+    let uri = &format!("{folder}/add.py");
+    c.open(uri, "def add(a, b):\n    return \n");
+    let (text, id) = inline(&mut c, uri, 1, 11);
+    let word = text.split_inclusive(' ').next().unwrap().to_owned();
+    assert!(word.len() < text.len(), "one word: {text:?}");
+    let runs = c.status()["completions"]["completed"].clone();
+
+    c.insert(uri, 2, 1, 11, &word);
+    let column = 11 + word.encode_utf16().count() as u32;
+    let (rest, rest_id) = inline(&mut c, uri, 1, column);
+    assert_eq!(format!("{word}{rest}"), text);
+    assert_eq!(rest_id, id, "the rest is the same completion");
+    assert_eq!(
+        c.status()["completions"]["completed"],
+        runs,
+        "the model ran"
+    );
+
+    c.insert(uri, 3, 1, column, &rest);
+    c.notify("star/didAccept", json!({ "completionId": id }));
+    c.notify(
+        "textDocument/didClose",
+        json!({ "textDocument": { "uri": uri } }),
+    );
+    c.shutdown();
+    let cases = export(&data, None);
+    assert_eq!(cases.len(), 1, "{cases:?}");
+    assert_eq!(cases[0]["kind"], "guard", "{cases:?}");
+    assert_eq!(cases[0]["target"], json!(text), "{cases:?}");
+    assert_eq!(cases[0]["workspace"], folder, "{cases:?}");
+}

@@ -89,8 +89,8 @@ impl Host {
         if let Some(c) = completion {
             self.store.send(StoreOp::Shown(ShownRecord {
                 id: c.id.clone(),
+                workspace: self.workspace_of(&shown.document),
                 document: shown.document,
-                workspace: self.root.clone(),
                 language,
                 version: shown.version,
                 line: shown.line,
@@ -121,7 +121,7 @@ impl Host {
                 completion_id: r.completion_id.clone(),
                 language: r.language.clone(),
                 document: r.document.clone(),
-                workspace: self.root.clone(),
+                workspace: self.workspace_of(&r.document),
                 created_ms: now_ms(),
             });
             if let Some(c) = &case {

@@ -13,7 +13,7 @@ pub use feedback::Shown;
 
 use crate::capture::{Change, Unfollowed, Workspace};
 use crate::completion::Layout;
-use crate::completion::{Completion, CompletionRequest, CrossFile, Document, Engine, EngineConfig};
+use crate::completion::{CompletionRequest, CrossFile, Document, Engine, EngineConfig};
 use crate::completion::{EngineError, EngineEvent, EngineStats};
 use crate::learn::{Policy, RepairReport};
 use crate::store::{Counts, StoreHandle, StoreOp};
@@ -30,8 +30,8 @@ pub struct Config {
     /// Where the feedback store lives, and its size cap in bytes.
     pub data_dir: PathBuf,
     pub store_max_bytes: u64,
-    /// The workspace the cases belong to (its root URI), for `star-ls forget` and exports.
-    pub root: String,
+    /// The workspace folders the cases belong to (their root URIs), for `star-ls forget` and exports.
+    pub roots: Vec<String>,
     pub policy: Policy,
     /// A shown completion untouched this long is decided.
     pub capture_idle: Duration,
@@ -140,6 +140,13 @@ pub struct Explanation {
     pub fired: Option<serde_json::Value>,
 }
 
+/// What the editor shows: a completion's id and its text from the cursor on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal {
+    pub id: String,
+    pub text: String,
+}
+
 pub struct Host {
     /// Itself, for the work it spawns.
     me: Weak<Host>,
@@ -147,7 +154,8 @@ pub struct Host {
     holder: String,
     engine: Engine,
     store: StoreHandle,
-    root: String,
+    /// The workspace folders, as the editor has them now.
+    roots: Mutex<Vec<String>>,
     policy: Policy,
     model_path: Option<PathBuf>,
     cross_file_tokens: usize,
@@ -183,7 +191,7 @@ impl Host {
             holder: format!("{}-{}", std::process::id(), feedback::now_ms()),
             engine,
             store,
-            root: config.root,
+            roots: Mutex::new(config.roots),
             policy: config.policy,
             model_path: config.model_path,
             cross_file_tokens: config.cross_file_tokens,
@@ -234,6 +242,40 @@ impl Host {
 
     fn workspace(&self) -> MutexGuard<'_, Workspace> {
         lock(&self.workspace)
+    }
+
+    /// The workspace folder `uri` is in: the innermost one holding it, else the first (an editor may
+    /// open files outside every folder), else none ("").
+    pub fn workspace_of(&self, uri: &str) -> String {
+        let roots = lock(&self.roots);
+        let inside = |root: &&String| {
+            let root = root.trim_end_matches('/');
+            uri.strip_prefix(root)
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
+        roots
+            .iter()
+            .filter(inside)
+            .max_by_key(|r| r.len())
+            .or(roots.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The editor's workspace folders changed.
+    pub fn change_roots(&self, added: Vec<String>, removed: &[String]) {
+        let mut roots = lock(&self.roots);
+        roots.retain(|r| !removed.contains(r));
+        for root in added {
+            if !roots.contains(&root) {
+                roots.push(root);
+            }
+        }
+    }
+
+    /// The first workspace folder ("" when there is none): `star.forget`'s default.
+    pub fn first_root(&self) -> String {
+        lock(&self.roots).first().cloned().unwrap_or_default()
     }
 
     /// Reads the open document `uri`, if it is open.
@@ -298,6 +340,15 @@ impl Host {
         }
     }
 
+    /// The rest of a completion still shown where `shown` asks, whose start the developer typed or
+    /// took a word of: the model need not run again, and its outcome stays one case.
+    pub fn ahead(&self, shown: &Shown) -> Option<Proposal> {
+        let (id, text) = self
+            .workspace()
+            .ahead(&shown.document, shown.version, shown.at)?;
+        Some(Proposal { id, text })
+    }
+
     /// Runs `request` where `shown` says, once the ledger's patches are live, and follows what it
     /// proposed. None when the model proposes nothing but blanks, and in an excluded document, where
     /// the model never runs and nothing is recorded.
@@ -305,7 +356,7 @@ impl Host {
         &self,
         mut request: CompletionRequest,
         shown: Shown,
-    ) -> std::result::Result<Option<Completion>, EngineError> {
+    ) -> std::result::Result<Option<Proposal>, EngineError> {
         if self.exclude.excludes(&request.document) {
             return Ok(None);
         }
@@ -323,22 +374,25 @@ impl Host {
             .unwrap_or_else(|_| Err(EngineError::Inference("the model thread stopped".into())))?;
         let shown_one = (!completion.generation.text.trim().is_empty()).then_some(completion);
         self.track_shown(shown, shown_one.as_ref());
-        Ok(shown_one)
+        Ok(shown_one.map(|c| Proposal {
+            id: c.id,
+            text: c.generation.text,
+        }))
     }
 
     /// What a completion in `request.document` sees of the files opened and edited lately, named by
     /// their paths in the workspace.
     fn other_files(&self, request: &CompletionRequest) -> CrossFile {
+        let root = self.workspace_of(&request.document);
         let relative = |uri: &str| {
-            let path = uri.strip_prefix(self.root.as_str()).unwrap_or(uri);
+            let path = uri.strip_prefix(root.as_str()).unwrap_or(uri);
             path.trim_start_matches('/').to_owned()
         };
         let chunks =
             self.workspace()
                 .other_files(&request.document, &request.prefix, &request.suffix);
         CrossFile {
-            repo: self
-                .root
+            repo: root
                 .trim_end_matches('/')
                 .rsplit('/')
                 .next()

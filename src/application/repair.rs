@@ -470,10 +470,9 @@ impl Host {
         self.ledger(self.repairs.model_sha.get().cloned()).await
     }
 
-    /// Wipes this workspace's cases and shown completions and every patch that learned from them (or,
-    /// with `everything`, all of them), and takes those patches out of the live model.
-    pub async fn forget(&self, everything: bool) -> Result<Forgotten> {
-        let workspace = (!everything).then(|| self.root.clone());
+    /// Wipes the cases and shown completions of `workspace` (a folder's root URI; None: all of them)
+    /// and every patch that learned from them, and takes those patches out of the live model.
+    pub async fn forget(&self, workspace: Option<String>) -> Result<Forgotten> {
         // A repair running now (here, or in another window) may be learning from the cases about to
         // go: forget after it.
         let lock = self.repairs.lock.lock().await;

@@ -169,6 +169,20 @@ impl Tracker {
         })
     }
 
+    /// The id and unwritten rest of a completion still open with its region ending at `at`, when the
+    /// developer typed (or took a word of) its start and nothing else; not one they dismissed.
+    pub fn ahead(&self, key: &str, doc: &Document, at: usize) -> Option<(String, String)> {
+        self.documents.get(key)?.iter().rev().find_map(|t| {
+            let id =
+                t.id.as_ref()
+                    .filter(|_| !t.rejected && t.anchor < at && t.end == at)?;
+            let rest = t
+                .proposed
+                .strip_prefix(doc.slice(t.anchor, t.end).as_str())?;
+            (!rest.trim().is_empty()).then(|| (id.clone(), rest.to_owned()))
+        })
+    }
+
     pub fn accept(&mut self, id: &str) {
         if let Some(t) = self.find(id) {
             t.accepted = true;

@@ -139,6 +139,13 @@ impl Workspace {
         Some(self.tracker.shown(key, doc, id, at, proposed, now))
     }
 
+    /// The id and the rest of a completion shown in `key` whose start the developer has typed up to
+    /// char `at` of the document as it is at `version`.
+    pub fn ahead(&self, key: &str, version: i32, at: usize) -> Option<(String, String)> {
+        let doc = self.documents.get(key).filter(|d| d.version == version)?;
+        self.tracker.ahead(key, doc, at)
+    }
+
     /// Decides the completions typed at and then left alone for `timeout`.
     pub fn idle(&mut self, now: Instant, timeout: Duration) -> Vec<Resolved> {
         self.tracker.idle(&self.documents, now, timeout)

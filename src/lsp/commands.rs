@@ -62,18 +62,20 @@ impl Server {
                 };
                 json!({ "rolledBack": host.rollback(id).await? })
             }
-            // `star.forget ["all"]`: this workspace's cases and the patches that learned from them.
+            // `star.forget [folder | "all"]`: a workspace folder's cases (default: the first folder's)
+            // and the patches that learned from them.
             "star.forget" => {
-                let everything = match first.as_ref().map(Value::as_str) {
-                    None => false,
-                    Some(Some("all")) => true,
-                    Some(_) => {
+                let workspace = match first.as_ref().map(Value::as_str) {
+                    None => Some(host.first_root()),
+                    Some(Some("all")) => None,
+                    Some(Some(folder)) => Some(folder.to_owned()),
+                    Some(None) => {
                         return Err(invalid_params(
-                            "expected no argument (this workspace) or \"all\"",
+                            "expected no argument (the first workspace folder), a folder's URI, or \"all\"",
                         ))
                     }
                 };
-                json!(host.forget(everything).await?)
+                json!(host.forget(workspace).await?)
             }
             other => return Err(invalid_params(format!("unknown command {other}"))),
         };

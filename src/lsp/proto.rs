@@ -1,6 +1,7 @@
 //! Translation between LSP types and the core's texts, offsets and completions (`from_proto`/`to_proto`).
 
-use crate::completion::{Completion, Document};
+use crate::application::Proposal;
+use crate::completion::Document;
 use serde_json::json;
 use tower_lsp_server::jsonrpc;
 use tower_lsp_server::ls_types::{
@@ -72,13 +73,8 @@ pub fn word_before(prefix: &str) -> &str {
 
 /// A completion list item. It replaces the word before the cursor (`start..pos`) with that word plus
 /// the completion, so editors that filter by the typed word keep it.
-pub fn completion_item(
-    c: &Completion,
-    word: &str,
-    start: Position,
-    pos: Position,
-) -> CompletionItem {
-    let text = format!("{word}{}", c.generation.text);
+pub fn completion_item(c: &Proposal, word: &str, start: Position, pos: Position) -> CompletionItem {
+    let text = format!("{word}{}", c.text);
     CompletionItem {
         label: text.lines().next().unwrap_or_default().trim().to_owned(),
         kind: Some(CompletionItemKind::TEXT),
@@ -93,9 +89,9 @@ pub fn completion_item(
     }
 }
 
-pub fn inline_item(c: &Completion, pos: Position) -> InlineCompletionItem {
+pub fn inline_item(c: &Proposal, pos: Position) -> InlineCompletionItem {
     InlineCompletionItem {
-        insert_text: c.generation.text.clone(),
+        insert_text: c.text.clone(),
         filter_text: None,
         range: Some(Range::new(pos, pos)),
         command: Some(Command::new(

@@ -4,9 +4,9 @@
 
 use super::proto;
 use super::settings::{Multiline, Settings};
-use crate::application::{self, Event, Host, Shown};
+use crate::application::{self, Event, Host, Proposal, Shown};
 use crate::capture::Change;
-use crate::completion::{Completion, CompletionRequest, Document, EngineConfig, EngineError};
+use crate::completion::{CompletionRequest, Document, EngineConfig, EngineError};
 use crate::model::{Cancel, StopAt};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -80,7 +80,7 @@ impl Server {
         uri: &Uri,
         pos: Position,
         stop: Option<StopAt>,
-    ) -> Result<Option<(Completion, String, Position)>> {
+    ) -> Result<Option<(Proposal, String, Position)>> {
         let host = self.host()?.clone();
         let key = uri.as_str().to_owned();
         let (prefix, suffix, word_start, at, version) = host
@@ -116,6 +116,10 @@ impl Server {
         {
             older.cancel();
         }
+        let word = proto::word_before(&prefix).to_owned();
+        if let Some(rest) = host.ahead(&shown) {
+            return Ok(Some((rest, word, word_start)));
+        }
         let debounce = self.settings().debounce_ms;
         if debounce > 0 {
             tokio::time::sleep(Duration::from_millis(debounce)).await;
@@ -123,7 +127,6 @@ impl Server {
         if cancel.is_cancelled() {
             return Ok(None);
         }
-        let word = proto::word_before(&prefix).to_owned();
         let request = CompletionRequest {
             document: key,
             prefix,
@@ -152,6 +155,36 @@ impl Server {
     }
 }
 
+/// What star-ls serves: incremental sync, both completion kinds, its commands, workspace folders.
+fn capabilities() -> ServerCapabilities {
+    ServerCapabilities {
+        // Options rather than a bare kind: a bare kind makes some clients (Neovim) send
+        // didSave, which we do not need.
+        text_document_sync: Some(TextDocumentSyncCapability::Options(
+            TextDocumentSyncOptions {
+                open_close: Some(true),
+                change: Some(TextDocumentSyncKind::INCREMENTAL),
+                ..TextDocumentSyncOptions::default()
+            },
+        )),
+        completion_provider: Some(CompletionOptions::default()),
+        inline_completion_provider: Some(OneOf::Left(true)),
+        execute_command_provider: Some(ExecuteCommandOptions {
+            commands: super::commands::COMMANDS.map(str::to_owned).to_vec(),
+            ..ExecuteCommandOptions::default()
+        }),
+        // One server for every project the editor opens: cases are kept by folder.
+        workspace: Some(WorkspaceServerCapabilities {
+            workspace_folders: Some(WorkspaceFoldersServerCapabilities {
+                supported: Some(true),
+                change_notifications: Some(OneOf::Left(true)),
+            }),
+            file_operations: None,
+        }),
+        ..ServerCapabilities::default()
+    }
+}
+
 /// Inline completions run to the end of the block on a blank line, else to the end of the line.
 fn auto_stop(prefix: &str, suffix: &str) -> StopAt {
     let line_before = prefix.rsplit('\n').next().unwrap_or("");
@@ -174,13 +207,16 @@ impl LanguageServer for Server {
         }
         crate::env::set_threads(settings.threads);
         #[allow(deprecated)] // root_uri: older clients send only it
-        let root = params
-            .workspace_folders
-            .as_ref()
-            .and_then(|f| f.first())
-            .map(|f| f.uri.as_str().to_owned())
-            .or_else(|| params.root_uri.as_ref().map(|u| u.as_str().to_owned()))
-            .unwrap_or_default();
+        let roots: Vec<String> = match &params.workspace_folders {
+            Some(folders) if !folders.is_empty() => {
+                folders.iter().map(|f| f.uri.as_str().to_owned()).collect()
+            }
+            _ => params
+                .root_uri
+                .iter()
+                .map(|u| u.as_str().to_owned())
+                .collect(),
+        };
         let _ = self.state.shows_progress.set(
             params
                 .capabilities
@@ -204,7 +240,7 @@ impl LanguageServer for Server {
                 model_path: settings.model_path.clone(),
                 data_dir: crate::env::data_dir(),
                 store_max_bytes: settings.store_max_mb.saturating_mul(1 << 20),
-                root,
+                roots,
                 policy: settings.policy(),
                 capture_idle: Duration::from_millis(settings.capture_idle_ms),
                 cross_file_tokens: settings.cross_file_tokens,
@@ -233,24 +269,7 @@ impl LanguageServer for Server {
                 name: "star-ls".into(),
                 version: Some(env!("CARGO_PKG_VERSION").into()),
             }),
-            capabilities: ServerCapabilities {
-                // Options rather than a bare kind: a bare kind makes some clients (Neovim) send
-                // didSave, which we do not need.
-                text_document_sync: Some(TextDocumentSyncCapability::Options(
-                    TextDocumentSyncOptions {
-                        open_close: Some(true),
-                        change: Some(TextDocumentSyncKind::INCREMENTAL),
-                        ..TextDocumentSyncOptions::default()
-                    },
-                )),
-                completion_provider: Some(CompletionOptions::default()),
-                inline_completion_provider: Some(OneOf::Left(true)),
-                execute_command_provider: Some(ExecuteCommandOptions {
-                    commands: super::commands::COMMANDS.map(str::to_owned).to_vec(),
-                    ..ExecuteCommandOptions::default()
-                }),
-                ..ServerCapabilities::default()
-            },
+            capabilities: capabilities(),
             offset_encoding: None, // UTF-16, LSP's default
         })
     }
@@ -299,6 +318,18 @@ impl LanguageServer for Server {
         if let Ok(host) = self.host() {
             let uri = params.text_document.uri;
             host.change(uri.as_str(), params.text_document.version, changes);
+        }
+    }
+
+    async fn did_change_workspace_folders(&self, params: DidChangeWorkspaceFoldersParams) {
+        if let Ok(host) = self.host() {
+            let uris = |folders: Vec<WorkspaceFolder>| -> Vec<String> {
+                folders
+                    .into_iter()
+                    .map(|f| f.uri.as_str().to_owned())
+                    .collect()
+            };
+            host.change_roots(uris(params.event.added), &uris(params.event.removed));
         }
     }
 
