@@ -1,8 +1,10 @@
 //! The Neovim plugin (editors/nvim) in a real headless Neovim against the real server and model:
 //! tests/nvim/capture.lua accepts one completion with the plugin's accept key and types over another
 //! (once with Neovim 0.12's own inline completion; once with the plugin's fallback for 0.10/0.11 and
-//! the dismiss key first), checks :StarStatus and :StarExplain, and quits; then `star-ls cases export`
-//! must hold a guard case for the first completion and a failure case for the second.
+//! the dismiss key first), checks `:StarLs status` and `:StarLs explain`, and quits; then `star-ls
+//! cases export` must hold a guard case for the first completion and a failure case for the second.
+//! tests/nvim/keys.lua tries the keys (the user's own `<Tab>`, accept word and line), the switches,
+//! the exclusion, `:StarLs` completion, `:checkhealth star_ls` and `:help star-ls`.
 //!
 //! Needs Neovim 0.12 (scripts/install-nvim puts it in the cache; or set STAR_LS_NVIM) and the packaged
 //! model (scripts/fetch-model).
@@ -119,15 +121,16 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
 /// Neovim sessions run one at a time: each loads the model, and the machine may have two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// What capture.lua saw (its JSON), the cases the server recorded, and the session's temp dir.
+/// What a script saw (its JSON), the cases the server recorded, and the session's temp dir.
 struct Session {
     seen: Value,
     cases: Vec<Value>,
     dir: PathBuf,
 }
 
-/// Runs capture.lua in a headless Neovim against the real server, then exports the cases.
-fn session(ghost: &str, dismiss: bool) -> Session {
+/// Runs tests/nvim/`script` in a headless Neovim against the real server on a project (with a
+/// `.git`) holding shapes.py and an excluded `.env.py`, then exports the cases.
+fn run_script(script: &str, ghost: &str, dismiss: bool) -> Session {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nvim = nvim();
     let model = client::packaged_model();
@@ -135,9 +138,11 @@ fn session(ghost: &str, dismiss: bool) -> Session {
     let dir = temp_dir(&format!("nvim-{ghost}"));
     let data = dir.join("data");
     let file = dir.join("work/shapes.py");
+    let secret = dir.join("work/.env.py");
     let out = dir.join("seen.json");
-    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(dir.join("work/.git")).unwrap();
     std::fs::write(&file, SOURCE).unwrap();
+    std::fs::write(&secret, "API_KEY = \"\"\n").unwrap();
 
     let mut cmd = Command::new(&nvim);
     cmd.args([
@@ -149,10 +154,11 @@ fn session(ghost: &str, dismiss: bool) -> Session {
          if not ok then io.stderr:write(tostring(e), '\\n') vim.cmd('cquit 2') end",
     ])
     .current_dir(file.parent().unwrap())
-    .env("STAR_NVIM_SCRIPT", root.join("tests/nvim/capture.lua"))
+    .env("STAR_NVIM_SCRIPT", root.join("tests/nvim").join(script))
     .env("STAR_NVIM_PLUGIN", root.join("editors/nvim"))
     .env("STAR_NVIM_SERVER", env!("CARGO_BIN_EXE_star-ls"))
     .env("STAR_NVIM_FILE", &file)
+    .env("STAR_NVIM_SECRET", &secret)
     .env("STAR_NVIM_OUT", &out)
     .env("STAR_NVIM_IDLE_MS", IDLE_MS.to_string())
     .env("STAR_NVIM_GHOST", ghost)
@@ -189,39 +195,44 @@ fn session(ghost: &str, dismiss: bool) -> Session {
         );
     }
 
-    // What the developer did, as the script saw it.
     let status = str_of(&seen, "status");
     let model_name = model.file_name().unwrap().to_str().unwrap();
     assert!(
         status.contains(model_name),
-        ":StarStatus should name the model: {status}"
+        ":StarLs status should name the model: {status}"
     );
-    let explain = str_of(&seen, "explain");
-    let accepted_id = str_of(&seen["accept"], "completion_id");
-    assert!(
-        explain.contains(&format!("\"completionId\": \"{accepted_id}\"")),
-        ":StarExplain should explain {accepted_id}: {explain}"
-    );
-    let final_status = str_of(&seen, "final_status");
-    assert!(
-        final_status.contains("guardCases: 1") && final_status.contains("failuresPending: 1"),
-        ":StarStatus should count the cases recorded: {final_status}"
-    );
-    let accepted = str_of(&seen["accept"], "proposal");
-    let typed = str_of(&seen["correct"], "typed");
-    let saved = std::fs::read_to_string(&file).unwrap();
-    assert!(
-        saved.contains(&format!("    return {accepted}\n"))
-            && saved.contains(&format!("def sub(a, b):\n    return {typed}\n")),
-        "the saved file lacks the accepted or typed text:\n{saved}"
-    );
-
     let cases = cases(&data);
     eprintln!("cases export:");
     for c in &cases {
         eprintln!("  {c}");
     }
     Session { seen, cases, dir }
+}
+
+/// Runs capture.lua and checks what the developer did, as the script saw it.
+fn session(ghost: &str, dismiss: bool) -> Session {
+    let s = run_script("capture.lua", ghost, dismiss);
+    let seen = &s.seen;
+    let explain = str_of(seen, "explain");
+    let accepted_id = str_of(&seen["accept"], "completion_id");
+    assert!(
+        explain.contains(&format!("\"completionId\": \"{accepted_id}\"")),
+        ":StarLs explain should explain {accepted_id}: {explain}"
+    );
+    let final_status = str_of(seen, "final_status");
+    assert!(
+        final_status.contains("guardCases: 1") && final_status.contains("failuresPending: 1"),
+        ":StarLs status should count the cases recorded: {final_status}"
+    );
+    let accepted = str_of(&seen["accept"], "proposal");
+    let typed = str_of(&seen["correct"], "typed");
+    let saved = std::fs::read_to_string(s.dir.join("work/shapes.py")).unwrap();
+    assert!(
+        saved.contains(&format!("    return {accepted}\n"))
+            && saved.contains(&format!("def sub(a, b):\n    return {typed}\n")),
+        "the saved file lacks the accepted or typed text:\n{saved}"
+    );
+    s
 }
 
 impl Session {
@@ -317,4 +328,75 @@ fn nvim_fallback_ghost_text_accept_and_dismiss_are_recorded() {
         assert_eq!(gid, accepted_id, "{g}");
         assert_eq!(fid, dismissed_id, "{f}");
     }
+}
+
+/// The keys, switches, exclusion and commands (Neovim 0.12's own inline completion).
+#[test]
+fn nvim_keys_switches_exclusion_and_commands() {
+    let s = run_script("keys.lua", "native", false);
+    let seen = &s.seen;
+    // The buffer's folder (it has a .git) is the client's workspace folder.
+    assert_eq!(seen["folders"][0]["uri"], seen["root"], "{seen}");
+    assert!(str_of(seen, "root").ends_with("/work"), "{seen}");
+
+    // Off in the buffer: <Tab> ran the user's mapping and inserted nothing; then on again.
+    assert_eq!(seen["disabled"], true, "{seen}");
+    assert_eq!(seen["user_tab"], 1, "{seen}");
+    assert_eq!(seen["line_after_user_tab"], "    return ", "{seen}");
+    assert_eq!(seen["enabled_again"], true, "{seen}");
+
+    // A word, then the rest shown without the model running, then the line.
+    let w = &seen["word"];
+    let (proposal, word, rest) = (str_of(w, "proposal"), str_of(w, "word"), str_of(w, "rest"));
+    assert!(!word.is_empty() && !rest.is_empty(), "{w}");
+    assert_eq!(format!("{word}{rest}"), proposal, "{w}");
+    assert_eq!(
+        w["runs_before"], w["runs_after"],
+        "the model ran again: {w}"
+    );
+    assert_eq!(seen["line"], seen["line_expected"], "{seen}");
+
+    // The excluded file: no client, and nothing of it recorded.
+    assert_eq!(seen["secret_filetype"], "python", "{seen}");
+    assert_eq!(seen["secret_excluded"], true, "{seen}");
+    assert_eq!(seen["secret_clients"], 0, "{seen}");
+    assert!(
+        s.cases
+            .iter()
+            .all(|c| !str_of(c, "document").contains(".env")),
+        "{:?}",
+        s.cases
+    );
+    // The line accepted in parts is one guard case, under the project's folder.
+    let guards: Vec<_> = s.cases.iter().filter(|c| c["kind"] == "guard").collect();
+    assert_eq!(guards.len(), 1, "{:?}", s.cases);
+    assert_eq!(str_of(guards[0], "target"), proposal, "{}", guards[0]);
+    assert_eq!(guards[0]["workspace"], seen["root"], "{}", guards[0]);
+
+    let subcommands: Vec<&str> = seen["subcommands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for sub in [
+        "status", "repair", "patches", "rollback", "explain", "forget", "toggle",
+    ] {
+        assert!(subcommands.contains(&sub), "{sub} not in {subcommands:?}");
+    }
+    assert_eq!(seen["rollback_args"][0], "all", "{seen}");
+    assert_eq!(seen["patches"][0], "no patches", "{seen}");
+    assert!(str_of(seen, "statusline").starts_with("star-ls"), "{seen}");
+    let health = str_of(seen, "health");
+    for ok in ["OK server: star-ls", "OK model: ", "OK server running"] {
+        assert!(
+            health.contains(ok),
+            "{ok:?} not in the health report:\n{health}"
+        );
+    }
+    assert!(
+        health.contains("WARNING accept: <Tab>"),
+        "the user's <Tab> is not reported:\n{health}"
+    );
+    assert_eq!(seen["help"], "star-ls.txt", "{seen}");
 }

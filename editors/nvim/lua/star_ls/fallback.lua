@@ -51,10 +51,10 @@ local function show(bufnr, item)
   local lines = vim.split(text, '\n', { plain = true })
   local virt_lines = {}
   for i = 2, #lines do
-    virt_lines[#virt_lines + 1] = { { lines[i], 'Comment' } }
+    virt_lines[#virt_lines + 1] = { { lines[i], 'StarLsSuggestion' } }
   end
   api.nvim_buf_set_extmark(bufnr, ns, row - 1, col, {
-    virt_text = { { lines[1], 'Comment' } },
+    virt_text = { { lines[1], 'StarLsSuggestion' } },
     virt_text_pos = 'inline',
     virt_lines = virt_lines,
     hl_mode = 'combine',
@@ -97,7 +97,8 @@ local function request(bufnr, client)
   s.request = id and { client = client, id = id } or nil
 end
 
-function M.attach(bufnr, client)
+--- Shows completions in `bufnr` while `enabled(bufnr)` says so.
+function M.attach(bufnr, client, enabled)
   if state[bufnr] then
     return
   end
@@ -111,7 +112,7 @@ function M.attach(bufnr, client)
       clear(bufnr)
       s.timer:stop()
       s.timer:start(DEBOUNCE_MS, 0, vim.schedule_wrap(function()
-        if api.nvim_get_current_buf() == bufnr and api.nvim_get_mode().mode:match('^i') then
+        if api.nvim_get_current_buf() == bufnr and api.nvim_get_mode().mode:match('^i') and enabled(bufnr) then
           request(bufnr, client)
         end
       end))

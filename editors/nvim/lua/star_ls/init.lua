@@ -3,10 +3,11 @@
 ---
 --- On Neovim 0.12+ the ghost text is Neovim's own `vim.lsp.inline_completion`; on 0.10/0.11 a small
 --- fallback (star_ls.fallback) does the same job. Either way the keys below go through one `get()`
---- with the contract of `vim.lsp.inline_completion.get()`.
+--- with the contract of `vim.lsp.inline_completion.get()`. `:StarLs` (star_ls.commands) and the
+--- `<Plug>` maps exist without `setup()` (plugin/star_ls.lua).
 local M = {}
 
-local NAME = 'star-ls'
+M.NAME = 'star-ls'
 
 M.defaults = {
   cmd = { 'star-ls', 'serve' },
@@ -16,23 +17,35 @@ M.defaults = {
   },
   --- initializationOptions, camelCase as the server reads them (modelPath, maxTokens, multiline, ...).
   settings = {},
-  --- Insert-mode keys; `false` leaves a key unmapped. Each falls back to the key itself when no
-  --- completion is shown.
-  keys = { accept = '<Tab>', accept_word = '<M-Right>', dismiss = '<C-]>' },
+  --- Insert-mode keys; `false` leaves a key unmapped. With no completion shown each does what the
+  --- key did before (your own mapping, e.g. nvim-cmp's `<Tab>`, or the key itself).
+  keys = { accept = '<Tab>', accept_line = '<M-C-Right>', accept_word = '<M-Right>', dismiss = '<C-]>' },
+  --- Files never completed nor recorded (globs; without a `/` a glob matches the file's name). The
+  --- server refuses these and its own defaults whatever a client sends.
+  exclude = { '.env*', '*.pem', '*.key', 'id_*' },
+  --- A buffer's workspace folder is the nearest directory above it holding one of these (else its own
+  --- directory): cases are kept by folder, for `:StarLs forget`.
+  root_markers = { '.git', '.hg', '.svn', 'pyproject.toml', 'setup.py', 'Cargo.toml', 'go.mod', 'package.json' },
+  --- Completions on at start (`:StarLs toggle` flips it; per buffer `:StarLs toggle buffer`).
+  enabled = true,
   --- On quit, wait this long for star-ls to finish its shutdown (it records pending outcomes then).
   exit_wait_ms = 3000,
 }
 
 M.config = vim.deepcopy(M.defaults)
+M.configured = false
 
---- The id of the last completion the developer accepted, took a word of, or dismissed (:StarExplain).
+--- The id of the last completion the developer accepted, took a part of, or dismissed (`:StarLs explain`).
 M.last_completion_id = nil
+
+--- The server's last `star/status` (model, failuresPending, patches, repairRunning, ...), or nil.
+M.status = nil
 
 local call = require('star_ls.fallback').call
 
-local function client_for(bufnr)
-  return vim.lsp.get_clients({ name = NAME, bufnr = bufnr })[1]
-    or vim.lsp.get_clients({ name = NAME })[1]
+function M.client_for(bufnr)
+  return vim.lsp.get_clients({ name = M.NAME, bufnr = bufnr })[1]
+    or vim.lsp.get_clients({ name = M.NAME })[1]
 end
 
 local function completion_id(item)
@@ -48,11 +61,67 @@ local function get(opts)
   return require('star_ls.fallback').get(opts)
 end
 
-local function notify(method, id, extra)
-  local client = client_for(0)
-  if client and id ~= nil then
-    call(client, 'notify', method, vim.tbl_extend('force', { completionId = id }, extra or {}))
+-- Where completions run ------------------------------------------------------------------------
+
+--- True when `bufnr`'s file matches one of the exclusion globs.
+function M.excluded(bufnr)
+  local path = vim.api.nvim_buf_get_name(bufnr or 0)
+  if path == '' then
+    return false
   end
+  local name = vim.fs.basename(path)
+  for _, glob in ipairs(M.config.exclude or {}) do
+    local whole = glob:find('/', 1, true) ~= nil
+    if vim.glob.to_lpeg(glob):match(whole and path or name) then
+      return true
+    end
+  end
+  return false
+end
+
+--- Completions show in `bufnr`: on globally (or for the buffer, which wins), for a listed filetype,
+--- and not an excluded file.
+function M.is_enabled(bufnr)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  local own = vim.b[bufnr].star_ls_enabled
+  if own == nil then
+    own = M.config.enabled
+  end
+  return own and vim.tbl_contains(M.config.filetypes, vim.bo[bufnr].filetype) and not M.excluded(bufnr)
+end
+
+--- Turns completions on (`on` true), off (false) or over (nil); everywhere, or in buffer `bufnr`.
+--- Requests stop at once (`gate`); a completion already shown stays until the cursor moves.
+function M.set_enabled(on, bufnr)
+  if bufnr then
+    local now = M.is_enabled(bufnr)
+    vim.b[bufnr].star_ls_enabled = on == nil and not now or on
+  else
+    M.config.enabled = on == nil and not M.config.enabled or on
+  end
+end
+
+--- Neovim 0.12 turns its inline completion on per client (in all the client's buffers) or per
+--- buffer (for all the buffer's clients, other plugins' too): star-ls turns it on for its own client
+--- and applies its switches to its own requests, which are not sent where `is_enabled` says no.
+local function gate(client)
+  if client.star_ls_gated then
+    return
+  end
+  client.star_ls_gated = true
+  local request = client.request
+  client.request = function(self, method, params, ...)
+    if method == 'textDocument/inlineCompletion' and not M.is_enabled(vim.uri_to_bufnr(params.textDocument.uri)) then
+      return false
+    end
+    return request(self, method, params, ...)
+  end
+end
+
+--- The workspace folder of `bufnr`: the nearest directory with a root marker, else its directory.
+function M.root_of(bufnr)
+  local path = vim.api.nvim_buf_get_name(bufnr)
+  return vim.fs.root(bufnr, M.config.root_markers) or (path ~= '' and vim.fs.dirname(path)) or vim.fn.getcwd()
 end
 
 -- Keys -------------------------------------------------------------------------------------------
@@ -82,9 +151,16 @@ local function next_word(s)
   return s:match('^%s*[%w_]+') or s:match('^%s*[^%w_%s]+') or s
 end
 
---- Inserts the next word of the shown completion. No notification: the server sees the typed text
---- in didChange and infers the outcome from what the developer keeps.
-function M.accept_word()
+--- The rest of the current line of `s` (with the line break and indentation before it, when `s`
+--- starts a new line).
+local function next_line(s)
+  return s:match('^\n[^\n]*') or s:match('^[^\n]*')
+end
+
+--- Inserts the part `take(rest)` of the shown completion. No notification: the server sees the
+--- typed text in didChange, answers the next request with the rest without running the model, and
+--- infers the outcome from what the developer keeps.
+local function accept_part(take)
   local bufnr = vim.api.nvim_get_current_buf()
   return get({
     on_accept = function(item)
@@ -92,12 +168,22 @@ function M.accept_word()
       local text = item.insert_text
       text = type(text) == 'table' and text.value or text
       local rest, row, col = remaining(bufnr, text, item.range and item.range.start)
-      local lines = vim.split(next_word(rest), '\n', { plain = true })
+      local lines = vim.split(take(rest), '\n', { plain = true })
       vim.api.nvim_buf_set_text(bufnr, row, col, row, col, lines)
       local last = #lines == 1 and col + #lines[1] or #lines[#lines]
       vim.api.nvim_win_set_cursor(0, { row + #lines, last })
     end,
   })
+end
+
+--- Inserts the next word of the shown completion; the rest stays shown.
+function M.accept_word()
+  return accept_part(next_word)
+end
+
+--- Inserts the shown completion up to the end of its line; the rest stays shown.
+function M.accept_line()
+  return accept_part(next_line)
 end
 
 --- Hides the shown completion and tells the server it was rejected.
@@ -106,127 +192,107 @@ function M.dismiss()
     on_accept = function(item)
       local id = completion_id(item)
       M.last_completion_id = id or M.last_completion_id
-      notify('star/didReject', id)
+      local client = M.client_for(0)
+      if client and id ~= nil then
+        call(client, 'notify', 'star/didReject', { completionId = id })
+      end
     end,
   })
+end
+
+M.actions = { accept = M.accept, accept_line = M.accept_line, accept_word = M.accept_word, dismiss = M.dismiss }
+
+--- What `lhs` did in `bufnr` before star-ls mapped it, as an <expr> mapping's function: the user's
+--- mapping (run as it was defined), or the key itself.
+local function previous(bufnr, lhs)
+  local prev = vim.api.nvim_buf_call(bufnr, function()
+    return vim.fn.maparg(lhs, 'i', false, true)
+  end)
+  if vim.tbl_isempty(prev) or (prev.desc or ''):match('^star%-ls') then
+    return function()
+      return vim.keycode(lhs)
+    end
+  end
+  return function()
+    local keys
+    if prev.callback then
+      keys = prev.callback()
+      if prev.expr ~= 1 then
+        return ''
+      end
+    else
+      keys = prev.expr == 1 and vim.api.nvim_eval(prev.rhs) or prev.rhs
+    end
+    if type(keys) == 'string' and keys ~= '' then
+      if prev.expr ~= 1 or prev.replace_keycodes == 1 then
+        keys = vim.keycode(keys)
+      end
+      vim.api.nvim_feedkeys(keys, prev.noremap == 1 and 'n' or 'm', false)
+    end
+    return ''
+  end
 end
 
 local function map_keys(bufnr)
-  local actions = { accept = M.accept, accept_word = M.accept_word, dismiss = M.dismiss }
   for name, lhs in pairs(M.config.keys or {}) do
-    if lhs and actions[name] then
+    local action = M.actions[name]
+    if lhs and action then
+      local fallback = previous(bufnr, lhs)
       vim.keymap.set('i', lhs, function()
         -- get() defers the edit (vim.schedule), so this works as an <expr> mapping.
-        return actions[name]() and '' or lhs
-      end, { buffer = bufnr, expr = true, desc = 'star-ls: ' .. name:gsub('_', ' ') })
+        if M.is_enabled(bufnr) and action() then
+          return ''
+        end
+        return fallback()
+      end, { buffer = bufnr, expr = true, replace_keycodes = false, desc = 'star-ls: ' .. name:gsub('_', ' ') })
     end
   end
 end
 
--- Commands ---------------------------------------------------------------------------------------
+-- Status -----------------------------------------------------------------------------------------
 
---- Runs a server command (workspace/executeCommand); `on_result(result)` on success, errors shown.
-function M.exec(command, arguments, on_result)
-  local client = client_for(0)
-  if not client then
-    vim.notify('star-ls is not running', vim.log.levels.WARN)
-    return
+--- A short statusline part: `star-ls` and the model's state, pending failures (`!n`), patches
+--- (`+n`), and `repairing` while a repair runs; `off` where completions are off; "" with no server.
+function M.statusline()
+  local s = M.status
+  if not s then
+    return M.client_for(0) and 'star-ls …' or ''
   end
-  local params = { command = command, arguments = arguments }
-  call(client, 'request', 'workspace/executeCommand', params, function(err, result)
-    if err then
-      local msg = err.message or vim.inspect(err)
-      -- The server's messages mostly name the command already.
-      if not msg:find(command, 1, true) then
-        msg = command .. ': ' .. msg
-      end
-      vim.notify('star-ls: ' .. msg, vim.log.levels.ERROR)
-    elseif on_result then
-      on_result(result)
-    end
-  end, 0)
+  local parts = { 'star-ls' }
+  local model = tostring(s.model or '')
+  if not model:match('^ready') then
+    parts[#parts + 1] = model:match('^(%S+)') or 'loading'
+  end
+  if not M.is_enabled(0) then
+    parts[#parts + 1] = 'off'
+  end
+  if (s.failuresPending or 0) > 0 then
+    parts[#parts + 1] = '!' .. s.failuresPending
+  end
+  if (s.patches or 0) > 0 then
+    parts[#parts + 1] = '+' .. s.patches
+  end
+  if s.repairRunning then
+    parts[#parts + 1] = 'repairing'
+  end
+  return table.concat(parts, ' ')
 end
 
-local function to_json(value)
-  local ok, s = pcall(vim.json.encode, value, { indent = '  ', sort_keys = true })
-  return ok and s or vim.inspect(value)
-end
-
---- Shows `value` in a scratch buffer in a split.
-local function show(title, value)
-  local text = type(value) == 'string' and value or to_json(value)
-  vim.cmd('botright new')
-  local buf = vim.api.nvim_get_current_buf()
-  vim.bo[buf].buftype = 'nofile'
-  vim.bo[buf].bufhidden = 'wipe'
-  vim.bo[buf].swapfile = false
-  vim.api.nvim_buf_set_lines(buf, 0, -1, false, vim.split(text, '\n', { plain = true }))
-  vim.bo[buf].modifiable = false
-  if type(value) ~= 'string' then
-    vim.bo[buf].filetype = 'json'
-  end
-  pcall(vim.api.nvim_buf_set_name, buf, 'star-ls://' .. title)
-end
-
---- One line per field of star.status, the model's state first.
-function M.format_status(s)
-  if type(s) ~= 'table' then
-    return 'star-ls: ' .. tostring(s)
-  end
-  local lines = { 'star-ls: model ' .. tostring(s.model) }
-  for _, k in ipairs({ 'failuresPending', 'guardCases', 'patches', 'repairRunning', 'lastRepair' }) do
-    if s[k] ~= nil and s[k] ~= vim.NIL then
-      lines[#lines + 1] = ('  %s: %s'):format(k, type(s[k]) == 'table' and vim.json.encode(s[k]) or tostring(s[k]))
-    end
-  end
-  return table.concat(lines, '\n')
-end
-
-local function create_commands()
-  local cmd = vim.api.nvim_create_user_command
-  cmd('StarStatus', function()
-    M.exec('star.status', nil, function(r)
-      vim.notify(M.format_status(r), vim.log.levels.INFO)
-    end)
-  end, { desc = 'star-ls: model and repair status' })
-  cmd('StarRepair', function()
-    M.exec('star.repairNow', nil, function(r)
-      vim.notify('star-ls: repair: ' .. (type(r) == 'table' and vim.json.encode(r) or tostring(r)))
-    end)
-  end, { desc = 'star-ls: repair the model from the recorded failures now' })
-  cmd('StarPatches', function()
-    M.exec('star.listPatches', nil, function(r)
-      show('patches', r)
-    end)
-  end, { desc = 'star-ls: list the model patches' })
-  cmd('StarRollback', function(o)
-    M.exec('star.rollback', { o.args }, function(r)
-      vim.notify('star-ls: rollback ' .. o.args .. ': ' .. (type(r) == 'table' and vim.json.encode(r) or tostring(r)))
-    end)
-  end, {
-    nargs = 1,
-    complete = function()
-      return { 'all' }
-    end,
-    desc = 'star-ls: roll back a patch by id, or all',
-  })
-  cmd('StarExplain', function(o)
-    local id = o.args ~= '' and o.args or M.last_completion_id
-    if not id then
-      vim.notify('star-ls: no completion handled yet; :StarExplain {completionId}', vim.log.levels.WARN)
-      return
-    end
-    M.exec('star.explain', { id }, function(r)
-      show('explain', r)
-    end)
-  end, { nargs = '?', desc = 'star-ls: explain a completion (default: the last one handled)' })
+--- `star/status`, pushed by the server on every change: kept for the statusline, then
+--- `User StarLsStatus` for anyone who shows it elsewhere.
+local function on_status(_, params)
+  M.status = params
+  vim.schedule(function()
+    vim.cmd.redrawstatus({ bang = true })
+    vim.api.nvim_exec_autocmds('User', { pattern = 'StarLsStatus', modeline = false })
+  end)
 end
 
 -- Setup ------------------------------------------------------------------------------------------
 
 --- Client-side handler for the command each inline item carries. Neovim runs it after inserting the
 --- item; handling it here (rather than as workspace/executeCommand) makes it one notification with
---- no round trip, and lets :StarExplain know the id.
+--- no round trip, and lets :StarLs explain know the id.
 local function on_accepted(command, ctx)
   local id = command.arguments and command.arguments[1]
   M.last_completion_id = id or M.last_completion_id
@@ -236,17 +302,33 @@ local function on_accepted(command, ctx)
   end
 end
 
+--- One server serves every project: a buffer in a new folder adds it to the client's workspace
+--- folders (workspace/didChangeWorkspaceFolders) rather than start another server and model.
+local function add_folder(client, bufnr)
+  local root = M.root_of(bufnr)
+  local uri = vim.uri_from_fname(root)
+  for _, f in ipairs(client.workspace_folders or {}) do
+    if f.uri == uri then
+      return
+    end
+  end
+  local folder = { uri = uri, name = root }
+  client.workspace_folders = client.workspace_folders or {}
+  table.insert(client.workspace_folders, folder)
+  call(client, 'notify', 'workspace/didChangeWorkspaceFolders', { event = { added = { folder }, removed = {} } })
+end
+
 local function on_attach(bufnr, client)
+  add_folder(client, bufnr)
   map_keys(bufnr)
   if vim.lsp.inline_completion then
+    gate(client)
     -- Deferred: during LspAttach the client is not yet in `attached_buffers`, which enable() reads.
     vim.schedule(function()
-      if vim.api.nvim_buf_is_valid(bufnr) then
-        vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
-      end
+      vim.lsp.inline_completion.enable(true, { client_id = client.id })
     end)
   else
-    require('star_ls.fallback').attach(bufnr, client)
+    require('star_ls.fallback').attach(bufnr, client, M.is_enabled)
   end
 end
 
@@ -254,31 +336,44 @@ function M.setup(opts)
   M.config = vim.tbl_deep_extend('force', vim.deepcopy(M.defaults), opts or {})
   local cfg = M.config
   -- Lists replace the defaults rather than merge index by index.
-  for _, k in ipairs({ 'cmd', 'filetypes' }) do
+  for _, k in ipairs({ 'cmd', 'filetypes', 'exclude', 'root_markers' }) do
     if opts and opts[k] then
       cfg[k] = opts[k]
     end
   end
+  M.configured = true
   local group = vim.api.nvim_create_augroup('star_ls', { clear = true })
 
+  local settings = vim.tbl_extend('force', { exclude = cfg.exclude }, cfg.settings or {})
   local client_config = {
-    name = NAME,
+    name = M.NAME,
     cmd = cfg.cmd,
     filetypes = cfg.filetypes,
-    -- nil when empty: Neovim encodes an empty table as a JSON array, which the server would reject.
-    init_options = next(cfg.settings or {}) and cfg.settings or nil,
+    init_options = settings,
     commands = { ['star.accepted'] = on_accepted },
-    -- No root_dir: completions need no workspace, so one server (one loaded model) serves all buffers.
+    handlers = { ['star/status'] = on_status },
+    -- An excluded file never reaches the server; any other gets its folder (added in on_attach).
+    root_dir = function(bufnr, on_dir)
+      if not M.excluded(bufnr) then
+        on_dir(M.root_of(bufnr))
+      end
+    end,
+    reuse_client = function(client, config)
+      return client.name == config.name and not call(client, 'is_stopped')
+    end,
   }
   if vim.lsp.config and vim.lsp.enable then
-    vim.lsp.config(NAME, client_config)
-    vim.lsp.enable(NAME)
+    vim.lsp.config(M.NAME, client_config)
+    vim.lsp.enable(M.NAME)
   else
     vim.api.nvim_create_autocmd('FileType', {
       group = group,
       pattern = cfg.filetypes,
       callback = function(args)
-        vim.lsp.start(client_config, { bufnr = args.buf })
+        if not M.excluded(args.buf) then
+          local config = vim.tbl_extend('force', client_config, { root_dir = M.root_of(args.buf) })
+          vim.lsp.start(config, { bufnr = args.buf, reuse_client = client_config.reuse_client })
+        end
       end,
     })
   end
@@ -287,7 +382,7 @@ function M.setup(opts)
     group = group,
     callback = function(args)
       local client = vim.lsp.get_client_by_id(args.data.client_id)
-      if client and client.name == NAME then
+      if client and client.name == M.NAME then
         on_attach(args.buf, client)
       end
     end,
@@ -299,7 +394,7 @@ function M.setup(opts)
   vim.api.nvim_create_autocmd('VimLeavePre', {
     group = group,
     callback = function()
-      local clients = vim.lsp.get_clients({ name = NAME })
+      local clients = vim.lsp.get_clients({ name = M.NAME })
       vim.wait(cfg.exit_wait_ms, function()
         for _, c in ipairs(clients) do
           -- Not is_stopped(): that is true as soon as `shutdown` is sent. The process has exited
@@ -312,8 +407,6 @@ function M.setup(opts)
       end, 20)
     end,
   })
-
-  create_commands()
 end
 
 return M
