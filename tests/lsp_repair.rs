@@ -117,8 +117,22 @@ fn corrections_repair_the_live_model_persistently_and_roll_back() {
 
     // The live model now completes the way the developer writes.
     c.open("file:///w/hypot2.py", HYPOT);
-    let (after, id) = inline(&mut c, "file:///w/hypot2.py", 5, 11);
-    assert_eq!(after, "math.hypot(a, b)");
+    let r = c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params("file:///w/hypot2.py", 5, 11),
+    );
+    let (after, id) = (
+        &r["items"][0]["insertText"],
+        &r["items"][0]["command"]["arguments"][0],
+    );
+    assert_eq!(after, "math.hypot(a, b)", "{r}");
+    // The item names the patch whose entries fired, for the editor to show beside it.
+    assert_eq!(
+        r["items"][0]["command"]["arguments"][1],
+        json!({ "fired": [patch] }),
+        "{r}"
+    );
+    let id = id.as_str().unwrap().to_owned();
     let explained = command(&mut c, "star.explain", json!([id]));
     assert_eq!(explained["patches"], json!([patch]), "{explained}");
     // Its entries opened where the developer's correction was learned: named, with their keys.

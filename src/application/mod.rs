@@ -140,11 +140,13 @@ pub struct Explanation {
     pub fired: Option<serde_json::Value>,
 }
 
-/// What the editor shows: a completion's id and its text from the cursor on.
+/// What the editor shows: a completion's id, its text from the cursor on, and the ledger's entries
+/// that fired while it was made (None for the rest of one shown before: the editor has them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Proposal {
     pub id: String,
     pub text: String,
+    pub fired: Option<Vec<String>>,
 }
 
 pub struct Host {
@@ -346,7 +348,11 @@ impl Host {
         let (id, text) = self
             .workspace()
             .ahead(&shown.document, shown.version, shown.at)?;
-        Some(Proposal { id, text })
+        Some(Proposal {
+            id,
+            text,
+            fired: None,
+        })
     }
 
     /// Runs `request` where `shown` says, once the ledger's patches are live, and follows what it
@@ -374,9 +380,15 @@ impl Host {
             .unwrap_or_else(|_| Err(EngineError::Inference("the model thread stopped".into())))?;
         let shown_one = (!completion.generation.text.trim().is_empty()).then_some(completion);
         self.track_shown(shown, shown_one.as_ref());
-        Ok(shown_one.map(|c| Proposal {
-            id: c.id,
-            text: c.generation.text,
+        Ok(shown_one.map(|c| {
+            let mut fired: Vec<String> = c.generation.fired.into_iter().map(|f| f.patch).collect();
+            fired.sort();
+            fired.dedup();
+            Proposal {
+                id: c.id,
+                text: c.generation.text,
+                fired: Some(fired),
+            }
         }))
     }
 

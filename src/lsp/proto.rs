@@ -89,7 +89,13 @@ pub fn completion_item(c: &Proposal, word: &str, start: Position, pos: Position)
     }
 }
 
+/// An inline item; its command's arguments are `[completionId]`, and `{fired}` after it (the patches
+/// whose entries opened while it was made) when the completion is new.
 pub fn inline_item(c: &Proposal, pos: Position) -> InlineCompletionItem {
+    let mut arguments = vec![json!(c.id)];
+    if let Some(fired) = &c.fired {
+        arguments.push(json!({ "fired": fired }));
+    }
     InlineCompletionItem {
         insert_text: c.text.clone(),
         filter_text: None,
@@ -97,7 +103,7 @@ pub fn inline_item(c: &Proposal, pos: Position) -> InlineCompletionItem {
         command: Some(Command::new(
             "Accept completion".into(),
             ACCEPTED_COMMAND.into(),
-            Some(vec![json!(c.id)]),
+            Some(arguments),
         )),
         insert_text_format: None,
     }
