@@ -14,6 +14,7 @@ import {
 	State,
 } from 'vscode-languageclient/node';
 import * as P from './protocol';
+import * as S from './switches';
 
 let client: LanguageClient | undefined;
 let output: vscode.LogOutputChannel;
@@ -21,12 +22,18 @@ let statusItem: vscode.StatusBarItem;
 let statusTimer: NodeJS.Timeout | undefined;
 let statusSoon: NodeJS.Timeout | undefined;
 const shown = new P.ShownCompletions();
+/** The last status the server pushed or answered; the status bar shows it with the switches and provenance. */
+let lastView: P.StatusView = P.offlineStatusView('starting');
+/** Completions paused until then (ms since the epoch), from the status bar's menu. */
+let snoozedUntil: number | undefined;
+let snoozeTimer: NodeJS.Timeout | undefined;
+const SNOOZE_MINUTES = 30;
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
 	output = vscode.window.createOutputChannel('star-ls', { log: true });
 	statusItem = vscode.window.createStatusBarItem('starLs.status', vscode.StatusBarAlignment.Right, 100);
 	statusItem.name = 'star-ls';
-	statusItem.command = P.ExtensionCommand.status;
+	statusItem.command = P.ExtensionCommand.menu;
 	showStatus(P.offlineStatusView('starting'));
 	statusItem.show();
 	context.subscriptions.push(output, statusItem, { dispose: () => stopStatusTimer() });
@@ -40,6 +47,13 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
 	command(P.ExtensionCommand.explain, explain);
 	command(P.ExtensionCommand.restart, restart);
 	command(P.ExtensionCommand.dismissInline, dismissInline);
+	command(P.ExtensionCommand.menu, menu);
+	command(P.ExtensionCommand.toggle, () => setEnabled(!switches().enabled));
+	command(P.ExtensionCommand.snooze, () => snooze(snoozedUntil === undefined ? SNOOZE_MINUTES : 0));
+	context.subscriptions.push(
+		vscode.window.onDidChangeActiveTextEditor(() => showStatus()),
+		{ dispose: () => snoozeTimer && clearTimeout(snoozeTimer) },
+	);
 
 	context.subscriptions.push(
 		vscode.workspace.onDidChangeConfiguration(async (e) => {
@@ -47,8 +61,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
 				return;
 			}
 			startStatusTimer();
-			// The status interval and the suggestion list apply at once; the rest is read at start.
-			const restartNeeded = [...P.INIT_OPTION_KEYS, 'serverPath', 'dataDir', 'logLevel', 'languages'].some(
+			showStatus();
+			// The switches, the status interval and the suggestion list apply at once; the rest is read at start.
+			const restartNeeded = [...P.INIT_OPTION_KEYS, 'serverPath', 'dataDir', 'logLevel'].some(
 				(k) => e.affectsConfiguration(`${P.SETTINGS_SECTION}.${k}`),
 			);
 			if (!restartNeeded) {
@@ -100,6 +115,33 @@ function allSettings(keys: readonly string[]): Record<string, unknown> {
 	return Object.fromEntries(keys.map((k) => [k, c.get(k)]));
 }
 
+function switches(): S.Switches {
+	return S.switchesOf(allSettings(['enable', 'languages', 'exclude']), snoozedUntil);
+}
+
+/** Why star-ls stays out of `document` (undefined: it completes there). */
+function whyNot(document: vscode.TextDocument): string | undefined {
+	return S.whyNot({ path: document.uri.path, languageId: document.languageId }, switches());
+}
+
+async function setEnabled(on: boolean): Promise<void> {
+	await config().update('enable', on, vscode.ConfigurationTarget.Global);
+	showStatus();
+}
+
+/** Pauses completions for `minutes` (0: resumes them now). */
+function snooze(minutes: number): void {
+	if (snoozeTimer) {
+		clearTimeout(snoozeTimer);
+		snoozeTimer = undefined;
+	}
+	snoozedUntil = minutes > 0 ? Date.now() + minutes * 60_000 : undefined;
+	if (snoozedUntil !== undefined) {
+		snoozeTimer = setTimeout(() => snooze(0), minutes * 60_000);
+	}
+	showStatus();
+}
+
 async function start(): Promise<void> {
 	const home = os.homedir();
 	const settings = allSettings(P.EXTENSION_SETTING_KEYS);
@@ -116,11 +158,12 @@ async function start(): Promise<void> {
 	}
 
 	const clientOptions: LanguageClientOptions = {
-		documentSelector: P.documentSelector(settings.languages),
+		documentSelector: [...P.DOCUMENT_SELECTOR],
 		initializationOptions: options,
 		outputChannel: output,
 		middleware: middleware(),
 	};
+	// The id `starLs` is also the prefix of `starLs.trace.server`, which the client reads.
 	const c = new LanguageClient('starLs', 'star-ls', serverOptions, clientOptions);
 	c.onDidChangeState((e) => {
 		if (e.newState === State.Running) {
@@ -129,6 +172,8 @@ async function start(): Promise<void> {
 			showStatus(P.offlineStatusView('stopped'));
 		}
 	});
+	// The server pushes its status on every change (a repair starting and ending, new failures, patches).
+	c.onNotification(P.Notification.status, (status: unknown) => showStatus(P.statusView(status)));
 	client = c;
 	try {
 		await c.start();
@@ -162,30 +207,41 @@ async function restart(): Promise<void> {
 }
 
 function middleware(): Middleware {
+	// An excluded file is never opened on the server: its text stays in the editor.
+	const unlessExcluded = <T>(document: vscode.TextDocument, next: () => T): T | Promise<void> =>
+		S.excluded(document.uri.path, switches().exclude) ? Promise.resolve() : next();
 	return {
-		// Note each inline item the editor is handed: its id is what a dismissal rejects and `explain` offers.
+		didOpen: (document, next) => unlessExcluded(document, () => next(document)),
+		didChange: (event, next) => unlessExcluded(event.document, () => next(event)),
+		didClose: (document, next) => unlessExcluded(document, () => next(document)),
+		// The first item is the one VS Code shows: its id is what a dismissal rejects and `explain` offers.
 		provideInlineCompletionItems: async (document, position, context, token, next) => {
+			if (whyNot(document)) {
+				return null;
+			}
 			const result = await next(document, position, context, token);
-			const items = Array.isArray(result) ? result : (result?.items ?? []);
-			for (const item of items) {
-				const completionId = P.completionIdOf(item);
-				if (completionId) {
-					const start = item.range?.start ?? position;
-					shown.shown({
-						completionId,
-						uri: document.uri.toString(),
-						line: start.line,
-						character: start.character,
-						insertText: P.insertTextOf(item),
-					});
-				}
+			const first = (Array.isArray(result) ? result : (result?.items ?? []))[0];
+			const completionId = P.completionIdOf(first);
+			if (first && completionId) {
+				const start = first.range?.start ?? position;
+				shown.shown({
+					completionId,
+					uri: document.uri.toString(),
+					line: start.line,
+					character: start.character,
+					insertText: P.insertTextOf(first),
+					fired: P.firedOf(first),
+				});
+				showStatus();
 			}
 			return result;
 		},
 		// The suggestion list runs the model a second time beside the inline completion, and the server keeps
 		// one pending completion per document, so the two would cancel each other: off unless asked for.
 		provideCompletionItem: (document, position, context, token, next) =>
-			config().get<boolean>('completionList') ? next(document, position, context, token) : undefined,
+			config().get<boolean>('completionList') && !whyNot(document)
+				? next(document, position, context, token)
+				: undefined,
 		// VS Code runs an inline item's `star.accepted` after inserting it; the client forwards it to the server
 		// (= `star/didAccept`). Note it here too.
 		executeCommand: async (command, args, next) => {
@@ -236,11 +292,39 @@ async function dismissInline(): Promise<void> {
 // ---------------------------------------------------------------------------------------------------------
 // Status bar
 
-function showStatus(view: P.StatusView): void {
-	statusItem.text = view.text;
-	statusItem.tooltip = view.tooltip;
+/**
+ * The status bar: the server's status (`view`, else the last one), then off or snoozed, then what shaped the
+ * newest completion in the active editor.
+ */
+function showStatus(view: P.StatusView = lastView): void {
+	lastView = view;
+	const editor = vscode.window.activeTextEditor;
+	const last = shown.last();
+	const provenance =
+		last && editor && last.uri === editor.document.uri.toString() ? P.provenanceText(last.fired) : '';
+	const off = S.switchesText(switches());
+	statusItem.text = [view.text, off, provenance && `$(git-commit) ${provenance}`].filter((t) => t).join('  ');
+	statusItem.tooltip = [view.tooltip, provenance && `newest completion: ${provenance}`].filter((t) => t).join('\n');
 	statusItem.backgroundColor =
 		view.state === 'failed' ? new vscode.ThemeColor('statusBarItem.errorBackground') : undefined;
+}
+
+/** The status bar's menu: switch completions off or on, snooze, and the commands. */
+async function menu(): Promise<void> {
+	const s = switches();
+	const items = [
+		{ label: s.enabled ? '$(circle-slash) Disable Completions' : '$(check) Enable Completions', run: () => setEnabled(!s.enabled) },
+		{
+			label: snoozedUntil === undefined ? `$(clock) Snooze for ${SNOOZE_MINUTES} Minutes` : '$(play) Resume Completions',
+			run: () => snooze(snoozedUntil === undefined ? SNOOZE_MINUTES : 0),
+		},
+		{ label: '$(info) Status', run: showStatusDetails },
+		{ label: '$(tools) Repair the Model Now', run: repairNow },
+		{ label: '$(list-unordered) List Patches', run: listPatches },
+		{ label: '$(question) Explain a Completion', run: () => explain() },
+	];
+	const pick = await vscode.window.showQuickPick(items, { title: 'star-ls' });
+	await pick?.run();
 }
 
 async function fetchStatus(): Promise<unknown> {
@@ -274,7 +358,7 @@ function refreshStatusSoon(ms = 500): void {
 
 function startStatusTimer(): void {
 	stopStatusTimer();
-	const seconds = config().get<number>('statusRefreshSeconds') ?? 15;
+	const seconds = config().get<number>('statusRefreshSeconds') ?? 0;
 	if (seconds > 0) {
 		statusTimer = setInterval(() => void refreshStatus(), seconds * 1000);
 	}

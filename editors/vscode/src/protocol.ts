@@ -12,7 +12,8 @@ export const SERVER_ARGS: readonly string[] = ['serve'];
 export const Notification = {
 	didAccept: 'star/didAccept',
 	didReject: 'star/didReject',
-	didCorrect: 'star/didCorrect',
+	/** Server → client: `star.status`'s answer, sent on every change. */
+	status: 'star/status',
 } as const;
 
 /** Commands the server runs through `workspace/executeCommand`. */
@@ -39,6 +40,9 @@ export const ExtensionCommand = {
 	explain: 'starLs.explain',
 	restart: 'starLs.restart',
 	dismissInline: 'starLs.dismissInline',
+	menu: 'starLs.menu',
+	toggle: 'starLs.toggle',
+	snooze: 'starLs.snooze',
 } as const;
 
 /** The settings section (`starLs.*` in package.json). */
@@ -46,12 +50,6 @@ export const SETTINGS_SECTION = 'starLs';
 
 export interface CompletionIdParams {
 	completionId: string;
-}
-
-export interface CorrectParams {
-	completionId: string;
-	/** What the developer wrote instead, from the completion's start to the end of the line. */
-	text: string;
 }
 
 export interface NotificationMessage<P> {
@@ -65,10 +63,6 @@ export function acceptNotification(completionId: string): NotificationMessage<Co
 
 export function rejectNotification(completionId: string): NotificationMessage<CompletionIdParams> {
 	return { method: Notification.didReject, params: { completionId } };
-}
-
-export function correctNotification(completionId: string, text: string): NotificationMessage<CorrectParams> {
-	return { method: Notification.didCorrect, params: { completionId, text } };
 }
 
 /** `workspace/executeCommand` params for a server command. */
@@ -106,6 +100,8 @@ export interface InitializationOptions {
 	temperature?: number;
 	captureIdleMs?: number;
 	storeMaxMb?: number;
+	/** Globs beside the server's own (`.env*`, `*.pem`, `*.key`, `id_*`). */
+	exclude?: string[];
 }
 
 /** The settings (`starLs.<key>`) that become initialization options of the same name. */
@@ -118,6 +114,7 @@ export const INIT_OPTION_KEYS = [
 	'temperature',
 	'captureIdleMs',
 	'storeMaxMb',
+	'exclude',
 ] as const satisfies readonly (keyof InitializationOptions)[];
 
 /** The settings the extension itself reads. */
@@ -128,7 +125,11 @@ export const EXTENSION_SETTING_KEYS = [
 	'languages',
 	'completionList',
 	'statusRefreshSeconds',
+	'enable',
 ] as const;
+
+/** Settings the language client reads itself (`<client id>.trace.server`). */
+export const CLIENT_SETTING_KEYS = ['trace.server'] as const;
 
 const MULTILINE: readonly Multiline[] = ['auto', 'line', 'block'];
 
@@ -219,6 +220,13 @@ export function initializationOptions(
 					bad(key, 'a number > 0 (MB)');
 				}
 				break;
+			case 'exclude':
+				if (Array.isArray(value) && value.every((g) => typeof g === 'string')) {
+					options.exclude = value.filter((g) => g.trim() !== '');
+				} else {
+					bad(key, 'a list of globs');
+				}
+				break;
 		}
 	}
 	return { options, warnings };
@@ -262,17 +270,11 @@ export interface DocumentFilter {
 	language?: string;
 }
 
-/** Files and untitled buffers; only the listed language ids when `starLs.languages` names any. */
-export function documentSelector(languages: unknown): DocumentFilter[] {
-	const ids = Array.isArray(languages)
-		? languages.filter((l): l is string => typeof l === 'string' && l.trim() !== '').map((l) => l.trim())
-		: [];
-	const schemes = ['file', 'untitled'];
-	if (ids.length === 0) {
-		return schemes.map((scheme) => ({ scheme }));
-	}
-	return ids.flatMap((language) => schemes.map((scheme) => ({ scheme, language })));
-}
+/**
+ * Files and untitled buffers, every language: `starLs.languages` and the other switches (switches.ts) apply
+ * per request, so changing them needs no restart.
+ */
+export const DOCUMENT_SELECTOR: readonly DocumentFilter[] = [{ scheme: 'file' }, { scheme: 'untitled' }];
 
 // ---------------------------------------------------------------------------------------------------------
 // Completions and their ids
@@ -323,6 +325,24 @@ export function completionIdFromArgs(args: unknown): string | undefined {
 	return undefined;
 }
 
+/**
+ * The patches whose entries fired while an inline item was made: the second argument of its `star.accepted`
+ * command (`{fired: [ids]}`); undefined when the item does not say (the rest of a completion shown before).
+ */
+export function firedOf(item: unknown): string[] | undefined {
+	const args = (item as { command?: CommandLike } | null)?.command?.arguments;
+	const fired = Array.isArray(args) ? (args[1] as { fired?: unknown } | undefined)?.fired : undefined;
+	return Array.isArray(fired) ? fired.filter((f): f is string => typeof f === 'string') : undefined;
+}
+
+/** Where a completion came from, for the status bar: the patches that shaped it, or the model alone. */
+export function provenanceText(fired: readonly string[] | undefined): string {
+	if (fired === undefined) {
+		return '';
+	}
+	return fired.length === 0 ? 'the model alone' : `shaped by ${fired.join(', ')}`;
+}
+
 export interface Position {
 	line: number;
 	character: number;
@@ -350,6 +370,8 @@ export interface ShownCompletion {
 	line: number;
 	character: number;
 	insertText: string;
+	/** The patches that fired while it was made (`firedOf`). */
+	fired?: string[];
 	/** ms since the epoch. */
 	shownAt: number;
 	outcome?: 'accepted' | 'rejected';
@@ -366,10 +388,12 @@ export class ShownCompletions {
 
 	shown(entry: Omit<ShownCompletion, 'shownAt' | 'outcome'>, now = Date.now()): void {
 		const known = this.items.findIndex((s) => s.completionId === entry.completionId);
+		// The rest of a completion typed into comes back under its id without saying what fired: keep it.
+		const fired = entry.fired ?? (known >= 0 ? this.items[known].fired : undefined);
 		if (known >= 0) {
 			this.items.splice(known, 1);
 		}
-		this.items.push({ ...entry, shownAt: now });
+		this.items.push({ ...entry, fired, shownAt: now });
 		while (this.items.length > this.keep) {
 			this.items.shift();
 		}
@@ -610,33 +634,40 @@ export interface PatchEntry {
 	detail: string;
 }
 
-/** The patches in a `star.listPatches` answer: an array, or an object holding one under `patches`. */
+/** The date of a `createdMs`, as `YYYY-MM-DD HH:MM` in local time. */
+function dateOf(ms: number): string {
+	const d = new Date(ms);
+	const two = (n: number) => String(n).padStart(2, '0');
+	return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}`;
+}
+
+/**
+ * The patches of a `star.listPatches` answer (the ledger's records: `id`, `createdMs`, `report` with what the
+ * repair fixed, `cases`, `gated`, `damaged`), each with its date and its repair's summary.
+ */
 export function patchesOf(result: unknown): PatchEntry[] {
-	const list = Array.isArray(result)
-		? result
-		: result && typeof result === 'object' && Array.isArray((result as { patches?: unknown }).patches)
-			? ((result as { patches: unknown[] }).patches)
-			: [];
+	if (!Array.isArray(result)) {
+		return [];
+	}
 	const entries: PatchEntry[] = [];
-	for (const p of list) {
-		if (typeof p === 'string' || typeof p === 'number') {
-			entries.push({ id: String(p), label: `patch ${p}`, detail: '' });
-			continue;
-		}
-		if (!p || typeof p !== 'object') {
+	for (const p of result) {
+		if (!p || typeof p !== 'object' || typeof (p as { id?: unknown }).id !== 'string') {
 			continue;
 		}
 		const o = p as Record<string, unknown>;
-		const id = [o.id, o.patchId].find((v) => typeof v === 'string' || typeof v === 'number');
-		if (id === undefined) {
-			continue;
-		}
-		const rest = Object.fromEntries(Object.entries(o).filter(([k]) => k !== 'id' && k !== 'patchId'));
-		const when = [o.createdAt, o.created, o.time].find((v) => typeof v === 'string');
+		const cases = Array.isArray(o.cases) ? o.cases.length : undefined;
+		const detail = [
+			// Its own id is the label already.
+			o.report && typeof o.report === 'object'
+				? describeRepair(Object.fromEntries(Object.entries(o.report).filter(([k]) => k !== 'patchId')))
+				: '',
+			cases === undefined ? '' : `learned from ${plural(cases, 'case', 'cases')}`,
+			typeof o.damaged === 'string' ? `not applied: ${o.damaged}` : '',
+		];
 		entries.push({
-			id: String(id),
-			label: `patch ${id}${when ? ` (${when})` : ''}`,
-			detail: describeRepair(rest),
+			id: o.id as string,
+			label: typeof o.createdMs === 'number' ? `${o.id} · ${dateOf(o.createdMs)}` : (o.id as string),
+			detail: detail.filter((d) => d !== '').join(' · '),
 		});
 	}
 	return entries;

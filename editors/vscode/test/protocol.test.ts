@@ -77,13 +77,13 @@ describe('settings → initializationOptions', () => {
 		assert.deepEqual(P.serverCommand({ serverPath: '~/bin/star-ls' }, '/h'), { command: '/h/bin/star-ls', args: ['serve'] });
 	});
 
-	test('document selector: every file, or the listed languages', () => {
-		assert.deepEqual(P.documentSelector([]), [{ scheme: 'file' }, { scheme: 'untitled' }]);
-		assert.deepEqual(P.documentSelector(undefined), [{ scheme: 'file' }, { scheme: 'untitled' }]);
-		assert.deepEqual(P.documentSelector(['python', '', 3]), [
-			{ scheme: 'file', language: 'python' },
-			{ scheme: 'untitled', language: 'python' },
-		]);
+	test('every file is opened on the server: the switches apply per request', () => {
+		assert.deepEqual(P.DOCUMENT_SELECTOR, [{ scheme: 'file' }, { scheme: 'untitled' }]);
+	});
+
+	test('exclusion globs go to the server as a list', () => {
+		assert.deepEqual(P.initializationOptions({ exclude: ['**/secrets/**', ''] }).options, { exclude: ['**/secrets/**'] });
+		assert.equal(P.initializationOptions({ exclude: 'x' }).warnings.length, 1);
 	});
 });
 
@@ -117,10 +117,18 @@ describe('completion ids', () => {
 	test('notifications and command params', () => {
 		assert.deepEqual(P.acceptNotification('a'), { method: 'star/didAccept', params: { completionId: 'a' } });
 		assert.deepEqual(P.rejectNotification('a'), { method: 'star/didReject', params: { completionId: 'a' } });
-		assert.deepEqual(P.correctNotification('a', 't'), { method: 'star/didCorrect', params: { completionId: 'a', text: 't' } });
 		assert.deepEqual(P.rollbackParams('all'), { command: 'star.rollback', arguments: ['all'] });
 		assert.deepEqual(P.explainParams('a'), { command: 'star.explain', arguments: ['a'] });
 		assert.throws(() => P.rollbackParams(''));
+	});
+
+	test('what fired: the second argument of a new item, nothing said for the rest of one', () => {
+		const shaped = { ...lspItem, command: { ...lspItem.command, arguments: ['19ab-1', { fired: ['patch-3'] }] } };
+		assert.deepEqual(P.firedOf(shaped), ['patch-3']);
+		assert.equal(P.provenanceText(P.firedOf(shaped)), 'shaped by patch-3');
+		assert.equal(P.provenanceText([]), 'the model alone');
+		assert.equal(P.firedOf(lspItem), undefined);
+		assert.equal(P.provenanceText(undefined), '');
 	});
 });
 
@@ -145,6 +153,13 @@ describe('shown completions', () => {
 		assert.equal(s.accepted('1'), false);
 		assert.equal(s.dismissed('file:///a.py', { line: 1, character: 11 }), undefined);
 		assert.equal(s.dismissed('file:///c.py', { line: 1, character: 11 }), undefined);
+	});
+
+	test('the rest of a completion keeps what fired for it', () => {
+		const s = new P.ShownCompletions();
+		s.shown({ ...at('1'), fired: ['patch-2'] });
+		s.shown({ ...at('1'), character: 12 });
+		assert.deepEqual(s.last()?.fired, ['patch-2']);
 	});
 
 	test('keeps the newest few, newest first', () => {
@@ -219,13 +234,25 @@ describe('command answers', () => {
 
 	test('patch lists in the shapes a server may answer', () => {
 		assert.deepEqual(P.patchesOf([]), []);
-		assert.deepEqual(P.patchesOf({ patches: [{ id: 'p1', failures: 3, fixed: 2 }] }), [
-			{ id: 'p1', label: 'patch p1', detail: 'fixed 2 of 3 failures' },
+		// A record as star.listPatches answers it (the ledger's PatchRecord).
+		const record = {
+			id: 'patch-3',
+			modelSha: '1d96',
+			createdMs: new Date(2026, 11, 6, 9, 5).getTime(),
+			active: true,
+			report: { patchId: 'patch-3', pending: 4, failures: 3, fixed: 2, guardBefore: 1, guardAfter: 1, seconds: 7.2 },
+			gated: true,
+			cases: ['case-1', 'case-2', 'case-4'],
+		};
+		assert.deepEqual(P.patchesOf([record]), [
+			{
+				id: 'patch-3',
+				label: 'patch-3 · 2026-12-06 09:05',
+				detail: 'fixed 2 of 3 failures, guard cases passing 1 → 1, 7.2 s · learned from 3 cases',
+			},
 		]);
-		assert.deepEqual(P.patchesOf([{ patchId: 4, createdAt: '2026-11-25T10:00:00Z' }]).map((p) => [p.id, p.label]), [
-			['4', 'patch 4 (2026-11-25T10:00:00Z)'],
-		]);
-		assert.deepEqual(P.patchesOf(['a']).map((p) => p.id), ['a']);
+		assert.match(P.patchesOf([{ ...record, damaged: 'layer 30 > 24' }])[0].detail, /not applied: layer 30 > 24$/);
+		assert.deepEqual(P.patchesOf([{ patchId: 4 }, 'a']), []);
 		assert.deepEqual(P.patchesOf(null), []);
 	});
 
@@ -241,13 +268,11 @@ describe('package.json agrees with the protocol module', () => {
 	const properties = manifest.contributes.configuration.properties as Record<string, { default?: unknown }>;
 
 	test('a starLs.* setting for every initialization option and extension setting', () => {
-		for (const key of [...P.INIT_OPTION_KEYS, ...P.EXTENSION_SETTING_KEYS]) {
+		const keys = [...P.INIT_OPTION_KEYS, ...P.EXTENSION_SETTING_KEYS, ...P.CLIENT_SETTING_KEYS];
+		for (const key of keys) {
 			assert.ok(`starLs.${key}` in properties, `starLs.${key} is contributed`);
 		}
-		assert.deepEqual(
-			Object.keys(properties).sort(),
-			[...P.INIT_OPTION_KEYS, ...P.EXTENSION_SETTING_KEYS].map((k) => `starLs.${k}`).sort(),
-		);
+		assert.deepEqual(Object.keys(properties).sort(), keys.map((k) => `starLs.${k}`).sort());
 	});
 
 	test('the defaults as settings become no options at all (the server keeps its own defaults)', () => {
@@ -257,7 +282,14 @@ describe('package.json agrees with the protocol module', () => {
 		const { options, warnings } = P.initializationOptions(defaults);
 		assert.deepEqual(warnings, []);
 		// Only the values the server documents as its own defaults may remain.
-		assert.deepEqual(options, { maxTokens: 64, debounceMs: 30, multiline: 'auto', temperature: 0, captureIdleMs: 8000 });
+		assert.deepEqual(options, {
+			maxTokens: 64,
+			debounceMs: 30,
+			multiline: 'auto',
+			temperature: 0,
+			captureIdleMs: 8000,
+			exclude: ['.env*', '*.pem', '*.key', 'id_*'],
+		});
 	});
 
 	test('every extension command is contributed, and none in the server namespace', () => {

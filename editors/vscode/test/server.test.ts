@@ -27,7 +27,7 @@ async function oneInline(doc: EditorDocument, at: P.Position) {
 	return { item, id: id!, text: P.insertTextOf(item) };
 }
 
-test('accept, correct and reject, sent as the extension sends them, end up in the store', { skip, timeout: 240_000 }, async (t) => {
+test('accept, type over and reject, sent as the extension sends them, end up in the store', { skip, timeout: 240_000 }, async (t) => {
 	const { session, init } = await Session.start(bin, {
 		maxTokens: 24,
 		debounceMs: 0,
@@ -68,7 +68,8 @@ test('accept, correct and reject, sent as the extension sends them, end up in th
 	const add = await session.open('add.py', 'python', 'def add(a, b):\n    return ');
 	const first = await oneInline(add, { line: 1, character: 11 });
 	assert.equal(first.item.command?.command, P.ServerCommand.accepted);
-	assert.deepEqual(first.item.command?.arguments, [first.id]);
+	assert.equal(P.completionIdOf(first.item), first.id);
+	assert.deepEqual(P.firedOf(first.item), [], 'no patch fired: the model alone');
 	await add.applyInline(first.item);
 	await session.execute(first.item.command!.command, first.item.command!.arguments); // answers, no error
 	t.diagnostic(`accepted ${first.id}: ${JSON.stringify(first.text)}`);
@@ -81,13 +82,13 @@ test('accept, correct and reject, sent as the extension sends them, end up in th
 	assert.ok(progress, `$/progress begin..end while loading: ${JSON.stringify(session.messages)}`);
 	assert.ok(session.messages.some((m) => m.method === 'window/workDoneProgress/create'));
 
-	// 2. Corrected: another document; the developer types their own text, the extension says so.
+	// 2. Typed over: another document; the developer types their own text and ends the line (VS Code sends
+	// only the edits; the line's end decides it).
 	const mul = await session.open('mul.py', 'python', 'def mul(a, b):\n    return ');
 	const second = await oneInline(mul, { line: 1, character: 11 });
 	const typed = otherThan(second.text, 'a * b  # by hand');
-	await mul.type({ line: 1, character: 11 }, typed);
-	await session.notify(P.correctNotification(second.id, typed));
-	t.diagnostic(`corrected ${second.id}: ${JSON.stringify(second.text)} -> ${JSON.stringify(typed)}`);
+	await mul.type({ line: 1, character: 11 }, typed + '\n');
+	t.diagnostic(`typed over ${second.id}: ${JSON.stringify(second.text)} -> ${JSON.stringify(typed)}`);
 
 	// 3. Rejected: a completion on a new line of the first document, dismissed with Escape (the extension
 	// sends star/didReject); the developer types their own text and moves to the next line.
@@ -152,10 +153,10 @@ test('accept, correct and reject, sent as the extension sends them, end up in th
 	const corrected = failures.find((c) => c.prefix === 'def mul(a, b):\n    return ');
 	assert.ok(corrected, 'a failure case at mul');
 	assert.ok(byId(second.id).includes(corrected));
-	assert.equal(corrected.outcome, 'corrected');
+	// Typing through the whole proposal and on is a correction of it; anything else, a rejection.
+	assert.equal(corrected.outcome, typed.startsWith(second.text) ? 'corrected' : 'rejected');
 	assert.equal(corrected.target, typed, "the target is the developer's text to the end of the line");
 	assert.equal(corrected.proposed, second.text);
-	assert.equal(corrected.suffix, '');
 
 	const rejected = failures.find((c) => c.prefix.endsWith('print(add('));
 	assert.ok(rejected, 'a failure case at print(add(');
