@@ -344,6 +344,9 @@ fn nvim_keys_switches_exclusion_and_commands() {
     assert_eq!(seen["user_tab"], 1, "{seen}");
     assert_eq!(seen["line_after_user_tab"], "    return ", "{seen}");
     assert_eq!(seen["enabled_again"], true, "{seen}");
+    // Where the completion came from, as the server said: no patch yet, the model alone.
+    assert_eq!(seen["provenance"]["fired"], serde_json::json!([]), "{seen}");
+    assert!(seen["provenance"]["id"].is_string(), "{seen}");
 
     // A word, then the rest shown without the model running, then the line.
     let w = &seen["word"];

@@ -51,6 +51,7 @@ H.run(function()
   end)
   feed('A')
   local proposal = ghost_on(2)
+  seen.provenance = star.provenance
   local runs = completed(client)
   feed(star.config.keys.accept_word, true)
   local after_word = wait_for('a word in the buffer', 5000, function()

@@ -70,6 +70,7 @@ local function request(bufnr, client)
   local _, id = call(client, 'request', 'textDocument/inlineCompletion', params, function(err, result)
     s.request = nil
     local first = not err and result and (result.items or result)[1]
+    require('star_ls').note(first)
     -- Drop answers the developer has moved past.
     if
       not first

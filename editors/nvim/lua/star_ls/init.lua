@@ -41,6 +41,10 @@ M.last_completion_id = nil
 --- The server's last `star/status` (model, failuresPending, patches, repairRunning, ...), or nil.
 M.status = nil
 
+--- The newest completion shown: `{ id, fired }`, `fired` the patches whose entries opened while it
+--- was made (empty: the model alone), or nil.
+M.provenance = nil
+
 local call = require('star_ls.fallback').call
 
 function M.client_for(bufnr)
@@ -101,6 +105,19 @@ function M.set_enabled(on, bufnr)
   end
 end
 
+--- Notes where the first item of an inline completion answer came from: its `star.accepted`
+--- command's arguments are `{ id, { fired = {...} } }`; the rest of a completion shown before comes
+--- back under the same id without them, and keeps what was noted.
+function M.note(item)
+  local args = item and item.command and item.command.arguments or {}
+  local id, extra = args[1], args[2]
+  if type(extra) == 'table' and extra.fired then
+    M.provenance = { id = id, fired = extra.fired }
+  elseif not (M.provenance and M.provenance.id == id) then
+    M.provenance = nil
+  end
+end
+
 --- Neovim 0.12 turns its inline completion on per client (in all the client's buffers) or per
 --- buffer (for all the buffer's clients, other plugins' too): star-ls turns it on for its own client
 --- and applies its switches to its own requests, which are not sent where `is_enabled` says no.
@@ -110,11 +127,17 @@ local function gate(client)
   end
   client.star_ls_gated = true
   local request = client.request
-  client.request = function(self, method, params, ...)
-    if method == 'textDocument/inlineCompletion' and not M.is_enabled(vim.uri_to_bufnr(params.textDocument.uri)) then
+  client.request = function(self, method, params, handler, ...)
+    if method ~= 'textDocument/inlineCompletion' then
+      return request(self, method, params, handler, ...)
+    end
+    if not M.is_enabled(vim.uri_to_bufnr(params.textDocument.uri)) then
       return false
     end
-    return request(self, method, params, ...)
+    return request(self, method, params, function(err, result, ...)
+      M.note(not err and result and (result.items or result)[1])
+      return handler(err, result, ...)
+    end, ...)
   end
 end
 
@@ -252,7 +275,8 @@ end
 -- Status -----------------------------------------------------------------------------------------
 
 --- A short statusline part: `star-ls` and the model's state, pending failures (`!n`), patches
---- (`+n`), and `repairing` while a repair runs; `off` where completions are off; "" with no server.
+--- (`+n`), `repairing` while a repair runs, `shaped:patch-3` when patches shaped the newest
+--- completion; `off` where completions are off; "" with no server.
 function M.statusline()
   local s = M.status
   if not s then
@@ -274,6 +298,10 @@ function M.statusline()
   end
   if s.repairRunning then
     parts[#parts + 1] = 'repairing'
+  end
+  local fired = M.provenance and M.provenance.fired or {}
+  if #fired > 0 then
+    parts[#parts + 1] = 'shaped:' .. table.concat(fired, ',')
   end
   return table.concat(parts, ' ')
 end
