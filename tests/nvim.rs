@@ -401,5 +401,21 @@ fn nvim_keys_switches_exclusion_and_commands() {
         health.contains("WARNING accept: <Tab>"),
         "the user's <Tab> is not reported:\n{health}"
     );
+    let missing = str_of(seen, "health_missing");
+    for (error, fix) in [
+        (
+            "ERROR the server \"/nonexistent/star-ls\" is not executable",
+            "cargo install --path .",
+        ),
+        (
+            "ERROR no model at /nonexistent/model.gguf",
+            "scripts/fetch-model",
+        ),
+    ] {
+        assert!(
+            missing.contains(error) && missing.contains(fix),
+            "{error:?} with {fix:?}:\n{missing}"
+        );
+    }
     assert_eq!(seen["help"], "star-ls.txt", "{seen}");
 }

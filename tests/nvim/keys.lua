@@ -92,6 +92,13 @@ H.run(function()
   vim.cmd('checkhealth star_ls')
   seen.health = table.concat(api.nvim_buf_get_lines(0, 0, -1, true), '\n')
   vim.cmd('close')
+  -- A user whose binary and model are missing is told so, with the fix.
+  local cmd, settings = star.config.cmd, star.config.settings
+  star.config.cmd, star.config.settings = { '/nonexistent/star-ls', 'serve' }, { modelPath = '/nonexistent/model.gguf' }
+  vim.cmd('checkhealth star_ls')
+  seen.health_missing = table.concat(api.nvim_buf_get_lines(0, 0, -1, true), '\n')
+  vim.cmd('close')
+  star.config.cmd, star.config.settings = cmd, settings
   vim.cmd('helptags ' .. vim.fn.fnameescape(H.env('STAR_NVIM_PLUGIN') .. '/doc'))
   vim.cmd('help star-ls-keys')
   seen.help = vim.fs.basename(api.nvim_buf_get_name(0))

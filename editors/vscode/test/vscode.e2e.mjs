@@ -1,7 +1,9 @@
 // The extension in a real VS Code: code-server (VS Code for the browser, from npm) with the packaged .vsix
 // installed, in Chromium driven by playwright-core. A developer opens a Python file, sees star-ls's ghost
 // text, accepts it with Tab, types their own text over the next one and ends the line; then `star-ls cases
-// export` must hold a guard case for the first completion and a failure case for the second.
+// export` must hold a guard case for the first completion and a failure case for the second. Then `.env`
+// is opened, and the extension must never have sent it to the server (its LSP trace shows the file opened
+// after it, not it).
 //
 // Run by scripts/test after scripts/install-code-server and scripts/package-vscode:
 //   node test/vscode.e2e.mjs
@@ -55,6 +57,16 @@ async function until(what, ms, cond) {
 	}
 }
 
+/** The extension's log (its LSP trace, verbose: every message with its params), as written so far. */
+function traceLog() {
+	const logs = path.join(userData, 'logs');
+	const files = fs.existsSync(logs) ? fs.readdirSync(logs, { recursive: true }) : [];
+	return files
+		.filter((f) => f.endsWith(path.join('star-ls.star-ls', 'star-ls.log')))
+		.map((f) => fs.readFileSync(path.join(logs, f), 'utf8'))
+		.join('');
+}
+
 function cases(data) {
 	const out = execFileSync(bin, ['cases', 'export'], { env: { ...process.env, STAR_LS_DATA_DIR: data } }).toString();
 	return out
@@ -70,6 +82,8 @@ for (const d of [ws, data, path.join(userData, 'User'), extensions]) {
 }
 const source = 'def add(a, b):\n    return\n\n\ndef mul(a, b):\n    return\n';
 fs.writeFileSync(path.join(ws, 'shapes.py'), source);
+fs.writeFileSync(path.join(ws, '.env'), 'API_KEY=do-not-send\n');
+fs.writeFileSync(path.join(ws, 'other.py'), 'x = 1\n');
 fs.writeFileSync(
 	path.join(userData, 'User', 'settings.json'),
 	JSON.stringify({
@@ -87,7 +101,7 @@ fs.writeFileSync(
 		'starLs.multiline': 'line',
 		'starLs.debounceMs': 0,
 		'starLs.captureIdleMs': 600000,
-		'starLs.trace.server': 'messages',
+		'starLs.trace.server': 'verbose',
 	}),
 );
 
@@ -98,7 +112,7 @@ execFileSync(process.execPath, [codeServer, ...common, '--install-extension', vs
 const port = await freePort();
 const server = spawn(
 	process.execPath,
-	[codeServer, ...common, '--auth', 'none', '--bind-addr', `127.0.0.1:${port}`, '--disable-telemetry', '--disable-update-check', ws],
+	[codeServer, ...common, '--auth', 'none', '--bind-addr', `127.0.0.1:${port}`, '--disable-telemetry', '--disable-update-check', '--log', 'trace', ws],
 	{ env, stdio: ['ignore', 'pipe', 'pipe'] },
 );
 let serverLog = '';
@@ -119,8 +133,10 @@ try {
 	await page.waitForSelector('.monaco-workbench', { timeout: 120_000 });
 	log('workbench loaded');
 
-	// Open the file from the Explorer.
-	await page.locator('.explorer-folders-view .monaco-list-row', { hasText: 'shapes.py' }).click({ timeout: 60_000 });
+	/** Opens `name` from the Explorer. */
+	const open = (name) =>
+		page.locator('.explorer-folders-view .monaco-list-row', { hasText: name }).first().click({ timeout: 60_000 });
+	await open('shapes.py');
 	const editor = page.locator('.editor-instance .monaco-editor').first();
 	await editor.waitFor({ timeout: 30_000 });
 	await until('the file in the editor', 30_000, async () => (await editor.locator('.view-line').count()) >= 6);
@@ -182,6 +198,16 @@ try {
 	assert.equal(failure.proposed, second);
 	assert.ok(failure.prefix.endsWith('def mul(a, b):\n    return '), failure.prefix);
 	assert.ok(guard.document.endsWith('/shapes.py') && guard.workspace.endsWith('/ws'), JSON.stringify(guard));
+
+	// .env, then other.py: the trace of what the extension sent shows other.py opened, and nothing of .env.
+	await open('.env');
+	await open('other.py');
+	const sent = await until('other.py opened on the server', 30_000, () => {
+		const trace = traceLog();
+		return trace.includes(`${ws}/other.py`) && trace;
+	});
+	assert.ok(sent.includes(`${ws}/shapes.py`), 'the trace shows shapes.py opened');
+	assert.ok(!sent.includes(`${ws}/.env`) && !sent.includes('do-not-send'), '.env was sent to the server');
 	log('ok');
 } catch (e) {
 	failed = true;

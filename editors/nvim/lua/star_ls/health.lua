@@ -33,13 +33,13 @@ local function check_server(star)
       'Build it from the star-ls checkout: cargo install --path .',
       "or give its path: require('star_ls').setup({ cmd = { '/path/to/star-ls', 'serve' } })",
     })
-    return
-  end
-  local out = vim.system({ exe, '--version' }, { text = true }):wait()
-  if out.code == 0 then
-    health.ok(('server: %s (%s)'):format(vim.trim(out.stdout), vim.fn.exepath(exe)))
   else
-    health.error(('%s --version failed: %s'):format(exe, vim.trim(out.stderr or '')))
+    local out = vim.system({ exe, '--version' }, { text = true }):wait()
+    if out.code == 0 then
+      health.ok(('server: %s (%s)'):format(vim.trim(out.stdout), vim.fn.exepath(exe)))
+    else
+      health.error(('%s --version failed: %s'):format(exe, vim.trim(out.stderr or '')))
+    end
   end
   local model = model_path(star.config.settings or {})
   if vim.uv.fs_stat(model) then
