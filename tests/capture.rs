@@ -284,7 +284,7 @@ fn a_proposal_nobody_typed_at_is_not_decided_by_idleness() {
 
 #[test]
 fn another_files_edits_reach_the_context_once_the_developer_leaves_it() {
-    let mut ws = Workspace::default();
+    let mut ws = Workspace::with_other_files();
     let now = Instant::now();
     ws.open(
         "a.py".into(),
@@ -312,7 +312,7 @@ fn another_files_edits_reach_the_context_once_the_developer_leaves_it() {
 
 #[test]
 fn a_private_documents_text_reaches_no_other_files_context() {
-    let mut ws = Workspace::default();
+    let mut ws = Workspace::with_other_files();
     let now = Instant::now();
     ws.open_private(".env".into(), Document::new("SECRET_TOKEN=abc\n", 1, ""));
     ws.open("app.py".into(), Document::new("token = \n", 1, "python"));
@@ -325,4 +325,15 @@ fn a_private_documents_text_reaches_no_other_files_context() {
     assert!(resolved.is_empty());
     let seen = ws.other_files("app.py", "token = SECRET_TOKEN OTHER_SECRET_TOKEN", "");
     assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[test]
+fn without_other_files_no_file_is_kept_for_another_files_context() {
+    let mut ws = Workspace::default();
+    ws.open(
+        "a.py".into(),
+        Document::new("def load_rows():\n    pass\n", 1, "python"),
+    );
+    ws.open("b.py".into(), Document::new("rows = \n", 1, "python"));
+    assert!(ws.other_files("b.py", "rows = load_rows(", "").is_empty());
 }

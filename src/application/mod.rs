@@ -200,7 +200,11 @@ impl Host {
             cross_file_layout: config.cross_file_layout,
             exclude: config.exclude,
             model_status: Mutex::default(),
-            workspace: Mutex::default(),
+            workspace: Mutex::new(if config.cross_file_tokens > 0 {
+                Workspace::with_other_files()
+            } else {
+                Workspace::default()
+            }),
             repairs: repair::Repairs::default(),
             on_event,
         });

@@ -34,7 +34,8 @@ pub enum Unfollowed {
 pub struct Workspace {
     documents: HashMap<String, Document>,
     tracker: Tracker,
-    ring: Ring,
+    /// Only when completions see other files (`with_other_files`): otherwise no file is chunked.
+    ring: Option<Ring>,
     /// The document edited last: the ring takes its text once a completion is asked in another.
     edited: Option<String>,
     /// Documents whose text must never reach a prompt of another file (`open_private`).
@@ -42,8 +43,18 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// A workspace that keeps the ring, for completions that see other files' chunks.
+    pub fn with_other_files() -> Self {
+        Self {
+            ring: Some(Ring::default()),
+            ..Self::default()
+        }
+    }
+
     pub fn open(&mut self, key: String, doc: Document) {
-        self.ring.add(&key, &doc.text());
+        if let Some(ring) = &mut self.ring {
+            ring.add(&key, &doc.text());
+        }
         self.private.remove(&key);
         self.documents.insert(key, doc);
     }
@@ -57,12 +68,15 @@ impl Workspace {
     /// Other files' chunks for a completion in document `key` around `prefix`|`suffix`, the most
     /// like that text first (`Ring::for_document`: they change only when the ring does).
     pub fn other_files(&mut self, key: &str, prefix: &str, suffix: &str) -> Vec<Chunk> {
+        let Some(ring) = &mut self.ring else {
+            return Vec::new();
+        };
         if let Some(edited) = self.edited.take_if(|e| e != key) {
             if let Some(doc) = self.documents.get(&edited) {
-                self.ring.add(&edited, &doc.text());
+                ring.add(&edited, &doc.text());
             }
         }
-        self.ring.for_document(key, prefix, suffix)
+        ring.for_document(key, prefix, suffix)
     }
 
     pub fn document(&self, key: &str) -> Option<&Document> {
@@ -103,7 +117,7 @@ impl Workspace {
             }
         }
         doc.version = version;
-        if !self.private.contains(key) {
+        if self.ring.is_some() && !self.private.contains(key) {
             self.edited = Some(key.to_owned());
         }
         Ok(resolved)
@@ -111,11 +125,14 @@ impl Workspace {
 
     /// Decides every completion open in document `key` and closes it.
     pub fn close(&mut self, key: &str) -> Vec<Resolved> {
-        self.ring.closed(key);
+        if let Some(ring) = &mut self.ring {
+            ring.closed(key);
+        }
         match self.documents.remove(key) {
             Some(doc) => {
-                if !self.private.remove(key) {
-                    self.ring.add(key, &doc.text());
+                let private = self.private.remove(key);
+                if let Some(ring) = self.ring.as_mut().filter(|_| !private) {
+                    ring.add(key, &doc.text());
                 }
                 self.tracker.close(key, &doc)
             }
