@@ -1,6 +1,6 @@
 // The extension in a real VS Code: code-server (VS Code for the browser, from npm) with the packaged .vsix
 // installed, in Chromium driven by playwright-core. A developer opens a Python file, sees star-ls's ghost
-// text, accepts it with Tab, types their own text over the next one and ends the line; then `star-ls cases
+// text, accepts it with Tab, dismisses the next one with Escape and types their own text; then `star-ls cases
 // export` must hold a guard case for the first completion and a failure case for the second. Then `.env`
 // is opened, and the extension must never have sent it to the server (its LSP trace shows the file opened
 // after it, not it).
@@ -176,8 +176,10 @@ try {
 	log(`accepted: ${JSON.stringify(accepted)}`);
 	assert.equal(accepted, `    return ${proposal}`);
 
-	// 2. Type over the next one and end the line.
+	// 2. Dismiss the next one with Escape, type something else and end the line.
 	const second = await completeAtEndOf(6);
+	await page.keyboard.press('Escape');
+	await until('the ghost text to go', 10_000, async () => (await ghost()).trim() === '');
 	const typed = second.startsWith('b * a') ? 'a * b  # mine' : 'b * a';
 	await page.keyboard.type(typed, { delay: 30 });
 	await page.keyboard.press('Enter');
@@ -195,6 +197,10 @@ try {
 	assert.equal(guard.target, proposal);
 	assert.ok(guard.prefix.endsWith('def add(a, b):\n    return '), guard.prefix);
 	assert.equal(failure.target, typed);
+	assert.equal(failure.outcome, 'rejected');
+	// Escape went through the extension's dismissal, which names the completion it rejects.
+	const rejected = traceLog().match(/Sending notification 'star\/didReject'[^]*?"completionId": "([^"]+)"/);
+	assert.equal(rejected?.[1], failure.completionId, 'star/didReject for the completion dismissed');
 	assert.equal(failure.proposed, second);
 	assert.ok(failure.prefix.endsWith('def mul(a, b):\n    return '), failure.prefix);
 	assert.ok(guard.document.endsWith('/shapes.py') && guard.workspace.endsWith('/ws'), JSON.stringify(guard));
