@@ -421,6 +421,10 @@ impl PatchesArgs {
             PatchesAction::Rollback { id } => {
                 patches::rollback((id != "all").then_some(id.as_str()), json)
             }
+            PatchesAction::Export { format, out, ids } => {
+                patches::export(format, &out, ids.as_deref(), json)
+            }
+            PatchesAction::Import { file } => patches::import(&file, json),
         }
     }
 }
@@ -449,6 +453,18 @@ enum PatchesAction {
     List,
     /// Roll back a patch by id (`patch-3`), or `all`; its cases become pending failures again.
     Rollback { id: String },
+    /// Write the loaded model's active patches (or those of `--ids`) to a file a teammate imports.
+    Export {
+        /// `bundle`: star-ls's own file, for `star-ls patches import`.
+        #[arg(long, value_enum)]
+        format: patches::Format,
+        out: PathBuf,
+        /// Only these patches (`patch-3,patch-5`).
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<String>>,
+    },
+    /// Add a bundle's patches to this ledger (the same model only); a running server takes them up.
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]

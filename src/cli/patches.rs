@@ -1,9 +1,11 @@
-//! `star-ls patches list|rollback`: the patch ledger from the command line. A running server picks up a
-//! rollback made here at its next start; `star.rollback` does it live.
+//! `star-ls patches list|rollback|export|import`: the patch ledger from the command line. A running
+//! server takes up a rollback or an import made here within a second (it watches the store).
 
+use anyhow::Context;
 use star_ls::learn::RepairReport;
-use star_ls::store::{PatchRecord, Store, FILE_NAME};
+use star_ls::store::{Bundle, PatchRecord, Store, FILE_NAME};
 use std::io::Write;
+use std::path::Path;
 
 fn open() -> anyhow::Result<Option<Store>> {
     let dir = star_ls::env::data_dir();
@@ -74,6 +76,78 @@ pub fn rollback(id: Option<&str>, json: bool) -> anyhow::Result<()> {
         println!("no active patches");
     } else {
         println!("rolled back {}", rolled.join(", "));
+    }
+    Ok(())
+}
+
+/// What `star-ls patches export` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// A star-ls patch bundle (JSON): every entry's layers and report, no case text.
+    Bundle,
+}
+
+/// The sha256 of the model `STAR_LS_MODEL` (or the default one) names: patches are for it only.
+fn model_sha() -> anyhow::Result<String> {
+    let path = star_ls::env::model_path();
+    star_ls::learn::file_sha256(&path)
+        .with_context(|| format!("reading the model {}", path.display()))
+}
+
+/// Writes the loaded model's active patches (only `ids`, when given) to `out`.
+pub fn export(
+    format: Format,
+    out: &Path,
+    ids: Option<&[String]>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Format::Bundle = format;
+    let sha = model_sha()?;
+    let Some(store) = open()? else {
+        anyhow::bail!("no patches to export");
+    };
+    let mut records = store.patches(Some(&sha), true)?;
+    if let Some(ids) = ids {
+        if let Some(unknown) = ids.iter().find(|id| !records.iter().any(|r| &r.id == *id)) {
+            anyhow::bail!("no active patch {unknown} for this model");
+        }
+        records.retain(|r| ids.contains(&r.id));
+    }
+    if let Some(r) = records.iter().find(|r| r.damaged.is_some()) {
+        anyhow::bail!(
+            "{} cannot be read from the ledger: roll it back or leave it out with --ids",
+            r.id
+        );
+    }
+    let bundle = Bundle::of(&sha, &records);
+    std::fs::write(out, serde_json::to_vec(&bundle)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    if json {
+        println!("{}", serde_json::json!({ "exported": ids, "file": out }));
+    } else {
+        println!(
+            "exported {} patches ({}) to {}",
+            ids.len(),
+            ids.join(", "),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Adds the patches of bundle `file` to the ledger, after checking it is whole and for this model.
+pub fn import(file: &Path, json: bool) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let bundle = Bundle::read(&bytes).with_context(|| file.display().to_string())?;
+    bundle.check_model(&model_sha()?)?;
+    let dir = star_ls::env::data_dir();
+    let mut store = Store::open(&dir, u64::MAX)?;
+    let ids = store.import(&bundle, &file.display().to_string())?;
+    if json {
+        println!("{}", serde_json::json!({ "imported": ids }));
+    } else {
+        println!("imported {} patches as {}", ids.len(), ids.join(", "));
     }
     Ok(())
 }

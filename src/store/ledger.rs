@@ -3,11 +3,12 @@
 
 use super::{Store, StoreError};
 use rusqlite::params;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One layer of a patch: `mlp_out += delta · z[columns]`, `delta` row-major `(hidden, columns.len())`;
 /// with no columns, one value per gate key, `delta` `(hidden, keys)` (`model::LayerPatch`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatchLayer {
     pub layer: usize,
     pub hidden: usize,
@@ -31,7 +32,8 @@ impl PatchLayer {
 /// A gated layer's gate: it opens at rows whose activations have cosine at least `threshold` with a
 /// row of `keys` (unit rows, row-major): the whole layer's activations less `center` when it has
 /// one, else those on `columns` (the gates written before 2026-12-06).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatchGate {
     pub keys: Vec<f32>,
     pub center: Option<Vec<f32>>,

@@ -5,11 +5,13 @@
 //! crash leaves each record whole or absent. The server never calls it on the LSP loop: it goes through
 //! [`StoreHandle`], which owns the connection on its own thread.
 
+mod bundle;
 mod handle;
 mod lease;
 mod ledger;
 mod schema;
 
+pub use bundle::{Bundle, BundleError};
 pub use handle::{StoreHandle, StoreOp};
 pub use lease::Lease;
 pub use ledger::{patch_number, Forgotten, PatchGate, PatchLayer, PatchRecord};

@@ -1,0 +1,131 @@
+//! Patch bundles between two data directories, through the real binary on a tiny repairable model:
+//! a repair made in one is exported, imported into another, and the server there completes the
+//! repaired place as the first does after its repair; a damaged bundle, and one for another model,
+//! are refused with a one-line reason and change nothing.
+
+mod client;
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use client::Client;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+
+const ROOT: &str = "file:///home/dev/proj";
+
+fn star_ls(model: &Path, data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .args(args)
+        .env("STAR_LS_MODEL", model)
+        .env("STAR_LS_DATA_DIR", data)
+        .output()
+        .unwrap()
+}
+
+fn start(model: &Path, data: &Path) -> Client {
+    let mut c = Client::start_in(
+        model,
+        json!({ "debounceMs": 0, "maxTokens": 8, "captureIdleMs": 600000, "repairThreshold": 0 }),
+        &[("STAR_LS_DATA_DIR", data.to_str().unwrap())],
+        json!(ROOT),
+    );
+    c.wait_for("the ledger read", |m| m["method"] == "star/status");
+    c
+}
+
+/// The line proposed after `return ` in a fresh copy of the document `fail_at_return` corrected.
+fn proposal(c: &mut Client) -> Value {
+    let uri = format!("{ROOT}/again.py");
+    c.open(&uri, "def f0(x):\n    return \n");
+    let r = c.call(
+        "textDocument/inlineCompletion",
+        Client::inline_params(&uri, 1, 11),
+    );
+    r["items"][0]["insertText"].clone()
+}
+
+fn patches(model: &Path, data: &Path) -> Value {
+    let out = star_ls(model, data, &["patches", "list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_bundle_carries_a_repair_to_another_data_directory() {
+    let model = tiny_model::cached("repairable", tiny_model::TinySpec::repairable());
+    let (a, b) = (
+        client::fresh_data_dir("bundle-a"),
+        client::fresh_data_dir("bundle-b"),
+    );
+    let mut bare = start(&model, &b);
+    let before = proposal(&mut bare);
+    bare.shutdown();
+
+    let mut c = start(&model, &a);
+    c.fail_at_return(ROOT, 0);
+    let report = c.call(
+        "workspace/executeCommand",
+        json!({ "command": "star.repairNow" }),
+    );
+    let id = report["patchId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no patch: {report}"));
+    let repaired = proposal(&mut c);
+    c.shutdown();
+    assert_ne!(repaired, before, "the repair changed nothing to carry");
+
+    let file = a.join("team.bundle.json");
+    let file_arg = file.to_str().unwrap();
+    let out = star_ls(
+        &model,
+        &a,
+        &[
+            "patches", "export", "--format", "bundle", file_arg, "--ids", id,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = star_ls(&model, &b, &["patches", "import", file_arg, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = patches(&model, &b);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["report"]["imported"]["id"], id, "{listed}");
+
+    let mut there = start(&model, &b);
+    assert_eq!(
+        proposal(&mut there),
+        repaired,
+        "the imported patch completes as the repair did"
+    );
+    there.shutdown();
+
+    // A damaged bundle, and one for another model: refused, the ledger as it was.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let at = text.find("\"delta\":[").unwrap() + "\"delta\":[".len();
+    let digit = text[at..].find(|c: char| c.is_ascii_digit()).unwrap() + at;
+    let flipped = if &text[digit..=digit] == "1" {
+        "2"
+    } else {
+        "1"
+    };
+    let damaged = a.join("damaged.json");
+    std::fs::write(
+        &damaged,
+        format!("{}{flipped}{}", &text[..digit], &text[digit + 1..]),
+    )
+    .unwrap();
+    let other = tiny_model::cached("crash", tiny_model::TinySpec::default());
+    for (model, file, why) in [
+        (&model, &damaged, "damaged"),
+        (&other, &file, "is for model"),
+    ] {
+        let out = star_ls(model, &b, &["patches", "import", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{why}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    assert_eq!(patches(&model, &b).as_array().map(Vec::len), Some(1));
+}
