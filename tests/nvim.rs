@@ -341,7 +341,7 @@ fn nvim_keys_switches_exclusion_and_commands() {
 
     // Off in the buffer: <Tab> ran the user's mapping and inserted nothing; then on again.
     assert_eq!(seen["disabled"], true, "{seen}");
-    assert_eq!(seen["user_tab"], 1, "{seen}");
+    assert_eq!(seen["user_tab"], 2, "{seen}");
     assert_eq!(seen["line_after_user_tab"], "    return ", "{seen}");
     assert_eq!(seen["enabled_again"], true, "{seen}");
     // Where the completion came from, as the server said: no patch yet, the model alone.

@@ -38,8 +38,14 @@ H.run(function()
   wait_for("the user's <Tab>", 5000, function()
     return vim.g.user_tab == 1
   end)
-  seen.user_tab = vim.g.user_tab
   seen.line_after_user_tab = line(2)
+  -- The client attaching again keeps the user's mapping behind star-ls's.
+  api.nvim_exec_autocmds('LspAttach', { buffer = 0, data = { client_id = client.id } })
+  feed('<Tab>', true)
+  wait_for("the user's <Tab> again", 5000, function()
+    return vim.g.user_tab == 2
+  end)
+  seen.user_tab = vim.g.user_tab
   feed('<Esc>')
   H.reported('StarLs toggle buffer')
   seen.enabled_again = star.is_enabled(0)

@@ -225,12 +225,17 @@ end
 
 M.actions = { accept = M.accept, accept_line = M.accept_line, accept_word = M.accept_word, dismiss = M.dismiss }
 
+--- The insert-mode mapping of `lhs` in `bufnr` (`maparg`'s dictionary; empty when none).
+local function mapping(bufnr, lhs)
+  return vim.api.nvim_buf_call(bufnr, function()
+    return vim.fn.maparg(lhs, 'i', false, true)
+  end)
+end
+
 --- What `lhs` did in `bufnr` before star-ls mapped it, as an <expr> mapping's function: the user's
 --- mapping (run as it was defined), or the key itself.
 local function previous(bufnr, lhs)
-  local prev = vim.api.nvim_buf_call(bufnr, function()
-    return vim.fn.maparg(lhs, 'i', false, true)
-  end)
+  local prev = mapping(bufnr, lhs)
   if vim.tbl_isempty(prev) or (prev.desc or ''):match('^star%-ls') then
     return function()
       return vim.keycode(lhs)
@@ -256,10 +261,16 @@ local function previous(bufnr, lhs)
   end
 end
 
+--- True when `lhs` is already star-ls's own mapping in `bufnr` (the client attached again).
+local function ours(bufnr, lhs)
+  local map = mapping(bufnr, lhs)
+  return map.buffer == 1 and (map.desc or ''):match('^star%-ls') ~= nil
+end
+
 local function map_keys(bufnr)
   for name, lhs in pairs(M.config.keys or {}) do
     local action = M.actions[name]
-    if lhs and action then
+    if lhs and action and not ours(bufnr, lhs) then
       local fallback = previous(bufnr, lhs)
       vim.keymap.set('i', lhs, function()
         -- get() defers the edit (vim.schedule), so this works as an <expr> mapping.
