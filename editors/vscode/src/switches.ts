@@ -2,7 +2,7 @@
 // excluded. Plain TypeScript, tested in node; `extension.ts` reads the settings and asks `whyNot` before each
 // request, and an excluded document is never even opened on the server.
 
-import { minimatch } from 'minimatch';
+import { Minimatch } from 'minimatch';
 
 /** Files never completed nor recorded; the server refuses these whatever a client sends. */
 export const DEFAULT_EXCLUDE: readonly string[] = ['.env*', '*.pem', '*.key', 'id_*'];
@@ -34,10 +34,20 @@ export function switchesOf(settings: Readonly<Record<string, unknown>>, snoozedU
 	};
 }
 
+/** Each glob compiled once: `excluded` runs at every edit the extension forwards. */
+const compiled = new Map<string, Minimatch>();
+
 /** Whether the file at `path` (a URI's path) matches one of `globs`. */
 export function excluded(path: string, globs: readonly string[]): boolean {
 	const name = path.split('/').pop() ?? path;
-	return globs.some((glob) => minimatch(glob.includes('/') ? path : name, glob, { dot: true }));
+	return globs.some((glob) => {
+		let m = compiled.get(glob);
+		if (!m) {
+			m = new Minimatch(glob, { dot: true });
+			compiled.set(glob, m);
+		}
+		return m.match(glob.includes('/') ? path : name);
+	});
 }
 
 /** Why star-ls does not complete in a document, or undefined when it does. */

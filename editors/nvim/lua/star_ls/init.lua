@@ -67,6 +67,9 @@ end
 
 -- Where completions run ------------------------------------------------------------------------
 
+--- Each glob compiled once: `excluded` runs at every completion request.
+local compiled = {}
+
 --- True when `bufnr`'s file matches one of the exclusion globs.
 function M.excluded(bufnr)
   local path = vim.api.nvim_buf_get_name(bufnr or 0)
@@ -76,7 +79,8 @@ function M.excluded(bufnr)
   local name = vim.fs.basename(path)
   for _, glob in ipairs(M.config.exclude or {}) do
     local whole = glob:find('/', 1, true) ~= nil
-    if vim.glob.to_lpeg(glob):match(whole and path or name) then
+    compiled[glob] = compiled[glob] or vim.glob.to_lpeg(glob)
+    if compiled[glob]:match(whole and path or name) then
       return true
     end
   end
