@@ -192,7 +192,8 @@ pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec
                     Some(g) => Some(PatchGate {
                         keys: g.keys().flatten_all()?.to_vec1()?,
                         center: g.center().map(|c| c.flatten_all()?.to_vec1()).transpose()?,
-                        threshold: g.threshold(),
+                        threshold: g.thresholds().iter().copied().fold(f32::MIN, f32::max),
+                        thresholds: g.thresholds().to_vec(),
                     }),
                     None => None,
                 },
@@ -253,7 +254,7 @@ pub fn overlay(records: &[PatchRecord]) -> candle_core::Result<PatchSet> {
                     .as_ref()
                     .map(|c| Tensor::new(c.as_slice(), &Device::Cpu))
                     .transpose()?;
-                Some(Gate::stored(&keys, center.as_ref(), g.threshold)?)
+                Some(Gate::stored_per_key(&keys, center.as_ref(), g.per_key(n))?)
             }
             None => None,
         };

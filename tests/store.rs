@@ -69,7 +69,7 @@ fn files_are_private_and_the_schema_is_versioned() {
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, journal.as_str()), (6, "wal"));
+    assert_eq!((version, journal.as_str()), (7, "wal"));
     // A store from a newer star-ls is refused, not misread.
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
@@ -187,6 +187,7 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
                 keys: vec![1.0, -1.0, 1.0],
                 center: None,
                 threshold: 0.85,
+                thresholds: vec![],
             }),
         },
         PatchLayer {
@@ -198,9 +199,10 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
                 keys: vec![0.6, 0.8, 0.0, 0.0, 1.0, 0.0],
                 center: Some(vec![0.25, -0.5, 1.0]),
                 threshold: 0.4,
+                thresholds: vec![],
             }),
         },
-        // Values: no columns, one value per key.
+        // Values: no columns, one value per key, a threshold per key.
         PatchLayer {
             layer: 23,
             hidden: 2,
@@ -210,6 +212,7 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
                 keys: vec![0.6, 0.8, 0.0, 0.0, 1.0, 0.0],
                 center: Some(vec![0.25, -0.5, 1.0]),
                 threshold: 0.4,
+                thresholds: vec![0.4, 0.25],
             }),
         },
     ];
@@ -226,6 +229,20 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
         (layers, vec!["case-1".to_owned()])
     );
     assert!(patches[0].gated);
+    let set = star_ls::learn::overlay(&patches).unwrap();
+    let per_key = |l| {
+        set.gated_at(l)
+            .next()
+            .unwrap()
+            .gate()
+            .unwrap()
+            .thresholds()
+            .to_vec()
+    };
+    assert_eq!(
+        (per_key(22), per_key(23)),
+        (vec![0.4, 0.4], vec![0.4, 0.25])
+    );
     assert_eq!(patches[0].report["fixed"], 1);
     assert!(store.patches(Some("other model"), true).unwrap().is_empty());
 
@@ -260,6 +277,7 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
             keys: vec![0.6, 0.8],
             center: None,
             threshold: 0.9,
+            thresholds: vec![],
         }),
     }];
     let mut store = Store::open(&dir, 1 << 30).unwrap();
@@ -270,6 +288,7 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     let conn = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
     conn.execute_batch(
         "ALTER TABLE patch_layers DROP COLUMN gate_center;
+         ALTER TABLE patch_layers DROP COLUMN gate_thresholds;
          ALTER TABLE completions DROP COLUMN fired;
          DROP TABLE leases;
          PRAGMA user_version = 3;",
@@ -291,7 +310,7 @@ fn a_ledger_from_before_layer_keys_is_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
 }
 
 /// A patch whose ledger rows were damaged on disk (a torn blob, half a gate, a neuron past the

@@ -68,8 +68,9 @@ fn hashing(width: usize) -> Hashing {
         .clone()
 }
 
-/// Opens a patch at the rows whose activations have cosine at least `threshold` with one of `keys`
-/// (the activations it was solved at): elsewhere the layer is exactly as unpatched.
+/// Opens a patch at the rows whose activations have cosine with one of `keys` (the activations it was
+/// solved at) at least that key's threshold: elsewhere the layer is exactly as unpatched. A row
+/// takes the key it clears by most (its nearest, where thresholds are equal).
 ///
 /// A gate keyed on the layer (`center` set) compares the whole `down_proj` input in the key space
 /// (`sketch`), centred on the layer's typical activation: late-layer activations are anisotropic, so
@@ -82,7 +83,8 @@ pub struct Gate {
     keys: Tensor,
     /// `(1, key_width)`.
     center: Option<Tensor>,
-    threshold: f32,
+    /// Per key (HoReN's per-key thresholds, GRACE's radius per key).
+    thresholds: Vec<f32>,
 }
 
 impl Gate {
@@ -106,8 +108,21 @@ impl Gate {
     /// Keys wider than `KEY_WIDTH` are those of a ledger written before 204406f: they compare with
     /// the whole activation, unsketched, as their thresholds were set.
     pub fn stored(keys: &Tensor, center: Option<&Tensor>, threshold: f32) -> Result<Self> {
-        if keys.dims2()?.0 == 0 {
+        Self::stored_per_key(keys, center, vec![threshold; keys.dims2()?.0])
+    }
+
+    /// `stored` with a threshold per key.
+    pub fn stored_per_key(
+        keys: &Tensor,
+        center: Option<&Tensor>,
+        thresholds: Vec<f32>,
+    ) -> Result<Self> {
+        let n = keys.dims2()?.0;
+        if n == 0 {
             candle_core::bail!("a gate needs at least one key");
+        }
+        if thresholds.len() != n {
+            candle_core::bail!("a gate of {n} keys has {} thresholds", thresholds.len());
         }
         let center = center.map(|c| c.reshape((1, ()))).transpose()?;
         if let Some(c) = &center {
@@ -118,7 +133,7 @@ impl Gate {
         Ok(Self {
             keys: keys.clone(),
             center,
-            threshold,
+            thresholds,
         })
     }
 
@@ -137,26 +152,37 @@ impl Gate {
     }
 
     /// This gate opening also at rows like `more` `(n, width)`, activations as the gate reads them
-    /// (on its columns, or the whole layer).
+    /// (on its columns, or the whole layer), each new key at this gate's highest threshold.
     pub fn with_keys(&self, more: &Tensor) -> Result<Self> {
         let more = self.keyed_at(more)?;
         Ok(Self {
             keys: Tensor::cat(&[&self.keys, &more.keys], 0)?,
+            thresholds: [self.thresholds.as_slice(), &more.thresholds].concat(),
             ..more
         })
     }
 
-    /// A gate with this one's centre and threshold, keyed at `rows` `(n, width)` alone.
+    /// A gate with this one's centre, keyed at `rows` `(n, width)` alone, each key at this gate's
+    /// highest threshold.
     pub fn keyed_at(&self, rows: &Tensor) -> Result<Self> {
+        let keys = unit_rows(&self.query(rows)?)?;
+        let top = self.thresholds.iter().copied().fold(f32::MIN, f32::max);
         Ok(Self {
-            keys: unit_rows(&self.query(rows)?)?,
-            ..self.clone()
+            thresholds: vec![top; keys.dim(0)?],
+            keys,
+            center: self.center.clone(),
         })
     }
 
-    /// This gate at another threshold.
+    /// This gate with every key at `threshold`.
     pub fn at(self, threshold: f32) -> Self {
-        Self { threshold, ..self }
+        let thresholds = vec![threshold; self.thresholds.len()];
+        Self { thresholds, ..self }
+    }
+
+    /// This gate with a threshold per key.
+    pub fn per_key(self, thresholds: Vec<f32>) -> Result<Self> {
+        Self::stored_per_key(&self.keys, self.center.as_ref(), thresholds)
     }
 
     /// `(keys, width)`, rows of unit norm (sketched and centred first when keyed on the layer).
@@ -169,34 +195,38 @@ impl Gate {
         self.center.as_ref()
     }
 
-    pub fn threshold(&self) -> f32 {
-        self.threshold
+    /// Per key.
+    pub fn thresholds(&self) -> &[f32] {
+        &self.thresholds
     }
 
     /// `(seq, 1)`: 1 at the rows of `z` `(seq, width)` the gate opens, else 0. No gradient flows
     /// through it.
     pub(super) fn open(&self, z: &Tensor) -> Result<Tensor> {
-        self.scores(z)?
-            .ge(self.threshold as f64)?
-            .to_dtype(DType::F32)
+        self.scores(z)?.ge(0.0)?.to_dtype(DType::F32)
     }
 
     /// The first row of `z` `(seq, width)` the gate might open at, for activations computed another
-    /// way than the pass's own (with other rounding): the first within `margin` of the threshold.
+    /// way than the pass's own (with other rounding): the first within `margin` of a threshold.
     /// None: it stays shut at every row.
     pub fn first_open(&self, z: &Tensor, margin: f32) -> Result<Option<usize>> {
         if z.dim(0)? == 0 {
             return Ok(None);
         }
-        let cos: Vec<f32> = self.scores(z)?.squeeze(1)?.to_vec1()?;
-        Ok(cos.iter().position(|&c| c >= self.threshold - margin))
+        let by: Vec<f32> = self.scores(z)?.squeeze(1)?.to_vec1()?;
+        Ok(by.iter().position(|&b| b >= -margin))
     }
 
-    /// `(seq, 1)`: each row of `z` `(seq, width)`'s largest cosine with a key.
+    /// `(seq, 1)`: by how much each row of `z` `(seq, width)` clears the key it clears most (its
+    /// cosine with the key less the key's threshold; negative where the gate stays shut).
     pub fn scores(&self, z: &Tensor) -> Result<Tensor> {
-        unit_rows(&self.query(&z.detach())?)?
-            .matmul(&self.keys.t()?)?
-            .max_keepdim(1)
+        let t = Tensor::new(self.thresholds.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        self.cosines(z)?.broadcast_sub(&t)?.max_keepdim(1)
+    }
+
+    /// `(seq, keys)`: each row of `z` `(seq, width)`'s cosine with each key.
+    pub fn cosines(&self, z: &Tensor) -> Result<Tensor> {
+        unit_rows(&self.query(&z.detach())?)?.matmul(&self.keys.t()?)
     }
 }
 
@@ -226,8 +256,9 @@ pub(super) struct Codebook {
     spans: Vec<Range<usize>>,
     /// Per key, `c·k` with its gate's centre.
     key_center: Vec<f32>,
-    /// Per gate, `|c|²` and the threshold.
+    /// Per gate, `|c|²`.
     center_sq: Vec<f32>,
+    /// Per key, its threshold.
     thresholds: Vec<f32>,
 }
 
@@ -246,7 +277,7 @@ impl Codebook {
             n += k;
             key_center.extend(g.keys.matmul(&c.t()?)?.flatten_all()?.to_vec1::<f32>()?);
             center_sq.push(c.sqr()?.sum_all()?.to_scalar::<f32>()?);
-            thresholds.push(g.threshold);
+            thresholds.extend_from_slice(&g.thresholds);
             keys.push(g.keys.clone());
             centers.push(c.clone());
         }
@@ -276,9 +307,10 @@ impl Codebook {
                     .max(0.0)
                     .sqrt()
                     + 1e-12;
+                // The key the row clears by most.
                 let best = span
                     .clone()
-                    .map(|k| (k, (dot[k] - self.key_center[k]) / norm))
+                    .map(|k| (k, (dot[k] - self.key_center[k]) / norm - self.thresholds[k]))
                     .fold((span.start, f32::NEG_INFINITY), |a, b| {
                         if b.1 > a.1 {
                             b
@@ -286,7 +318,7 @@ impl Codebook {
                             a
                         }
                     });
-                if best.1 >= self.thresholds[g] {
+                if best.1 >= 0.0 {
                     opened[g].push((r as u32, (best.0 - span.start) as u32));
                 }
             }
@@ -348,7 +380,12 @@ mod tests {
             .map(|g| {
                 let keys = z.narrow(0, 5 * g, 2).unwrap();
                 let center = random(1, 4864, 10 + g as u64).squeeze(0).unwrap();
-                Gate::on_layer(&keys, &center, 0.3 + 0.1 * g as f32).unwrap()
+                // A threshold per key: the second key's lower.
+                let t = 0.3 + 0.1 * g as f32;
+                Gate::on_layer(&keys, &center, t)
+                    .unwrap()
+                    .per_key(vec![t, t - 0.25])
+                    .unwrap()
             })
             .collect();
         let book = Codebook::new(&gates).unwrap();
@@ -356,9 +393,7 @@ mod tests {
         for (g, gate) in gates.iter().enumerate() {
             let alone = scores(gate, &z);
             let rows: Vec<u32> = opened[g].iter().map(|(r, _)| *r).collect();
-            let want: Vec<u32> = (0..30u32)
-                .filter(|&r| alone[r as usize] >= gate.threshold())
-                .collect();
+            let want: Vec<u32> = (0..30u32).filter(|&r| alone[r as usize] >= 0.0).collect();
             assert_eq!(rows, want, "gate {g}");
             // Each key's own row opens its gate at that key.
             assert!(
@@ -380,8 +415,9 @@ mod tests {
             .matmul(&centred.narrow(0, 0, 2).unwrap().t().unwrap())
             .unwrap();
         let want: Vec<f32> = cos.max(1).unwrap().to_vec1().unwrap();
+        // Scores are by how much a row clears the threshold.
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4, "{got:?} {want:?}");
+            assert!((g + 0.5 - w).abs() < 1e-4, "{got:?} {want:?}");
         }
         // And a codebook of such gates scores them the same way.
         let book = Codebook::new([&old]).unwrap();

@@ -26,6 +26,7 @@ pub(super) fn sgd(star: &Star, batch: &Batch, outcome: &mut RepairOutcome) -> Re
         columns: &columns,
         gates: BTreeMap::new(),
         keyed: BTreeMap::new(),
+        fit: None,
     };
     star.optimize(batch, &sites, &deltas, false, outcome, |_, d, g| {
         d.set(&(d.as_tensor() - g.affine(lr, 0.0)?)?)

@@ -1,24 +1,48 @@
 //! Where a patch's gate comes from (`RepairSettings::keys`): keys at the activations it was solved
-//! at, and a threshold from the rows it must leave alone.
+//! at, and thresholds from the rows it must leave alone.
 
 use crate::model::Gate;
+use crate::repair::GateThresholds;
 use candle_core::{Result, Tensor};
 
-/// A gate keyed on a layer: `positives` `(n, intermediate)` are the failure rows it must open at,
-/// `ordinary` `(r, intermediate)` rows it must leave alone. Keys are centred on the ordinary rows'
-/// mean; the threshold is `gap` above their highest cosine with a key, at most `ceiling` (which it
-/// is with no ordinary rows): the wider the margin a context leaves, the more new contexts of the
-/// idiom open it.
-pub fn on_layer(positives: &Tensor, ordinary: &Tensor, gap: f32, ceiling: f32) -> Result<Gate> {
-    if ordinary.dim(0)? == 0 {
-        let center = Tensor::zeros(positives.dim(1)?, positives.dtype(), positives.device())?;
-        return Gate::on_layer(positives, &center, ceiling);
+/// How a gate keyed on a layer gets its thresholds: `gap` above the highest cosine of the rows it
+/// must leave alone, at most `ceiling` (which it is with no such rows), per key or one for the gate.
+#[derive(Debug, Clone, Copy)]
+pub struct Fit {
+    pub gap: f32,
+    pub ceiling: f32,
+    pub per: GateThresholds,
+}
+
+impl Fit {
+    /// A gate keyed on a layer: `positives` `(n, intermediate)` are the failure rows it must open
+    /// at, `ordinary` `(r, intermediate)` rows it must leave alone. Keys are centred on the ordinary
+    /// rows' mean.
+    pub fn on_layer(&self, positives: &Tensor, ordinary: &Tensor) -> Result<Gate> {
+        let center = match ordinary.dim(0)? {
+            0 => Tensor::zeros(positives.dim(1)?, positives.dtype(), positives.device())?,
+            _ => ordinary.mean(0)?,
+        };
+        self.fit(Gate::on_layer(positives, &center, self.ceiling)?, ordinary)
     }
-    let gate = Gate::on_layer(positives, &ordinary.mean(0)?, ceiling)?;
-    let highest: f32 = gate.scores(ordinary)?.max(0)?.squeeze(0)?.to_scalar()?;
-    let threshold = (highest + gap).min(ceiling);
-    tracing::debug!(keys = positives.dim(0)?, highest, threshold, "gate");
-    Ok(gate.at(threshold))
+
+    /// `gate`'s thresholds set from `ordinary` `(r, intermediate)`: per key, its highest cosine with
+    /// them plus the gap (a key far from every ordinary row opens to more new contexts of its idiom,
+    /// one near some stays tight), or that of its nearest key for every key of the gate.
+    pub fn fit(&self, gate: Gate, ordinary: &Tensor) -> Result<Gate> {
+        if ordinary.dim(0)? == 0 {
+            return Ok(gate.at(self.ceiling));
+        }
+        let highest: Vec<f32> = gate.cosines(ordinary)?.max(0)?.to_vec1()?;
+        let threshold = |h: f32| (h + self.gap).min(self.ceiling);
+        tracing::debug!(keys = highest.len(), ?highest, "gate");
+        match self.per {
+            GateThresholds::Key => gate.per_key(highest.into_iter().map(threshold).collect()),
+            GateThresholds::Gate => {
+                Ok(gate.at(threshold(highest.into_iter().fold(f32::MIN, f32::max))))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -31,28 +55,61 @@ mod tests {
         Tensor::from_vec(flat, (v.len(), 3), &Device::Cpu).unwrap()
     }
 
+    fn fit(gap: f32, ceiling: f32, per: GateThresholds) -> Fit {
+        Fit { gap, ceiling, per }
+    }
+
+    /// Per row, by how much it clears the gate (negative: shut).
+    fn clears(gate: &Gate, v: &[[f32; 3]]) -> Vec<f32> {
+        gate.scores(&rows(v))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn the_threshold_sits_a_gap_above_the_ordinary_rows() {
         // Centred on (1, 1, 0), the ordinary rows point along ±x and the key along y.
         let ordinary = rows(&[[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]]);
         let positives = rows(&[[1.0, 3.0, 0.0]]);
-        let gate = on_layer(&positives, &ordinary, 0.1, 0.9).unwrap();
-        assert!(
-            (gate.threshold() - 0.1).abs() < 1e-6,
-            "{}",
-            gate.threshold()
-        );
-        let near = rows(&[[1.2, 2.0, 0.0], [2.0, 1.0, 0.0]]);
-        let open: Vec<f32> = gate
-            .scores(&near)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+        let gate = fit(0.1, 0.9, GateThresholds::Key)
+            .on_layer(&positives, &ordinary)
             .unwrap();
         assert!(
-            open[0] >= gate.threshold() && open[1] < gate.threshold(),
-            "{open:?}"
+            (gate.thresholds()[0] - 0.1).abs() < 1e-6,
+            "{:?}",
+            gate.thresholds()
+        );
+        let open = clears(&gate, &[[1.2, 2.0, 0.0], [2.0, 1.0, 0.0]]);
+        assert!(open[0] >= 0.0 && open[1] < 0.0, "{open:?}");
+    }
+
+    #[test]
+    fn each_key_sits_a_gap_above_the_ordinary_rows_near_it() {
+        // Centred: the ordinary rows along ±x; key A along y, key B near +x.
+        let ordinary = rows(&[[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]]);
+        let positives = rows(&[[1.0, 3.0, 0.0], [1.9, 1.0, 0.3]]);
+        let per_key = fit(0.1, 0.99, GateThresholds::Key)
+            .on_layer(&positives, &ordinary)
+            .unwrap();
+        let t = per_key.thresholds();
+        assert!(
+            (t[0] - 0.1).abs() < 1e-6 && (t[1] - 0.99).abs() < 1e-6,
+            "{t:?}"
+        );
+        let per_gate = fit(0.1, 0.99, GateThresholds::Gate)
+            .on_layer(&positives, &ordinary)
+            .unwrap();
+        assert_eq!(per_gate.thresholds(), [0.99, 0.99]);
+        // A row 45° from A opens A's own radius, not the gate's; the ordinary rows open neither.
+        let tried = [[1.0, 2.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0]];
+        let (key, gate) = (clears(&per_key, &tried), clears(&per_gate, &tried));
+        assert!(key[0] >= 0.0 && gate[0] < 0.0, "{key:?} {gate:?}");
+        assert!(
+            key[1..].iter().chain(&gate[1..]).all(|&c| c < 0.0),
+            "{key:?} {gate:?}"
         );
     }
 
@@ -60,16 +117,12 @@ mod tests {
     fn the_threshold_never_passes_the_ceiling() {
         let ordinary = rows(&[[1.0, 2.9, 0.0], [1.0, -1.0, 0.0]]);
         let positives = rows(&[[1.0, 3.0, 0.0]]);
+        let f = fit(0.5, 0.9, GateThresholds::Key);
         assert_eq!(
-            on_layer(&positives, &ordinary, 0.5, 0.9)
-                .unwrap()
-                .threshold(),
-            0.9
+            f.on_layer(&positives, &ordinary).unwrap().thresholds(),
+            [0.9]
         );
         let none = Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(
-            on_layer(&positives, &none, 0.05, 0.9).unwrap().threshold(),
-            0.9
-        );
+        assert_eq!(f.on_layer(&positives, &none).unwrap().thresholds(), [0.9]);
     }
 }

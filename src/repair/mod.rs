@@ -67,6 +67,8 @@ pub struct RepairSettings {
     /// Layer keys: a gate's threshold is this far above the highest cosine of the rows it must leave
     /// alone (the cases' and guards' prompts, the guards' targets), up to `gate`.
     pub gate_gap: f32,
+    /// Layer keys: a threshold per key (each above the ordinary rows near it) or one per gate.
+    pub gate_thresholds: GateThresholds,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -117,6 +119,16 @@ pub enum Keys {
     Columns,
 }
 
+/// Whose highest ordinary cosine sets a threshold (`RepairSettings::gate_thresholds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateThresholds {
+    /// Each key's own (HoReN's per-key thresholds, GRACE's radius per key).
+    Key,
+    /// The gate's nearest key's, for all its keys (the gates before 2026-12-07).
+    Gate,
+}
+
 /// What a patch adds where it acts (`RepairSettings::patch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -162,6 +174,7 @@ impl Default for RepairSettings {
             keys: Keys::Layer,
             patch: PatchKind::Values,
             gate_gap: 0.05,
+            gate_thresholds: GateThresholds::Key,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

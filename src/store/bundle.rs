@@ -97,6 +97,13 @@ impl Bundle {
         }
         for e in &b.entries {
             for l in &e.layers {
+                if let Some(why) = l.gate.as_ref().and_then(|g| g.misfit(l.columns.len())) {
+                    return Err(BundleError::Shape {
+                        entry: e.id.clone(),
+                        layer: l.layer,
+                        why,
+                    });
+                }
                 let width = match &l.gate {
                     Some(g) if l.columns.is_empty() => g.keys.len() / g.width(0).max(1),
                     _ => l.columns.len(),

@@ -21,29 +21,60 @@ impl PatchLayer {
     /// What it holds in memory and in the ledger (columns, delta, keys), the measure of
     /// `patchMemoryMb` (`Store::evict_over` sums the same in SQL).
     pub fn bytes(&self) -> usize {
-        let gate = self
-            .gate
-            .as_ref()
-            .map_or(0, |g| g.keys.len() + g.center.as_ref().map_or(0, Vec::len));
+        let gate = self.gate.as_ref().map_or(0, |g| {
+            g.keys.len() + g.center.as_ref().map_or(0, Vec::len) + g.thresholds.len()
+        });
         4 * (self.columns.len() + self.delta.len() + gate)
     }
 }
 
-/// A gated layer's gate: it opens at rows whose activations have cosine at least `threshold` with a
-/// row of `keys` (unit rows, row-major): the whole layer's activations less `center` when it has
-/// one, else those on `columns` (the gates written before 2026-12-06).
+/// A gated layer's gate: it opens at rows whose activations have cosine at least a key's threshold
+/// with that row of `keys` (unit rows, row-major): the whole layer's activations less `center` when
+/// it has one, else those on `columns` (the gates written before 2026-12-06).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchGate {
     pub keys: Vec<f32>,
     pub center: Option<Vec<f32>>,
+    /// Every key's threshold, or the highest of them where `thresholds` has them.
     pub threshold: f32,
+    /// Per key; empty in gates written before 2026-12-07 (every key at `threshold`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thresholds: Vec<f32>,
 }
 
 impl PatchGate {
     /// How many values each key has.
     pub fn width(&self, columns: usize) -> usize {
         self.center.as_ref().map_or(columns, Vec::len)
+    }
+
+    /// Each key's threshold.
+    pub fn per_key(&self, columns: usize) -> Vec<f32> {
+        match self.thresholds.is_empty() {
+            true => vec![self.threshold; self.keys.len() / self.width(columns).max(1)],
+            false => self.thresholds.clone(),
+        }
+    }
+
+    /// Why these keys, centre and thresholds make no gate over `columns` patched neurons.
+    pub fn misfit(&self, columns: usize) -> Option<String> {
+        let width = self.width(columns);
+        let keys = self.keys.len() / width.max(1);
+        if width == 0 || self.keys.is_empty() || !self.keys.len().is_multiple_of(width) {
+            return Some(format!(
+                "a gate of {} key values {width} wide",
+                self.keys.len()
+            ));
+        }
+        let finite = self.threshold.is_finite() && self.thresholds.iter().all(|t| t.is_finite());
+        if !finite || !(self.thresholds.is_empty() || self.thresholds.len() == keys) {
+            return Some(format!(
+                "a gate of {keys} keys with thresholds {} and {:?}",
+                self.threshold, self.thresholds
+            ));
+        }
+        None
     }
 }
 
@@ -90,6 +121,7 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
         }
     };
     let (columns, delta, keys, center) = (floats(2)?, floats(3)?, floats(4)?, floats(6)?);
+    let per_key = floats(7)?;
     let threshold: Option<f64> = r.get(5).map_err(text)?;
     let (Some(columns), Some(delta)) = (columns, delta) else {
         return Err("no columns or delta".into());
@@ -106,17 +138,10 @@ fn layer_from_row(r: &rusqlite::Row) -> Result<PatchLayer, String> {
                 keys: from_bytes(&k, f32::from_le_bytes),
                 center: center.map(|c| from_bytes(&c, f32::from_le_bytes)),
                 threshold: t as f32,
+                thresholds: per_key.map_or_else(Vec::new, |b| from_bytes(&b, f32::from_le_bytes)),
             };
-            let width = gate.width(columns.len());
-            if width == 0
-                || gate.keys.is_empty()
-                || !gate.keys.len().is_multiple_of(width)
-                || !t.is_finite()
-            {
-                return Err(format!(
-                    "layer {layer}: a gate of {} key values {width} wide",
-                    gate.keys.len()
-                ));
+            if let Some(why) = gate.misfit(columns.len()) {
+                return Err(format!("layer {layer}: {why}"));
             }
             Some(gate)
         }
@@ -174,8 +199,8 @@ impl Store {
                 tx.execute(
                     "INSERT INTO patch_layers
                        (patch_id, layer, hidden, columns, delta, gate_keys, gate_threshold,
-                        gate_center)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        gate_center, gate_thresholds)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![
                         id,
                         l.layer as i64,
@@ -188,6 +213,10 @@ impl Store {
                             .as_ref()
                             .and_then(|g| g.center.as_ref())
                             .map(|c| to_bytes(c, f32::to_le_bytes)),
+                        l.gate
+                            .as_ref()
+                            .filter(|g| !g.thresholds.is_empty())
+                            .map(|g| to_bytes(&g.thresholds, f32::to_le_bytes)),
                     ],
                 )?;
             }
@@ -231,7 +260,8 @@ impl Store {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut layers = self.conn.prepare(
-                "SELECT layer, hidden, columns, delta, gate_keys, gate_threshold, gate_center
+                "SELECT layer, hidden, columns, delta, gate_keys, gate_threshold, gate_center,
+                        gate_thresholds
                  FROM patch_layers
                  WHERE patch_id = ?1 ORDER BY layer",
             )?;

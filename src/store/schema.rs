@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
         expires_ms INTEGER NOT NULL,
         unfixed INTEGER NOT NULL DEFAULT 0
      );",
+    // 7: a threshold per key (f32 each; NULL: every key at `gate_threshold`, as before it).
+    "ALTER TABLE patch_layers ADD COLUMN gate_thresholds BLOB;",
 ];
 
 fn version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -6,6 +6,7 @@ use super::locate::{Attribution, Selection};
 use super::score::{Asked, Scored};
 use super::{PerLayer, RepairOutcome, Star};
 use crate::model::{Capture, Gate, Hooks, LayerPatch, PatchSet};
+use crate::repair::keys::Fit;
 use crate::repair::{linalg, Keys, PatchKind};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -18,7 +19,13 @@ pub(in crate::repair) struct Sites<'a> {
     pub columns: &'a BTreeMap<usize, Vec<u32>>,
     pub gates: BTreeMap<usize, Gate>,
     pub keyed: PerLayer<Vec<(usize, usize)>>,
+    /// Gates keyed on the layer: how their thresholds are set, and per layer the rows they must
+    /// leave alone (keys added by a re-solve get thresholds the same way).
+    pub fit: Option<Fitted>,
 }
+
+/// How gates keyed on the layer were fit, and per layer the rows they must leave alone.
+pub(in crate::repair) type Fitted = (Fit, PerLayer<Tensor>);
 
 impl Sites<'_> {
     /// Per layer, a delta on that layer's columns (or values) as a patch, behind the layer's gate if
@@ -54,8 +61,12 @@ impl Sites<'_> {
         let Some(gate) = self.gates.get_mut(&l) else {
             return patch + solve(l, z, steers)?;
         };
+        let refit = |g: Gate| match &self.fit {
+            Some((fit, ordinary)) if g.center().is_some() => fit.fit(g, &ordinary[&l]),
+            _ => Ok(g),
+        };
         if !self.columns[&l].is_empty() {
-            *gate = gate.with_keys(if gate.center().is_some() { whole } else { z })?;
+            *gate = refit(gate.with_keys(if gate.center().is_some() { whole } else { z })?)?;
             return patch + solve(l, z, steers)?;
         }
         // Values: a position keyed already asks its key's value for more, a new one gets a key.
@@ -82,7 +93,7 @@ impl Sites<'_> {
             patch = patch.index_add(&Tensor::new(old.as_slice(), &Device::Cpu)?, &more, 1)?;
         }
         if !new_rows.is_empty() {
-            *gate = gate.with_keys(&rows(&new_rows, whole)?)?;
+            *gate = refit(gate.with_keys(&rows(&new_rows, whole)?)?)?;
             patch = Tensor::cat(&[&patch, &rows(&new_rows, steers)?.t()?], 1)?.contiguous()?;
         }
         Ok(patch)
@@ -239,10 +250,12 @@ impl Star<'_> {
             keyed.insert(l, sites_of(&batch.failing));
         }
         outcome.solves = 1;
+        let (gates, fit) = self.gates(&layers, (&z, &whole), &typical, guards)?;
         let mut sites = Sites {
             columns: &columns,
-            gates: self.gates(&layers, (&z, &whole), &typical, guards)?,
+            gates,
             keyed,
+            fit,
         };
         let solve = |l: usize, z: &Tensor, s: &Tensor| solver.solve(l, z, s);
         if let Some(verified) = self.resolve(batch, &mut sites, &mut priors, outcome, &solve)? {
@@ -266,33 +279,42 @@ impl Star<'_> {
 
     /// Per layer the gate its patch acts behind (none when `settings.gate` is 0), from the failure
     /// positions' activations `z` (on the patched columns) and `whole` (every neuron), and the rows
-    /// it must leave alone: `typical` prompt rows and the guards' targets.
+    /// it must leave alone: `typical` prompt rows and the guards' targets. For gates keyed on the
+    /// layer, also how their thresholds were fit, and those rows per layer.
     fn gates(
         &self,
         layers: &[usize],
         (z, whole): (&PerLayer<Tensor>, &PerLayer<Tensor>),
         typical: &PerLayer<Vec<Tensor>>,
         guards: &[Arc<Checked>],
-    ) -> Result<PerLayer<Gate>> {
+    ) -> Result<(PerLayer<Gate>, Option<Fitted>)> {
         let mut gates = BTreeMap::new();
-        for &l in layers {
-            let gate = match self.settings.keys {
-                _ if self.settings.gate <= 0.0 => continue,
-                Keys::Columns => Gate::on_columns(&z[&l], self.settings.gate)?,
-                Keys::Layer => {
-                    let mut ordinary = typical.get(&l).cloned().unwrap_or_default();
-                    ordinary.extend(guards.iter().map(|g| g.at_target[&l].clone()));
-                    let ordinary = match ordinary.is_empty() {
-                        true => Tensor::zeros((0, whole[&l].dim(1)?), DType::F32, &Device::Cpu)?,
-                        false => Tensor::cat(&ordinary, 0)?,
-                    };
-                    let (gap, ceiling) = (self.settings.gate_gap, self.settings.gate);
-                    crate::repair::keys::on_layer(&whole[&l], &ordinary, gap, ceiling)?
-                }
-            };
-            gates.insert(l, gate);
+        if self.settings.gate <= 0.0 {
+            return Ok((gates, None));
         }
-        Ok(gates)
+        if self.settings.keys == Keys::Columns {
+            for &l in layers {
+                gates.insert(l, Gate::on_columns(&z[&l], self.settings.gate)?);
+            }
+            return Ok((gates, None));
+        }
+        let fit = Fit {
+            gap: self.settings.gate_gap,
+            ceiling: self.settings.gate,
+            per: self.settings.gate_thresholds,
+        };
+        let mut rows = BTreeMap::new();
+        for &l in layers {
+            let mut ordinary = typical.get(&l).cloned().unwrap_or_default();
+            ordinary.extend(guards.iter().map(|g| g.at_target[&l].clone()));
+            let ordinary = match ordinary.is_empty() {
+                true => Tensor::zeros((0, whole[&l].dim(1)?), DType::F32, &Device::Cpu)?,
+                false => Tensor::cat(&ordinary, 0)?,
+            };
+            gates.insert(l, fit.on_layer(&whole[&l], &ordinary)?);
+            rows.insert(l, ordinary);
+        }
+        Ok((gates, Some((fit, rows))))
     }
 
     /// The analytical step again, up to `solves` times in all, on what is not settled yet: the cases
