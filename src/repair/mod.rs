@@ -125,7 +125,8 @@ pub enum Keys {
 pub enum GateThresholds {
     /// Each key's own (HoReN's per-key thresholds, GRACE's radius per key).
     Key,
-    /// The gate's nearest key's, for all its keys (the gates before 2026-12-07).
+    /// The highest of its keys', for all of them: the gates before 2026-12-07, except that keys a
+    /// re-solve adds now count in it too.
     Gate,
 }
 
