@@ -175,7 +175,7 @@ impl Default for RepairSettings {
             keys: Keys::Layer,
             patch: PatchKind::Values,
             gate_gap: 0.05,
-            gate_thresholds: GateThresholds::Key,
+            gate_thresholds: GateThresholds::Gate,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,
