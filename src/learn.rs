@@ -192,7 +192,7 @@ pub fn ledger_layers(patches: &[(usize, LayerPatch)]) -> candle_core::Result<Vec
                     Some(g) => Some(PatchGate {
                         keys: g.keys().flatten_all()?.to_vec1()?,
                         center: g.center().map(|c| c.flatten_all()?.to_vec1()).transpose()?,
-                        threshold: g.thresholds().iter().copied().fold(f32::MIN, f32::max),
+                        threshold: g.top_threshold(),
                         thresholds: g.thresholds().to_vec(),
                     }),
                     None => None,

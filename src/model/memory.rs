@@ -166,7 +166,7 @@ impl Gate {
     /// highest threshold.
     pub fn keyed_at(&self, rows: &Tensor) -> Result<Self> {
         let keys = unit_rows(&self.query(rows)?)?;
-        let top = self.thresholds.iter().copied().fold(f32::MIN, f32::max);
+        let top = self.top_threshold();
         Ok(Self {
             thresholds: vec![top; keys.dim(0)?],
             keys,
@@ -198,6 +198,11 @@ impl Gate {
     /// Per key.
     pub fn thresholds(&self) -> &[f32] {
         &self.thresholds
+    }
+
+    /// The highest of its keys' thresholds.
+    pub fn top_threshold(&self) -> f32 {
+        self.thresholds.iter().copied().fold(f32::MIN, f32::max)
     }
 
     /// `(seq, 1)`: 1 at the rows of `z` `(seq, width)` the gate opens, else 0. No gradient flows
