@@ -5,7 +5,7 @@
 use super::{lock, Error, Event, Host, Result};
 use crate::learn::{self, Job, RepairReport};
 use crate::model::Model;
-use crate::repair::{self, Case, Head, RepairSettings, Residuals, Star};
+use crate::repair::{self, Case, Head, Residuals, Star};
 use crate::store::{Forgotten, PatchRecord, Store, StoreOp};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -188,10 +188,10 @@ impl Host {
         let (Ok(model), Some(host)) = (self.loaded_model(), self.me.upgrade()) else {
             return; // the first repair makes it
         };
+        let settings = self.policy.repair;
         tokio::task::spawn_blocking(move || {
             host.engine.wait_idle();
             let live = host.engine.patches();
-            let settings = RepairSettings::default();
             let residuals = &host.repairs.residuals;
             let head = lock(&host.repairs.head).clone();
             let warmed = crate::env::in_background(|| match &head {
@@ -446,18 +446,14 @@ impl Host {
         let Some(host) = self.me.upgrade() else {
             return;
         };
+        let settings = self.policy.repair;
         tokio::task::spawn_blocking(move || {
             host.engine.wait_idle();
             let live = host.engine.patches();
             let star = Star {
                 live: Some(&live),
                 residuals: Some(&host.repairs.residuals),
-                ..Star::new(
-                    &model.weights,
-                    &model.tokenizer,
-                    &head,
-                    RepairSettings::default(),
-                )
+                ..Star::new(&model.weights, &model.tokenizer, &head, settings)
             };
             if let Err(e) = crate::env::in_background(|| star.warm(&guards)) {
                 tracing::warn!("could not check the guards under the new overlay: {e}");

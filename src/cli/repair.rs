@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use serde_json::json;
+use star_ls::completion::ContextLimits;
 use star_ls::model::{LoadOptions, Model, PatchSet};
 use star_ls::repair::{complete_case, passes, Case, Head, Method, RepairSettings, Star};
 use std::io::BufRead;
@@ -43,7 +44,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let settings = o.settings;
     let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
-    let lines = |patches: Option<&PatchSet>| -> anyhow::Result<Vec<String>> {
+    let lines = |patches: Option<&PatchSet>,
+                 limits: ContextLimits|
+     -> anyhow::Result<Vec<String>> {
         cases
             .iter()
             .chain(&guards)
@@ -52,23 +55,25 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                     &model.weights,
                     &model.tokenizer,
                     c,
-                    settings.context,
+                    limits,
                     patches,
                 )?)
             })
             .collect()
     };
-    let before = lines(None)?;
+    let before = lines(None, settings.context)?;
     let outcome = star.repair_by(o.method, repaired, &guards)?;
     let set = star.served(&outcome.patches)?;
-    let after = lines(Some(&set))?;
+    let after = lines(Some(&set), settings.context)?;
+    // The server completes in a wider window than a repair works in: keys must open there too.
+    let served = lines(Some(&set), ContextLimits::default())?;
 
     let rows: Vec<_> = cases
         .iter()
         .chain(&guards)
-        .zip(before.iter().zip(&after))
+        .zip(before.iter().zip(&after).zip(&served))
         .enumerate()
-        .map(|(i, (c, (b, a)))| {
+        .map(|(i, (c, ((b, a), s)))| {
             let role = if i >= cases.len() {
                 "guard"
             } else if i < repaired.len() {
@@ -77,7 +82,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 "held out"
             };
             json!({ "id": c.id, "role": role, "target": c.target, "before": b, "after": a,
-                    "passesBefore": passes(b, c), "passesAfter": passes(a, c) })
+                    "passesBefore": passes(b, c), "passesAfter": passes(a, c),
+                    "served": s, "passesServed": passes(s, c) })
         })
         .collect();
     // Keys of the first patched layer's gate (every layer of a repair keys the same positions).
@@ -97,12 +103,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     for r in &rows {
         println!(
-            "{:<9} {:<6} {} -> {}   (target {})",
+            "{:<9} {:<6} {} -> {}   (target {}; served {})",
             r["role"].as_str().unwrap_or_default(),
             r["id"].as_str().unwrap_or_default(),
             r["before"],
             r["after"],
-            r["target"]
+            r["target"],
+            r["served"]
         );
     }
     println!(

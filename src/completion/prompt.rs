@@ -5,7 +5,7 @@ use crate::model::{generate::Prompt, Tokenizer};
 
 /// How much context goes into a prompt.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ContextLimits {
     /// Tokens of text before the cursor.
     pub prefix_tokens: usize,

@@ -104,7 +104,34 @@ impl Settings {
             repair_threshold: self.repair_threshold,
             repair_guards: self.repair_guards,
             patch_memory_mb: self.patch_memory_mb,
-            ..crate::learn::Policy::default()
+            // Repairs key their gates where completions are made.
+            repair: crate::repair::RepairSettings {
+                context: self.context,
+                ..Default::default()
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn repairs_work_in_the_completion_window() {
+        let options = json!({ "context": { "prefixTokens": 300, "suffixTokens": 20 } });
+        let (s, err) = Settings::from_options(Some(options));
+        assert_eq!(err, None);
+        let window = s.policy().repair.context;
+        assert_eq!((window.prefix_tokens, window.suffix_tokens), (300, 20));
+    }
+
+    #[test]
+    fn an_unknown_context_key_is_named() {
+        let options = json!({ "context": { "prefixTokenz": 300 } });
+        let (s, err) = Settings::from_options(Some(options));
+        assert!(err.unwrap().contains("prefixTokenz"));
+        assert_eq!(s.context.prefix_tokens, 1024);
     }
 }

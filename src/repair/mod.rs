@@ -27,7 +27,8 @@ use crate::model::{LayerPatch, PatchSet};
 #[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct RepairSettings {
-    /// Context used around each case; the window before the cursor bounds repair's cost.
+    /// Context used around each case: the serving window (the server passes its own), because a
+    /// gate keyed on activations of a narrower window stays shut where the completion is made.
     pub context: ContextLimits,
     /// The top fraction of layers that may be patched (candidates for occlusion).
     pub candidate_fraction: f32,
@@ -156,10 +157,7 @@ pub enum Mode {
 impl Default for RepairSettings {
     fn default() -> Self {
         Self {
-            context: ContextLimits {
-                prefix_tokens: 256,
-                suffix_tokens: 64,
-            },
+            context: ContextLimits::default(),
             candidate_fraction: 0.25,
             locate: Locate::Gradient,
             layers: 3,
