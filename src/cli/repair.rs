@@ -44,23 +44,22 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let settings = o.settings;
     let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
-    let lines = |patches: Option<&PatchSet>,
-                 limits: ContextLimits|
-     -> anyhow::Result<Vec<String>> {
-        cases
-            .iter()
-            .chain(&guards)
-            .map(|c| {
-                Ok(complete_case(
-                    &model.weights,
-                    &model.tokenizer,
-                    c,
-                    limits,
-                    patches,
-                )?)
-            })
-            .collect()
-    };
+    let lines =
+        |patches: Option<&PatchSet>, limits: ContextLimits| -> anyhow::Result<Vec<String>> {
+            cases
+                .iter()
+                .chain(&guards)
+                .map(|c| {
+                    Ok(complete_case(
+                        &model.weights,
+                        &model.tokenizer,
+                        c,
+                        limits,
+                        patches,
+                    )?)
+                })
+                .collect()
+        };
     let before = lines(None, settings.context)?;
     let outcome = star.repair_by(o.method, repaired, &guards)?;
     let set = star.served(&outcome.patches)?;
