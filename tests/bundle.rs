@@ -1,7 +1,8 @@
 //! Patch bundles between two data directories, through the real binary on a tiny repairable model:
 //! a repair made in one is exported, imported into another, and the server there completes the
-//! repaired place as the first does after its repair; a damaged bundle, and one for another model,
-//! are refused with a one-line reason and change nothing.
+//! repaired place as the first does after its repair; the developer's text goes only with
+//! `--with-cases`; a damaged bundle, and one for another model, are refused with a one-line reason and
+//! change nothing.
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -85,6 +86,11 @@ fn a_bundle_carries_a_repair_to_another_data_directory() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("def f0(x)"),
+        "case text without --with-cases"
+    );
     let out = star_ls(&model, &b, &["patches", "import", file_arg, "--json"]);
     assert!(out.status.success(), "{out:?}");
     let listed = patches(&model, &b);
@@ -128,4 +134,36 @@ fn a_bundle_carries_a_repair_to_another_data_directory() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     assert_eq!(patches(&model, &b).as_array().map(Vec::len), Some(1));
+
+    // With the cases: the importing ledger holds the correction, repaired by the imported patch.
+    let with = a.join("with-cases.json");
+    let args = ["patches", "export", "--format", "bundle"];
+    let out = star_ls(
+        &model,
+        &a,
+        &[&args[..], &[with.to_str().unwrap(), "--with-cases"]].concat(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let c = client::fresh_data_dir("bundle-c");
+    let out = star_ls(&model, &c, &["patches", "import", with.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = star_ls(&model, &c, &["cases", "export", "--kind", "failure"]);
+    let cases: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 1, "{cases:?}");
+    assert_eq!(
+        (cases[0]["target"].as_str(), cases[0]["prefix"].as_str()),
+        (Some("x + 0"), Some("def f0(x):\n    return ")),
+    );
+    let listed = patches(&model, &c);
+    assert_eq!(listed[0]["cases"], json!([cases[0]["id"]]), "{listed}");
+    assert_eq!(cases[0]["repairedBy"], listed[0]["id"]);
+    // Rolled back, the imported patch leaves its correction pending, as a local one would.
+    let out = star_ls(&model, &c, &["patches", "rollback", "all"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = star_ls(&model, &c, &["cases", "export", "--kind", "failure"]);
+    let case: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(case["repairedBy"], Value::Null, "{case}");
 }

@@ -421,9 +421,12 @@ impl PatchesArgs {
             PatchesAction::Rollback { id } => {
                 patches::rollback((id != "all").then_some(id.as_str()), json)
             }
-            PatchesAction::Export { format, out, ids } => {
-                patches::export(format, &out, ids.as_deref(), json)
-            }
+            PatchesAction::Export {
+                format,
+                out,
+                ids,
+                with_cases,
+            } => patches::export(format, &out, ids.as_deref(), with_cases, json),
             PatchesAction::Import { file } => patches::import(&file, json),
         }
     }
@@ -462,6 +465,9 @@ enum PatchesAction {
         /// Only these patches (`patch-3,patch-5`).
         #[arg(long, value_delimiter = ',')]
         ids: Option<Vec<String>>,
+        /// Also the text of the failures each patch repaired (your code: left out by default).
+        #[arg(long)]
+        with_cases: bool,
     },
     /// Add a bundle's patches to this ledger (the same model only); a running server takes them up.
     Import { file: PathBuf },

@@ -83,7 +83,8 @@ pub fn rollback(id: Option<&str>, json: bool) -> anyhow::Result<()> {
 /// What `star-ls patches export` writes.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
-    /// A star-ls patch bundle (JSON): every entry's layers and report, no case text.
+    /// A star-ls patch bundle (JSON): every entry's layers and report, and the repaired cases' text
+    /// with `--with-cases`.
     Bundle,
 }
 
@@ -99,6 +100,7 @@ pub fn export(
     format: Format,
     out: &Path,
     ids: Option<&[String]>,
+    with_cases: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let Format::Bundle = format;
@@ -119,15 +121,23 @@ pub fn export(
             r.id
         );
     }
-    let bundle = Bundle::of(&sha, &records);
+    let cases = match with_cases {
+        true => store.cases(Some(star_ls::capture::CaseKind::Failure))?,
+        false => Vec::new(),
+    };
+    let bundle = Bundle::of(&sha, &records, &cases);
     std::fs::write(out, serde_json::to_vec(&bundle)?)
         .with_context(|| format!("writing {}", out.display()))?;
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let n_cases: usize = bundle.entries.iter().map(|e| e.cases.len()).sum();
     if json {
-        println!("{}", serde_json::json!({ "exported": ids, "file": out }));
+        println!(
+            "{}",
+            serde_json::json!({ "exported": ids, "cases": n_cases, "file": out })
+        );
     } else {
         println!(
-            "exported {} patches ({}) to {}",
+            "exported {} patches ({}) and {n_cases} cases to {}",
             ids.len(),
             ids.join(", "),
             out.display()

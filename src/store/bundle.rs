@@ -1,11 +1,12 @@
 //! A patch bundle: ledger entries as a self-describing, versioned JSON document a teammate's star-ls
 //! imports (`star-ls patches export --format bundle`, `star-ls patches import`). It holds the model's
 //! sha256, and per entry its layers (columns, deltas, gate keys and thresholds) and its repair's report;
-//! no case text. A sha256 over its contents makes a damaged file refused rather than half applied.
+//! the text of the cases it repaired only when asked (`--with-cases`). A sha256 over its contents makes a damaged file refused rather than half applied.
 //! Floats are JSON numbers: serde_json writes an f32 in its shortest exact form, so they read back
 //! bit for bit.
 
-use super::{PatchLayer, PatchRecord, Store, StoreError};
+use super::{NewCase, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
+use crate::capture::{CaseKind, CaseText, Outcome};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -21,6 +22,57 @@ pub struct Entry {
     pub created_ms: i64,
     pub report: serde_json::Value,
     pub layers: Vec<PatchLayer>,
+    /// The failures it repaired, with `--with-cases`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cases: Vec<BundleCase>,
+}
+
+/// A repaired failure as a bundle carries it: what the developer wrote instead of the proposal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BundleCase {
+    pub language: String,
+    pub document: String,
+    pub outcome: Outcome,
+    pub prefix: String,
+    pub suffix: String,
+    pub proposed: String,
+    pub target: String,
+    pub created_ms: i64,
+}
+
+impl BundleCase {
+    /// `None` for a stored outcome this star-ls does not know.
+    fn of(c: &StoredCase) -> Option<Self> {
+        Some(Self {
+            language: c.language.clone(),
+            document: c.document.clone(),
+            outcome: serde_json::from_value(serde_json::Value::from(c.outcome.as_str())).ok()?,
+            prefix: c.prefix.clone(),
+            suffix: c.suffix.clone(),
+            proposed: c.proposed.clone(),
+            target: c.target.clone(),
+            created_ms: c.created_ms,
+        })
+    }
+
+    fn stored(&self) -> NewCase {
+        NewCase {
+            case: CaseText {
+                kind: CaseKind::Failure,
+                outcome: self.outcome,
+                prefix: self.prefix.clone(),
+                target: self.target.clone(),
+                suffix: self.suffix.clone(),
+                proposed: self.proposed.clone(),
+            },
+            completion_id: None,
+            language: self.language.clone(),
+            document: self.document.clone(),
+            workspace: String::new(),
+            created_ms: self.created_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,8 +114,9 @@ fn digest(format: &str, version: u32, model_sha: &str, entries: &[Entry]) -> Str
 }
 
 impl Bundle {
-    /// The active ledger `records` of model `model_sha`.
-    pub fn of(model_sha: &str, records: &[PatchRecord]) -> Self {
+    /// The active ledger `records` of model `model_sha`, each with the text of the cases it repaired
+    /// found among `cases` (none: no case text).
+    pub fn of(model_sha: &str, records: &[PatchRecord], cases: &[StoredCase]) -> Self {
         let entries: Vec<Entry> = records
             .iter()
             .map(|r| Entry {
@@ -71,6 +124,11 @@ impl Bundle {
                 created_ms: r.created_ms,
                 report: r.report.clone(),
                 layers: r.layers.clone(),
+                cases: cases
+                    .iter()
+                    .filter(|c| r.cases.contains(&c.id))
+                    .filter_map(BundleCase::of)
+                    .collect(),
             })
             .collect();
         Self {
@@ -134,7 +192,8 @@ impl Bundle {
 
 impl Store {
     /// Adds the bundle's entries to the ledger as new patches (rolled back like any other), their
-    /// reports marked `imported` with where they came from; their ids here.
+    /// reports marked `imported` with where they came from, and the cases an entry carries as
+    /// failures it repaired (pending again if it is rolled back); their ids here.
     pub fn import(&mut self, bundle: &Bundle, from: &str) -> Result<Vec<String>, StoreError> {
         let mut ids = Vec::new();
         for e in &bundle.entries {
@@ -145,7 +204,17 @@ impl Store {
                     serde_json::json!({ "from": from, "id": e.id }),
                 );
             }
-            ids.push(self.add_patch(&bundle.model_sha, e.created_ms, &report, &e.layers, &[])?);
+            let mut cases = Vec::with_capacity(e.cases.len());
+            for c in &e.cases {
+                cases.push(self.add_case_id(&c.stored())?);
+            }
+            ids.push(self.add_patch(
+                &bundle.model_sha,
+                e.created_ms,
+                &report,
+                &e.layers,
+                &cases,
+            )?);
         }
         Ok(ids)
     }

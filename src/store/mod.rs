@@ -279,6 +279,20 @@ impl Store {
         })
     }
 
+    /// `add_case`, and the id of the stored case (the one there already, for a case stored before).
+    pub fn add_case_id(&mut self, c: &NewCase) -> Result<String, StoreError> {
+        self.add_case(c)?;
+        let id: i64 = self
+            .conn
+            .query_row(
+                "SELECT id FROM cases WHERE digest = ?1",
+                [case_digest(c)],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.wrap(e))?;
+        Ok(format!("case-{id}"))
+    }
+
     pub fn counts(&self) -> Result<Counts, StoreError> {
         self.conn
             .query_row(
