@@ -100,16 +100,15 @@ impl Settings {
 impl Settings {
     /// The learning policy these settings give (`star-ls replay` runs the default one).
     pub fn policy(&self) -> crate::learn::Policy {
-        crate::learn::Policy {
+        let mut policy = crate::learn::Policy {
             repair_threshold: self.repair_threshold,
             repair_guards: self.repair_guards,
             patch_memory_mb: self.patch_memory_mb,
-            // Repairs key their gates where completions are made.
-            repair: crate::repair::RepairSettings {
-                context: self.context,
-                ..Default::default()
-            },
-        }
+            ..Default::default()
+        };
+        // Repairs key their gates where completions are made.
+        policy.repair.context = self.context;
+        policy
     }
 }
 
