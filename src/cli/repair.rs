@@ -64,8 +64,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let outcome = star.repair_by(o.method, repaired, &guards)?;
     let set = star.served(&outcome.patches)?;
     let after = lines(Some(&set), settings.context)?;
-    // The server completes in a wider window than a repair works in: keys must open there too.
-    let served = lines(Some(&set), ContextLimits::default())?;
+    // A repair in another window than the server's (`--repair-settings`) must open its keys there too.
+    let served = match settings.context == ContextLimits::default() {
+        true => after.clone(),
+        false => lines(Some(&set), ContextLimits::default())?,
+    };
 
     let rows: Vec<_> = cases
         .iter()

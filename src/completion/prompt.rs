@@ -4,7 +4,7 @@ use super::crossfile::{CrossFile, Layout};
 use crate::model::{generate::Prompt, Tokenizer};
 
 /// How much context goes into a prompt.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ContextLimits {
     /// Tokens of text before the cursor.
