@@ -1,7 +1,8 @@
 //! A patch bundle: ledger entries as a self-describing, versioned JSON document a teammate's star-ls
 //! imports (`star-ls patches export --format bundle`, `star-ls patches import`). It holds the model's
 //! sha256, and per entry its layers (columns, deltas, gate keys and thresholds) and its repair's report;
-//! the text of the cases it repaired only when asked (`--with-cases`). A sha256 over its contents makes a damaged file refused rather than half applied.
+//! the text of the cases it repaired only when asked (`--with-cases`). A sha256 over its contents makes
+//! a damaged file refused rather than half applied.
 //! Floats are JSON numbers: serde_json writes an f32 in its shortest exact form, so they read back
 //! bit for bit.
 
@@ -47,7 +48,7 @@ impl BundleCase {
         Some(Self {
             language: c.language.clone(),
             document: c.document.clone(),
-            outcome: serde_json::from_value(serde_json::Value::from(c.outcome.as_str())).ok()?,
+            outcome: c.outcome.parse().ok()?,
             prefix: c.prefix.clone(),
             suffix: c.suffix.clone(),
             proposed: c.proposed.clone(),
