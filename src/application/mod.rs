@@ -500,24 +500,26 @@ fn spawn_idle_capture(host: Weak<Host>, idle: Duration) {
 fn spawn_store_watch(host: Weak<Host>) {
     const WATCH_EVERY: Duration = Duration::from_secs(1);
     tokio::spawn(async move {
-        // The first look goes to the store before the ledger is first read (the model is still
-        // loading): a change between them is seen at the next look.
+        // The version whose patches are live here. The first look takes them up too: it may come
+        // after the ledger's first read (the store was busy), and a patch written between is missed.
         let mut seen = None;
         loop {
             let Some(host) = host.upgrade() else { return };
             if let Ok(version) = host.data_version().await {
-                let mut taken_up = true;
-                if seen.is_some_and(|v| v != version) {
-                    if host.repairs.sha_known() {
-                        if let Err(e) = host.reload_overlay().await {
-                            tracing::warn!("could not take up another server's patches: {e}");
-                            taken_up = false; // looks again at the next tick
-                        }
-                    }
+                if seen != Some(version) {
+                    // Before the model's sha is known, its first ledger read is still to come.
+                    let taken_up = !host.repairs.sha_known()
+                        || host
+                            .reload_overlay()
+                            .await
+                            .map_err(|e| {
+                                tracing::warn!("could not take up another server's patches: {e}")
+                            })
+                            .is_ok();
                     host.emit(Event::Changed);
-                }
-                if taken_up {
-                    seen = Some(version);
+                    if taken_up {
+                        seen = Some(version);
+                    } // else looks again at the next tick
                 }
             }
             drop(host);
