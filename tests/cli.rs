@@ -107,6 +107,17 @@ fn repair_dry_run_reports_what_a_patch_would_fix() {
     assert_eq!(rows[0]["role"], "repaired");
     assert_eq!(rows[0]["after"], "math.hypot(a, b)");
     assert_eq!(rows[1]["role"], "held out");
+    // The repaired line is served through the repair's gates; the held-out one is told how far it is
+    // from opening them, at each patched layer.
+    assert!(
+        !rows[0]["openedServed"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert_eq!(
+        rows[1]["gateReach"].as_array().map(Vec::len),
+        report["layers"].as_array().map(Vec::len),
+        "{report}"
+    );
     assert!(report["seconds"].as_f64().unwrap() > 0.0);
 }
 

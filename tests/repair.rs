@@ -69,7 +69,9 @@ fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
 /// The greedy line the serving model completes a case with, under `patches`.
 fn greedy(m: &Model, c: &Case, patches: &PatchSet) -> String {
     let patches = (!patches.is_empty()).then_some(patches);
-    complete_case(&m.weights, &m.tokenizer, c, settings().context, patches).unwrap()
+    complete_case(&m.weights, &m.tokenizer, c, settings().context, patches)
+        .unwrap()
+        .text
 }
 
 /// A free-running greedy line (up to 64 tokens), and why it stopped.

@@ -4,8 +4,12 @@
 use anyhow::Context;
 use serde_json::json;
 use star_ls::completion::ContextLimits;
-use star_ls::model::{LoadOptions, Model, PatchSet};
-use star_ls::repair::{complete_case, passes, Case, Head, Method, RepairSettings, Star};
+use star_ls::model::{
+    Capture, FiredEntries, Generation, Hooks, LayerPatch, LoadOptions, Model, PatchSet,
+};
+use star_ls::repair::{
+    complete_case, passes, teacher_forced, Case, Head, Method, RepairSettings, Star,
+};
 use std::io::BufRead;
 use std::path::Path;
 
@@ -45,7 +49,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let star = Star::new(&model.weights, &model.tokenizer, &head, settings);
     let repaired = &cases[..o.limit.unwrap_or(cases.len()).min(cases.len())];
     let lines =
-        |patches: Option<&PatchSet>, limits: ContextLimits| -> anyhow::Result<Vec<String>> {
+        |patches: Option<&PatchSet>, limits: ContextLimits| -> anyhow::Result<Vec<Generation>> {
             cases
                 .iter()
                 .chain(&guards)
@@ -62,7 +66,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         };
     let before = lines(None, settings.context)?;
     let outcome = star.repair_by(o.method, repaired, &guards)?;
-    let set = star.served(&outcome.patches)?;
+    // Named, so that the served lines say where its gates opened.
+    let named: Vec<_> = outcome
+        .patches
+        .iter()
+        .map(|(l, p)| (*l, p.clone().named("dry run")))
+        .collect();
+    let set = star.served(&named)?;
     let after = lines(Some(&set), settings.context)?;
     // A repair in another window than the server's (`--repair-settings`) must open its keys there too.
     let served = match settings.context == ContextLimits::default() {
@@ -83,11 +93,16 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             } else {
                 "held out"
             };
-            json!({ "id": c.id, "role": role, "target": c.target, "before": b, "after": a,
-                    "passesBefore": passes(b, c), "passesAfter": passes(a, c),
-                    "served": s, "passesServed": passes(s, c) })
+            let reach = match role {
+                "held out" => Some(reach(&model, c, &outcome.patches, &set)?),
+                _ => None,
+            };
+            Ok(json!({ "id": c.id, "role": role, "target": c.target, "before": b.text, "after": a.text,
+                    "passesBefore": passes(&b.text, c), "passesAfter": passes(&a.text, c),
+                    "served": s.text, "passesServed": passes(&s.text, c), "openedServed": s.fired,
+                    "gateReach": reach }))
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     // Keys of the first patched layer's gate (every layer of a repair keys the same positions).
     let keys = match outcome.patches.first().and_then(|(_, p)| p.gate()) {
         Some(g) => g.keys().dim(0)?,
@@ -103,15 +118,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    for r in &rows {
+    for (r, s) in rows.iter().zip(&served) {
         println!(
-            "{:<9} {:<6} {} -> {}   (target {}; served {})",
+            "{:<9} {:<6} {} -> {}   (target {}; served {}{}{})",
             r["role"].as_str().unwrap_or_default(),
             r["id"].as_str().unwrap_or_default(),
             r["before"],
             r["after"],
             r["target"],
-            r["served"]
+            r["served"],
+            opened(&s.fired),
+            reach_text(&r["gateReach"])
         );
     }
     println!(
@@ -130,4 +147,65 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         outcome.refused.map(|r| format!("; refused: {r}")).unwrap_or_default()
     );
     Ok(())
+}
+
+/// Where the repair's gates opened while a line was served: `; opened at L19 (3 rows, keys 0 4)`.
+fn opened(fired: &[FiredEntries]) -> String {
+    fired
+        .iter()
+        .map(|f| {
+            let keys: Vec<String> = f.keys.iter().map(u32::to_string).collect();
+            format!(
+                "; opened at L{} ({} rows, keys {})",
+                f.layer,
+                f.rows,
+                keys.join(" ")
+            )
+        })
+        .collect()
+}
+
+/// Per patched layer, by how much its gate's best key clears its threshold (negative: it stays
+/// shut) at the row that decides `case`'s first token, in the server's window under `set`: how far
+/// a held-out case of the idiom is from opening the repair's gates.
+fn reach(
+    model: &Model,
+    case: &Case,
+    patches: &[(usize, LayerPatch)],
+    set: &PatchSet,
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let tf = teacher_forced(&model.tokenizer, case, ContextLimits::default());
+    let mut capture = Capture::layers(patches.iter().map(|(l, _)| *l));
+    model.weights.forward(
+        &tf.tokens,
+        &mut model.weights.new_cache(),
+        &mut Hooks {
+            patches: Some(set),
+            capture: Some(&mut capture),
+            ..Hooks::default()
+        },
+    )?;
+    let mut by = Vec::new();
+    for (l, p) in patches {
+        if let (Some(gate), Some(z)) = (p.gate(), capture.neurons.get(l)) {
+            let at = gate.scores(&z.narrow(0, tf.row(0), 1)?)?;
+            let clears = f64::from(at.flatten_all()?.to_vec1::<f32>()?[0]);
+            by.push((*l, (clears * 1000.0).round() / 1000.0));
+        }
+    }
+    Ok(by)
+}
+
+/// `; gates clear by L19 -0.078, L21 -0.165`, or nothing where it was not measured.
+fn reach_text(reach: &serde_json::Value) -> String {
+    let by: Vec<String> = reach
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("L{} {}", p[0], p[1]))
+        .collect();
+    match by.is_empty() {
+        true => String::new(),
+        false => format!("; gates clear by {}", by.join(", ")),
+    }
 }

@@ -466,7 +466,7 @@ impl Protocol<'_> {
     ) -> candle_core::Result<RepairRecord> {
         if let (Some(h), Some(set)) = (unit.held_out, set) {
             let case = &self.cases[h];
-            let line = complete_case(self.model, self.tok, case, self.context, Some(set))?;
+            let line = complete_case(self.model, self.tok, case, self.context, Some(set))?.text;
             record.generalized = passes(&line, case);
         }
         let repaired: BTreeSet<usize> =
@@ -518,7 +518,7 @@ impl Protocol<'_> {
                             self.context,
                             Some(set),
                         )?;
-                        passes(&line, &self.cases[i]) as usize
+                        passes(&line.text, &self.cases[i]) as usize
                     }
                     _ => 1,
                 };

@@ -138,11 +138,11 @@ pub fn run(
     let mut patches_live = 0;
     let mut rows: Vec<Row> = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
-        let baseline = complete_case(weights, tok, &t.case, limits, None)?;
+        let baseline = complete_case(weights, tok, &t.case, limits, None)?.text;
         let repaired = if live.is_empty() {
             baseline.clone()
         } else {
-            complete_case(weights, tok, &t.case, limits, Some(&live))?
+            complete_case(weights, tok, &t.case, limits, Some(&live))?.text
         };
         let right = passes(&repaired, &t.case);
         store.add_case(&written(i, t, &repaired, right))?;

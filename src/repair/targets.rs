@@ -84,17 +84,18 @@ pub fn same_line(tok: &Tokenizer, got: u32, want: u32) -> bool {
     }
 }
 
-/// The greedy line the serving model completes a case with, under `patches`: CONTRACT.md's pass
-/// criterion is that it equals the target (trailing whitespace ignored).
+/// The greedy line the serving model completes a case with, under `patches` (and the entries that
+/// opened on the way): CONTRACT.md's pass criterion is that its text equals the target (trailing
+/// whitespace ignored).
 pub fn complete_case(
     model: &Qwen2,
     tok: &Tokenizer,
     case: &Case,
     limits: ContextLimits,
     patches: Option<&PatchSet>,
-) -> candle_core::Result<String> {
+) -> candle_core::Result<Generation> {
     let prompt = fim_prompt(tok, &case.prefix, &text_after_cursor(case), limits);
-    Ok(greedy_case(model, tok, case, &prompt, &mut model.new_cache(), patches)?.text)
+    greedy_case(model, tok, case, &prompt, &mut model.new_cache(), patches)
 }
 
 /// `complete_case` from a `prompt` already built, reusing what `cache` holds of it.
