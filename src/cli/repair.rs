@@ -8,7 +8,7 @@ use star_ls::model::{
     Capture, FiredEntries, Generation, Hooks, LayerPatch, LoadOptions, Model, PatchSet,
 };
 use star_ls::repair::{
-    complete_case, passes, teacher_forced, Case, Head, Method, RepairSettings, Star,
+    complete_case, passes, teacher_forced, Case, Head, Method, RepairOutcome, RepairSettings, Star,
 };
 use std::io::BufRead;
 use std::path::Path;
@@ -119,21 +119,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         return Ok(());
     }
     for (r, s) in rows.iter().zip(&served) {
-        println!(
-            "{:<9} {:<6} {} -> {}   (target {}; served {}{}{})",
-            r["role"].as_str().unwrap_or_default(),
-            r["id"].as_str().unwrap_or_default(),
-            r["before"],
-            r["after"],
-            r["target"],
-            r["served"],
-            opened(&s.fired),
-            reach_text(&r["gateReach"])
-        );
+        println!("{}", row_text(r, s));
     }
-    println!(
+    println!("{}", summary(o.method, &outcome, keys));
+    Ok(())
+}
+
+/// The report's last line: what the repair fixed, kept and cost.
+fn summary(method: Method, outcome: &RepairOutcome, keys: usize) -> String {
+    format!(
         "{:?}: fixed {} of {} failures; guard {:.2} -> {:.2}; layers {:?}, {} neurons and {} keys each; {} solves, {} steps; {:.1} s{}",
-        o.method,
+        method,
         outcome.fixed,
         outcome.failures,
         outcome.guard_before,
@@ -144,9 +140,23 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         outcome.solves,
         outcome.steps,
         outcome.seconds,
-        outcome.refused.map(|r| format!("; refused: {r}")).unwrap_or_default()
-    );
-    Ok(())
+        outcome.refused.as_ref().map(|r| format!("; refused: {r}")).unwrap_or_default()
+    )
+}
+
+/// A case's line of the report: its role, the line before and after, the target, and as served.
+fn row_text(r: &serde_json::Value, served: &Generation) -> String {
+    format!(
+        "{:<9} {:<6} {} -> {}   (target {}; served {}{}{})",
+        r["role"].as_str().unwrap_or_default(),
+        r["id"].as_str().unwrap_or_default(),
+        r["before"],
+        r["after"],
+        r["target"],
+        r["served"],
+        opened(&served.fired),
+        reach_text(&r["gateReach"])
+    )
 }
 
 /// Where the repair's gates opened while a line was served: `; opened at L19 (3 rows, keys 0 4)`.
