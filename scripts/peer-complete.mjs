@@ -4,7 +4,7 @@
 // --max-tokens, as a llama.cpp completion plugin proposes a line.
 //
 //   node scripts/peer-complete.mjs --model GGUF --threads T --prompts FILE.json --max-tokens N
-//        [--peer-dir DIR (default $CACHE/peer)]
+//        [--lora ADAPTER.gguf] [--peer-dir DIR (default $CACHE/peer)]
 //
 // FILE.json is `[{"id": str, "tokens": [int]}]`. Prints one JSON line per prompt on stdout,
 // `{"id", "text", "stop": "end_of_line"|"stop_token"|"max_tokens"}`; llama.cpp's logs go to stderr.
@@ -15,7 +15,7 @@ import { loadPeer } from "./peer-llama.mjs";
 const { values: opt } = parseArgs({
   options: {
     model: { type: "string" }, threads: { type: "string" }, prompts: { type: "string" },
-    "max-tokens": { type: "string" }, "peer-dir": { type: "string" },
+    "max-tokens": { type: "string" }, "peer-dir": { type: "string" }, lora: { type: "string" },
   },
 });
 for (const k of ["model", "threads", "prompts", "max-tokens"])
@@ -32,6 +32,8 @@ const context = await model.createContext({
   batchSize: Math.max(512, longest),
   threads: { ideal: threads, min: threads },
   sequences: 1,
+  // A LoRA adapter on the base, at scale 1 (star-ls patches export --format gguf-lora).
+  ...(opt.lora ? { lora: { adapters: [{ filePath: opt.lora, scale: 1 }] } } : {}),
 });
 const seq = context.getSequence();
 

@@ -10,7 +10,9 @@ use crate::capture::CaseKind;
 use crate::model::memory::key_width;
 use crate::model::Qwen2;
 use crate::model::{Config, Gate, LayerPatch, PatchSet};
-use crate::repair::{Case, Head, RepairOutcome, RepairSettings};
+/// The engine's settings a `Policy` carries (the server's `repair` setting).
+pub use crate::repair::RepairSettings;
+use crate::repair::{Case, Head, RepairOutcome};
 use crate::store::{PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,7 @@
 //! a repair made in one is exported, imported into another, and the server there completes the
 //! repaired place as the first does after its repair; the developer's text goes only with
 //! `--with-cases`; a damaged bundle, and one for another model, are refused with a one-line reason and
-//! change nothing.
+//! change nothing; an adapter export of entries no LoRA expresses is refused, naming them.
 
 mod client;
 #[path = "support/tiny_model.rs"]
@@ -134,6 +134,26 @@ fn a_bundle_carries_a_repair_to_another_data_directory() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     assert_eq!(patches(&model, &b).as_array().map(Vec::len), Some(1));
+
+    // The default repair's entries add one value per gate key: no LoRA adapter can hold them.
+    for format in ["gguf-lora", "peft"] {
+        let adapter = a.join(format!("adapter.{format}"));
+        let args = [
+            "patches",
+            "export",
+            "--format",
+            format,
+            adapter.to_str().unwrap(),
+        ];
+        let out = star_ls(&model, &a, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&format!("{id} adds one value per gate key")),
+            "{format}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(!adapter.exists(), "{format}: nothing written");
+    }
 
     // With the cases: the importing ledger holds the correction, repaired by the imported patch.
     let with = a.join("with-cases.json");

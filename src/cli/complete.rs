@@ -47,8 +47,8 @@ struct Row {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Line {
-    text: String,
+pub(super) struct Line {
+    pub(super) text: String,
     stop: StopReason,
 }
 
@@ -88,6 +88,10 @@ pub struct CasesOptions<'a> {
     pub cross_file_tokens: usize,
     pub layout: Layout,
     pub threads: usize,
+    /// Ours under the ledger's live patches (as the server completes), not the unpatched model.
+    pub patches: bool,
+    /// The peer with this LoRA adapter (`patches export --format gguf-lora`).
+    pub peer_lora: Option<&'a Path>,
 }
 
 /// Completes every case of a cases file with the line the server proposes at its cursor (the
@@ -96,6 +100,10 @@ pub struct CasesOptions<'a> {
 /// spend the healing tokens ours does), then counts exact, blank and runaway lines for both. With a
 /// repository root, ours sees the case's repository's other files (the peer does not).
 pub fn run_cases(o: CasesOptions) -> Result<()> {
+    let patches = match o.patches {
+        true => Some(super::patches::live()?),
+        false => None,
+    };
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
     let others = match o.repo_root {
@@ -117,26 +125,18 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
             Some(repos) => repos.cross_file(i, c, &after, o.cross_file_tokens, o.layout),
             None => CrossFile::default(),
         };
-        let bare = prompt_with(tok, &CrossFile::default(), &c.prefix, &after, config.limits);
         let prompt = prompt_with(tok, &cross, &c.prefix, &after, config.limits);
         let g = generate(
             weights,
             tok,
             &prompt,
             &mut weights.new_cache(),
-            None,
+            patches.as_ref(),
             &params,
             &Cancel::default(),
         )?;
         tracing::debug!(id = c.id, text = g.text, stop = ?g.stop, "ours");
-        let mut unhealed = bare.tokens.clone();
-        let at = unhealed
-            .iter()
-            .position(|t| *t == tok.fim.suffix)
-            .context("a FIM prompt without its suffix marker")?;
-        let heal = tok.encode(&String::from_utf8_lossy(&bare.heal));
-        unhealed.splice(at..at, heal);
-        peer_prompts.push(serde_json::json!({"id": c.id, "tokens": unhealed}));
+        peer_prompts.push(peer_prompt(tok, c, config.limits)?);
         rows.push(Row {
             id: c.id.clone(),
             target: c.target.clone(),
@@ -153,6 +153,7 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
             o.threads,
             &peer_prompts,
             params.max_tokens,
+            o.peer_lora,
         )?;
         for (row, line) in rows.iter_mut().zip(lines) {
             row.peer = Some(line);
@@ -276,19 +277,48 @@ fn summarize(cases: &[Case], rows: &[Row]) -> Summary {
     }
 }
 
+/// `case`'s prompt for llama.cpp, `{id, tokens}`: the server's FIM prompt without its cross-file
+/// context, unhealed (the healed bytes put back as text before the suffix marker).
+pub(super) fn peer_prompt(
+    tok: &star_ls::model::Tokenizer,
+    case: &Case,
+    limits: star_ls::completion::ContextLimits,
+) -> Result<serde_json::Value> {
+    let bare = prompt_with(
+        tok,
+        &CrossFile::default(),
+        &case.prefix,
+        &text_after_cursor(case),
+        limits,
+    );
+    let mut unhealed = bare.tokens.clone();
+    let at = unhealed
+        .iter()
+        .position(|t| *t == tok.fim.suffix)
+        .context("a FIM prompt without its suffix marker")?;
+    let heal = tok.encode(&String::from_utf8_lossy(&bare.heal));
+    unhealed.splice(at..at, heal);
+    Ok(serde_json::json!({"id": case.id, "tokens": unhealed}))
+}
+
 /// llama.cpp's line for each prompt (scripts/peer-complete.mjs), in order.
-fn peer_lines(
+pub(super) fn peer_lines(
     model: &Path,
     threads: usize,
     prompts: &[serde_json::Value],
     max_tokens: usize,
+    lora: Option<&Path>,
 ) -> Result<Vec<Line>> {
+    let mut args = vec!["--max-tokens".into(), max_tokens.to_string()];
+    if let Some(lora) = lora {
+        args.extend(["--lora".into(), lora.display().to_string()]);
+    }
     let out = super::peer::Peer::install()?.run(
         "peer-complete.mjs",
         model,
         threads,
         ("prompts", &prompts),
-        &["--max-tokens".into(), max_tokens.to_string()],
+        &args,
     )?;
     let lines: Vec<Line> = out
         .lines()

@@ -1,6 +1,7 @@
 //! The command line: clap's definition of every subcommand, each turned into one call on the
 //! library, or on this module's files for the commands that are front ends only.
 
+mod adapter;
 mod bench;
 mod cases;
 mod complete;
@@ -104,6 +105,12 @@ struct CompleteArgs {
     /// How other files go into the prompt (the `crossFileLayout` setting).
     #[arg(long, value_enum, default_value_t = LayoutArg::Repo)]
     cross_file_layout: LayoutArg,
+    /// With --cases: ours under the ledger's live patches for this model, as the server completes.
+    #[arg(long, requires = "cases")]
+    patches: bool,
+    /// llama.cpp with this LoRA adapter (`patches export --format gguf-lora`).
+    #[arg(long, requires = "peer")]
+    peer_lora: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -153,6 +160,10 @@ struct RepairArgs {
     json: bool,
     #[arg(long)]
     threads: Option<usize>,
+    /// Also write the repair's patches here as a GGUF LoRA (column patches; no gates), and set
+    /// llama.cpp's lines with it beside ours (installs the peer when missing).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -272,6 +283,8 @@ impl CompleteArgs {
             repo_root,
             cross_file_tokens,
             cross_file_layout,
+            patches,
+            peer_lora,
         } = self;
         star_ls::env::set_threads(threads);
         let stop = if multiline {
@@ -288,8 +301,9 @@ impl CompleteArgs {
                 repo_root: repo_root.as_deref(),
                 cross_file_tokens,
                 layout: cross_file_layout.into(),
-                threads: threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                threads: peer_threads(threads),
+                patches,
+                peer_lora: peer_lora.as_deref(),
             }),
             (None, Some(file), Some(line), Some(character)) => {
                 complete::run(&file, line, character, stop, json)
@@ -319,6 +333,7 @@ impl RepairArgs {
             repair_settings,
             json,
             threads,
+            adapter,
         } = self;
         star_ls::env::set_threads(threads);
         repair::run(repair::Options {
@@ -334,6 +349,8 @@ impl RepairArgs {
             },
             method,
             json,
+            adapter: adapter.as_deref(),
+            threads: peer_threads(threads),
         })
     }
 }
@@ -426,7 +443,17 @@ impl PatchesArgs {
                 out,
                 ids,
                 with_cases,
-            } => patches::export(format, &out, ids.as_deref(), with_cases, json),
+                ungated,
+            } => patches::export(
+                format,
+                &out,
+                patches::ExportOptions {
+                    ids: ids.as_deref(),
+                    with_cases,
+                    ungated,
+                    json,
+                },
+            ),
             PatchesAction::Import { file } => patches::import(&file, json),
         }
     }
@@ -458,7 +485,8 @@ enum PatchesAction {
     Rollback { id: String },
     /// Write the loaded model's active patches (or those of `--ids`) to a file a teammate imports.
     Export {
-        /// `bundle`: star-ls's own file, for `star-ls patches import`.
+        /// `bundle`: star-ls's own file, for `star-ls patches import`; `gguf-lora` (llama.cpp) and
+        /// `peft` (PEFT, vLLM; a directory): one LoRA adapter of the column patches.
         #[arg(long, value_enum)]
         format: patches::Format,
         out: PathBuf,
@@ -468,6 +496,9 @@ enum PatchesAction {
         /// Also the text of the failures each patch repaired (your code: left out by default).
         #[arg(long)]
         with_cases: bool,
+        /// Adapters: also the gated column patches, served everywhere (a LoRA has no gate).
+        #[arg(long)]
+        ungated: bool,
     },
     /// Add a bundle's patches to this ledger (the same model only); a running server takes them up.
     Import { file: PathBuf },
@@ -481,6 +512,11 @@ enum CasesAction {
         #[arg(long)]
         kind: Option<CaseKind>,
     },
+}
+
+/// The peer's threads: `--threads`, else every core, as ours.
+fn peer_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 #[derive(Clone)]

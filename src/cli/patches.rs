@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use star_ls::learn::RepairReport;
-use star_ls::store::{Bundle, PatchRecord, Store, FILE_NAME};
+use star_ls::store::{Adapter, Bundle, PatchRecord, Store, FILE_NAME};
 use std::io::Write;
 use std::path::Path;
 
@@ -81,11 +81,15 @@ pub fn rollback(id: Option<&str>, json: bool) -> anyhow::Result<()> {
 }
 
 /// What `star-ls patches export` writes.
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// A star-ls patch bundle (JSON): every entry's layers and report, and the repaired cases' text
     /// with `--with-cases`.
     Bundle,
+    /// One LoRA adapter for llama.cpp (`llama-server --lora FILE`): the column patches, stacked.
+    GgufLora,
+    /// One LoRA adapter for PEFT and vLLM (a directory): the column patches, stacked.
+    Peft,
 }
 
 /// The sha256 of the model `STAR_LS_MODEL` (or the default one) names: patches are for it only.
@@ -95,21 +99,40 @@ fn model_sha() -> anyhow::Result<String> {
         .with_context(|| format!("reading the model {}", path.display()))
 }
 
+/// The loaded model's active patches, as the server applies them: `complete --cases --patches`.
+pub fn live() -> anyhow::Result<star_ls::model::PatchSet> {
+    let records = match open()? {
+        Some(store) => store.patches(Some(&model_sha()?), true)?,
+        None => Vec::new(),
+    };
+    if let Some(r) = records.iter().find(|r| r.damaged.is_some()) {
+        anyhow::bail!("{} cannot be read from the ledger: roll it back", r.id);
+    }
+    Ok(star_ls::learn::overlay(&records)?)
+}
+
+/// What `export` was asked for beside the format and the file.
+pub struct ExportOptions<'a> {
+    pub ids: Option<&'a [String]>,
+    pub with_cases: bool,
+    pub ungated: bool,
+    pub json: bool,
+}
+
 /// Writes the loaded model's active patches (only `ids`, when given) to `out`.
-pub fn export(
-    format: Format,
-    out: &Path,
-    ids: Option<&[String]>,
-    with_cases: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let Format::Bundle = format;
+pub fn export(format: Format, out: &Path, o: ExportOptions) -> anyhow::Result<()> {
+    if o.with_cases && format != Format::Bundle {
+        anyhow::bail!("--with-cases goes with --format bundle: an adapter holds no cases");
+    }
+    if o.ungated && format == Format::Bundle {
+        anyhow::bail!("--ungated goes with an adapter format: a bundle keeps every gate");
+    }
     let sha = model_sha()?;
     let Some(store) = open()? else {
         anyhow::bail!("no patches to export");
     };
     let mut records = store.patches(Some(&sha), true)?;
-    if let Some(ids) = ids {
+    if let Some(ids) = o.ids {
         if let Some(unknown) = ids.iter().find(|id| !records.iter().any(|r| &r.id == *id)) {
             anyhow::bail!("no active patch {unknown} for this model");
         }
@@ -121,7 +144,10 @@ pub fn export(
             r.id
         );
     }
-    let cases = match with_cases {
+    if format != Format::Bundle {
+        return export_adapter(format, out, &records, o);
+    }
+    let cases = match o.with_cases {
         true => store.cases(Some(star_ls::capture::CaseKind::Failure))?,
         false => Vec::new(),
     };
@@ -130,7 +156,7 @@ pub fn export(
         .with_context(|| format!("writing {}", out.display()))?;
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let n_cases: usize = bundle.entries.iter().map(|e| e.cases.len()).sum();
-    if json {
+    if o.json {
         println!(
             "{}",
             serde_json::json!({ "exported": ids, "cases": n_cases, "file": out })
@@ -142,6 +168,60 @@ pub fn export(
             ids.join(", "),
             out.display()
         );
+    }
+    Ok(())
+}
+
+/// `records` stacked into one LoRA adapter at `out`; the entries no LoRA expresses are named.
+fn export_adapter(
+    format: Format,
+    out: &Path,
+    records: &[PatchRecord],
+    o: ExportOptions,
+) -> anyhow::Result<()> {
+    let entries = records.iter().map(|r| (r.id.as_str(), r.layers.as_slice()));
+    let adapter = Adapter::stack(entries, o.ungated);
+    let left: Vec<String> = adapter
+        .left_out
+        .iter()
+        .map(|(id, why)| format!("{id} {}", why.reason()))
+        .collect();
+    if adapter.layers.is_empty() {
+        anyhow::bail!(
+            "no patch to write as an adapter{}",
+            match left.is_empty() {
+                true => String::new(),
+                false => format!(": {}", left.join("; ")),
+            }
+        );
+    }
+    let base = super::adapter::Base::read(&star_ls::env::model_path())?;
+    let rank = match format {
+        Format::GgufLora => super::adapter::write_gguf(&adapter, &base, out)?,
+        _ => super::adapter::write_peft(&adapter, &base, out)?,
+    };
+    let layers: Vec<usize> = adapter.layers.iter().map(|l| l.layer).collect();
+    if o.json {
+        let left_out: Vec<_> = adapter
+            .left_out
+            .iter()
+            .map(|(id, why)| serde_json::json!({ "id": id, "why": why.reason() }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "exported": adapter.ids, "rank": rank, "layers": layers,
+                                "leftOut": left_out, "file": out })
+        );
+    } else {
+        println!(
+            "exported {} patches ({}) as one rank-{rank} LoRA on layers {layers:?} to {}",
+            adapter.ids.len(),
+            adapter.ids.join(", "),
+            out.display()
+        );
+        for l in left {
+            println!("left out: {l}");
+        }
     }
     Ok(())
 }

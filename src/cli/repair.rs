@@ -10,6 +10,7 @@ use star_ls::model::{
 use star_ls::repair::{
     complete_case, passes, teacher_forced, Case, Head, Method, RepairOutcome, RepairSettings, Star,
 };
+use star_ls::store::Adapter;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -35,6 +36,9 @@ pub struct Options<'a> {
     pub settings: RepairSettings,
     pub method: Method,
     pub json: bool,
+    /// Write the repair's patches here as a GGUF LoRA and compare llama.cpp's lines with it.
+    pub adapter: Option<&'a Path>,
+    pub threads: usize,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
@@ -80,29 +84,22 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         false => lines(Some(&set), ContextLimits::default())?,
     };
 
-    let rows: Vec<_> = cases
-        .iter()
-        .chain(&guards)
-        .zip(before.iter().zip(&after).zip(&served))
-        .enumerate()
-        .map(|(i, (c, ((b, a), s)))| {
-            let role = if i >= cases.len() {
-                "guard"
-            } else if i < repaired.len() {
-                "repaired"
-            } else {
-                "held out"
-            };
-            let reach = match role {
-                "held out" => Some(reach(&model, c, &outcome.patches, &set)?),
-                _ => None,
-            };
-            Ok(json!({ "id": c.id, "role": role, "target": c.target, "before": b.text, "after": a.text,
-                    "passesBefore": passes(&b.text, c), "passesAfter": passes(&a.text, c),
-                    "served": s.text, "passesServed": passes(&s.text, c), "openedServed": s.fired,
-                    "gateReach": reach }))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let all: Vec<&Case> = cases.iter().chain(&guards).collect();
+    let peer = match o.adapter {
+        Some(out) => Some(peer_check(&model, &all, &outcome.patches, out, o.threads)?),
+        None => None,
+    };
+    let mut rows = report_rows(
+        &model,
+        &all,
+        repaired.len(),
+        cases.len(),
+        (&outcome.patches, &set),
+        [&before, &after, &served],
+    )?;
+    let peer_summary = peer
+        .as_ref()
+        .map(|p| p.add_to(&mut rows, &all, repaired.len(), [&before, &served]));
     // Keys of the first patched layer's gate (every layer of a repair keys the same positions).
     let keys = match outcome.patches.first().and_then(|(_, p)| p.gate()) {
         Some(g) => g.keys().dim(0)?,
@@ -112,7 +109,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "method": o.method, "failures": outcome.failures, "fixed": outcome.fixed, "guardBefore": outcome.guard_before,
         "guardAfter": outcome.guard_after, "layers": outcome.layers,
         "neuronsPerLayer": outcome.neurons_per_layer, "keysPerLayer": keys, "steps": outcome.steps, "solves": outcome.solves,
-        "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows,
+        "seconds": outcome.seconds, "refused": outcome.refused, "cases": rows, "peer": peer_summary,
     });
     if o.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -122,7 +119,123 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         println!("{}", row_text(r, s));
     }
     println!("{}", summary(o.method, &outcome, keys));
+    if let Some(p) = peer_summary {
+        println!("{}", PeerCheck::text(&p));
+    }
     Ok(())
+}
+
+/// The report's rows: per case its role, its lines before, after and as served, and for a held-out
+/// case how far the gates are from opening (`reach`).
+fn report_rows(
+    model: &Model,
+    all: &[&Case],
+    repaired: usize,
+    cases: usize,
+    (patches, set): (&[(usize, LayerPatch)], &PatchSet),
+    [before, after, served]: [&[Generation]; 3],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    all.iter()
+        .zip(before.iter().zip(after).zip(served))
+        .enumerate()
+        .map(|(i, (c, ((b, a), s)))| {
+            let role = if i >= cases {
+                "guard"
+            } else if i < repaired {
+                "repaired"
+            } else {
+                "held out"
+            };
+            let reach = match role {
+                "held out" => Some(reach(model, c, patches, set)?),
+                _ => None,
+            };
+            Ok(json!({ "id": c.id, "role": role, "target": c.target, "before": b.text, "after": a.text,
+                    "passesBefore": passes(&b.text, c), "passesAfter": passes(&a.text, c),
+                    "served": s.text, "passesServed": passes(&s.text, c), "openedServed": s.fired,
+                    "gateReach": reach }))
+        })
+        .collect()
+}
+
+/// `--adapter`: llama.cpp's line for every case on the bare GGUF and with the repair's patches as
+/// a LoRA adapter (its rank), to set beside ours before the repair and as served after it.
+struct PeerCheck {
+    rank: usize,
+    bare: Vec<super::complete::Line>,
+    adapted: Vec<super::complete::Line>,
+}
+
+/// The repair's patches written as a GGUF LoRA at `out`, and llama.cpp's lines without and with it.
+fn peer_check(
+    model: &Model,
+    all: &[&Case],
+    patches: &[(usize, LayerPatch)],
+    out: &Path,
+    threads: usize,
+) -> anyhow::Result<PeerCheck> {
+    let layers = star_ls::learn::ledger_layers(patches)?;
+    let adapter = Adapter::stack([("the repair", layers.as_slice())], false);
+    if let Some((id, why)) = adapter.left_out.first() {
+        anyhow::bail!(
+            "no adapter: {id} {}; repair with --repair-settings '{{\"patch\": \"columns\", \"gate\": 0}}'",
+            why.reason()
+        );
+    }
+    let path = star_ls::env::model_path();
+    let rank = super::adapter::write_gguf(&adapter, &super::adapter::Base::read(&path)?, out)?;
+    let limits = ContextLimits::default();
+    let prompts: Vec<_> = all
+        .iter()
+        .map(|c| super::complete::peer_prompt(&model.tokenizer, c, limits))
+        .collect::<anyhow::Result<_>>()?;
+    let lines = |lora| super::complete::peer_lines(&path, threads, &prompts, 64, lora);
+    Ok(PeerCheck {
+        rank,
+        bare: lines(None)?,
+        adapted: lines(Some(out))?,
+    })
+}
+
+impl PeerCheck {
+    /// Each row's llama.cpp lines, and the figures: how many lines llama.cpp gives as we do, bare
+    /// against ours before and with the adapter against ours as served (the same text, or both
+    /// right), and how many repaired cases each gets right.
+    fn add_to(
+        &self,
+        rows: &mut [serde_json::Value],
+        all: &[&Case],
+        repaired: usize,
+        [before, served]: [&[Generation]; 2],
+    ) -> serde_json::Value {
+        let same = |a: &str, b: &str, c: &Case| a == b || (passes(a, c) && passes(b, c));
+        let (mut agree_bare, mut agree) = (0, 0);
+        for (i, row) in rows.iter_mut().enumerate() {
+            let (bare, adapted) = (&self.bare[i].text, &self.adapted[i].text);
+            row["peerBare"] = json!(bare);
+            row["peerAdapted"] = json!(adapted);
+            agree_bare += usize::from(same(bare, &before[i].text, all[i]));
+            agree += usize::from(same(adapted, &served[i].text, all[i]));
+        }
+        let right = |lines: &mut dyn Iterator<Item = &str>| {
+            lines.zip(all).filter(|(l, c)| passes(l, c)).count()
+        };
+        json!({
+            "rank": self.rank, "cases": rows.len(), "agreeBare": agree_bare, "agreeAdapted": agree,
+            "repaired": repaired,
+            "repairedRightServed": right(&mut served[..repaired].iter().map(|g| g.text.as_str())),
+            "repairedRightAdapted": right(&mut self.adapted[..repaired].iter().map(|l| l.text.as_str())),
+        })
+    }
+
+    fn text(p: &serde_json::Value) -> String {
+        format!(
+            "llama.cpp with the repair as a rank-{} LoRA: {} of {} lines as star-ls serves them \
+             (bare: {} as the unpatched); repaired cases right: {} with the adapter, {} served, of {}",
+            p["rank"], p["agreeAdapted"], p["cases"], p["agreeBare"],
+            p["repairedRightAdapted"], p["repairedRightServed"], p["repaired"]
+        )
+    }
 }
 
 /// The report's last line: what the repair fixed, kept and cost.
@@ -147,7 +260,7 @@ fn summary(method: Method, outcome: &RepairOutcome, keys: usize) -> String {
 /// A case's line of the report: its role, the line before and after, the target, and as served.
 fn row_text(r: &serde_json::Value, served: &Generation) -> String {
     format!(
-        "{:<9} {:<6} {} -> {}   (target {}; served {}{}{})",
+        "{:<9} {:<6} {} -> {}   (target {}; served {}{}{}{})",
         r["role"].as_str().unwrap_or_default(),
         r["id"].as_str().unwrap_or_default(),
         r["before"],
@@ -155,7 +268,14 @@ fn row_text(r: &serde_json::Value, served: &Generation) -> String {
         r["target"],
         r["served"],
         opened(&served.fired),
-        reach_text(&r["gateReach"])
+        reach_text(&r["gateReach"]),
+        match &r["peerAdapted"] {
+            serde_json::Value::String(_) => format!(
+                "; llama.cpp {} with the adapter, {} bare",
+                r["peerAdapted"], r["peerBare"]
+            ),
+            _ => String::new(),
+        }
     )
 }
 

@@ -1,6 +1,7 @@
 //! Settings from `initializationOptions`, all optional, camelCase as editors write them.
 
 use crate::completion::ContextLimits;
+use crate::learn::RepairSettings;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -42,6 +43,10 @@ pub struct Settings {
     /// Globs of files never completed or recorded, beside the defaults (`.env*`, `*.pem`, `*.key`,
     /// `id_*`); one with a `/` matches the whole path.
     pub exclude: Vec<String>,
+    /// The repair engine's settings (`RepairSettings`, camelCase; unset keys keep their defaults);
+    /// its window is `context`. `{"patch": "columns", "gate": 0}` makes patches that a LoRA
+    /// adapter serves exactly (`star-ls patches export --format gguf-lora`).
+    pub repair: RepairSettings,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -71,6 +76,7 @@ impl Default for Settings {
             cross_file_tokens: 0,
             cross_file_layout: crate::completion::Layout::default(),
             exclude: Vec::new(),
+            repair: policy.repair,
         }
     }
 }
@@ -80,13 +86,27 @@ impl Settings {
     pub fn from_options(options: Option<serde_json::Value>) -> (Self, Option<String>) {
         match options {
             None | Some(serde_json::Value::Null) => (Self::default(), None),
+            Some(v) if v["repair"].get("context").is_some() => (
+                Self::default(),
+                Some(
+                    "ignoring initializationOptions: repair.context: a repair works in the \
+                     completion's window, `context`"
+                        .into(),
+                ),
+            ),
             Some(v) => match serde_json::from_value::<Self>(v) {
                 Ok(s) => match crate::application::Exclude::with(&s.exclude) {
-                    Ok(_) => (s, None),
                     Err(e) => (
                         Self::default(),
                         Some(format!("ignoring initializationOptions: exclude: {e}")),
                     ),
+                    Ok(_) => match s.repair.check() {
+                        Err(e) => (
+                            Self::default(),
+                            Some(format!("ignoring initializationOptions: repair: {e}")),
+                        ),
+                        Ok(()) => (s, None),
+                    },
                 },
                 Err(e) => (
                     Self::default(),
@@ -104,7 +124,7 @@ impl Settings {
             repair_threshold: self.repair_threshold,
             repair_guards: self.repair_guards,
             patch_memory_mb: self.patch_memory_mb,
-            ..Default::default()
+            repair: self.repair,
         };
         // Repairs key their gates where completions are made.
         policy.repair.context = self.context;
@@ -124,6 +144,34 @@ mod tests {
         assert_eq!(err, None);
         let window = s.policy().repair.context;
         assert_eq!((window.prefix_tokens, window.suffix_tokens), (300, 20));
+    }
+
+    #[test]
+    fn repair_settings_reach_the_policy_and_bad_ones_are_named() {
+        let options = json!({ "repair": { "patch": "columns", "gate": 0 } });
+        let (s, err) = Settings::from_options(Some(options));
+        assert_eq!(err, None);
+        let repair = s.policy().repair;
+        assert_eq!(
+            (serde_json::to_value(repair.patch).unwrap(), repair.gate),
+            (json!("columns"), 0.0)
+        );
+        for (bad, named) in [
+            (json!({ "patchKind": "columns" }), "patchKind"),
+            (json!({ "gate": 0 }), "patch \"values\" needs gates"),
+            (
+                json!({ "context": { "prefixTokens": 10 } }),
+                "repair.context",
+            ),
+        ] {
+            let (s, err) = Settings::from_options(Some(json!({ "repair": bad })));
+            let err = err.unwrap();
+            assert!(err.contains(named), "{err}");
+            assert_eq!(
+                serde_json::to_value(s.repair.patch).unwrap(),
+                json!("values")
+            );
+        }
     }
 
     #[test]

@@ -84,6 +84,14 @@ impl GgufFile {
         self.value(key)?.to_f32().map_err(|e| self.bad(key, e))
     }
 
+    pub fn string(&self, key: &str) -> Result<String, ModelError> {
+        Ok(self
+            .value(key)?
+            .to_string()
+            .map_err(|e| self.bad(key, e))?
+            .clone())
+    }
+
     fn value(&self, key: &str) -> Result<&gguf_file::Value, ModelError> {
         self.content
             .metadata

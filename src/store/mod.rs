@@ -5,12 +5,14 @@
 //! crash leaves each record whole or absent. The server never calls it on the LSP loop: it goes through
 //! [`StoreHandle`], which owns the connection on its own thread.
 
+mod adapter;
 mod bundle;
 mod handle;
 mod lease;
 mod ledger;
 mod schema;
 
+pub use adapter::{Adapter, AdapterLayer, LeftOut};
 pub use bundle::{Bundle, BundleError};
 pub use handle::{StoreHandle, StoreOp};
 pub use lease::Lease;
