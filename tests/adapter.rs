@@ -153,7 +153,7 @@ fn llama_cpp_serves_the_repair_as_a_lora_adapter() {
     assert_eq!(report["cases"][0]["peerAdapted"], wanted, "{report}");
     // The default repair's entries have no LoRA form: said, and nothing written.
     let out = Command::new(env!("CARGO_BIN_EXE_star-ls"))
-        .args(&args)
+        .args(args)
         .arg(data.join("values.gguf"))
         .env("STAR_LS_MODEL", packaged_model())
         .env("STAR_LS_DATA_DIR", &data)
