@@ -3,7 +3,7 @@
 // model and the same prompt token ids star-ls is benchmarked with, so the two numbers are comparable.
 //
 //   node scripts/peer-bench.mjs --model GGUF --threads T --prompt-ids FILE.json --decode N
-//        [--reps R (default 3)] [--peer-dir DIR (default $CACHE/peer)]
+//        [--reps R (default 3)] [--lora ADAPTER.gguf] [--peer-dir DIR (default $CACHE/peer)]
 //
 // Prints one JSON line on stdout; everything else (llama.cpp logs, per-run numbers) goes to stderr.
 import { readFileSync } from "node:fs";
@@ -14,6 +14,7 @@ const { values: opt } = parseArgs({
   options: {
     model: { type: "string" }, threads: { type: "string" }, "prompt-ids": { type: "string" },
     decode: { type: "string" }, reps: { type: "string", default: "3" }, "peer-dir": { type: "string" },
+    lora: { type: "string" },
   },
 });
 for (const k of ["model", "threads", "prompt-ids", "decode"])
@@ -30,6 +31,8 @@ const context = await model.createContext({
   batchSize: Math.max(512, prompt.length), // whole prompt in one batch, as a completion server would do it
   threads: { ideal: threads, min: threads },
   sequences: 1,
+  // A LoRA adapter on the base, at scale 1 (star-ls patches export --format gguf-lora).
+  ...(opt.lora ? { lora: { adapters: [{ filePath: opt.lora, scale: 1 }] } } : {}),
 });
 const seq = context.getSequence();
 process.stderr.write(`peer-bench: ${llama.buildType} binary, threads ${context.currentThreads}, context ${context.contextSize}, ` +

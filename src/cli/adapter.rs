@@ -143,3 +143,77 @@ pub fn write_peft(adapter: &Adapter, base: &Base, out: &Path) -> Result<usize> {
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(rank)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Base {
+        Base {
+            architecture: "qwen2".into(),
+            down: HashMap::from([(3, (2, 600))]),
+        }
+    }
+
+    fn adapter(columns: usize) -> Adapter {
+        Adapter {
+            layers: vec![AdapterLayer {
+                layer: 3,
+                hidden: 2,
+                columns: (0..columns as u32).collect(),
+                b: (0..2 * columns).map(|i| i as f32).collect(),
+            }],
+            ids: vec!["patch-1".into()],
+            left_out: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_gguf_adapter_is_what_llama_cpp_reads() {
+        let out = std::env::temp_dir().join(format!("star-ls-lora-{}.gguf", std::process::id()));
+        assert_eq!(write_gguf(&adapter(3), &base(), &out).unwrap(), 32);
+        let mut file = std::fs::File::open(&out).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let text = |k: &str| content.metadata[k].to_string().unwrap().clone();
+        assert_eq!(
+            (text("general.type"), text("general.architecture")),
+            ("adapter".into(), "qwen2".into())
+        );
+        assert_eq!(
+            content.metadata["adapter.lora.alpha"].to_f32().unwrap(),
+            32.0
+        );
+        let a = content
+            .tensor(&mut file, "blk.3.ffn_down.weight.lora_a", &Device::Cpu)
+            .unwrap();
+        let b = content
+            .tensor(&mut file, "blk.3.ffn_down.weight.lora_b", &Device::Cpu)
+            .unwrap();
+        assert_eq!((a.dtype(), b.dtype()), (GgmlDType::F16, GgmlDType::F32));
+        // B·A is the patch: column c of ΔW is the delta of patched neuron c, zero elsewhere.
+        let product = b
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .matmul(&a.dequantize(&Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(product.dims(), [2, 600]);
+        let rows: Vec<Vec<f32>> = product.to_vec2().unwrap();
+        assert_eq!(rows[0][..4], [0.0, 1.0, 2.0, 0.0]);
+        assert_eq!(rows[1][..4], [3.0, 4.0, 5.0, 0.0]);
+        std::fs::remove_file(out).unwrap();
+    }
+
+    #[test]
+    fn a_rank_past_what_vllm_serves_is_refused() {
+        let out = std::env::temp_dir().join(format!("star-ls-peft-{}", std::process::id()));
+        let err = write_peft(&adapter(513), &base(), &out).unwrap_err();
+        assert!(format!("{err}").contains("up to 512"), "{err}");
+        assert!(!out.exists());
+        let wide = Base {
+            down: HashMap::from([(3, (2, 10))]),
+            ..base()
+        };
+        let err = write_gguf(&adapter(11), &wide, &out).unwrap_err();
+        assert!(format!("{err}").contains("do not fit"), "{err}");
+    }
+}

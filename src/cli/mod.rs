@@ -135,6 +135,10 @@ struct BenchArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Also llama.cpp's speed on the bench prompt with this LoRA adapter (`patches export --format
+    /// gguf-lora`), beside its speed without.
+    #[arg(long)]
+    peer_lora: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -317,8 +321,12 @@ impl CompleteArgs {
 
 impl BenchArgs {
     fn run(self) -> anyhow::Result<()> {
-        let Self { json, threads } = self;
-        bench::run(threads, json.as_deref())
+        let Self {
+            json,
+            threads,
+            peer_lora,
+        } = self;
+        bench::run(threads, json.as_deref(), peer_lora.as_deref())
     }
 }
 

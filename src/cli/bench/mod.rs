@@ -76,7 +76,8 @@ const COLD_DECODE: usize = 32;
 /// A 1-minute load average at the start above this means other work is competing for the cores.
 const BUSY_LOAD: f64 = 1.0;
 
-pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
+/// The bench; with `peer_lora`, llama.cpp also runs the bench prompt with that LoRA adapter.
+pub fn run(threads: usize, json_out: Option<&Path>, peer_lora: Option<&Path>) -> Result<()> {
     // Before anything touches candle: its thread pool reads RAYON_NUM_THREADS once.
     star_ls::env::set_threads(Some(threads));
     let load_start = load_average();
@@ -113,7 +114,7 @@ pub fn run(threads: usize, json_out: Option<&Path>) -> Result<()> {
     drop(engine);
 
     tracing::info!("bench: peer (llama.cpp)");
-    let peer = run_peer(&model_path, threads, &prompt, &cold_ids);
+    let peer = run_peer(&model_path, threads, (&prompt, &cold_ids), peer_lora);
     if let Err(e) = &peer {
         tracing::warn!("bench: peer unavailable: {e:#}");
     }

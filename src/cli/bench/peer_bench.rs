@@ -18,19 +18,33 @@ pub(super) struct PeerRun {
 pub(super) struct PeerResults {
     pub(super) main: PeerRun,
     pub(super) cold: PeerRun,
+    /// The bench prompt again with a LoRA adapter (`bench --peer-lora`).
+    pub(super) lora: Option<PeerRun>,
 }
 
-/// Installs the peer if needed and runs it on the bench prompt and on the cold prompt.
+/// Installs the peer if needed and runs it on the bench prompt and on the cold prompt, and with
+/// `lora` on the bench prompt again.
 pub(super) fn run_peer(
     model: &Path,
     threads: usize,
-    prompt: &[u32],
-    cold: &[u32],
+    (prompt, cold): (&[u32], &[u32]),
+    lora: Option<&Path>,
 ) -> Result<PeerResults> {
     let peer = peer::Peer::install()?;
-    let main = peer_bench(&peer, model, threads, prompt, DECODE)?;
-    let cold = peer_bench(&peer, model, threads, cold, COLD_DECODE)?;
-    Ok(PeerResults { main, cold })
+    let main = peer_bench(&peer, model, threads, prompt, DECODE, None)?;
+    let cold = peer_bench(&peer, model, threads, cold, COLD_DECODE, None)?;
+    let lora = match lora {
+        Some(lora) => Some(peer_bench(
+            &peer,
+            model,
+            threads,
+            prompt,
+            DECODE,
+            Some(lora),
+        )?),
+        None => None,
+    };
+    Ok(PeerResults { main, cold, lora })
 }
 
 fn peer_bench(
@@ -39,13 +53,18 @@ fn peer_bench(
     threads: usize,
     ids: &[u32],
     decode: usize,
+    lora: Option<&Path>,
 ) -> Result<PeerRun> {
+    let mut args = vec!["--decode".into(), decode.to_string()];
+    if let Some(lora) = lora {
+        args.extend(["--lora".into(), lora.display().to_string()]);
+    }
     let out = peer.run(
         "peer-bench.mjs",
         model,
         threads,
         ("prompt-ids", &ids),
-        &["--decode".into(), decode.to_string()],
+        &args,
     )?;
     let line = out
         .lines()

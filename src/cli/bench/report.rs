@@ -98,6 +98,17 @@ pub struct PeerFigures {
     pub name: String,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    /// With `--peer-lora`: the same prompt with the adapter, and its speeds / the bare peer's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraFigures>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoraFigures {
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub ratio_prefill: f64,
+    pub ratio_decode: f64,
 }
 
 /// A cold completion: empty cache, `COLD_PROMPT` tokens prefilled, `COLD_DECODE` tokens decoded.
@@ -204,6 +215,12 @@ pub(super) fn assemble(m: Measured, peer: Result<PeerResults>) -> Report {
             ratio: peer_cold_ms.map(|p| ratio(cold_ms, p)),
         },
         peer: peer.map(|p| PeerFigures {
+            lora: p.lora.map(|l| LoraFigures {
+                prefill_tok_s: l.prefill_tok_s,
+                decode_tok_s: l.decode_tok_s,
+                ratio_prefill: ratio(l.prefill_tok_s, p.main.prefill_tok_s),
+                ratio_decode: ratio(l.decode_tok_s, p.main.decode_tok_s),
+            }),
             name: p.main.name,
             prefill_tok_s: p.main.prefill_tok_s,
             decode_tok_s: p.main.decode_tok_s,
@@ -279,6 +296,12 @@ pub(super) fn print_table(r: &Report) {
         println!(
             "  a patch memory of {:>5} entries  prefill / decode tok/s: {:.1} / {:.1} ({:.2}x / {:.2}x)",
             m.entries, m.prefill_tok_s, m.decode_tok_s, m.ratio_prefill, m.ratio_decode
+        );
+    }
+    if let Some(l) = peer.and_then(|p| p.lora.as_ref()) {
+        println!(
+            "peer with the LoRA adapter  prefill / decode tok/s: {:.1} / {:.1} ({:.2}x / {:.2}x its speed without)",
+            l.prefill_tok_s, l.decode_tok_s, l.ratio_prefill, l.ratio_decode
         );
     }
     println!(
