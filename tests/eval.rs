@@ -61,6 +61,44 @@ fn number(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
+/// STAR's first repair's `ungated` figures on `file` with `settings` and `"patch": patch`.
+fn report_of_star_ungated(
+    file: &std::path::Path,
+    model: &std::path::Path,
+    settings: &str,
+    patch: &str,
+) -> Value {
+    let json = file.with_extension(format!("{patch}.json"));
+    let settings = settings.replacen('{', &format!(r#"{{"patch": "{patch}", "#), 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_star-ls"))
+        .args(["eval", "--cases"])
+        .arg(file)
+        .args([
+            "--method",
+            "star",
+            "--ungated",
+            "--repair-settings",
+            &settings,
+            "--json",
+        ])
+        .arg(&json)
+        .env("STAR_LS_MODEL", model)
+        .output()
+        .expect("running star-ls eval");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let star = &report["methods"]["star"];
+    assert_eq!(
+        star["per_repair"][0]["status"], "patched",
+        "{patch}: {star}"
+    );
+    star["per_repair"][0]["ungated"].clone()
+}
+
 #[test]
 fn eval_finds_repairs_and_counts_a_planted_failure() {
     let model_path = cached(
@@ -105,6 +143,7 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
             "--repair-settings",
             settings,
             "--requantized",
+            "--ungated",
         ])
         .arg("--json")
         .arg(&json)
@@ -183,6 +222,14 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     assert_eq!(sgd["per_repair"][0]["status"], "patched", "{sgd}");
     assert_eq!(sgd["per_repair"][0]["steps"], 40, "{sgd}");
     assert_eq!(number(sgd, "effectiveness"), 1.0, "{sgd}");
+    // Its patch has no gate: served ungated, it is what it was.
+    let (repair, ungated) = (&sgd["per_repair"][0], &sgd["per_repair"][0]["ungated"]);
+    assert_eq!(
+        (&ungated["fixed"], &ungated["unchanged"]),
+        (&repair["fixed"], &repair["unchanged"]),
+        "{sgd}"
+    );
+    assert!(stdout.contains("sgd served ungated"), "{stdout}");
     let mint = &report["methods"]["mint"];
     assert_eq!(mint["per_repair"][0]["status"], "refused", "{mint}");
     assert_eq!(mint["per_repair"][0]["steps"], 10, "{mint}");
@@ -242,6 +289,22 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     let out = run("star,adam");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adam"));
+    // STAR's default entries (a value per key) have no ungated form; its gated column patch has.
+    assert_eq!(
+        report_of_star_ungated(&file, &model_path, settings, "values"),
+        Value::Null
+    );
+    let columns = report_of_star_ungated(&file, &model_path, settings, "columns");
+    assert!(
+        columns["fixed"].as_u64().is_some_and(|f| f <= 1),
+        "{columns}"
+    );
+    assert!(
+        columns["unchanged"]
+            .as_u64()
+            .is_some_and(|u| u as usize <= passing.len()),
+        "{columns}"
+    );
 
     // Every case in the failure's group: the repair leaves nothing of the file unrelated to it, so
     // the specificity sample comes from --unrelated (other code), all of it used.

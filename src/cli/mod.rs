@@ -208,6 +208,9 @@ struct EvalArgs {
     /// Also measure every patch served re-quantized into its layers instead of as an overlay.
     #[arg(long)]
     requantized: bool,
+    /// Also measure every column patch served without its gates, as a LoRA adapter serves it.
+    #[arg(long)]
+    ungated: bool,
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -378,6 +381,7 @@ impl EvalArgs {
             plot,
             repair_settings,
             requantized,
+            ungated,
             threads,
         } = self;
         star_ls::env::set_threads(threads);
@@ -395,6 +399,7 @@ impl EvalArgs {
                 timeout: std::time::Duration::from_secs(timeout),
                 settings: repair_settings.unwrap_or_default(),
                 requantized,
+                ungated,
                 ..Default::default()
             },
         })

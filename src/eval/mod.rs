@@ -12,8 +12,7 @@ mod rss;
 
 use probe::Probe;
 pub use report::{
-    Changed, CumulativePoint, MethodReport, RepairRecord, Report, Requantized, RequantizedShares,
-    Status,
+    Changed, CumulativePoint, MethodReport, RepairRecord, Report, Served, ServedShares, Status,
 };
 
 use crate::model::{KvCache, Model, PatchSet, Qwen2, Tokenizer};
@@ -41,6 +40,9 @@ pub struct EvalOptions {
     /// Also measure each patch served re-quantized into its layers (`Qwen2::requantized`) instead of
     /// as an overlay: its repaired cases and specificity sample again.
     pub requantized: bool,
+    /// Also measure each column patch served without its gates, as a LoRA adapter serves it
+    /// (`star-ls patches export --format gguf-lora --ungated`).
+    pub ungated: bool,
 }
 
 impl Default for EvalOptions {
@@ -54,6 +56,7 @@ impl Default for EvalOptions {
             cumulative_points: 8,
             settings: RepairSettings::default(),
             requantized: false,
+            ungated: false,
         }
     }
 }
@@ -341,19 +344,11 @@ impl Protocol<'_> {
                 *m.entry(r.status).or_insert(0) += 1;
                 m
             }),
-            requantized: options.requantized.then(|| {
-                let (fixed, unchanged) =
-                    records
-                        .iter()
-                        .fold((0, 0), |(f, u), r| match r.requantized {
-                            Some(q) => (f + q.fixed, u + q.unchanged),
-                            None => (f, u + r.unchanged),
-                        });
-                RequantizedShares {
-                    effectiveness: share(fixed, sum(|r| r.cases)),
-                    specificity: share(unchanged, sum(|r| r.sampled)),
-                }
-            }),
+            requantized: options
+                .requantized
+                .then(|| served_shares(&records, |r| r.requantized)),
+            ungated: (options.ungated && records.iter().any(|r| r.ungated.is_some()))
+                .then(|| served_shares(&records, |r| r.ungated)),
             cumulative,
             per_repair: records,
         })
@@ -402,7 +397,8 @@ impl Protocol<'_> {
         let seconds = t0.elapsed().as_secs_f64();
         let peak = rss::peak_mb().unwrap_or(0.0);
         let mut record = self.record(unit, seconds, (peak - rss_before).max(0.0));
-        let lowers_again = options.requantized.then(|| lowers.clone());
+        let lowers_again =
+            [options.requantized, options.ungated].map(|m| m.then(|| lowers.clone()));
         let set = match result {
             Ok(Ok(outcome)) => {
                 self.judge(&bounded, outcome, &unit.repaired, lowers, &mut record)?
@@ -451,17 +447,19 @@ impl Protocol<'_> {
             steps: 0,
             solves: 0,
             requantized: None,
+            ungated: None,
             changed: Vec::new(),
         }
     }
 
     /// A repair's measures past its own verdict: whether the held-out case now passes, its
-    /// specificity, and (given `lowers_again`) its repaired cases and specificity re-quantized.
+    /// specificity, and (given `lowers_again`) its repaired cases and specificity re-quantized and
+    /// ungated.
     fn measure(
         &self,
         unit: &Unit,
         set: Option<&PatchSet>,
-        lowers_again: Option<Vec<KvCache>>,
+        [requantized, ungated]: [Option<Vec<KvCache>>; 2],
         mut record: RepairRecord,
     ) -> candle_core::Result<RepairRecord> {
         if let (Some(h), Some(set)) = (unit.held_out, set) {
@@ -472,12 +470,19 @@ impl Protocol<'_> {
         let repaired: BTreeSet<usize> =
             unit.repaired.iter().copied().chain(unit.held_out).collect();
         let sample = unrelated(self.cases, self.sampled, &repaired);
-        if let (Some(set), Some(lowers)) = (set, lowers_again) {
+        if let (Some(set), Some(lowers)) = (set, requantized) {
             let model = self.model.requantized(set)?;
             let rest = set.gated_only();
             let fixed = self.fixed(&model, &unit.repaired, lowers, &rest)?;
             let unchanged = self.unchanged(&model, &sample, &rest)?;
-            record.requantized = Some(Requantized { fixed, unchanged });
+            record.requantized = Some(Served { fixed, unchanged });
+        }
+        if let (Some(open), Some(lowers)) =
+            (set.map(PatchSet::ungated).transpose()?.flatten(), ungated)
+        {
+            let fixed = self.fixed(self.model, &unit.repaired, lowers, &open)?;
+            let unchanged = self.unchanged(self.model, &sample, &open)?;
+            record.ungated = Some(Served { fixed, unchanged });
         }
         self.specificity(&sample, set, record)
     }
@@ -674,4 +679,21 @@ fn memoized(
     let answer = check()?;
     memo.insert(case, (stack.id(), answer));
     Ok(answer)
+}
+
+/// A method's shares with its patches served otherwise (`served` of each repair's record): repairs
+/// served as usual count as they do for the overlay.
+fn served_shares(
+    records: &[RepairRecord],
+    served: impl Fn(&RepairRecord) -> Option<Served>,
+) -> ServedShares {
+    let (fixed, unchanged) = records.iter().fold((0, 0), |(f, u), r| match served(r) {
+        Some(q) => (f + q.fixed, u + q.unchanged),
+        None => (f + r.fixed, u + r.unchanged),
+    });
+    let sum = |f: &dyn Fn(&RepairRecord) -> usize| records.iter().map(f).sum::<usize>();
+    ServedShares {
+        effectiveness: share(fixed, sum(&|r| r.cases)),
+        specificity: share(unchanged, sum(&|r| r.sampled)),
+    }
 }

@@ -63,7 +63,11 @@ pub struct MethodReport {
     pub statuses: BTreeMap<Status, usize>,
     /// With `--requantized`: the patches served re-quantized into their layers instead.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub requantized: Option<RequantizedShares>,
+    pub requantized: Option<ServedShares>,
+    /// With `--ungated`: the column patches served without their gates, as a LoRA adapter serves
+    /// them; `None` when no repair kept one (a patch of per-key values has no ungated form).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ungated: Option<ServedShares>,
     pub cumulative: Vec<CumulativePoint>,
     pub per_repair: Vec<RepairRecord>,
 }
@@ -105,7 +109,10 @@ pub struct RepairRecord {
     pub solves: usize,
     /// With `--requantized`, for a repair that kept a patch.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub requantized: Option<Requantized>,
+    pub requantized: Option<Served>,
+    /// With `--ungated`, for a repair that kept a column patch: served without its gates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ungated: Option<Served>,
     /// The sampled completions the patch changed, and where.
     pub changed: Vec<Changed>,
 }
@@ -119,19 +126,20 @@ pub struct Changed {
     pub at: Change,
 }
 
-/// One patch served re-quantized into its layers (`Qwen2::requantized`) instead of as an overlay.
+/// One patch served otherwise than as its gated overlay: re-quantized into its layers
+/// (`Qwen2::requantized`), or without its gates.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Requantized {
+pub struct Served {
     /// Repaired cases whose greedy line is the developer's.
     pub fixed: usize,
     /// Sampled unrelated completions left unchanged.
     pub unchanged: usize,
 }
 
-/// A method's effectiveness and specificity with every patch served re-quantized (repairs that kept
-/// none count as they do for the overlay).
+/// A method's effectiveness and specificity with every patch served re-quantized, or ungated
+/// (repairs that kept none count as they do for the overlay).
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct RequantizedShares {
+pub struct ServedShares {
     pub effectiveness: f64,
     pub specificity: f64,
 }
@@ -198,13 +206,34 @@ impl Report {
                 statuses.join(", ").to_lowercase()
             );
         }
+        self.served_and_changed(&mut out);
+        if let Some(star) = self.methods.get(&Method::Star) {
+            for (method, m) in self.methods.iter().filter(|(k, _)| **k != Method::Star) {
+                if star.repair_seconds_mean > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "star vs {}: {:.2}x its speed per repair, effectiveness {:+.3}",
+                        method,
+                        m.repair_seconds_mean / star.repair_seconds_mean,
+                        star.effectiveness - m.effectiveness
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Per method, its shares served otherwise, and how near a tie the completions it changed were.
+    fn served_and_changed(&self, out: &mut String) {
         for (method, m) in &self.methods {
-            if let Some(q) = m.requantized {
-                let _ = writeln!(
-                    out,
-                    "{} served re-quantized: effectiveness {:.3}, specificity {:.3}",
-                    method, q.effectiveness, q.specificity
-                );
+            for (how, shares) in [("re-quantized", m.requantized), ("ungated", m.ungated)] {
+                if let Some(q) = shares {
+                    let _ = writeln!(
+                        out,
+                        "{method} served {how}: effectiveness {:.3}, specificity {:.3}",
+                        q.effectiveness, q.specificity
+                    );
+                }
             }
         }
         for (method, m) in &self.methods {
@@ -225,19 +254,5 @@ impl Report {
                 );
             }
         }
-        if let Some(star) = self.methods.get(&Method::Star) {
-            for (method, m) in self.methods.iter().filter(|(k, _)| **k != Method::Star) {
-                if star.repair_seconds_mean > 0.0 {
-                    let _ = writeln!(
-                        out,
-                        "star vs {}: {:.2}x its speed per repair, effectiveness {:+.3}",
-                        method,
-                        m.repair_seconds_mean / star.repair_seconds_mean,
-                        star.effectiveness - m.effectiveness
-                    );
-                }
-            }
-        }
-        out
     }
 }

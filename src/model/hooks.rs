@@ -445,6 +445,19 @@ impl PatchSet {
         }
     }
 
+    /// Every patch acting everywhere, its gate dropped, as a LoRA adapter serves it; `None` when
+    /// one adds a value per gate key (no ungated form).
+    pub fn ungated(&self) -> Result<Option<Self>> {
+        let mut set = Self::default();
+        for (l, p) in self.iter() {
+            if p.columns().is_empty() {
+                return Ok(None);
+            }
+            set = set.with(l, p.clone().gated(None))?;
+        }
+        Ok(Some(set))
+    }
+
     /// Every patch, the summed ones first.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &LayerPatch)> {
         self.layers
