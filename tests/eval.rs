@@ -62,7 +62,7 @@ fn number(v: &Value, key: &str) -> f64 {
 }
 
 /// STAR's first repair's `ungated` figures on `file` with `settings` and `"patch": patch`.
-fn report_of_star_ungated(
+fn star_ungated(
     file: &std::path::Path,
     model: &std::path::Path,
     settings: &str,
@@ -70,8 +70,8 @@ fn report_of_star_ungated(
 ) -> Value {
     let json = file.with_extension(format!("{patch}.json"));
     let settings = settings.replacen('{', &format!(r#"{{"patch": "{patch}", "#), 1);
-    let out = Command::new(env!("CARGO_BIN_EXE_star-ls"))
-        .args(["eval", "--cases"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_star-ls"));
+    cmd.args(["eval", "--cases"])
         .arg(file)
         .args([
             "--method",
@@ -82,21 +82,23 @@ fn report_of_star_ungated(
             "--json",
         ])
         .arg(&json)
-        .env("STAR_LS_MODEL", model)
-        .output()
-        .expect("running star-ls eval");
+        .env("STAR_LS_MODEL", model);
+    star_patched(cmd, &json)["methods"]["star"]["per_repair"][0]["ungated"].clone()
+}
+
+/// Runs an eval of STAR that writes its JSON to `json`: the report, once its first repair is
+/// seen to have kept a patch.
+fn star_patched(mut cmd: Command, json: &std::path::Path) -> Value {
+    let out = cmd.output().expect("running star-ls eval");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
     let star = &report["methods"]["star"];
-    assert_eq!(
-        star["per_repair"][0]["status"], "patched",
-        "{patch}: {star}"
-    );
-    star["per_repair"][0]["ungated"].clone()
+    assert_eq!(star["per_repair"][0]["status"], "patched", "{star}");
+    report
 }
 
 #[test]
@@ -291,10 +293,10 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("adam"));
     // STAR's default entries (a value per key) have no ungated form; its gated column patch has.
     assert_eq!(
-        report_of_star_ungated(&file, &model_path, settings, "values"),
+        star_ungated(&file, &model_path, settings, "values"),
         Value::Null
     );
-    let columns = report_of_star_ungated(&file, &model_path, settings, "columns");
+    let columns = star_ungated(&file, &model_path, settings, "columns");
     assert!(
         columns["fixed"].as_u64().is_some_and(|f| f <= 1),
         "{columns}"
@@ -325,16 +327,7 @@ fn eval_finds_repairs_and_counts_a_planted_failure() {
         if let Some(u) = unrelated {
             cmd.arg("--unrelated").arg(u);
         }
-        let out = cmd.output().expect("running star-ls eval");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        let star = &report["methods"]["star"];
-        assert_eq!(star["per_repair"][0]["status"], "patched", "{star}");
-        report
+        star_patched(cmd, &json)
     };
     let own = sample_of(None);
     assert_eq!(
