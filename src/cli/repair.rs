@@ -7,10 +7,14 @@ use star_ls::completion::ContextLimits;
 use star_ls::model::{
     Capture, FiredEntries, Generation, Hooks, LayerPatch, LoadOptions, Model, PatchSet,
 };
+use star_ls::repair::PatchKind;
 use star_ls::repair::{
     complete_case, passes, teacher_forced, Case, Head, Method, RepairOutcome, RepairSettings, Star,
 };
 use star_ls::store::Adapter;
+
+/// The settings whose patches a LoRA adapter serves exactly.
+const COLUMNS: &str = r#"--repair-settings '{"patch": "columns", "gate": 0}'"#;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -42,6 +46,11 @@ pub struct Options<'a> {
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
+    // Said before the repair runs: STAR's keyed patches have no LoRA form.
+    let keyed = o.settings.patch == PatchKind::Values || o.settings.gate > 0.0;
+    if o.adapter.is_some() && o.method == Method::Star && keyed {
+        anyhow::bail!("--adapter: these settings make patches that act behind gates (the default adds one value per gate key), which no LoRA can express; repair with {COLUMNS}");
+    }
     let cases = read_cases(o.cases)?;
     let guards = match o.guards {
         Some(p) => read_cases(p)?,
@@ -177,10 +186,7 @@ fn peer_check(
     let layers = star_ls::learn::ledger_layers(patches)?;
     let adapter = Adapter::stack([("the repair", layers.as_slice())], false);
     if let Some((id, why)) = adapter.left_out.first() {
-        anyhow::bail!(
-            "no adapter: {id} {}; repair with --repair-settings '{{\"patch\": \"columns\", \"gate\": 0}}'",
-            why.reason()
-        );
+        anyhow::bail!("no adapter: {id} {}; repair with {COLUMNS}", why.reason());
     }
     let path = star_ls::env::model_path();
     let rank = super::adapter::write_gguf(&adapter, &super::adapter::Base::read(&path)?, out)?;
