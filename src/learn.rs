@@ -158,6 +158,7 @@ pub fn commit(
     Ok(report)
 }
 
+/// Reading or writing the ledger's patches.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error(transparent)]
@@ -234,6 +235,18 @@ pub fn check_fit(records: &mut [PatchRecord], config: &Config) {
             rec.damaged = misfit;
         }
     }
+}
+
+/// The overlay the store's active patches for `model_sha` serve on a model of `config` (those that
+/// do not fit it left out, as the server leaves them), and how many patches they are.
+pub fn serving(
+    store: &Store,
+    model_sha: &str,
+    config: &Config,
+) -> Result<(PatchSet, usize), CommitError> {
+    let mut records = store.patches(Some(model_sha), true)?;
+    check_fit(&mut records, config);
+    Ok((overlay(&records)?, records.len()))
 }
 
 /// The overlay the ledger's active patches make, the ungated summed in the order they were accepted;

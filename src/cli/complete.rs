@@ -100,10 +100,6 @@ pub struct CasesOptions<'a> {
 /// spend the healing tokens ours does), then counts exact, blank and runaway lines for both. With a
 /// repository root, ours sees the case's repository's other files (the peer does not).
 pub fn run_cases(o: CasesOptions) -> Result<()> {
-    let patches = match o.patches {
-        true => Some(super::patches::live()?),
-        false => None,
-    };
     let mut cases = super::repair::read_cases(o.cases)?;
     cases.truncate(o.limit.unwrap_or(cases.len()));
     let others = match o.repo_root {
@@ -113,6 +109,10 @@ pub fn run_cases(o: CasesOptions) -> Result<()> {
     let config = EngineConfig::new(star_ls::env::model_path());
     let model = Model::load(&config.model_path, config.load)?;
     let (weights, tok) = (&model.weights, &model.tokenizer);
+    let patches = match o.patches {
+        true => Some(super::patches::live(weights.config())?),
+        false => None,
+    };
     let params = GenerateParams {
         max_tokens: config.max_tokens,
         ..GenerateParams::default()
@@ -310,9 +310,7 @@ pub(super) fn peer_lines(
     lora: Option<&Path>,
 ) -> Result<Vec<Line>> {
     let mut args = vec!["--max-tokens".into(), max_tokens.to_string()];
-    if let Some(lora) = lora {
-        args.extend(["--lora".into(), lora.display().to_string()]);
-    }
+    args.extend(super::peer::lora_args(lora));
     let out = super::peer::Peer::install()?.run(
         "peer-complete.mjs",
         model,

@@ -100,15 +100,11 @@ fn model_sha() -> anyhow::Result<String> {
 }
 
 /// The loaded model's active patches, as the server applies them: `complete --cases --patches`.
-pub fn live() -> anyhow::Result<star_ls::model::PatchSet> {
-    let records = match open()? {
-        Some(store) => store.patches(Some(&model_sha()?), true)?,
-        None => Vec::new(),
-    };
-    if let Some(r) = records.iter().find(|r| r.damaged.is_some()) {
-        anyhow::bail!("{} cannot be read from the ledger: roll it back", r.id);
+pub fn live(config: &star_ls::model::Config) -> anyhow::Result<star_ls::model::PatchSet> {
+    match open()? {
+        Some(store) => Ok(star_ls::learn::serving(&store, &model_sha()?, config)?.0),
+        None => Ok(Default::default()),
     }
-    Ok(star_ls::learn::overlay(&records)?)
 }
 
 /// What `export` was asked for beside the format and the file.

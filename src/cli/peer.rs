@@ -64,6 +64,12 @@ impl Peer {
     }
 }
 
+/// The scripts' `--lora FILE`, for a LoRA adapter on the GGUF (nothing without one).
+pub fn lora_args(lora: Option<&Path>) -> Vec<String> {
+    lora.map(|l| vec!["--lora".into(), l.display().to_string()])
+        .unwrap_or_default()
+}
+
 /// Runs a command to completion; its stdout on success, an error with the tail of its stderr otherwise.
 fn run_captured(cmd: &mut Command) -> Result<String> {
     let program = cmd.get_program().to_string_lossy().into_owned();

@@ -10,7 +10,7 @@
 use crate::capture::{CaseKind, CaseText, Outcome};
 use crate::completion::ContextLimits;
 use crate::learn::{self, Job, Policy, RepairReport};
-use crate::model::{Config, Model, PatchSet};
+use crate::model::{Model, PatchSet};
 use crate::repair::{complete_case, passes, Case, Head, Residuals, Star};
 use crate::store::{NewCase, Store};
 use serde::Serialize;
@@ -173,7 +173,7 @@ pub fn run(
         seen = report.unfixed();
         tracing::info!(line = i + 1, ?report, "replay repair");
         if report.patch_id.is_some() {
-            (live, patches_live) = serving(store, model_sha, weights.config())?;
+            (live, patches_live) = learn::serving(store, model_sha, weights.config())?;
             first_repaired_line.get_or_insert(i + 1);
         }
     }
@@ -235,13 +235,6 @@ fn repair(
         policy.patch_memory_bytes(),
     )?;
     Ok(report)
-}
-
-/// The overlay the store's active patches for `model_sha` serve, and how many patches they are.
-fn serving(store: &Store, model_sha: &str, config: &Config) -> anyhow::Result<(PatchSet, usize)> {
-    let mut records = store.patches(Some(model_sha), true)?;
-    learn::check_fit(&mut records, config);
-    Ok((learn::overlay(&records)?, records.len()))
 }
 
 fn summarize(

@@ -33,17 +33,9 @@ pub(super) fn run_peer(
     let peer = peer::Peer::install()?;
     let main = peer_bench(&peer, model, threads, prompt, DECODE, None)?;
     let cold = peer_bench(&peer, model, threads, cold, COLD_DECODE, None)?;
-    let lora = match lora {
-        Some(lora) => Some(peer_bench(
-            &peer,
-            model,
-            threads,
-            prompt,
-            DECODE,
-            Some(lora),
-        )?),
-        None => None,
-    };
+    let lora = lora
+        .map(|l| peer_bench(&peer, model, threads, prompt, DECODE, Some(l)))
+        .transpose()?;
     Ok(PeerResults { main, cold, lora })
 }
 
@@ -56,9 +48,7 @@ fn peer_bench(
     lora: Option<&Path>,
 ) -> Result<PeerRun> {
     let mut args = vec!["--decode".into(), decode.to_string()];
-    if let Some(lora) = lora {
-        args.extend(["--lora".into(), lora.display().to_string()]);
-    }
+    args.extend(peer::lora_args(lora));
     let out = peer.run(
         "peer-bench.mjs",
         model,
