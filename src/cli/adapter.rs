@@ -19,7 +19,7 @@ const VLLM_RANKS: [usize; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
 
 /// What the adapter must fit: the base model's `down_proj` per layer.
 pub struct Base {
-    pub architecture: String,
+    architecture: String,
     /// `(hidden, intermediate)` of `blk.N.ffn_down.weight`, per layer.
     down: HashMap<usize, (usize, usize)>,
 }
@@ -53,14 +53,10 @@ impl Base {
         for (j, &c) in l.columns.iter().enumerate() {
             a[j * m + c as usize] = 1.0;
         }
-        let mut b = vec![0f32; hidden * rank];
-        for h in 0..hidden {
-            b[h * rank..h * rank + l.rank()]
-                .copy_from_slice(&l.b[h * l.rank()..(h + 1) * l.rank()]);
-        }
+        let b = Tensor::from_vec(l.b.clone(), (hidden, l.rank()), &Device::Cpu)?;
         Ok((
             Tensor::from_vec(a, (rank, m), &Device::Cpu)?,
-            Tensor::from_vec(b, (hidden, rank), &Device::Cpu)?,
+            b.pad_with_zeros(1, 0, rank - l.rank())?,
         ))
     }
 }

@@ -215,22 +215,22 @@ impl PeerCheck {
         [before, served]: [&[Generation]; 2],
     ) -> serde_json::Value {
         let same = |a: &str, b: &str, c: &Case| a == b || (passes(a, c) && passes(b, c));
-        let (mut agree_bare, mut agree) = (0, 0);
+        let (mut agree_bare, mut agree, mut right_served, mut right_adapted) = (0, 0, 0, 0);
         for (i, row) in rows.iter_mut().enumerate() {
-            let (bare, adapted) = (&self.bare[i].text, &self.adapted[i].text);
+            let (bare, adapted, c) = (&self.bare[i].text, &self.adapted[i].text, all[i]);
             row["peerBare"] = json!(bare);
             row["peerAdapted"] = json!(adapted);
-            agree_bare += usize::from(same(bare, &before[i].text, all[i]));
-            agree += usize::from(same(adapted, &served[i].text, all[i]));
+            agree_bare += usize::from(same(bare, &before[i].text, c));
+            agree += usize::from(same(adapted, &served[i].text, c));
+            if i < repaired {
+                right_served += usize::from(passes(&served[i].text, c));
+                right_adapted += usize::from(passes(adapted, c));
+            }
         }
-        let right = |lines: &mut dyn Iterator<Item = &str>| {
-            lines.zip(all).filter(|(l, c)| passes(l, c)).count()
-        };
         json!({
             "rank": self.rank, "cases": rows.len(), "agreeBare": agree_bare, "agreeAdapted": agree,
-            "repaired": repaired,
-            "repairedRightServed": right(&mut served[..repaired].iter().map(|g| g.text.as_str())),
-            "repairedRightAdapted": right(&mut self.adapted[..repaired].iter().map(|l| l.text.as_str())),
+            "repaired": repaired, "repairedRightServed": right_served,
+            "repairedRightAdapted": right_adapted,
         })
     }
 
