@@ -477,12 +477,12 @@ impl Protocol<'_> {
             let unchanged = self.unchanged(&model, &sample, &rest)?;
             record.requantized = Some(Served { fixed, unchanged });
         }
-        if let (Some(open), Some(lowers)) =
-            (set.map(PatchSet::ungated).transpose()?.flatten(), ungated)
-        {
-            let fixed = self.fixed(self.model, &unit.repaired, lowers, &open)?;
-            let unchanged = self.unchanged(self.model, &sample, &open)?;
-            record.ungated = Some(Served { fixed, unchanged });
+        if let (Some(set), Some(lowers)) = (set, ungated) {
+            if let Some(open) = set.ungated()? {
+                let fixed = self.fixed(self.model, &unit.repaired, lowers, &open)?;
+                let unchanged = self.unchanged(self.model, &sample, &open)?;
+                record.ungated = Some(Served { fixed, unchanged });
+            }
         }
         self.specificity(&sample, set, record)
     }
