@@ -84,36 +84,30 @@ impl Default for Settings {
 impl Settings {
     /// Reads `initializationOptions`; a malformed value is reported and the defaults used.
     pub fn from_options(options: Option<serde_json::Value>) -> (Self, Option<String>) {
-        match options {
-            None | Some(serde_json::Value::Null) => (Self::default(), None),
-            Some(v) if v["repair"].get("context").is_some() => (
+        let read = match options {
+            None | Some(serde_json::Value::Null) => return (Self::default(), None),
+            Some(v) => Self::read(v),
+        };
+        match read {
+            Ok(s) => (s, None),
+            Err(e) => (
                 Self::default(),
-                Some(
-                    "ignoring initializationOptions: repair.context: a repair works in the \
-                     completion's window, `context`"
-                        .into(),
-                ),
+                Some(format!("ignoring initializationOptions: {e}")),
             ),
-            Some(v) => match serde_json::from_value::<Self>(v) {
-                Ok(s) => match crate::application::Exclude::with(&s.exclude) {
-                    Err(e) => (
-                        Self::default(),
-                        Some(format!("ignoring initializationOptions: exclude: {e}")),
-                    ),
-                    Ok(_) => match s.repair.check() {
-                        Err(e) => (
-                            Self::default(),
-                            Some(format!("ignoring initializationOptions: repair: {e}")),
-                        ),
-                        Ok(()) => (s, None),
-                    },
-                },
-                Err(e) => (
-                    Self::default(),
-                    Some(format!("ignoring initializationOptions: {e}")),
-                ),
-            },
         }
+    }
+
+    /// `initializationOptions` read and checked: why not, when they cannot be used.
+    fn read(v: serde_json::Value) -> Result<Self, String> {
+        if v["repair"].get("context").is_some() {
+            return Err(
+                "repair.context: a repair works in the completion's window, `context`".into(),
+            );
+        }
+        let s = serde_json::from_value::<Self>(v).map_err(|e| e.to_string())?;
+        crate::application::Exclude::with(&s.exclude).map_err(|e| format!("exclude: {e}"))?;
+        s.repair.check().map_err(|e| format!("repair: {e}"))?;
+        Ok(s)
     }
 }
 
