@@ -571,7 +571,9 @@ fn the_head_factor_is_cached_and_checked() {
 
 /// A case's check is kept while the live overlay stays (a failure's from while it waited, a guard's
 /// from the last repair: the next repair's guards are mostly this one's), and a repair from the kept
-/// checks decides as one that checks afresh; another overlay checks again.
+/// checks decides as one that checks afresh; under another overlay, it decides so too, each case
+/// checked anew from its kept check (a pass over its tail alone where the overlays' gates part only
+/// there) or whole.
 #[test]
 fn checks_are_kept_while_the_overlay_stays() {
     let m = model();
@@ -585,43 +587,104 @@ fn checks_are_kept_while_the_overlay_stays() {
     };
     cached.warm(&[failure.clone(), guard.clone()]).unwrap();
     assert_eq!(kept.checks_kept(), 2);
-    let repair = |star: &Star| {
-        star.repair(std::slice::from_ref(&failure), std::slice::from_ref(&guard))
-            .unwrap()
+    let repair = |star: &Star, failure: &Case| {
+        // The long case's repair breaks the guard: without it, its patch is kept and compared.
+        let guards = match failure.id.as_str() {
+            "f2" => &[][..],
+            _ => std::slice::from_ref(&guard),
+        };
+        star.repair(std::slice::from_ref(failure), guards).unwrap()
     };
-    let (a, b) = (repair(&fresh), repair(&cached));
+    let same = |a: &star_ls::repair::RepairOutcome, b: &star_ls::repair::RepairOutcome| {
+        assert_eq!(
+            (a.fixed, a.guard_before, a.guard_after, a.patches.len()),
+            (b.fixed, b.guard_before, b.guard_after, b.patches.len())
+        );
+        for ((la, pa), (lb, pb)) in a.patches.iter().zip(&b.patches) {
+            assert_eq!(la, lb);
+            assert!(max_gap(pa.delta(), pb.delta()) < 1e-5);
+        }
+    };
+    let (a, b) = (repair(&fresh, &failure), repair(&cached, &failure));
     assert_eq!(kept.checks_kept(), 2, "the same checks, not others");
-    assert_eq!(
-        (a.fixed, a.guard_before, a.guard_after, a.patches.len()),
-        (b.fixed, b.guard_before, b.guard_after, b.patches.len())
+    same(&a, &b);
+    // Another overlay: a value keyed at one row, shut at every row before it (the failure's first
+    // target row; a row late in a long prompt), or a column patch acting everywhere. The checks
+    // kept are the last overlay's.
+    let long = case(
+        "f2",
+        &format!("{}def f(x):\n    return ", LONG_PREFIX),
+        "x + 1",
     );
-    for ((la, pa), (lb, pb)) in a.patches.iter().zip(&b.patches) {
-        assert_eq!(la, lb);
-        assert!(max_gap(pa.delta(), pb.delta()) < 1e-6);
-    }
-    // Under another overlay the check is made again, and the old one, never asked for again, goes.
+    cached.warm(std::slice::from_ref(&long)).unwrap();
+    // The lowest layer: the rows after the key's read what it changed there.
+    let layer = 0;
     let hidden = m.weights.config().hidden_size;
-    let delta = Tensor::randn(0f32, 0.5, (hidden, 2), &Device::Cpu).unwrap();
-    let live = PatchSet::default()
-        .with(
-            1,
-            star_ls::model::LayerPatch::new(vec![2, 4], delta).unwrap(),
-        )
-        .unwrap();
-    assert_ne!(live.id(), PatchSet::default().id());
-    let patched = Star {
-        live: Some(&live),
-        ..cached
-    };
-    patched.warm(std::slice::from_ref(&guard)).unwrap();
+    for (failure, rows_back) in [(&failure, 0..1), (&long, 1..40)] {
+        let tf = teacher_forced(&m.tokenizer, failure, settings().context);
+        let z = neurons(&m, &tf.tokens, layer);
+        let center = z.narrow(0, 1, tf.row(0) - 1).unwrap().mean(0).unwrap();
+        // The first row of those that its gate opens at first.
+        let gate = rows_back
+            .map(|back| tf.row(0) - back)
+            .find_map(|row| {
+                let key = z.narrow(0, row, 1).unwrap();
+                let gate = star_ls::model::Gate::on_layer(&key, &center, 0.99).unwrap();
+                let before = gate.scores(&z.narrow(0, 0, row).unwrap()).unwrap();
+                let highest = before.max_all().unwrap().to_scalar::<f32>().unwrap();
+                (highest < -0.01 && (row == tf.row(0) || row > 64)).then_some(gate)
+            })
+            .expect("a row unlike those before it");
+        let value = Tensor::randn(0f32, 30.0, (hidden, 1), &Device::Cpu).unwrap();
+        let keyed = star_ls::model::LayerPatch::values(value, gate).unwrap();
+        let delta = Tensor::randn(0f32, 0.5, (hidden, 2), &Device::Cpu).unwrap();
+        let everywhere = star_ls::model::LayerPatch::new(vec![2, 4], delta).unwrap();
+        for live in [
+            PatchSet::default().with(layer, keyed).unwrap(),
+            PatchSet::default().with(layer, everywhere).unwrap(),
+        ] {
+            let patched = |residuals| Star {
+                live: Some(&live),
+                residuals,
+                ..Star::new(&m.weights, &m.tokenizer, &head, settings())
+            };
+            same(
+                &repair(&patched(None), failure),
+                &repair(&patched(Some(&kept)), failure),
+            );
+        }
+    }
     assert_eq!(
         kept.checks_kept(),
-        1,
-        "the checks under the old overlay went"
+        3,
+        "each case's check in place of its old one"
     );
+    let live = PatchSet::default();
     assert_eq!(
         live.clone().id(),
         live.id(),
         "a clone names the same contents"
     );
+}
+
+/// Code before a case's function, for a prompt of more than 64 rows.
+const LONG_PREFIX: &str =
+    "import os\nimport sys\n\n\nclass Point:\n    def __init__(self, x, y):\n        \
+                           self.x = x\n        self.y = y\n\n    def norm(self):\n        \
+                           return (self.x ** 2 + self.y ** 2) ** 0.5\n\n\n";
+
+/// Layer `layer`'s `down_proj` input at every row of `tokens`, unpatched.
+fn neurons(m: &Model, tokens: &[u32], layer: usize) -> Tensor {
+    let mut cap = star_ls::model::Capture::layers([layer]);
+    m.weights
+        .forward(
+            tokens,
+            &mut m.weights.new_cache(),
+            &mut star_ls::model::Hooks {
+                capture: Some(&mut cap),
+                ..star_ls::model::Hooks::default()
+            },
+        )
+        .unwrap();
+    cap.neurons.remove(&layer).unwrap()
 }

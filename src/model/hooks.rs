@@ -466,6 +466,42 @@ impl PatchSet {
             .chain(self.gated.iter().map(|(l, p)| (*l, p)))
     }
 
+    /// The gated patches in one of `self` and `other` and not in both: wherever all of them stay
+    /// shut, a pass under either set computes the same. None when their ungated parts differ (those
+    /// act everywhere). A patch is the same one by its ledger name, else by its delta's storage (a
+    /// clone's).
+    pub fn difference<'s>(&'s self, other: &'s Self) -> Option<Vec<(usize, &'s LayerPatch)>> {
+        let same_summed = self.layers.len() == other.layers.len()
+            && self
+                .layers
+                .iter()
+                .zip(&other.layers)
+                .all(|((l, p), (m, q))| {
+                    l == m && p.delta.id() == q.delta.id() && p.columns == q.columns
+                });
+        if !same_summed {
+            return None;
+        }
+        let identity = |(l, p): &(usize, LayerPatch)| (*l, p.name.clone(), p.delta.id());
+        let same = |a: &(usize, LayerPatch), b: &(usize, LayerPatch)| {
+            let (a, b) = (identity(a), identity(b));
+            a.0 == b.0
+                && if a.1.is_some() {
+                    a.1 == b.1
+                } else {
+                    a.2 == b.2
+                }
+        };
+        let only_in = |a: &'s Self, b: &'s Self| {
+            a.gated
+                .iter()
+                .filter(|p| !b.gated.iter().any(|q| same(p, q)))
+                .map(|(l, p)| (*l, p))
+                .collect::<Vec<_>>()
+        };
+        Some([only_in(self, other), only_in(other, self)].concat())
+    }
+
     /// Its entries over every layer (`LayerPatch::entries`).
     pub fn entries(&self) -> usize {
         self.iter().map(|(_, p)| p.entries()).sum()

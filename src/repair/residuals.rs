@@ -3,7 +3,8 @@
 //! is computed once (the frozen lower layers are most of a repair's forward work) and kept for every
 //! later repair. The server fills it while failures are pending and reuses it for the guards each
 //! repair checks; eval fills it before a repair's clock starts. Beside them, the cases' checks under
-//! the live overlay (`Star::warm`), which hold while the overlay stays.
+//! the live overlay (`Star::warm`), which hold while the overlay stays, and from which a check under
+//! the next overlay starts.
 
 use super::star::{CheckKey, Checked};
 use crate::model::{PatchSet, Qwen2};
@@ -12,13 +13,17 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 /// A bounded cache of residuals by (layer, tokens), the most recently used first; and of the cases'
-/// checks, which also depend on the live overlay (`CheckKey`).
+/// checks, which also depend on the live overlay.
 #[derive(Debug)]
 pub struct Residuals {
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
-    checks: Mutex<VecDeque<(CheckKey, Arc<Checked>)>>,
+    checks: Mutex<VecDeque<Kept>>,
 }
+
+/// A check and the overlay it was made under: under another overlay it is stale, but a new check of
+/// its case can start from it (`Star::check`).
+type Kept = (CheckKey, PatchSet, Arc<Checked>);
 
 /// Checks kept: a repair's guards and failures (eval gives 8 of each) and room for a few more. One
 /// holds about 22 MB for a 300-token case of the default model with ten target tokens: its typical
@@ -56,22 +61,22 @@ impl Residuals {
         }
     }
 
-    /// The check kept for `key`, if any, now the most recently used (guards asked for by every
-    /// repair outlive the failures of one).
-    pub(super) fn check(&self, key: &CheckKey) -> Option<Arc<Checked>> {
+    /// The newest check kept of `key`'s case, with the overlay it was made under, now the most
+    /// recently used (guards asked for by every repair outlive the failures of one).
+    pub(super) fn latest(&self, key: &CheckKey) -> Option<(PatchSet, Arc<Checked>)> {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        let at = checks.iter().position(|(k, _)| k == key)?;
-        let (k, c) = checks.remove(at)?;
-        checks.push_front((k, c.clone()));
-        Some(c)
+        let at = checks.iter().position(|(k, _, _)| k == key)?;
+        let kept = checks.remove(at)?;
+        let found = (kept.1.clone(), kept.2.clone());
+        checks.push_front(kept);
+        Some(found)
     }
 
-    /// Keeps a check; checks under another overlay than `key`'s go: every new overlay gets a new id,
-    /// so only a return to the empty one (all rolled back) could ask for them again.
-    pub(super) fn keep_check(&self, key: CheckKey, checked: Arc<Checked>) {
+    /// Keeps a check made under `set`, in place of any older one of its case.
+    pub(super) fn keep_check(&self, key: CheckKey, set: &PatchSet, checked: Arc<Checked>) {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        checks.retain(|(k, _)| k.overlay == key.overlay && *k != key);
-        checks.push_front((key, checked));
+        checks.retain(|(k, _, _)| *k != key);
+        checks.push_front((key, set.clone(), checked));
         checks.truncate(CHECKS_KEPT);
     }
 

@@ -3,6 +3,7 @@
 
 use super::score::Scored;
 use super::{PerLayer, Star};
+use crate::model::memory::sketch;
 use crate::model::{Capture, DecoderLayer, Hooks, LayerKv, LayerPatch, PatchSet};
 use crate::repair::targets::{teacher_forced, Case, TeacherForced};
 use crate::repair::Keys;
@@ -96,12 +97,15 @@ impl Batch {
         let (mut breadth, mut rows): (PerLayer<Tensor>, usize) = (BTreeMap::new(), 0);
         let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for checked in &checks {
-            for (l, fires) in &checked.fires {
-                let fires = match breadth.remove(l) {
-                    Some(t) => (t + fires)?,
-                    None => fires.clone(),
+            for &l in checked.fires.keys() {
+                let Some(fires) = checked.fires(l)? else {
+                    continue;
                 };
-                breadth.insert(*l, fires);
+                let fires = match breadth.remove(&l) {
+                    Some(t) => (t + fires)?,
+                    None => fires,
+                };
+                breadth.insert(l, fires);
             }
             for (l, t) in &checked.typical {
                 typical.entry(*l).or_default().push(t.clone());
@@ -251,22 +255,91 @@ pub(in crate::repair) struct Checked {
     pub(super) failing: Vec<usize>,
     pub(super) scored: Scored,
     pub(super) tail: Tail,
-    /// `Σ |z|` per candidate layer over every row.
+    /// `Σ |z|` per candidate layer over each `FIRES_BLOCK` rows before the tail `(blocks,
+    /// intermediate)`: a check under another overlay that changes rows from some block on keeps
+    /// the blocks before it.
     pub(super) fires: PerLayer<Tensor>,
     /// `z` per candidate layer `(target rows, intermediate)`.
     pub(super) at_target: PerLayer<Tensor>,
     pub(super) typical: PerLayer<Tensor>,
+    /// `z` per candidate layer at the rows before the tail in the key space (`memory::sketch`)
+    /// `(rows, KEY_WIDTH)`: where a gate keyed on the layer opens there (`Checked::reach`).
+    pub(super) keys: PerLayer<Tensor>,
     /// The residual between attention and MLP per candidate layer at the rows before the tail
-    /// `(rows, hidden)`: where a gated patch would open there (`Star::first_change`).
+    /// `(rows, hidden)`, when gates keyed on columns are solved (`RepairSettings::keys`): where
+    /// such a gate would open there (`Star::first_change`).
     pub(super) mid: PerLayer<Tensor>,
 }
 
-/// What a check depends on: the case's tokens, the layers from `first` up under the overlay named
-/// `overlay`, and whether typical rows were sampled.
+/// Where a gated patch may act at a checked case's rows before the tail.
+pub(super) enum Reach {
+    /// Nowhere: its gate stays shut at every one.
+    Shut,
+    /// From this row on.
+    From(usize),
+    /// The check's keys cannot tell: the patch has no gate, or one not keyed on the layer's sketch.
+    Unknown,
+}
+
+/// Rows summed together in `Checked::fires`.
+const FIRES_BLOCK: usize = 64;
+
+/// `Σ |z|` over each `FIRES_BLOCK` rows of `z` `(rows, width)`, `(blocks, width)`.
+fn block_sums(z: &Tensor) -> Result<Tensor> {
+    let rows = z.dim(0)?;
+    let blocks = (0..rows)
+        .step_by(FIRES_BLOCK)
+        .map(|r| {
+            z.narrow(0, r, FIRES_BLOCK.min(rows - r))?
+                .abs()?
+                .sum_keepdim(0)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match blocks.is_empty() {
+        true => Tensor::zeros((0, z.dim(1)?), z.dtype(), z.device()),
+        false => Tensor::cat(&blocks, 0),
+    }
+}
+
+/// `before` then `after`, rows after rows.
+fn joined(before: Option<Tensor>, after: Tensor) -> Result<Tensor> {
+    match before {
+        Some(b) if after.dim(0)? > 0 => Tensor::cat(&[&b, &after], 0),
+        Some(b) => Ok(b),
+        None => Ok(after),
+    }
+}
+
+impl Checked {
+    /// `Σ |z|` on layer `layer` over every row (`Batch::breadth`).
+    pub(super) fn fires(&self, layer: usize) -> Result<Option<Tensor>> {
+        match (self.fires.get(&layer), self.at_target.get(&layer)) {
+            (Some(f), Some(t)) => Ok(Some((f.sum(0)? + t.abs()?.sum(0)?)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Where `patch` on `layer` may act at this case's rows before the tail, from the keys the check
+    /// kept: the very activations the pass's gates scored.
+    pub(super) fn reach(&self, layer: usize, patch: &LayerPatch) -> Result<Reach> {
+        let (Some(gate), Some(keys)) = (patch.gate(), self.keys.get(&layer)) else {
+            return Ok(Reach::Unknown);
+        };
+        if gate.center().is_none() || gate.keys().dim(1)? != keys.dim(1)? {
+            return Ok(Reach::Unknown);
+        }
+        Ok(match gate.first_open(keys, KEYS_MARGIN)? {
+            Some(r) => Reach::From(r),
+            None => Reach::Shut,
+        })
+    }
+}
+
+/// What a check depends on besides the overlay: the case's tokens, the layers from `first` up, and
+/// whether typical rows were sampled.
 #[derive(Debug, PartialEq, Eq)]
 pub(in crate::repair) struct CheckKey {
     pub(super) first: usize,
-    pub(in crate::repair) overlay: u64,
     pub(super) typical: bool,
     pub(super) tokens: Vec<u32>,
 }
@@ -284,6 +357,10 @@ pub(in crate::repair) struct Prepared {
 /// rounds its input as the serving kernels do and agrees with them to about 1e-6; without that
 /// rounding a cosine moved by up to 0.034 (tests/model_packaged.rs), which this margin still covers.
 pub(super) const GATE_MARGIN: f32 = 0.05;
+
+/// The same for a gate scored on a check's own keys: the serving pass's codebook scores them by
+/// another formula (`Codebook::open`), which agrees to rounding.
+const KEYS_MARGIN: f32 = 1e-3;
 
 impl Star<'_> {
     /// STAR's step 1: the cases of `failures` with a failure position under teacher forcing, found
@@ -334,71 +411,161 @@ impl Star<'_> {
     ) -> Result<usize> {
         let mut first = check.prepared.tf.row(0);
         for (l, p) in patches {
-            let (Some(gate), Some(mid)) = (p.gate(), check.mid.get(l)) else {
-                return Ok(0);
+            let opens = match check.reach(*l, p)? {
+                Reach::Shut => None,
+                Reach::From(r) => Some(r),
+                Reach::Unknown => {
+                    let (Some(gate), Some(mid)) = (p.gate(), check.mid.get(l)) else {
+                        return Ok(0);
+                    };
+                    let columns = match gate.center() {
+                        Some(_) => None,
+                        None => Some(Tensor::new(p.columns(), &Device::Cpu)?),
+                    };
+                    let z = batch.dense[l - batch.first].neurons_on(mid, columns.as_ref())?;
+                    gate.first_open(&z, GATE_MARGIN)?
+                }
             };
-            let columns = match gate.center() {
-                Some(_) => None,
-                None => Some(Tensor::new(p.columns(), &Device::Cpu)?),
-            };
-            let z = batch.dense[l - batch.first].neurons_on(mid, columns.as_ref())?;
-            if let Some(r) = gate.first_open(&z, GATE_MARGIN)? {
-                first = first.min(r);
-            }
+            first = first.min(opens.unwrap_or(first));
         }
         Ok(first)
     }
 
     /// `case` checked on the serving model under `live` (the live overlay): from `residuals` when it
     /// was checked under the same overlay already (while it waited, or as a guard of the last repair:
-    /// one repair's guards are mostly the next one's).
+    /// one repair's guards are mostly the next one's), or from its check under an earlier overlay by
+    /// a pass over its tail alone (`recheck`).
     pub(super) fn check(&self, case: &Case, first: usize, live: &PatchSet) -> Result<Arc<Checked>> {
         let prepared = self.prepare(case, first)?;
         let key = CheckKey {
             first,
-            overlay: live.id(),
             typical: self.samples_typical(),
             tokens: prepared.tf.tokens.clone(),
         };
-        if let Some(c) = self.residuals.and_then(|r| r.check(&key)) {
-            return Ok(c);
-        }
-        // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
-        // from the dense copies' by rounding only.
-        let (scored, tail, mut capture) =
-            self.pass_from(&prepared, &Tail::default(), 0, first, live)?;
-        let failing = self.failure_positions(&prepared, &scored.logits)?;
-        let prompt_rows = prepared.tf.row(0);
-        let mid = std::mem::take(&mut capture.mid)
-            .into_iter()
-            .map(|(l, m)| Ok((l, m.narrow(0, 0, prompt_rows)?)))
-            .collect::<Result<_>>()?;
-        let rows: Vec<u32> = (0..prepared.tf.target.len())
-            .map(|i| prepared.tf.row(i) as u32)
-            .collect();
-        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-        let sample = self.typical_rows(&prepared)?;
-        let (mut fires, mut at_target, mut typical) =
-            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        for (l, z) in capture.neurons {
-            fires.insert(l, z.abs()?.sum(0)?);
-            at_target.insert(l, z.index_select(&rows, 0)?);
-            if let Some(idx) = &sample {
-                typical.insert(l, z.index_select(idx, 0)?);
+        let kept = self.residuals.and_then(|r| r.latest(&key));
+        if let Some((set, c)) = &kept {
+            if set.id() == live.id() {
+                return Ok(c.clone());
             }
         }
-        let checked = Arc::new(Checked {
+        let rechecked = match &kept {
+            Some((set, c)) => self.recheck(c, set, first, live)?,
+            None => None,
+        };
+        let checked = Arc::new(match rechecked {
+            Some(c) => c,
+            None => self.check_from(prepared, None, 0, first, live)?,
+        });
+        if let Some(r) = self.residuals {
+            r.keep_check(key, live, checked.clone());
+        }
+        Ok(checked)
+    }
+
+    /// `stale`, a check of the same case under overlay `was`, brought to `live` by a pass from the
+    /// first row where a patch in one of the overlays and not the other may open: before it the two
+    /// passes agree, row by row and layer by layer. None: a whole pass is due.
+    fn recheck(
+        &self,
+        stale: &Checked,
+        was: &PatchSet,
+        first: usize,
+        live: &PatchSet,
+    ) -> Result<Option<Checked>> {
+        let Some(parted) = live.difference(was) else {
+            return Ok(None);
+        };
+        let tail = stale.prepared.tf.row(0);
+        let mut from = tail;
+        for (l, p) in parted {
+            match stale.reach(l, p)? {
+                Reach::Shut => {}
+                Reach::From(r) => from = from.min(r),
+                Reach::Unknown => return Ok(None),
+            }
+        }
+        // Where the kept sums of `|z|` can be taken up.
+        if from < tail {
+            from -= from % FIRES_BLOCK;
+        }
+        tracing::debug!(
+            from,
+            tail,
+            "a check under the new overlay runs from row `from`"
+        );
+        match from {
+            0 => Ok(None),
+            _ => self
+                .check_from(stale.prepared.clone(), Some(stale), from, first, live)
+                .map(Some),
+        }
+    }
+
+    /// A check by a pass of the layers from `first` up over the rows from `from` (0, or the tail's
+    /// first row, or a multiple of `FIRES_BLOCK` before it), what comes before taken from `stale`, a
+    /// check of the case whose pass agrees with this one there.
+    fn check_from(
+        &self,
+        prepared: Prepared,
+        stale: Option<&Checked>,
+        from: usize,
+        first: usize,
+        live: &PatchSet,
+    ) -> Result<Checked> {
+        // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
+        // from the dense copies' by rounding only.
+        let base = stale.map(|s| &s.tail).cloned().unwrap_or_default();
+        let (scored, tail, mut capture) = self.pass_from(&prepared, &base, from, first, live)?;
+        let failing = self.failure_positions(&prepared, &scored.logits)?;
+        let (prompt_rows, targets) = (prepared.tf.row(0), prepared.tf.target.len());
+        let here = prompt_rows - from;
+        let sample: Vec<u32> = match self.typical_rows(&prepared)? {
+            Some(idx) => idx.to_vec1()?,
+            None => Vec::new(),
+        };
+        let (kept_sample, new_sample) =
+            sample.split_at(sample.partition_point(|&r| (r as usize) < from));
+        let new_sample: Vec<u32> = new_sample.iter().map(|&r| r - from as u32).collect();
+        let new_sample = Tensor::new(new_sample.as_slice(), &Device::Cpu)?;
+        let mut mid = std::mem::take(&mut capture.mid);
+        let mut checked = Checked {
             prepared,
             failing,
             scored,
             tail,
-            fires,
-            at_target,
-            typical,
-            mid,
-        });
-        if let Some(r) = self.residuals {
-            r.keep_check(key, checked.clone());
+            fires: BTreeMap::new(),
+            at_target: BTreeMap::new(),
+            typical: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            mid: BTreeMap::new(),
+        };
+        for (l, z) in capture.neurons {
+            // A field's rows kept from `stale`.
+            let before = |field: fn(&Checked) -> &PerLayer<Tensor>, rows: usize| match stale
+                .and_then(|s| field(s).get(&l))
+            {
+                Some(t) if rows > 0 => t.narrow(0, 0, rows).map(Some),
+                _ => Ok(None),
+            };
+            let prompt = z.narrow(0, 0, here)?;
+            checked.at_target.insert(l, z.narrow(0, here, targets)?);
+            let blocks = block_sums(&prompt)?;
+            let kept = before(|s| &s.fires, from.div_ceil(FIRES_BLOCK))?;
+            checked.fires.insert(l, joined(kept, blocks)?);
+            let kept = before(|s| &s.keys, from)?;
+            checked.keys.insert(l, joined(kept, sketch(&prompt)?)?);
+            if !sample.is_empty() {
+                let kept = before(|s| &s.typical, kept_sample.len())?;
+                let typical = match new_sample.dim(0)? {
+                    0 => kept.ok_or_else(|| candle_core::Error::Msg("no typical rows".into()))?,
+                    _ => joined(kept, z.index_select(&new_sample, 0)?)?,
+                };
+                checked.typical.insert(l, typical);
+            }
+            if let Some(m) = mid.remove(&l) {
+                let kept = before(|s| &s.mid, from)?;
+                checked.mid.insert(l, joined(kept, m.narrow(0, 0, here)?)?);
+            }
         }
         Ok(checked)
     }
@@ -416,7 +583,10 @@ impl Star<'_> {
         set: &PatchSet,
     ) -> Result<(Scored, Tail, Capture)> {
         let n_layers = self.model.layers().len();
-        let mut capture = Capture::layers(first..n_layers).with_mid();
+        let mut capture = Capture::layers(first..n_layers);
+        if self.settings.keys == Keys::Columns && self.settings.gate > 0.0 {
+            capture = capture.with_mid();
+        }
         let mut kv: Vec<LayerKv> = match from {
             0 => vec![None; n_layers - first],
             _ => base
