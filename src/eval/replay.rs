@@ -10,9 +10,10 @@
 use crate::capture::{CaseKind, CaseText, Outcome};
 use crate::completion::ContextLimits;
 use crate::learn::{self, Job, Policy, RepairReport};
-use crate::model::{Model, PatchSet};
-use crate::repair::{complete_case, passes, Case, Head, Residuals, Star};
+use crate::model::{KvCache, Model, PatchSet, Prompt, Qwen2, Tokenizer};
+use crate::repair::{greedy_case, passes, teacher_forced, Case, Head, Residuals, Star};
 use crate::store::{NewCase, Store};
+use candle_core::Tensor;
 use serde::Serialize;
 use std::path::Path;
 
@@ -74,6 +75,10 @@ pub struct ReplayReport {
     pub lines: usize,
     pub repairs: usize,
     pub repair_seconds_total: f64,
+    /// Over the repairs, the median of a repair's seconds per failure it took up new.
+    pub repair_seconds_per_failure: f64,
+    /// Every repair, in order.
+    pub repair_log: Vec<RepairRow>,
     /// Entries of the patch memory live at the end (`PatchSet::entries`).
     pub entries_live: usize,
     pub baseline_pass: f64,
@@ -101,6 +106,21 @@ pub struct CurvePoint {
     pub line: usize,
     pub baseline_pass: f64,
     pub repaired_pass: f64,
+}
+
+/// One repair of a replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairRow {
+    /// The line written last before it (1-based).
+    pub line: usize,
+    /// Failures it was given: those no repair had seen, and those earlier ones left unfixed.
+    pub pending: usize,
+    pub new: usize,
+    /// Of those pending, the ones wrong under teacher forcing, and the ones it fixed.
+    pub failing: usize,
+    pub fixed: usize,
+    pub kept: bool,
+    pub seconds: f64,
 }
 
 /// One written line: the two proposals and what the learning model had by then.
@@ -132,17 +152,17 @@ pub fn run(
     let residuals = Residuals::default();
     let mut live = PatchSet::default();
     let mut seen = 0usize; // failures the last repair was given and left unfixed
-    let mut repairs = 0;
-    let mut repair_seconds_total = 0.0;
+    let mut log = Vec::new();
     let mut first_repaired_line = None;
     let mut patches_live = 0;
     let mut rows: Vec<Row> = Vec::with_capacity(targets.len());
+    let first = policy.repair.first_candidate(weights.layers().len());
     for (i, t) in targets.iter().enumerate() {
-        let baseline = complete_case(weights, tok, &t.case, limits, None)?.text;
-        let repaired = if live.is_empty() {
-            baseline.clone()
-        } else {
-            complete_case(weights, tok, &t.case, limits, Some(&live))?.text
+        let line = Written::new(weights, &t.case, tok, limits, first, &residuals)?;
+        let baseline = line.complete(weights, tok, &t.case, None)?;
+        let repaired = match live.is_empty() {
+            true => baseline.clone(),
+            false => line.complete(weights, tok, &t.case, Some(&live))?,
         };
         let right = passes(&repaired, &t.case);
         store.add_case(&written(i, t, &repaired, right))?;
@@ -168,8 +188,15 @@ pub fn run(
             ..Star::new(weights, tok, head, policy.repair)
         };
         let report = repair(&star, store, model_sha, i, policy)?;
-        repairs += 1;
-        repair_seconds_total += report.seconds;
+        log.push(RepairRow {
+            line: i + 1,
+            pending: report.pending,
+            new: report.pending.saturating_sub(seen),
+            failing: report.failures,
+            fixed: report.fixed,
+            kept: report.patch_id.is_some(),
+            seconds: report.seconds,
+        });
         seen = report.unfixed();
         tracing::info!(line = i + 1, ?report, "replay repair");
         if report.patch_id.is_some() {
@@ -180,11 +207,60 @@ pub fn run(
     Ok(summarize(
         targets,
         rows,
-        repairs,
-        repair_seconds_total,
+        log,
         live.entries(),
         first_repaired_line,
     ))
+}
+
+/// A line being written, its case run once through the layers no repair patches: both models
+/// complete it from there, and a repair of it starts from there too (kept in `Residuals`, as the
+/// server's `warm_case` does for each failure it stores, outside the repair's clock).
+struct Written {
+    first: usize,
+    prompt: Prompt,
+    /// The residual entering layer `first` at the prompt and the developer's line.
+    residual: Tensor,
+    /// The keys and values of the layers below `first` along the prompt but its last token.
+    lower: KvCache,
+}
+
+impl Written {
+    fn new(
+        model: &Qwen2,
+        case: &Case,
+        tok: &Tokenizer,
+        limits: ContextLimits,
+        first: usize,
+        residuals: &Residuals,
+    ) -> anyhow::Result<Self> {
+        let tf = teacher_forced(tok, case, limits);
+        let mut lower = model.new_cache();
+        let residual = model.residual_entering(first, &tf.tokens, &mut lower, None)?;
+        residuals.keep(first, &tf.tokens, residual.clone());
+        lower.truncate(tf.prompt_len - 1)?;
+        Ok(Self {
+            first,
+            prompt: tf.prompt,
+            residual,
+            lower,
+        })
+    }
+
+    /// The greedy first line under `patches` (which act from layer `first` up), as `complete_case`
+    /// makes it.
+    fn complete(
+        &self,
+        model: &Qwen2,
+        tok: &Tokenizer,
+        case: &Case,
+        patches: Option<&PatchSet>,
+    ) -> anyhow::Result<String> {
+        let mut cache = self.lower.clone();
+        let residual = self.residual.narrow(0, 0, cache.len())?;
+        model.finish_cache(self.first, &residual, &mut cache, patches)?;
+        Ok(greedy_case(model, tok, case, &self.prompt, &mut cache, patches)?.text)
+    }
 }
 
 /// Line `i` as the server stores it: a guard when the learning model proposed the developer's line
@@ -240,8 +316,7 @@ fn repair(
 fn summarize(
     targets: &[Target],
     rows: Vec<Row>,
-    repairs: usize,
-    repair_seconds_total: f64,
+    repair_log: Vec<RepairRow>,
     entries_live: usize,
     first_repaired_line: Option<usize>,
 ) -> ReplayReport {
@@ -269,12 +344,22 @@ fn summarize(
         .map(|t| t.file.as_str())
         .collect::<std::collections::BTreeSet<_>>()
         .len();
+    let mut per_failure: Vec<f64> = repair_log
+        .iter()
+        .map(|r| r.seconds / r.new.max(1) as f64)
+        .collect();
+    per_failure.sort_by(f64::total_cmp);
     ReplayReport {
         model: String::new(),
         files,
         lines: n,
-        repairs,
-        repair_seconds_total,
+        repairs: repair_log.len(),
+        repair_seconds_total: repair_log.iter().map(|r| r.seconds).sum(),
+        repair_seconds_per_failure: per_failure
+            .get(per_failure.len() / 2)
+            .copied()
+            .unwrap_or(0.0),
+        repair_log,
         entries_live,
         baseline_pass: share(count(&right, |r| r.0), n),
         repaired_pass: share(count(&right, |r| r.1), n),
@@ -296,13 +381,14 @@ impl ReplayReport {
     pub fn summary(&self) -> String {
         let a = &self.after_first_repair;
         format!(
-            "{} lines of {} files, {} repairs ({:.1} s), {} patches live at the end\n\
+            "{} lines of {} files, {} repairs ({:.1} s, median {:.2} s a new failure), {} entries live at the end\n\
              exact: unpatched {:.3}, learning {:.3}\n\
              after the first repair (line {}): {} lines, unpatched {:.3}, learning {:.3}, gained {}, lost {}\n",
             self.lines,
             self.files,
             self.repairs,
             self.repair_seconds_total,
+            self.repair_seconds_per_failure,
             self.entries_live,
             self.baseline_pass,
             self.repaired_pass,
