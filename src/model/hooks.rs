@@ -531,3 +531,53 @@ impl PatchSet {
         NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(columns: &[u32], seed: f32) -> LayerPatch {
+        let delta = Tensor::full(seed, (4, columns.len()), &Device::Cpu).unwrap();
+        LayerPatch::new(columns.to_vec(), delta).unwrap()
+    }
+
+    fn gated(columns: &[u32], seed: f32) -> LayerPatch {
+        let keys = Tensor::ones((1, columns.len()), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let gate = Gate::on_columns(&keys, 0.5).unwrap();
+        patch(columns, seed).gated(Some(gate))
+    }
+
+    fn layers(d: Option<Vec<(usize, &LayerPatch)>>) -> Option<Vec<usize>> {
+        d.map(|v| v.into_iter().map(|(l, _)| l).collect())
+    }
+
+    #[test]
+    fn two_sets_differ_by_the_gated_patches_only_one_holds() {
+        let (a, b) = (gated(&[0], 1.0).named("p1"), gated(&[1], 2.0).named("p2"));
+        let one = PatchSet::default().with(0, a).unwrap();
+        let two = one.with(1, b.clone()).unwrap();
+        assert_eq!(layers(two.difference(&one)), Some(vec![1]));
+        assert_eq!(layers(one.difference(&two)), Some(vec![1]));
+        // A set built again from the ledger: the same patches by name, new tensors.
+        let again = PatchSet::default()
+            .with(0, gated(&[0], 1.0).named("p1"))
+            .unwrap()
+            .with(1, b)
+            .unwrap();
+        assert_eq!(layers(again.difference(&two)), Some(vec![]));
+        // Unnamed patches are the same one by their delta's storage: a clone's, not an equal copy's.
+        let c = gated(&[2], 3.0);
+        let (x, y) = (
+            PatchSet::default().with(0, c.clone()).unwrap(),
+            PatchSet::default().with(0, c).unwrap(),
+        );
+        assert_eq!(layers(x.difference(&y)), Some(vec![]));
+        let copy = PatchSet::default().with(0, gated(&[2], 3.0)).unwrap();
+        assert_eq!(layers(x.difference(&copy)), Some(vec![0, 0]));
+        // A patch acting everywhere parts every row.
+        assert_eq!(
+            layers(one.with(2, patch(&[3], 1.0)).unwrap().difference(&one)),
+            None
+        );
+    }
+}
