@@ -637,11 +637,11 @@ fn checks_are_kept_while_the_overlay_stays() {
             .expect("a row unlike those before it");
         let value = Tensor::randn(0f32, 30.0, (hidden, 1), &Device::Cpu).unwrap();
         let keyed = star_ls::model::LayerPatch::values(value, gate).unwrap();
-        let delta = Tensor::randn(0f32, 0.5, (hidden, 2), &Device::Cpu).unwrap();
-        let everywhere = star_ls::model::LayerPatch::new(vec![2, 4], delta).unwrap();
         for live in [
             PatchSet::default().with(layer, keyed).unwrap(),
-            PatchSet::default().with(layer, everywhere).unwrap(),
+            PatchSet::default()
+                .with(layer, everywhere_patch(&m))
+                .unwrap(),
         ] {
             let patched = |residuals| Star {
                 live: Some(&live),
@@ -659,12 +659,22 @@ fn checks_are_kept_while_the_overlay_stays() {
         3,
         "each case's check in place of its old one"
     );
-    let live = PatchSet::default();
+    let live = PatchSet::default()
+        .with(layer, everywhere_patch(&m))
+        .unwrap();
+    assert_ne!(live.id(), PatchSet::default().id());
     assert_eq!(
         live.clone().id(),
         live.id(),
         "a clone names the same contents"
     );
+}
+
+/// Two random columns of layer 0 acting everywhere.
+fn everywhere_patch(m: &Model) -> star_ls::model::LayerPatch {
+    let hidden = m.weights.config().hidden_size;
+    let delta = Tensor::randn(0f32, 0.5, (hidden, 2), &Device::Cpu).unwrap();
+    star_ls::model::LayerPatch::new(vec![2, 4], delta).unwrap()
 }
 
 /// Code before a case's function, for a prompt of more than 64 rows.

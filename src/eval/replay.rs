@@ -158,6 +158,11 @@ pub fn run(
     let mut rows: Vec<Row> = Vec::with_capacity(targets.len());
     let first = policy.repair.first_candidate(weights.layers().len());
     for (i, t) in targets.iter().enumerate() {
+        if (0..first).any(|l| live.touches(l)) {
+            anyhow::bail!(
+                "a patch below layer {first}: the lines' frozen layers would not be frozen"
+            );
+        }
         let line = Written::new(weights, &t.case, tok, limits, first, &residuals)?;
         let baseline = line.complete(weights, tok, &t.case, None)?;
         let repaired = match live.is_empty() {
@@ -349,16 +354,18 @@ fn summarize(
         .map(|r| r.seconds / r.new.max(1) as f64)
         .collect();
     per_failure.sort_by(f64::total_cmp);
+    let median = match per_failure.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => per_failure[n / 2],
+        n => (per_failure[n / 2 - 1] + per_failure[n / 2]) / 2.0,
+    };
     ReplayReport {
         model: String::new(),
         files,
         lines: n,
         repairs: repair_log.len(),
         repair_seconds_total: repair_log.iter().map(|r| r.seconds).sum(),
-        repair_seconds_per_failure: per_failure
-            .get(per_failure.len() / 2)
-            .copied()
-            .unwrap_or(0.0),
+        repair_seconds_per_failure: median,
         repair_log,
         entries_live,
         baseline_pass: share(count(&right, |r| r.0), n),

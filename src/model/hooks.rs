@@ -2,7 +2,7 @@
 //! capture of `down_proj` inputs and residual streams, MLP occlusion, and the patch overlay.
 
 use super::memory::{Codebook, Gate};
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor, TensorId};
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
@@ -308,6 +308,50 @@ impl LayerPatch {
     }
 }
 
+/// A patch set's contents by name (`PatchSet::outline`): what a result computed under it was
+/// computed under, kept without its values.
+#[derive(Debug, Clone)]
+pub struct Outline {
+    id: u64,
+    /// Per layer, the merged ungated patch's delta.
+    summed: Vec<(usize, TensorId)>,
+    gated: Vec<PatchKey>,
+}
+
+impl Outline {
+    /// The outlined set's `PatchSet::id`.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// Which patch on which layer: a ledger's patch by its name (a set built again from the ledger holds
+/// new tensors), another by its tensors (a clone shares them).
+#[derive(Debug, Clone, PartialEq)]
+enum PatchKey {
+    Named(usize, Arc<str>),
+    Unnamed {
+        layer: usize,
+        delta: TensorId,
+        keys: Option<TensorId>,
+        scoped: bool,
+    },
+}
+
+impl PatchKey {
+    fn of((layer, p): &(usize, LayerPatch)) -> Self {
+        match &p.name {
+            Some(name) => Self::Named(*layer, name.clone()),
+            None => Self::Unnamed {
+                layer: *layer,
+                delta: p.delta.id(),
+                keys: p.gate.as_ref().map(|g| g.keys().id()),
+                scoped: p.rows.is_some(),
+            },
+        }
+    }
+}
+
 /// A codebook and the indices in `PatchSet::gated` of its gates' patches.
 type Books = (Codebook, Vec<usize>);
 
@@ -466,40 +510,31 @@ impl PatchSet {
             .chain(self.gated.iter().map(|(l, p)| (*l, p)))
     }
 
-    /// The gated patches in one of `self` and `other` and not in both: wherever all of them stay
-    /// shut, a pass under either set computes the same. None when their ungated parts differ (those
-    /// act everywhere). A patch is the same one by its ledger name, else by its delta's storage (a
-    /// clone's).
-    pub fn difference<'s>(&'s self, other: &'s Self) -> Option<Vec<(usize, &'s LayerPatch)>> {
-        let same_summed = self.layers.len() == other.layers.len()
-            && self
-                .layers
-                .iter()
-                .zip(&other.layers)
-                .all(|((l, p), (m, q))| {
-                    l == m && p.delta.id() == q.delta.id() && p.columns == q.columns
-                });
-        if !same_summed {
+    /// What names its contents without holding them, for `added_since`.
+    pub fn outline(&self) -> Outline {
+        Outline {
+            id: self.id,
+            summed: self.summed().map(|(l, p)| (l, p.delta.id())).collect(),
+            gated: self.gated.iter().map(PatchKey::of).collect(),
+        }
+    }
+
+    /// The gated patches this set holds and the set `was` outlines does not: wherever all of them
+    /// stay shut, a pass under either set computes the same. None when that cannot be said: their
+    /// ungated parts differ (those act everywhere), or `was` held a patch this set does not.
+    pub fn added_since(&self, was: &Outline) -> Option<Vec<(usize, &LayerPatch)>> {
+        let summed: Vec<_> = self.summed().map(|(l, p)| (l, p.delta.id())).collect();
+        let keys: Vec<PatchKey> = self.gated.iter().map(PatchKey::of).collect();
+        if summed != was.summed || !was.gated.iter().all(|k| keys.contains(k)) {
             return None;
         }
-        let identity = |(l, p): &(usize, LayerPatch)| (*l, p.name.clone(), p.delta.id());
-        let same = |a: &(usize, LayerPatch), b: &(usize, LayerPatch)| {
-            let (a, b) = (identity(a), identity(b));
-            a.0 == b.0
-                && if a.1.is_some() {
-                    a.1 == b.1
-                } else {
-                    a.2 == b.2
-                }
-        };
-        let only_in = |a: &'s Self, b: &'s Self| {
-            a.gated
-                .iter()
-                .filter(|p| !b.gated.iter().any(|q| same(p, q)))
-                .map(|(l, p)| (*l, p))
-                .collect::<Vec<_>>()
-        };
-        Some([only_in(self, other), only_in(other, self)].concat())
+        let added = self.gated.iter().zip(&keys);
+        Some(
+            added
+                .filter(|(_, k)| !was.gated.contains(k))
+                .map(|((l, p), _)| (*l, p))
+                .collect(),
+        )
     }
 
     /// Its entries over every layer (`LayerPatch::entries`).
@@ -552,32 +587,35 @@ mod tests {
     }
 
     #[test]
-    fn two_sets_differ_by_the_gated_patches_only_one_holds() {
+    fn a_set_tells_the_gated_patches_added_since_another() {
         let (a, b) = (gated(&[0], 1.0).named("p1"), gated(&[1], 2.0).named("p2"));
         let one = PatchSet::default().with(0, a).unwrap();
         let two = one.with(1, b.clone()).unwrap();
-        assert_eq!(layers(two.difference(&one)), Some(vec![1]));
-        assert_eq!(layers(one.difference(&two)), Some(vec![1]));
+        assert_eq!(layers(two.added_since(&one.outline())), Some(vec![1]));
+        assert_eq!(layers(one.added_since(&two.outline())), None, "p2 went");
         // A set built again from the ledger: the same patches by name, new tensors.
         let again = PatchSet::default()
             .with(0, gated(&[0], 1.0).named("p1"))
             .unwrap()
             .with(1, b)
             .unwrap();
-        assert_eq!(layers(again.difference(&two)), Some(vec![]));
-        // Unnamed patches are the same one by their delta's storage: a clone's, not an equal copy's.
+        assert_eq!(layers(again.added_since(&two.outline())), Some(vec![]));
+        // Unnamed patches are the same one by their tensors: a clone's, not an equal copy's, nor
+        // the same delta under another gate or unnamed.
         let c = gated(&[2], 3.0);
-        let (x, y) = (
-            PatchSet::default().with(0, c.clone()).unwrap(),
-            PatchSet::default().with(0, c).unwrap(),
-        );
-        assert_eq!(layers(x.difference(&y)), Some(vec![]));
-        let copy = PatchSet::default().with(0, gated(&[2], 3.0)).unwrap();
-        assert_eq!(layers(x.difference(&copy)), Some(vec![0, 0]));
+        let x = PatchSet::default().with(0, c.clone()).unwrap();
+        let y = PatchSet::default().with(0, c.clone()).unwrap();
+        assert_eq!(layers(y.added_since(&x.outline())), Some(vec![]));
+        for other in [
+            gated(&[2], 3.0),
+            c.clone().gated(gated(&[2], 0.0).gate),
+            c.clone().named("p3"),
+        ] {
+            let z = PatchSet::default().with(0, other).unwrap();
+            assert_eq!(layers(z.added_since(&x.outline())), None);
+        }
         // A patch acting everywhere parts every row.
-        assert_eq!(
-            layers(one.with(2, patch(&[3], 1.0)).unwrap().difference(&one)),
-            None
-        );
+        let everywhere = one.with(2, patch(&[3], 1.0)).unwrap();
+        assert_eq!(layers(everywhere.added_since(&one.outline())), None);
     }
 }

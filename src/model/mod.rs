@@ -15,7 +15,7 @@ mod tokenizer;
 
 pub use generate::{generate, Cancel, GenerateParams, Generation, Prompt, StopAt};
 pub use gguf::GgufFile;
-pub use hooks::{Capture, Fired, FiredEntries, Hooks, LayerPatch, PatchSet};
+pub use hooks::{Capture, Fired, FiredEntries, Hooks, LayerPatch, Outline, PatchSet};
 pub use kv::{kv_positions, KvCache, LayerKv};
 pub use linear::{Linear, LoadOptions};
 pub use memory::Gate;

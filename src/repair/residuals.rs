@@ -7,7 +7,7 @@
 //! the next overlay starts.
 
 use super::star::{CheckKey, Checked};
-use crate::model::{PatchSet, Qwen2};
+use crate::model::{Outline, PatchSet, Qwen2};
 use candle_core::{Result, Tensor};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -21,13 +21,15 @@ pub struct Residuals {
     checks: Mutex<VecDeque<Kept>>,
 }
 
-/// A check and the overlay it was made under: under another overlay it is stale, but a new check of
-/// its case can start from it (`Star::check`).
-type Kept = (CheckKey, PatchSet, Arc<Checked>);
+/// A check and the outline of the overlay it was made under: under another overlay it is stale, but
+/// a new check of its case can start from it (`Star::check`). The outline holds no patch's values, so
+/// a stale check keeps no old overlay in memory.
+type Kept = (CheckKey, Outline, Arc<Checked>);
 
 /// Checks kept: a repair's guards and failures (eval gives 8 of each) and room for a few more. One
-/// holds about 22 MB for a 300-token case of the default model with ten target tokens: its typical
-/// rows, the logits of its target rows, and the residual at its prompt rows in each candidate layer.
+/// holds about 19 MB for a 300-token case of the default model with ten target tokens: its typical
+/// rows and the logits of its target rows (most of it), then the residual entering the candidate
+/// layers, their keys and values and their activations in the key space at its prompt rows.
 const CHECKS_KEPT: usize = 24;
 
 /// The residual entering `layer` for `tokens`.
@@ -63,7 +65,7 @@ impl Residuals {
 
     /// The newest check kept of `key`'s case, with the overlay it was made under, now the most
     /// recently used (guards asked for by every repair outlive the failures of one).
-    pub(super) fn latest(&self, key: &CheckKey) -> Option<(PatchSet, Arc<Checked>)> {
+    pub(super) fn latest(&self, key: &CheckKey) -> Option<(Outline, Arc<Checked>)> {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         let at = checks.iter().position(|(k, _, _)| k == key)?;
         let kept = checks.remove(at)?;
@@ -76,7 +78,7 @@ impl Residuals {
     pub(super) fn keep_check(&self, key: CheckKey, set: &PatchSet, checked: Arc<Checked>) {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         checks.retain(|(k, _, _)| *k != key);
-        checks.push_front((key, set.clone(), checked));
+        checks.push_front((key, set.outline(), checked));
         checks.truncate(CHECKS_KEPT);
     }
 

@@ -4,7 +4,7 @@
 use super::score::Scored;
 use super::{PerLayer, Star};
 use crate::model::memory::sketch;
-use crate::model::{Capture, DecoderLayer, Hooks, LayerKv, LayerPatch, PatchSet};
+use crate::model::{Capture, DecoderLayer, Hooks, LayerKv, LayerPatch, Outline, PatchSet};
 use crate::repair::targets::{teacher_forced, Case, TeacherForced};
 use crate::repair::Keys;
 use candle_core::{Device, Result, Tensor};
@@ -245,8 +245,9 @@ impl From<Vec<(usize, LayerPatch)>> for Patched {
     }
 }
 
-/// A case checked on the serving model under the live overlay, before any repair: one whole pass of
-/// the candidate layers, and what a repair takes from it, as a failure (its failure positions,
+/// A case checked on the serving model under the live overlay, before any repair: a pass of the
+/// candidate layers (whole, or from where the last check's overlay and this one part), and what a
+/// repair takes from it, as a failure (its failure positions,
 /// scoring, tail, how broadly each neuron fired) or as a guard (the neuron activations at its target
 /// rows, for the guard projection). Both take its activations at sampled prompt rows, for `preserve`.
 #[derive(Debug)]
@@ -336,11 +337,12 @@ impl Checked {
 }
 
 /// What a check depends on besides the overlay: the case's tokens, the layers from `first` up, and
-/// whether typical rows were sampled.
+/// what it records (typical rows, `mid`).
 #[derive(Debug, PartialEq, Eq)]
 pub(in crate::repair) struct CheckKey {
     pub(super) first: usize,
     pub(super) typical: bool,
+    pub(super) mid: bool,
     pub(super) tokens: Vec<u32>,
 }
 
@@ -364,7 +366,7 @@ const KEYS_MARGIN: f32 = 1e-3;
 
 impl Star<'_> {
     /// STAR's step 1: the cases of `failures` with a failure position under teacher forcing, found
-    /// by a whole pass of the serving layers under `live` (no gradient flows through it), unless
+    /// by a pass of the serving layers under `live` (no gradient flows through it; `check`), unless
     /// they were checked under it while they waited (`warm`). `None` when none fails.
     pub(super) fn batch(&self, failures: &[Case], live: &PatchSet) -> Result<Option<Batch>> {
         let first = self.first_candidate();
@@ -385,8 +387,7 @@ impl Star<'_> {
 
     /// A case run once through the serving model's frozen lower layers (with the live overlay): its
     /// teacher-forced tokens and the residual entering layer `first` at each of them.
-    pub(super) fn prepare(&self, case: &Case, first: usize) -> Result<Prepared> {
-        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
+    pub(super) fn prepare(&self, tf: TeacherForced, first: usize) -> Result<Prepared> {
         let residual = match self.residuals {
             Some(r) => r.entering(self.model, first, &tf.tokens, self.live)?,
             None => self.model.residual_entering(
@@ -434,55 +435,59 @@ impl Star<'_> {
     /// `case` checked on the serving model under `live` (the live overlay): from `residuals` when it
     /// was checked under the same overlay already (while it waited, or as a guard of the last repair:
     /// one repair's guards are mostly the next one's), or from its check under an earlier overlay by
-    /// a pass over its tail alone (`recheck`).
+    /// a pass from the first row the overlays' gates part at (`recheck`).
     pub(super) fn check(&self, case: &Case, first: usize, live: &PatchSet) -> Result<Arc<Checked>> {
-        let prepared = self.prepare(case, first)?;
+        let tf = teacher_forced(self.tokenizer, case, self.settings.context);
         let key = CheckKey {
             first,
             typical: self.samples_typical(),
-            tokens: prepared.tf.tokens.clone(),
+            mid: self.records_mid(),
+            tokens: tf.tokens.clone(),
         };
         let kept = self.residuals.and_then(|r| r.latest(&key));
-        if let Some((set, c)) = &kept {
-            if set.id() == live.id() {
+        if let Some((was, c)) = &kept {
+            if was.id() == live.id() {
                 return Ok(c.clone());
             }
         }
         let rechecked = match &kept {
-            Some((set, c)) => self.recheck(c, set, first, live)?,
+            Some((was, c)) => self.recheck(c, was, first, live)?,
             None => None,
         };
-        let checked = Arc::new(match rechecked {
+        let checked = match rechecked {
             Some(c) => c,
-            None => self.check_from(prepared, None, 0, first, live)?,
-        });
+            None => Arc::new(self.check_from(self.prepare(tf, first)?, None, 0, first, live)?),
+        };
         if let Some(r) = self.residuals {
             r.keep_check(key, live, checked.clone());
         }
         Ok(checked)
     }
 
-    /// `stale`, a check of the same case under overlay `was`, brought to `live` by a pass from the
-    /// first row where a patch in one of the overlays and not the other may open: before it the two
-    /// passes agree, row by row and layer by layer. None: a whole pass is due.
+    /// `stale`, a check of the same case under the overlay `was` outlines, brought to `live` by a
+    /// pass from the first row where a patch `live` added may open: before it the two passes agree,
+    /// row by row and layer by layer. None: a whole pass is due.
     fn recheck(
         &self,
-        stale: &Checked,
-        was: &PatchSet,
+        stale: &Arc<Checked>,
+        was: &Outline,
         first: usize,
         live: &PatchSet,
-    ) -> Result<Option<Checked>> {
-        let Some(parted) = live.difference(was) else {
+    ) -> Result<Option<Arc<Checked>>> {
+        let Some(added) = live.added_since(was) else {
             return Ok(None);
         };
         let tail = stale.prepared.tf.row(0);
         let mut from = tail;
-        for (l, p) in parted {
-            match stale.reach(l, p)? {
+        for (l, p) in &added {
+            match stale.reach(*l, p)? {
                 Reach::Shut => {}
                 Reach::From(r) => from = from.min(r),
                 Reach::Unknown => return Ok(None),
             }
+        }
+        if added.is_empty() {
+            return Ok(Some(stale.clone()));
         }
         // Where the kept sums of `|z|` can be taken up.
         if from < tail {
@@ -497,7 +502,7 @@ impl Star<'_> {
             0 => Ok(None),
             _ => self
                 .check_from(stale.prepared.clone(), Some(stale), from, first, live)
-                .map(Some),
+                .map(|c| Some(Arc::new(c))),
         }
     }
 
@@ -584,7 +589,7 @@ impl Star<'_> {
     ) -> Result<(Scored, Tail, Capture)> {
         let n_layers = self.model.layers().len();
         let mut capture = Capture::layers(first..n_layers);
-        if self.settings.keys == Keys::Columns && self.settings.gate > 0.0 {
+        if self.records_mid() {
             capture = capture.with_mid();
         }
         let mut kv: Vec<LayerKv> = match from {
@@ -616,6 +621,11 @@ impl Star<'_> {
             .remove(0);
         let tail = Tail::split(case, &mut capture, kv, first..n_layers, from)?;
         Ok((scored, tail, capture))
+    }
+
+    /// Whether checks record `Checked::mid`: for the gates keyed on columns these settings solve.
+    fn records_mid(&self) -> bool {
+        self.settings.keys == Keys::Columns && self.settings.gate > 0.0
     }
 
     /// Whether checks sample typical rows: for `preserve`, and for gates keyed on the layer (their

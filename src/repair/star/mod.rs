@@ -144,8 +144,9 @@ impl<'a> Star<'a> {
     }
 
     /// Checks `cases` (failures pending, or guards) under the live overlay and keeps the checks in
-    /// `residuals` until the overlay changes: what a repair of or against them would run before it
-    /// starts, paid before it. The server does it while they wait, eval before a repair's clock.
+    /// `residuals`, where checks under later overlays start from them: what a repair of or against
+    /// them would run before it starts, paid before it. The server does it while they wait, eval
+    /// before a repair's clock.
     pub fn warm(&self, cases: &[Case]) -> Result<()> {
         let live = self.served(&[])?;
         for c in cases {
