@@ -523,12 +523,11 @@ impl PatchSet {
     /// stay shut, a pass under either set computes the same. None when that cannot be said: their
     /// ungated parts differ (those act everywhere), or `was` held a patch this set does not.
     pub fn added_since(&self, was: &Outline) -> Option<Vec<(usize, &LayerPatch)>> {
-        let summed: Vec<_> = self.summed().map(|(l, p)| (l, p.delta.id())).collect();
-        let keys: Vec<PatchKey> = self.gated.iter().map(PatchKey::of).collect();
-        if summed != was.summed || !was.gated.iter().all(|k| keys.contains(k)) {
+        let now = self.outline();
+        if now.summed != was.summed || !was.gated.iter().all(|k| now.gated.contains(k)) {
             return None;
         }
-        let added = self.gated.iter().zip(&keys);
+        let added = self.gated.iter().zip(&now.gated);
         Some(
             added
                 .filter(|(_, k)| !was.gated.contains(k))

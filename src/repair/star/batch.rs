@@ -97,15 +97,17 @@ impl Batch {
         let (mut breadth, mut rows): (PerLayer<Tensor>, usize) = (BTreeMap::new(), 0);
         let mut typical: PerLayer<Vec<Tensor>> = BTreeMap::new();
         for checked in &checks {
-            for &l in checked.fires.keys() {
-                let Some(fires) = checked.fires(l)? else {
-                    continue;
+            for (l, blocks) in &checked.fires {
+                // Over every row: the prompt's blocks and the target rows.
+                let Some(at_target) = checked.at_target.get(l) else {
+                    candle_core::bail!("a check without target rows on layer {l}");
                 };
-                let fires = match breadth.remove(&l) {
+                let fires = (blocks.sum(0)? + at_target.abs()?.sum(0)?)?;
+                let fires = match breadth.remove(l) {
                     Some(t) => (t + fires)?,
                     None => fires,
                 };
-                breadth.insert(l, fires);
+                breadth.insert(*l, fires);
             }
             for (l, t) in &checked.typical {
                 typical.entry(*l).or_default().push(t.clone());
@@ -312,14 +314,6 @@ fn joined(before: Option<Tensor>, after: Tensor) -> Result<Tensor> {
 }
 
 impl Checked {
-    /// `Σ |z|` on layer `layer` over every row (`Batch::breadth`).
-    pub(super) fn fires(&self, layer: usize) -> Result<Option<Tensor>> {
-        match (self.fires.get(&layer), self.at_target.get(&layer)) {
-            (Some(f), Some(t)) => Ok(Some((f.sum(0)? + t.abs()?.sum(0)?)?)),
-            _ => Ok(None),
-        }
-    }
-
     /// Where `patch` on `layer` may act at this case's rows before the tail, from the keys the check
     /// kept: the very activations the pass's gates scored.
     pub(super) fn reach(&self, layer: usize, patch: &LayerPatch) -> Result<Reach> {
@@ -477,6 +471,9 @@ impl Star<'_> {
         let Some(added) = live.added_since(was) else {
             return Ok(None);
         };
+        if added.is_empty() {
+            return Ok(Some(stale.clone()));
+        }
         let tail = stale.prepared.tf.row(0);
         let mut from = tail;
         for (l, p) in &added {
@@ -485,9 +482,6 @@ impl Star<'_> {
                 Reach::From(r) => from = from.min(r),
                 Reach::Unknown => return Ok(None),
             }
-        }
-        if added.is_empty() {
-            return Ok(Some(stale.clone()));
         }
         // Where the kept sums of `|z|` can be taken up.
         if from < tail {
@@ -519,8 +513,9 @@ impl Star<'_> {
     ) -> Result<Checked> {
         // This pass gives the activations STAR keeps its patch off: the serving layers' `z` differs
         // from the dense copies' by rounding only.
-        let base = stale.map(|s| &s.tail).cloned().unwrap_or_default();
-        let (scored, tail, mut capture) = self.pass_from(&prepared, &base, from, first, live)?;
+        let whole = Tail::default();
+        let base = stale.map_or(&whole, |s| &s.tail);
+        let (scored, tail, mut capture) = self.pass_from(&prepared, base, from, first, live)?;
         let failing = self.failure_positions(&prepared, &scored.logits)?;
         let (prompt_rows, targets) = (prepared.tf.row(0), prepared.tf.target.len());
         let here = prompt_rows - from;
