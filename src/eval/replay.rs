@@ -158,11 +158,6 @@ pub fn run(
     let mut rows: Vec<Row> = Vec::with_capacity(targets.len());
     let first = policy.repair.first_candidate(weights.layers().len());
     for (i, t) in targets.iter().enumerate() {
-        if (0..first).any(|l| live.touches(l)) {
-            anyhow::bail!(
-                "a patch below layer {first}: the lines' frozen layers would not be frozen"
-            );
-        }
         let line = Written::new(weights, &t.case, tok, limits, first, &residuals)?;
         let baseline = line.complete(weights, tok, &t.case, None)?;
         let repaired = match live.is_empty() {
@@ -206,6 +201,11 @@ pub fn run(
         tracing::info!(line = i + 1, ?report, "replay repair");
         if report.patch_id.is_some() {
             (live, patches_live) = learn::serving(store, model_sha, weights.config())?;
+            if (0..first).any(|l| live.touches(l)) {
+                anyhow::bail!(
+                    "a patch below layer {first}: the lines' frozen layers would not be frozen"
+                );
+            }
             first_repaired_line.get_or_insert(i + 1);
         }
     }
