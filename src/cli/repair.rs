@@ -12,11 +12,11 @@ use star_ls::repair::{
     complete_case, passes, teacher_forced, Case, Head, Method, RepairOutcome, RepairSettings, Star,
 };
 use star_ls::store::Adapter;
+use std::io::BufRead;
+use std::path::Path;
 
 /// The settings whose patches a LoRA adapter serves exactly.
 const COLUMNS: &str = r#"--repair-settings '{"patch": "columns", "gate": 0}'"#;
-use std::io::BufRead;
-use std::path::Path;
 
 pub fn read_cases(path: &Path) -> anyhow::Result<Vec<Case>> {
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
