@@ -107,9 +107,12 @@ pub struct RepairReport {
 
 impl RepairReport {
     /// The failures it was given and did not fix: they stay pending, and the scheduler counts new
-    /// ones past them.
+    /// ones past them. A refused patch fixed none (`fixed` still says what it would have fixed).
     pub fn unfixed(&self) -> usize {
-        self.pending.saturating_sub(self.fixed)
+        match self.refused {
+            Some(_) => self.pending,
+            None => self.pending.saturating_sub(self.fixed),
+        }
     }
 }
 
@@ -329,4 +332,25 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RepairReport;
+
+    #[test]
+    fn a_refused_patch_leaves_every_failure_pending() {
+        let kept = RepairReport {
+            pending: 4,
+            failures: 4,
+            fixed: 3,
+            ..RepairReport::default()
+        };
+        assert_eq!(kept.unfixed(), 1);
+        let refused = RepairReport {
+            refused: Some("the patch lowers the guard pass rate from 1.00 to 0.75".into()),
+            ..kept
+        };
+        assert_eq!(refused.unfixed(), 4);
+    }
 }
