@@ -249,9 +249,9 @@ impl From<Vec<(usize, LayerPatch)>> for Patched {
 
 /// A case checked on the serving model under the live overlay, before any repair: a pass of the
 /// candidate layers (whole, or from where the last check's overlay and this one part), and what a
-/// repair takes from it, as a failure (its failure positions,
-/// scoring, tail, how broadly each neuron fired) or as a guard (the neuron activations at its target
-/// rows, for the guard projection). Both take its activations at sampled prompt rows, for `preserve`.
+/// repair takes from it, as a failure (its failure positions, scoring, tail, how broadly each neuron
+/// fired) or as a guard (the neuron activations at its target rows, for the guard projection). Both
+/// take its activations at sampled prompt rows, for `preserve`.
 #[derive(Debug)]
 pub(in crate::repair) struct Checked {
     pub(super) prepared: Prepared,
