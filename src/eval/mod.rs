@@ -12,7 +12,8 @@ mod rss;
 
 use probe::Probe;
 pub use report::{
-    Changed, CumulativePoint, MethodReport, RepairRecord, Report, Served, ServedShares, Status,
+    median, Changed, CumulativePoint, MethodReport, RepairRecord, Report, Served, ServedShares,
+    Status,
 };
 
 use crate::model::{KvCache, Model, PatchSet, Qwen2, Tokenizer};

@@ -349,23 +349,17 @@ fn summarize(
         .map(|t| t.file.as_str())
         .collect::<std::collections::BTreeSet<_>>()
         .len();
-    let mut per_failure: Vec<f64> = repair_log
+    let per_failure = repair_log
         .iter()
         .map(|r| r.seconds / r.new.max(1) as f64)
         .collect();
-    per_failure.sort_by(f64::total_cmp);
-    let median = match per_failure.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => per_failure[n / 2],
-        n => (per_failure[n / 2 - 1] + per_failure[n / 2]) / 2.0,
-    };
     ReplayReport {
         model: String::new(),
         files,
         lines: n,
         repairs: repair_log.len(),
         repair_seconds_total: repair_log.iter().map(|r| r.seconds).sum(),
-        repair_seconds_per_failure: median,
+        repair_seconds_per_failure: super::median(per_failure).unwrap_or(0.0),
         repair_log,
         entries_live,
         baseline_pass: share(count(&right, |r| r.0), n),

@@ -256,3 +256,26 @@ impl Report {
         }
     }
 }
+
+/// The median of `xs`, the mean of the middle two for an even count; None when there are none.
+pub fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    match xs.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(xs[m]),
+        _ => Some((xs[m - 1] + xs[m]) / 2.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_middle_twos_mean() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+}

@@ -225,16 +225,6 @@ fn machine(load_start: Option<f64>, load_end: Option<f64>) -> Machine {
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let m = xs.len() / 2;
-    match xs.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => xs[m],
-        _ => (xs[m - 1] + xs[m]) / 2.0,
-    }
-}
-
 /// Nearest-rank percentile (p95 of 20 samples is the 19th smallest).
 fn percentile(xs: &[f64], p: f64) -> f64 {
     let mut s = xs.to_vec();
@@ -256,8 +246,6 @@ mod tests {
 
     #[test]
     fn order_statistics() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         let xs: Vec<f64> = (1..=20).map(f64::from).collect();
         assert_eq!(percentile(&xs, 50.0), 10.0);
         assert_eq!(percentile(&xs, 95.0), 19.0);

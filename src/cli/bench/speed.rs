@@ -1,7 +1,8 @@
 //! Prefill and decode throughput from an empty cache, and a cold completion's wall time.
 
-use super::{median, COLD_DECODE, COLD_PROMPT, DECODE, DOCUMENT};
+use super::{COLD_DECODE, COLD_PROMPT, DECODE, DOCUMENT};
 use anyhow::{bail, Result};
+use star_ls::eval::median;
 use star_ls::model::{generate::argmax, GenerateParams, Hooks, KvCache, Model, PatchSet, Qwen2};
 use std::time::Instant;
 
@@ -64,8 +65,8 @@ pub(super) fn bench_speeds(
         .zip(decode)
         .zip(tokens)
         .map(|((p, d), tokens)| Speed {
-            prefill_tok_s: median(p),
-            decode_tok_s: median(d),
+            prefill_tok_s: median(p).unwrap_or(f64::NAN),
+            decode_tok_s: median(d).unwrap_or(f64::NAN),
             tokens,
         })
         .collect())
@@ -135,5 +136,5 @@ pub(super) fn bench_cold(model: &Qwen2, prompt: &[u32]) -> Result<f64> {
         tracing::info!("bench: cold run {rep}/{REPS}: {ms:.0} ms");
         times.push(ms);
     }
-    Ok(median(times))
+    Ok(median(times).unwrap_or(f64::NAN))
 }
