@@ -13,7 +13,9 @@ use crate::model::{Config, Gate, LayerPatch, PatchSet};
 /// The engine's settings a `Policy` carries (the server's `repair` setting).
 pub use crate::repair::RepairSettings;
 use crate::repair::{Case, Head, RepairOutcome};
-use crate::store::{PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase};
+use crate::store::{
+    NarrowedGate, PatchGate, PatchLayer, PatchRecord, Store, StoreError, StoredCase,
+};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -103,9 +105,16 @@ pub struct RepairReport {
     pub refused: Option<String>,
     /// Older patches that stopped applying to keep the live ones within `patchMemoryMb`.
     pub evicted: Vec<String>,
+    /// Older patches whose gates were narrowed: they opened where a failure was still wrong.
+    pub narrowed: Vec<String>,
 }
 
 impl RepairReport {
+    /// Whether the ledger's live patches changed: one added, or older ones narrowed.
+    pub fn changed_overlay(&self) -> bool {
+        self.patch_id.is_some() || !self.narrowed.is_empty()
+    }
+
     /// The failures it was given and did not fix: they stay pending, and the scheduler counts new
     /// ones past them. A refused patch fixed none (`fixed` still says what it would have fixed).
     pub fn unfixed(&self) -> usize {
@@ -132,12 +141,15 @@ impl From<&RepairOutcome> for RepairReport {
             solves: o.solves,
             refused: o.refused.clone(),
             evicted: Vec::new(),
+            narrowed: Vec::new(),
         }
     }
 }
 
-/// Writes an accepted repair of `job` to the ledger (marking the cases it fixed) and evicts the oldest
-/// patches of model `sha` past `budget` bytes. The report, with the patch's id and what was evicted.
+/// Writes a repair of `job` to the ledger: the live gates it narrowed, and an accepted patch (marking
+/// the cases it fixed), evicting the oldest patches of model `sha` past `budget` bytes. The report,
+/// with the patch's id and what was narrowed and evicted. The live overlay changed when it names a
+/// patch or a narrowed one (`RepairReport::changed_overlay`).
 pub fn commit(
     store: &mut Store,
     sha: &str,
@@ -150,6 +162,16 @@ pub fn commit(
         pending: job.failures.len(),
         ..RepairReport::from(outcome)
     };
+    let narrowed: Vec<NarrowedGate> = outcome
+        .narrowed
+        .iter()
+        .map(|n| NarrowedGate {
+            patch: n.patch.to_string(),
+            layer: n.layer,
+            thresholds: n.thresholds.clone(),
+        })
+        .collect();
+    report.narrowed = store.narrow_gates(&narrowed)?;
     if outcome.patches.is_empty() {
         return Ok(report);
     }

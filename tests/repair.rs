@@ -698,3 +698,74 @@ fn neurons(m: &Model, tokens: &[u32], layer: usize) -> Tensor {
         .unwrap();
     cap.neurons.remove(&layer).unwrap()
 }
+
+/// An entry that opens where a later failure is still wrong is narrowed there before that failure is
+/// repaired: its keys that opened at the failure's wrong rows are raised past them, and the new patch
+/// is solved under the narrowed overlay; with `narrow` off it is left as it was and the new patch is
+/// summed over it. (The tiny model's rows that decide a line's first token are alike in every
+/// context, so here the newer correction takes that row over; `keys::tests` shows the two sides
+/// kept apart where rows differ.)
+#[test]
+fn a_later_correction_narrows_the_entry_that_opened_at_it() {
+    let m = model();
+    let head = head_of(&m);
+    let first = case("f1", "def f(x):\n    return ", "x + 1");
+    // One layer, the upper, and gates that open at every row: the entry acts in the next case's
+    // context too.
+    let upper = RepairSettings {
+        candidate_fraction: 0.5,
+        layers: 1,
+        ..settings()
+    };
+    let wide = RepairSettings {
+        gate: 0.3,
+        gate_gap: -1.0,
+        ..upper
+    };
+    let out = Star::new(&m.weights, &m.tokenizer, &head, wide)
+        .repair(std::slice::from_ref(&first), &[])
+        .unwrap();
+    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
+    let live = out.patches.iter().fold(PatchSet::default(), |s, (l, p)| {
+        s.with(*l, p.clone().named("patch-1")).unwrap()
+    });
+    let later = case("f2", "import ", "os");
+    let unpatched = greedy(&m, &later, &PatchSet::default());
+    assert_ne!(
+        greedy(&m, &later, &live),
+        unpatched,
+        "the wide entry acts there"
+    );
+    let on_live = |narrow| Star {
+        live: Some(&live),
+        ..Star::new(
+            &m.weights,
+            &m.tokenizer,
+            &head,
+            RepairSettings { narrow, ..upper },
+        )
+    };
+    let out = on_live(true)
+        .repair(std::slice::from_ref(&later), &[])
+        .unwrap();
+    assert_eq!((out.failures, out.fixed), (1, 1), "{out:?}");
+    let [n] = out.narrowed.as_slice() else {
+        panic!("{out:?}")
+    };
+    let was = live.gated_at(n.layer).next().unwrap().gate().unwrap();
+    let raised = (was.thresholds().iter().zip(&n.thresholds)).filter(|(a, b)| b > a);
+    assert_eq!(&*n.patch, "patch-1");
+    assert!(raised.count() > 0 && n.thresholds.len() == was.thresholds().len());
+    let narrowed = live.narrowed(&out.narrowed).unwrap();
+    assert_eq!(
+        greedy(&m, &later, &narrowed),
+        unpatched,
+        "shut where it was wrong"
+    );
+    let both = narrowed.with(n.layer, out.patches[0].1.clone()).unwrap();
+    assert_eq!(greedy(&m, &later, &both), "os");
+    let summed = on_live(false)
+        .repair(std::slice::from_ref(&later), &[])
+        .unwrap();
+    assert!(summed.narrowed.is_empty(), "{summed:?}");
+}

@@ -226,7 +226,7 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
     assert_eq!(patches.len(), 1);
     assert_eq!(
         (patches[0].layers.clone(), patches[0].cases.clone()),
-        (layers, vec!["case-1".to_owned()])
+        (layers.clone(), vec!["case-1".to_owned()])
     );
     assert!(patches[0].gated);
     let set = star_ls::learn::overlay(&patches).unwrap();
@@ -245,6 +245,30 @@ fn the_ledger_keeps_patches_and_their_cases_together() {
     );
     assert_eq!(patches[0].report["fixed"], 1);
     assert!(store.patches(Some("other model"), true).unwrap().is_empty());
+
+    // A later repair narrows a gate: its keys' thresholds are stored, the highest as the gate's;
+    // a layer without a gate, or a patch not active, is not narrowed.
+    use star_ls::store::NarrowedGate;
+    let narrow = |patch: &str, layer, thresholds: Vec<f32>| NarrowedGate {
+        patch: patch.into(),
+        layer,
+        thresholds,
+    };
+    let narrowed = store
+        .narrow_gates(&[
+            narrow("patch-1", 23, vec![1.02, 0.25]),
+            narrow("patch-1", 20, vec![0.5]),
+            narrow("patch-7", 23, vec![0.5, 0.5]),
+        ])
+        .unwrap();
+    assert_eq!(narrowed, ["patch-1"]);
+    let again = store.patches(Some("sha"), true).unwrap();
+    let gate = again[0].layers[3].gate.clone().unwrap();
+    assert_eq!((gate.thresholds, gate.threshold), (vec![1.02, 0.25], 1.02));
+    assert_eq!(again[0].layers[..3], layers[..3]);
+    let set = star_ls::learn::overlay(&again).unwrap();
+    let stored = set.gated_at(23).next().unwrap().gate().unwrap();
+    assert_eq!(stored.thresholds(), [1.02, 0.25]);
 
     assert!(store.rollback(Some("patch-9")).is_err());
     assert_eq!(store.rollback(None).unwrap(), ["patch-1"]);

@@ -410,7 +410,6 @@ impl Host {
         .await
         .map_err(Error::new)?
         .map_err(|e| Error::new(crate::model::one_line(&e)))?;
-        let kept = !outcome.patches.is_empty();
         // The commit reads the failures only; the guards are warmed under the new overlay after it.
         let guards_then = std::mem::take(&mut job.guards);
         let now = super::feedback::now_ms();
@@ -422,7 +421,7 @@ impl Host {
         if !report.evicted.is_empty() {
             tracing::info!("over patchMemoryMb: evicted {}", report.evicted.join(", "));
         }
-        if kept {
+        if report.changed_overlay() {
             self.reload_overlay().await?;
             self.warm_guards(model_then, head, guards_then);
         }

@@ -120,6 +120,8 @@ pub struct RepairRow {
     pub failing: usize,
     pub fixed: usize,
     pub kept: bool,
+    /// Older patches it narrowed (`RepairReport::narrowed`).
+    pub narrowed: usize,
     pub seconds: f64,
 }
 
@@ -195,11 +197,12 @@ pub fn run(
             failing: report.failures,
             fixed: report.fixed,
             kept: report.patch_id.is_some(),
+            narrowed: report.narrowed.len(),
             seconds: report.seconds,
         });
         seen = report.unfixed();
         tracing::info!(line = i + 1, ?report, "replay repair");
-        if report.patch_id.is_some() {
+        if report.changed_overlay() {
             (live, patches_live) = learn::serving(store, model_sha, weights.config())?;
             if (0..first).any(|l| live.touches(l)) {
                 anyhow::bail!(

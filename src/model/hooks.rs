@@ -1,7 +1,7 @@
 //! What the repair engine needs from a forward pass, passed explicitly and free when empty:
 //! capture of `down_proj` inputs and residual streams, MLP occlusion, and the patch overlay.
 
-use super::memory::{Codebook, Gate};
+use super::memory::{Codebook, Gate, Narrowed};
 use candle_core::{Device, Result, Tensor, TensorId};
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -210,6 +210,11 @@ impl LayerPatch {
         self.gate.as_ref()
     }
 
+    /// The ledger's id for it, when it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     /// Its entries of the patch memory: a gated patch's keys (a value patch holds a value per key;
     /// a gated column patch one delta for all of them); an ungated patch acts everywhere, as one.
     pub fn entries(&self) -> usize {
@@ -325,11 +330,12 @@ impl Outline {
     }
 }
 
-/// Which patch on which layer: a ledger's patch by its name (a set built again from the ledger holds
-/// new tensors), another by its tensors (a clone shares them).
+/// Which patch on which layer: a ledger's patch by its name and its gate's thresholds (a set built
+/// again from the ledger holds new tensors; a narrowed gate opens at fewer rows), another by its
+/// tensors (a clone shares them).
 #[derive(Debug, Clone, PartialEq)]
 enum PatchKey {
-    Named(usize, Arc<str>),
+    Named(usize, Arc<str>, Vec<u32>),
     Unnamed {
         layer: usize,
         delta: TensorId,
@@ -341,7 +347,14 @@ enum PatchKey {
 impl PatchKey {
     fn of((layer, p): &(usize, LayerPatch)) -> Self {
         match &p.name {
-            Some(name) => Self::Named(*layer, name.clone()),
+            Some(name) => {
+                let thresholds = p.gate.as_ref().map_or(&[][..], |g| g.thresholds());
+                Self::Named(
+                    *layer,
+                    name.clone(),
+                    thresholds.iter().map(|t| t.to_bits()).collect(),
+                )
+            }
             None => Self::Unnamed {
                 layer: *layer,
                 delta: p.delta.id(),
@@ -560,6 +573,24 @@ impl PatchSet {
         Ok(next)
     }
 
+    /// This set with the named gates of `narrowed` at their new thresholds (`Narrowed`); a gate it
+    /// names that this set does not hold is left out.
+    pub fn narrowed(&self, narrowed: &[Narrowed]) -> Result<Self> {
+        let mut next = self.clone();
+        for n in narrowed {
+            let held = next.gated.iter_mut().find(|(l, p)| {
+                *l == n.layer && p.name.as_deref() == Some(&*n.patch) && p.gate.is_some()
+            });
+            if let Some((_, p)) = held {
+                let narrow = |g: &Gate| g.clone().per_key(n.thresholds.clone());
+                p.gate = p.gate.as_ref().map(narrow).transpose()?;
+                next.books.insert(n.layer, Arc::default());
+            }
+        }
+        next.id = Self::next_id();
+        Ok(next)
+    }
+
     fn next_id() -> u64 {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -616,5 +647,46 @@ mod tests {
         // A patch acting everywhere parts every row.
         let everywhere = one.with(2, patch(&[3], 1.0)).unwrap();
         assert_eq!(layers(everywhere.added_since(&one.outline())), None);
+    }
+
+    #[test]
+    fn a_narrowed_gate_shuts_where_it_opened_and_parts_from_the_set_before() {
+        let set = PatchSet::default()
+            .with(0, gated(&[0, 1], 1.0).named("p1"))
+            .unwrap();
+        let z = Tensor::ones((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let out = |s: &PatchSet| {
+            let added = s.apply(0, &z, None).unwrap().unwrap();
+            added
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(out(&set) > 0.0);
+        let narrow = |patch: &str, layer| Narrowed {
+            patch: patch.into(),
+            layer,
+            thresholds: vec![1.05],
+        };
+        let narrowed = set.narrowed(&[narrow("p1", 0)]).unwrap();
+        assert_eq!(out(&narrowed), 0.0);
+        assert_eq!(layers(narrowed.added_since(&set.outline())), None);
+        // Built again from a ledger that holds the new thresholds: the same set.
+        let stored = PatchSet::default()
+            .with(0, gated(&[0, 1], 1.0).named("p1"))
+            .unwrap()
+            .narrowed(&[narrow("p1", 0)])
+            .unwrap();
+        assert_eq!(
+            layers(stored.added_since(&narrowed.outline())),
+            Some(vec![])
+        );
+        // Another patch's name, or another layer: nothing narrowed.
+        for other in [narrow("p2", 0), narrow("p1", 1)] {
+            assert!(out(&set.narrowed(&[other]).unwrap()) > 0.0);
+        }
     }
 }

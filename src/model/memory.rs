@@ -68,6 +68,17 @@ fn hashing(width: usize) -> Hashing {
         .clone()
 }
 
+/// A ledger patch's gate on one layer with its keys' thresholds raised, so that it stays shut at rows
+/// where it opened and the model was wrong (`repair::Star` narrows the live entries so before it
+/// repairs): where a later correction says a context wants something else, the entry gives it up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Narrowed {
+    pub patch: Arc<str>,
+    pub layer: usize,
+    /// Every key's threshold, the raised ones and the others.
+    pub thresholds: Vec<f32>,
+}
+
 /// Opens a patch at the rows whose activations have cosine with one of `keys` (the activations it was
 /// solved at) at least that key's threshold: elsewhere the layer is exactly as unpatched. A row
 /// takes the key it clears by most (its nearest, where thresholds are equal).

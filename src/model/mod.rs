@@ -18,7 +18,7 @@ pub use gguf::GgufFile;
 pub use hooks::{Capture, Fired, FiredEntries, Hooks, LayerPatch, Outline, PatchSet};
 pub use kv::{kv_positions, KvCache, LayerKv};
 pub use linear::{Linear, LoadOptions};
-pub use memory::Gate;
+pub use memory::{Gate, Narrowed};
 pub use qwen2::{Config, DecoderLayer, Mlp, Qwen2};
 pub use tokenizer::{FimTokens, Tokenizer};
 

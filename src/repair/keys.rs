@@ -5,6 +5,22 @@ use crate::model::Gate;
 use crate::repair::GateThresholds;
 use candle_core::{Result, Tensor};
 
+/// What a gate keyed on a layer must leave alone: `ordinary` rows `(r, intermediate)` (prompts',
+/// guards'), and the `conflicting` keys of live entries this repair narrowed `(n, key width)` (unit,
+/// centred on their own gates' centres, which are means of ordinary rows too, so they are compared
+/// as they are): where the newer correction wins, the older keeps its own context.
+#[derive(Debug, Clone)]
+pub struct Leave {
+    pub ordinary: Tensor,
+    pub conflicting: Option<Tensor>,
+}
+
+/// How far past a conflicting row's cosine a narrowed threshold goes: at least the shift of a
+/// cosine recomputed under other patches (`GATE_MARGIN`).
+pub fn narrowing_gap(gap: f32) -> f32 {
+    gap.max(0.05)
+}
+
 /// How a gate keyed on a layer gets its thresholds: `gap` above the highest cosine of the rows it
 /// must leave alone, at most `ceiling` (which it is with no such rows), per key or one for the gate.
 #[derive(Debug, Clone, Copy)]
@@ -16,20 +32,34 @@ pub struct Fit {
 
 impl Fit {
     /// A gate keyed on a layer: `positives` `(n, intermediate)` are the failure rows it must open
-    /// at, `ordinary` `(r, intermediate)` rows it must leave alone. Keys are centred on the ordinary
-    /// rows' mean.
-    pub fn on_layer(&self, positives: &Tensor, ordinary: &Tensor) -> Result<Gate> {
-        let center = match ordinary.dim(0)? {
+    /// at, `leave` what it must leave alone. Keys are centred on the ordinary rows' mean.
+    pub fn on_layer(&self, positives: &Tensor, leave: &Leave) -> Result<Gate> {
+        let center = match leave.ordinary.dim(0)? {
             0 => Tensor::zeros(positives.dim(1)?, positives.dtype(), positives.device())?,
-            _ => ordinary.mean(0)?,
+            _ => leave.ordinary.mean(0)?,
         };
-        self.fit(Gate::on_layer(positives, &center, self.ceiling)?, ordinary)
+        self.fit(Gate::on_layer(positives, &center, self.ceiling)?, leave)
     }
 
-    /// `gate`'s thresholds set from `ordinary` `(r, intermediate)`: per key, its highest cosine with
-    /// them plus the gap (a key far from every ordinary row opens to more new contexts of its idiom,
-    /// one near some stays tight), or that of its nearest key for every key of the gate.
-    pub fn fit(&self, gate: Gate, ordinary: &Tensor) -> Result<Gate> {
+    /// `gate`'s thresholds set from `leave`: per key, its highest cosine with the ordinary rows plus
+    /// the gap (a key far from every ordinary row opens to more new contexts of its idiom, one near
+    /// some stays tight), or that of its nearest key for every key of the gate; then each key past
+    /// the conflicting keys near it (`narrowing_gap` above its cosine with them, past the ceiling
+    /// too), unless that would shut it at its own row (cosine 1): there the newer correction wins.
+    pub fn fit(&self, gate: Gate, leave: &Leave) -> Result<Gate> {
+        let gate = self.fit_ordinary(gate, &leave.ordinary)?;
+        let Some(conflicting) = &leave.conflicting else {
+            return Ok(gate);
+        };
+        let near: Vec<f32> = gate.keys().matmul(&conflicting.t()?)?.max(1)?.to_vec1()?;
+        let gap = narrowing_gap(self.gap);
+        let thresholds = (gate.thresholds().iter().zip(near))
+            .map(|(&t, c)| if c + gap < 1.0 { t.max(c + gap) } else { t })
+            .collect();
+        gate.per_key(thresholds)
+    }
+
+    fn fit_ordinary(&self, gate: Gate, ordinary: &Tensor) -> Result<Gate> {
         if ordinary.dim(0)? == 0 {
             return Ok(gate.at(self.ceiling));
         }
@@ -55,6 +85,13 @@ mod tests {
         Tensor::from_vec(flat, (v.len(), 3), &Device::Cpu).unwrap()
     }
 
+    fn leave(ordinary: &Tensor) -> Leave {
+        Leave {
+            ordinary: ordinary.clone(),
+            conflicting: None,
+        }
+    }
+
     fn fit(gap: f32, ceiling: f32, per: GateThresholds) -> Fit {
         Fit { gap, ceiling, per }
     }
@@ -75,7 +112,7 @@ mod tests {
         let ordinary = rows(&[[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]]);
         let positives = rows(&[[1.0, 3.0, 0.0]]);
         let gate = fit(0.1, 0.9, GateThresholds::Key)
-            .on_layer(&positives, &ordinary)
+            .on_layer(&positives, &leave(&ordinary))
             .unwrap();
         assert!(
             (gate.thresholds()[0] - 0.1).abs() < 1e-6,
@@ -92,7 +129,7 @@ mod tests {
         let ordinary = rows(&[[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]]);
         let positives = rows(&[[1.0, 3.0, 0.0], [1.9, 1.0, 0.3]]);
         let per_key = fit(0.1, 0.99, GateThresholds::Key)
-            .on_layer(&positives, &ordinary)
+            .on_layer(&positives, &leave(&ordinary))
             .unwrap();
         let t = per_key.thresholds();
         assert!(
@@ -100,7 +137,7 @@ mod tests {
             "{t:?}"
         );
         let per_gate = fit(0.1, 0.99, GateThresholds::Gate)
-            .on_layer(&positives, &ordinary)
+            .on_layer(&positives, &leave(&ordinary))
             .unwrap();
         assert_eq!(per_gate.thresholds(), [0.99, 0.99]);
         // A row 45° from A opens A's own radius, not the gate's; the ordinary rows open neither.
@@ -119,10 +156,36 @@ mod tests {
         let positives = rows(&[[1.0, 3.0, 0.0]]);
         let f = fit(0.5, 0.9, GateThresholds::Key);
         assert_eq!(
-            f.on_layer(&positives, &ordinary).unwrap().thresholds(),
+            f.on_layer(&positives, &leave(&ordinary))
+                .unwrap()
+                .thresholds(),
             [0.9]
         );
         let none = Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(f.on_layer(&positives, &none).unwrap().thresholds(), [0.9]);
+        assert_eq!(
+            f.on_layer(&positives, &leave(&none)).unwrap().thresholds(),
+            [0.9]
+        );
+    }
+
+    #[test]
+    fn a_key_near_a_narrowed_one_is_raised_past_it_unless_that_shuts_its_own_row() {
+        // No ordinary rows: centred on 0, every key at the ceiling. Key A along y, key B along x;
+        // the narrowed entry's keys at 45° from both, and along x.
+        let none = Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let positives = rows(&[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        let leave = Leave {
+            ordinary: none,
+            conflicting: Some(rows(&[[h, h, 0.0], [1.0, 0.0, 0.0]])),
+        };
+        let gate = fit(0.05, 0.5, GateThresholds::Gate)
+            .on_layer(&positives, &leave)
+            .unwrap();
+        let t = gate.thresholds();
+        // A: past its cosine with the 45° key; B would shut at its own row: the newer one wins.
+        assert!((t[0] - (h + 0.05)).abs() < 1e-5 && t[1] == 0.5, "{t:?}");
+        let opens = clears(&gate, &[[0.0, 1.0, 0.0]]);
+        assert!(opens[0] >= 0.0, "{opens:?}");
     }
 }

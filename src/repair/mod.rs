@@ -70,6 +70,9 @@ pub struct RepairSettings {
     pub gate_gap: f32,
     /// Layer keys: a threshold per key (each above the ordinary rows near it) or one per gate.
     pub gate_thresholds: GateThresholds,
+    /// Before a repair, narrow the live entries that open where a failure is still wrong
+    /// (`Star::narrowing`): the newer correction wins in contexts like its own.
+    pub narrow: bool,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -174,6 +177,7 @@ impl Default for RepairSettings {
             patch: PatchKind::Values,
             gate_gap: 0.05,
             gate_thresholds: GateThresholds::Gate,
+            narrow: true,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

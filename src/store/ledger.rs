@@ -78,6 +78,14 @@ impl PatchGate {
     }
 }
 
+/// New thresholds for a stored gate: every key's, in the order of its keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NarrowedGate {
+    pub patch: String,
+    pub layer: usize,
+    pub thresholds: Vec<f32>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PatchRecord {
@@ -228,6 +236,38 @@ impl Store {
             }
             Ok(format!("patch-{id}"))
         })
+    }
+
+    /// Raises the thresholds of active patches' gates (`NarrowedGate`), each in its patch's layer;
+    /// returns the ids of the patches narrowed.
+    pub fn narrow_gates(&mut self, gates: &[NarrowedGate]) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self.write(|tx| {
+            let mut ids = Vec::new();
+            for g in gates {
+                let Some(n) = patch_number(&g.patch) else {
+                    continue;
+                };
+                let highest = g.thresholds.iter().copied().fold(f32::MIN, f32::max);
+                let changed = tx.execute(
+                    "UPDATE patch_layers SET gate_thresholds = ?1, gate_threshold = ?2
+                     WHERE patch_id = ?3 AND layer = ?4 AND gate_keys IS NOT NULL
+                       AND patch_id IN (SELECT id FROM patches WHERE active = 1)",
+                    params![
+                        to_bytes(&g.thresholds, f32::to_le_bytes),
+                        highest as f64,
+                        n,
+                        g.layer as i64
+                    ],
+                )?;
+                if changed > 0 {
+                    ids.push(g.patch.clone());
+                }
+            }
+            Ok(ids)
+        })?;
+        ids.sort_by_key(|id| patch_number(id));
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Patches oldest first: for one model, or all; active ones only, or all.

@@ -16,7 +16,7 @@ pub use adapter::{Adapter, AdapterLayer, LeftOut};
 pub use bundle::{Bundle, BundleError};
 pub use handle::{StoreHandle, StoreOp};
 pub use lease::Lease;
-pub use ledger::{patch_number, Forgotten, PatchGate, PatchLayer, PatchRecord};
+pub use ledger::{patch_number, Forgotten, NarrowedGate, PatchGate, PatchLayer, PatchRecord};
 
 use crate::capture::{CaseKind, CaseText};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};

@@ -356,7 +356,7 @@ pub(super) const GATE_MARGIN: f32 = 0.05;
 
 /// The same for a gate scored on a check's own keys: the serving pass's codebook scores them by
 /// another formula (`Codebook::open`), which agrees to rounding.
-const KEYS_MARGIN: f32 = 1e-3;
+pub(super) const KEYS_MARGIN: f32 = 1e-3;
 
 impl Star<'_> {
     /// STAR's step 1: the cases of `failures` with a failure position under teacher forcing, found

@@ -12,17 +12,18 @@
 
 mod batch;
 mod locate;
+mod narrow;
 mod optimize;
 mod score;
 mod solve;
 mod verdict;
 
-use crate::model::{LayerPatch, PatchSet, Qwen2, Tokenizer};
+use crate::model::{LayerPatch, Narrowed, PatchSet, Qwen2, Tokenizer};
 use crate::repair::steer::Head;
 use crate::repair::targets::Case;
 use crate::repair::{RepairSettings, Residuals};
 pub(super) use batch::{Batch, CheckKey, Checked, Patched, Upper};
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 pub(super) use solve::Sites;
 pub use solve::{project_off, solve_patch, whitening};
 use std::collections::BTreeMap;
@@ -49,6 +50,9 @@ pub struct RepairOutcome {
     pub seconds: f64,
     /// Why no patch came out although there were failures.
     pub refused: Option<String>,
+    /// Live entries narrowed before the repair (`RepairSettings::narrow`): the caller keeps them
+    /// so whether or not a patch comes out; the patches were solved under them.
+    pub narrowed: Vec<Narrowed>,
 }
 
 impl RepairOutcome {
@@ -67,6 +71,7 @@ impl RepairOutcome {
             solves: 0,
             seconds: 0.0,
             refused: None,
+            narrowed: Vec::new(),
         }
     }
 }
@@ -94,7 +99,7 @@ impl std::fmt::Display for Method {
 }
 
 /// A value per layer index.
-pub(in crate::repair) type PerLayer<T> = BTreeMap<usize, T>;
+pub type PerLayer<T> = BTreeMap<usize, T>;
 
 pub struct Star<'a> {
     pub model: &'a Qwen2,
@@ -109,6 +114,9 @@ pub struct Star<'a> {
     /// Called between steps: the server waits there while completions run (they take priority), eval
     /// stops a repair past its deadline by returning an error.
     pub between_steps: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
+    /// Per layer, keys of live entries narrowed for this repair `(n, key width)`: its gates stay shut
+    /// at them too (`keys::Leave`). Set by the repair itself (`Star::repair_narrowed`).
+    pub conflicts: Option<&'a PerLayer<Tensor>>,
 }
 
 impl<'a> Star<'a> {
@@ -126,6 +134,7 @@ impl<'a> Star<'a> {
             live: None,
             residuals: None,
             between_steps: None,
+            conflicts: None,
         }
     }
 
@@ -177,6 +186,12 @@ impl<'a> Star<'a> {
                 ..RepairOutcome::of(0)
             });
         };
+        if self.settings.narrow {
+            let narrowed = self.narrowing(&batch, &live)?;
+            if !narrowed.is_empty() {
+                return self.repair_narrowed(method, failures, guards, narrowed, t0);
+            }
+        }
         let mut outcome = RepairOutcome::of(batch.ids.len());
         let guard_runs = guards
             .iter()
@@ -208,6 +223,34 @@ impl<'a> Star<'a> {
             solves = outcome.solves,
             "repair phases, seconds"
         );
+        outcome.seconds = t0.elapsed().as_secs_f64();
+        Ok(outcome)
+    }
+
+    /// The repair under the live overlay with `narrowed` (from `t0`): the failures checked again
+    /// (some may be right now), the patches solved and judged there.
+    fn repair_narrowed(
+        &self,
+        method: Method,
+        failures: &[Case],
+        guards: &[Case],
+        narrowed: Vec<Narrowed>,
+        t0: Instant,
+    ) -> Result<RepairOutcome> {
+        let live = self.served(&[])?;
+        let conflicts = Self::conflicting_keys(&live, &narrowed)?;
+        let live = live.narrowed(&narrowed)?;
+        let star = Star {
+            live: Some(&live),
+            conflicts: Some(&conflicts),
+            settings: RepairSettings {
+                narrow: false,
+                ..self.settings
+            },
+            ..*self
+        };
+        let mut outcome = star.repair_by(method, failures, guards)?;
+        outcome.narrowed = narrowed;
         outcome.seconds = t0.elapsed().as_secs_f64();
         Ok(outcome)
     }

@@ -6,7 +6,7 @@ use super::locate::{Attribution, Selection};
 use super::score::{Asked, Scored};
 use super::{PerLayer, RepairOutcome, Star};
 use crate::model::{Capture, Gate, Hooks, LayerPatch, PatchSet};
-use crate::repair::keys::Fit;
+use crate::repair::keys::{Fit, Leave};
 use crate::repair::{linalg, Keys, PatchKind};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -24,8 +24,8 @@ pub(in crate::repair) struct Sites<'a> {
     pub fit: Option<Fitted>,
 }
 
-/// How gates keyed on the layer were fit, and per layer the rows they must leave alone.
-pub(in crate::repair) type Fitted = (Fit, PerLayer<Tensor>);
+/// How gates keyed on the layer were fit, and per layer what they must leave alone.
+pub(in crate::repair) type Fitted = (Fit, PerLayer<Leave>);
 
 impl Sites<'_> {
     /// Per layer, a delta on that layer's columns (or values) as a patch, behind the layer's gate if
@@ -62,7 +62,7 @@ impl Sites<'_> {
             return patch + solve(l, z, steers)?;
         };
         let refit = |g: Gate| match &self.fit {
-            Some((fit, ordinary)) if g.center().is_some() => fit.fit(g, &ordinary[&l]),
+            Some((fit, leave)) if g.center().is_some() => fit.fit(g, &leave[&l]),
             _ => Ok(g),
         };
         if !self.columns[&l].is_empty() {
@@ -278,9 +278,10 @@ impl Star<'_> {
     }
 
     /// Per layer the gate its patch acts behind (none when `settings.gate` is 0), from the failure
-    /// positions' activations `z` (on the patched columns) and `whole` (every neuron), and the rows
-    /// it must leave alone: `typical` prompt rows and the guards' targets. For gates keyed on the
-    /// layer, also how their thresholds were fit, and those rows per layer.
+    /// positions' activations `z` (on the patched columns) and `whole` (every neuron), and what it
+    /// must leave alone: `typical` prompt rows, the guards' targets, and the keys of the live
+    /// entries narrowed for this repair (`Star::conflicts`). For gates keyed on the layer, also how
+    /// their thresholds were fit, and what they leave alone per layer.
     fn gates(
         &self,
         layers: &[usize],
@@ -311,8 +312,12 @@ impl Star<'_> {
                 true => Tensor::zeros((0, whole[&l].dim(1)?), DType::F32, &Device::Cpu)?,
                 false => Tensor::cat(&ordinary, 0)?,
             };
-            gates.insert(l, fit.on_layer(&whole[&l], &ordinary)?);
-            rows.insert(l, ordinary);
+            let leave = Leave {
+                ordinary,
+                conflicting: self.conflicts.and_then(|c| c.get(&l)).cloned(),
+            };
+            gates.insert(l, fit.on_layer(&whole[&l], &leave)?);
+            rows.insert(l, leave);
         }
         Ok((gates, Some((fit, rows))))
     }
