@@ -322,13 +322,28 @@ fn check_file(data: &Path, sha: &str, known: &mut Committed, what: &Interrupted)
     outcome
 }
 
-/// The ledger's active patches, and the cases they repaired (prefix, suffix), newest patch first.
-fn active_cases(data: &Path) -> (BTreeSet<String>, Vec<(String, String)>) {
+/// The ledger's active patches with their gates' thresholds (a later repair may narrow them), and
+/// the cases they repaired (prefix, suffix), newest patch first.
+fn active_cases(data: &Path) -> (Ledger, Vec<(String, String)>) {
     if !data.join("feedback.sqlite3").exists() {
         return Default::default();
     }
     let conn = open_db(data);
-    let active = active(&ledger(&conn)).into_iter().collect();
+    let mut stmt = conn
+        .prepare(
+            "SELECT l.patch_id, l.layer, l.gate_thresholds FROM patch_layers l
+             JOIN patches p ON p.id = l.patch_id WHERE p.active ORDER BY l.patch_id, l.layer",
+        )
+        .unwrap();
+    let gates = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let active = Ledger {
+        ids: active(&ledger(&conn)).into_iter().collect(),
+        gates,
+    };
     let mut stmt = conn
         .prepare(
             "SELECT c.prefix, c.suffix FROM cases c
@@ -370,15 +385,23 @@ fn fingerprint(c: &mut Client, cases: &[(String, String)], tag: &str) -> (Vec<St
     (texts, first)
 }
 
-/// What the live model completed at the active patches' cases, by active patch set, as first seen:
-/// live right after a repair's swap, or after a restart.
-type Seen = BTreeMap<BTreeSet<String>, Vec<String>>;
+/// The active patches and, per patch and layer, its gate's thresholds as stored.
+#[derive(Debug, Default, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Ledger {
+    ids: BTreeSet<String>,
+    gates: Vec<(i64, i64, Option<Vec<u8>>)>,
+}
 
-fn same_as_seen(seen: &mut Seen, active: BTreeSet<String>, texts: Vec<String>, when: &str) {
+/// What the live model completed at the active patches' cases, by the ledger's active patches and
+/// their thresholds, as first seen: live right after a repair's swap, or after a restart.
+type Seen = BTreeMap<Ledger, Vec<String>>;
+
+fn same_as_seen(seen: &mut Seen, active: Ledger, texts: Vec<String>, when: &str) {
     match seen.get(&active) {
         Some(before) => assert_eq!(
             &texts, before,
-            "{when}: the model under {active:?} completes differently than it did before"
+            "{when}: the model under {:?} completes differently than it did before",
+            active.ids
         ),
         None => {
             seen.insert(active, texts);
@@ -415,7 +438,7 @@ fn start_checked(model: &Path, data: &Path, cache: &Path, trial: usize, seen: &m
             .iter()
             .map(|p| p.as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(live, active, "trial {trial}: star.explain");
+        assert_eq!(live, active.ids, "trial {trial}: star.explain");
     }
     same_as_seen(seen, active.clone(), texts, &format!("restart {trial}"));
     c.wait_for("model loaded", |m| {
@@ -426,7 +449,7 @@ fn start_checked(model: &Path, data: &Path, cache: &Path, trial: usize, seen: &m
     let status = c.status();
     assert_eq!(
         status["patches"].as_u64(),
-        Some(active.len() as u64),
+        Some(active.ids.len() as u64),
         "trial {trial}: the live overlay is not the ledger's {active:?}: {status}"
     );
     let listed: BTreeSet<String> = command(&mut c, "star.listPatches", json!([]))
@@ -435,7 +458,7 @@ fn start_checked(model: &Path, data: &Path, cache: &Path, trial: usize, seen: &m
         .iter()
         .map(|p| p["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(listed, active, "trial {trial}");
+    assert_eq!(listed, active.ids, "trial {trial}");
     let conn = open_db(data);
     assert_eq!(
         status["failuresPending"].as_i64().unwrap(),
