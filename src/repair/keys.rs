@@ -9,10 +9,14 @@ use candle_core::{Result, Tensor};
 /// guards'), and the `conflicting` keys of live entries this repair narrowed `(n, key width)` (unit,
 /// centred on their own gates' centres, which are means of ordinary rows too, so they are compared
 /// as they are): where the newer correction wins, the older keeps its own context.
+/// With `right`, the target rows of recent cases the model said right `(m, key width)`, in the key
+/// space (`Residuals::right_rows`), kept apart the same way: a gate opening there can only spoil a
+/// line.
 #[derive(Debug, Clone)]
 pub struct Leave {
     pub ordinary: Tensor,
     pub conflicting: Option<Tensor>,
+    pub right: Option<Tensor>,
 }
 
 /// How far past a conflicting row's cosine a narrowed threshold goes: at least the shift of a
@@ -44,14 +48,19 @@ impl Fit {
     /// `gate`'s thresholds set from `leave`: per key, its highest cosine with the ordinary rows plus
     /// the gap (a key far from every ordinary row opens to more new contexts of its idiom, one near
     /// some stays tight), or that of its nearest key for every key of the gate; then each key past
-    /// the conflicting keys near it (`narrowing_gap` above its cosine with them, past the ceiling
-    /// too), unless that would shut it at its own row (cosine 1): there the newer correction wins.
+    /// the conflicting keys and right rows near it (`narrowing_gap` above its cosine with them, past
+    /// the ceiling too), unless that would shut it at its own row (cosine 1): there the newer
+    /// correction wins.
     pub fn fit(&self, gate: Gate, leave: &Leave) -> Result<Gate> {
         let gate = self.fit_ordinary(gate, &leave.ordinary)?;
-        let Some(conflicting) = &leave.conflicting else {
-            return Ok(gate);
-        };
-        let near: Vec<f32> = gate.keys().matmul(&conflicting.t()?)?.max(1)?.to_vec1()?;
+        let mut near = vec![f32::MIN; gate.thresholds().len()];
+        let mut nearer = |c: Vec<f32>| near.iter_mut().zip(c).for_each(|(n, c)| *n = n.max(c));
+        if let Some(conflicting) = &leave.conflicting {
+            nearer(gate.keys().matmul(&conflicting.t()?)?.max(1)?.to_vec1()?);
+        }
+        if let Some(right) = leave.right.as_ref().filter(|r| r.dims()[0] > 0) {
+            nearer(gate.cosines(right)?.max(0)?.to_vec1()?);
+        }
         let gap = narrowing_gap(self.gap);
         let thresholds = (gate.thresholds().iter().zip(near))
             .map(|(&t, c)| if c + gap < 1.0 { t.max(c + gap) } else { t })
@@ -89,6 +98,7 @@ mod tests {
         Leave {
             ordinary: ordinary.clone(),
             conflicting: None,
+            right: None,
         }
     }
 
@@ -169,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_near_a_narrowed_one_is_raised_past_it_unless_that_shuts_its_own_row() {
+    fn a_key_near_a_narrowed_one_or_a_right_row_is_raised_past_it_unless_that_shuts_its_own_row() {
         // No ordinary rows: centred on 0, every key at the ceiling. Key A along y, key B along x;
         // the narrowed entry's keys at 45° from both, and along x.
         let none = Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -178,6 +188,7 @@ mod tests {
         let leave = Leave {
             ordinary: none,
             conflicting: Some(rows(&[[h, h, 0.0], [1.0, 0.0, 0.0]])),
+            right: None,
         };
         let gate = fit(0.05, 0.5, GateThresholds::Gate)
             .on_layer(&positives, &leave)
@@ -187,5 +198,16 @@ mod tests {
         assert!((t[0] - (h + 0.05)).abs() < 1e-5 && t[1] == 0.5, "{t:?}");
         let opens = clears(&gate, &[[0.0, 1.0, 0.0]]);
         assert!(opens[0] >= 0.0, "{opens:?}");
+        // Rows of lines the model said right are kept apart the same way (compared as activations:
+        // centred, here on 0, and normalized).
+        let right = Leave {
+            conflicting: None,
+            right: Some(rows(&[[2.0, 2.0, 0.0], [3.0, 0.0, 0.0]])),
+            ..leave
+        };
+        let gate = fit(0.05, 0.5, GateThresholds::Gate)
+            .on_layer(&positives, &right)
+            .unwrap();
+        assert_eq!(gate.thresholds(), t);
     }
 }

@@ -73,6 +73,10 @@ pub struct RepairSettings {
     /// Before a repair, narrow the live entries that open where a failure is still wrong
     /// (`Star::narrowing`): the newer correction wins in contexts like its own.
     pub narrow: bool,
+    /// New gates also stay shut at the target rows of recent cases the model said right when
+    /// checked (up to 256, kept by `Residuals`), past `gate` too, but at those of lines the same as
+    /// a failure's.
+    pub right_rows: bool,
     /// Project patches off the span of the guard activations before optimizing.
     pub guard_projection: bool,
     /// A patch that lowers the guard pass rate by more than this is refused.
@@ -178,6 +182,7 @@ impl Default for RepairSettings {
             gate_gap: 0.05,
             gate_thresholds: GateThresholds::Gate,
             narrow: true,
+            right_rows: false,
             guard_projection: true,
             max_guard_drop: 0.0,
             sgd_learning_rate: 0.01,

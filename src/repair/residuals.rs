@@ -7,6 +7,7 @@
 //! the next overlay starts.
 
 use super::star::{CheckKey, Checked};
+use crate::model::memory::sketch;
 use crate::model::{Outline, PatchSet, Qwen2};
 use candle_core::{Result, Tensor};
 use std::collections::VecDeque;
@@ -19,7 +20,21 @@ pub struct Residuals {
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
     checks: Mutex<VecDeque<Kept>>,
+    right: Mutex<VecDeque<Right>>,
 }
+
+/// A case the model said right when it was checked (`Checked::failing` empty): its tokens, its
+/// target, and per candidate layer its activations at the target rows in the key space. Kept
+/// longer than checks (a few KiB each): where new gates must stay shut (`Residuals::right_rows`).
+#[derive(Debug)]
+struct Right {
+    tokens: Vec<u32>,
+    target: Vec<u32>,
+    rows: std::collections::BTreeMap<usize, Tensor>,
+}
+
+/// Right cases kept: about a day's accepted lines.
+const RIGHT_KEPT: usize = 256;
 
 /// A check and the outline of the overlay it was made under: under another overlay it is stale, but
 /// a new check of its case can start from it (`Star::check`). The outline holds no patch's values, so
@@ -60,6 +75,7 @@ impl Residuals {
             capacity,
             entries: Mutex::new(VecDeque::new()),
             checks: Mutex::new(VecDeque::new()),
+            right: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -74,8 +90,26 @@ impl Residuals {
         Some(found)
     }
 
-    /// Keeps a check made under `set`, in place of any older one of its case.
+    /// Keeps a check made under `set`, in place of any older one of its case; a case it finds right
+    /// is kept among the right ones too.
     pub(super) fn keep_check(&self, key: CheckKey, set: &PatchSet, checked: Arc<Checked>) {
+        if checked.failing.is_empty() {
+            let rows = checked.at_target.iter().map(|(l, z)| Ok((*l, sketch(z)?)));
+            match rows.collect::<Result<_>>() {
+                Ok(rows) => {
+                    let mut right = self.right.lock().unwrap_or_else(|e| e.into_inner());
+                    let tf = &checked.prepared.tf;
+                    right.retain(|r| r.tokens != tf.tokens);
+                    right.push_front(Right {
+                        tokens: tf.tokens.clone(),
+                        target: tf.target.clone(),
+                        rows,
+                    });
+                    right.truncate(RIGHT_KEPT);
+                }
+                Err(e) => tracing::warn!("could not keep a right case's rows: {e}"),
+            }
+        }
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         checks.retain(|(k, _, _)| *k != key);
         checks.push_front((key, set.outline(), checked));
@@ -124,6 +158,25 @@ impl Residuals {
                 residual,
             });
             entries.truncate(self.capacity);
+        }
+    }
+
+    /// Layer `layer`'s target rows of the right cases kept but those `skip` names (by tokens and
+    /// target), `(rows, key width)` in the key space; None when there are none.
+    pub(super) fn right_rows(
+        &self,
+        layer: usize,
+        skip: impl Fn(&[u32], &[u32]) -> bool,
+    ) -> Result<Option<Tensor>> {
+        let right = self.right.lock().unwrap_or_else(|e| e.into_inner());
+        let rows: Vec<&Tensor> = right
+            .iter()
+            .filter(|r| !skip(&r.tokens, &r.target))
+            .filter_map(|r| r.rows.get(&layer))
+            .collect();
+        match rows.is_empty() {
+            true => Ok(None),
+            false => Tensor::cat(&rows, 0).map(Some),
         }
     }
 

@@ -254,8 +254,8 @@ impl From<Vec<(usize, LayerPatch)>> for Patched {
 /// take its activations at sampled prompt rows, for `preserve`.
 #[derive(Debug)]
 pub(in crate::repair) struct Checked {
-    pub(super) prepared: Prepared,
-    pub(super) failing: Vec<usize>,
+    pub(in crate::repair) prepared: Prepared,
+    pub(in crate::repair) failing: Vec<usize>,
     pub(super) scored: Scored,
     pub(super) tail: Tail,
     /// `Σ |z|` per candidate layer over each `FIRES_BLOCK` rows before the tail `(blocks,
@@ -263,7 +263,7 @@ pub(in crate::repair) struct Checked {
     /// the blocks before it.
     pub(super) fires: PerLayer<Tensor>,
     /// `z` per candidate layer `(target rows, intermediate)`.
-    pub(super) at_target: PerLayer<Tensor>,
+    pub(in crate::repair) at_target: PerLayer<Tensor>,
     pub(super) typical: PerLayer<Tensor>,
     /// `z` per candidate layer at the rows before the tail in the key space (`memory::sketch`)
     /// `(rows, KEY_WIDTH)`: where a gate keyed on the layer opens there (`Checked::reach`).
@@ -343,7 +343,7 @@ pub(in crate::repair) struct CheckKey {
 /// A case after the frozen lower layers.
 #[derive(Debug, Clone)]
 pub(in crate::repair) struct Prepared {
-    pub(super) tf: TeacherForced,
+    pub(in crate::repair) tf: TeacherForced,
     /// The residual stream entering the first candidate layer `(seq, hidden)`.
     pub residual: Tensor,
 }

@@ -1,7 +1,7 @@
 //! The analytical patch: steers solved through the selected neurons (`P = (Z⁺S)ᵀ`), off the guards'
 //! span, and the re-solves for what is not settled yet.
 
-use super::batch::{Batch, Checked, Patched, Upper};
+use super::batch::{Batch, Checked, Patched, Prepared, Upper};
 use super::locate::{Attribution, Selection};
 use super::score::{Asked, Scored};
 use super::{PerLayer, RepairOutcome, Star};
@@ -250,7 +250,7 @@ impl Star<'_> {
             keyed.insert(l, sites_of(&batch.failing));
         }
         outcome.solves = 1;
-        let (gates, fit) = self.gates(&layers, (&z, &whole), &typical, guards)?;
+        let (gates, fit) = self.gates(batch, &layers, (&z, &whole), &typical, guards)?;
         let mut sites = Sites {
             columns: &columns,
             gates,
@@ -279,11 +279,13 @@ impl Star<'_> {
 
     /// Per layer the gate its patch acts behind (none when `settings.gate` is 0), from the failure
     /// positions' activations `z` (on the patched columns) and `whole` (every neuron), and what it
-    /// must leave alone: `typical` prompt rows, the guards' targets, and the keys of the live
-    /// entries narrowed for this repair (`Star::conflicts`). For gates keyed on the layer, also how
+    /// must leave alone: `typical` prompt rows, the guards' targets, the keys of the live entries
+    /// narrowed for this repair (`Star::conflicts`), and with `right_rows` the target rows of recent
+    /// cases the model said right, but `batch`'s own lines. For gates keyed on the layer, also how
     /// their thresholds were fit, and what they leave alone per layer.
     fn gates(
         &self,
+        batch: &Batch,
         layers: &[usize],
         (z, whole): (&PerLayer<Tensor>, &PerLayer<Tensor>),
         typical: &PerLayer<Vec<Tensor>>,
@@ -312,9 +314,19 @@ impl Star<'_> {
                 true => Tensor::zeros((0, whole[&l].dim(1)?), DType::F32, &Device::Cpu)?,
                 false => Tensor::cat(&ordinary, 0)?,
             };
+            // Right cases but the failures' own, and lines the same as one of theirs.
+            let skip = |tokens: &[u32], target: &[u32]| {
+                let ours = |c: &Prepared| c.tf.tokens == tokens || c.tf.target == target;
+                batch.cases.iter().any(ours)
+            };
+            let right = match (self.settings.right_rows, self.residuals) {
+                (true, Some(r)) => r.right_rows(l, skip)?,
+                _ => None,
+            };
             let leave = Leave {
                 ordinary,
                 conflicting: self.conflicts.and_then(|c| c.get(&l)).cloned(),
+                right,
             };
             gates.insert(l, fit.on_layer(&whole[&l], &leave)?);
             rows.insert(l, leave);
