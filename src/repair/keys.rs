@@ -2,6 +2,7 @@
 //! at, and thresholds from the rows it must leave alone.
 
 use crate::model::Gate;
+use crate::repair::star::GATE_MARGIN;
 use crate::repair::GateThresholds;
 use candle_core::{Result, Tensor};
 
@@ -20,9 +21,9 @@ pub struct Leave {
 }
 
 /// How far past a conflicting row's cosine a narrowed threshold goes: at least the shift of a
-/// cosine recomputed under other patches (`GATE_MARGIN`).
+/// cosine recomputed under other patches.
 pub fn narrowing_gap(gap: f32) -> f32 {
-    gap.max(0.05)
+    gap.max(GATE_MARGIN)
 }
 
 /// How a gate keyed on a layer gets its thresholds: `gap` above the highest cosine of the rows it

@@ -90,26 +90,8 @@ impl Residuals {
         Some(found)
     }
 
-    /// Keeps a check made under `set`, in place of any older one of its case; a case it finds right
-    /// is kept among the right ones too.
+    /// Keeps a check made under `set`, in place of any older one of its case.
     pub(super) fn keep_check(&self, key: CheckKey, set: &PatchSet, checked: Arc<Checked>) {
-        if checked.failing.is_empty() {
-            let rows = checked.at_target.iter().map(|(l, z)| Ok((*l, sketch(z)?)));
-            match rows.collect::<Result<_>>() {
-                Ok(rows) => {
-                    let mut right = self.right.lock().unwrap_or_else(|e| e.into_inner());
-                    let tf = &checked.prepared.tf;
-                    right.retain(|r| r.tokens != tf.tokens);
-                    right.push_front(Right {
-                        tokens: tf.tokens.clone(),
-                        target: tf.target.clone(),
-                        rows,
-                    });
-                    right.truncate(RIGHT_KEPT);
-                }
-                Err(e) => tracing::warn!("could not keep a right case's rows: {e}"),
-            }
-        }
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         checks.retain(|(k, _, _)| *k != key);
         checks.push_front((key, set.outline(), checked));
@@ -159,6 +141,26 @@ impl Residuals {
             });
             entries.truncate(self.capacity);
         }
+    }
+
+    /// Keeps `checked`'s case among the right ones when the check found it right
+    /// (`RepairSettings::right_rows`).
+    pub(super) fn keep_right(&self, checked: &Checked) -> Result<()> {
+        if !checked.failing.is_empty() {
+            return Ok(());
+        }
+        let rows = checked.at_target.iter().map(|(l, z)| Ok((*l, sketch(z)?)));
+        let rows = rows.collect::<Result<_>>()?;
+        let tf = &checked.prepared.tf;
+        let mut right = self.right.lock().unwrap_or_else(|e| e.into_inner());
+        right.retain(|r| r.tokens != tf.tokens);
+        right.push_front(Right {
+            tokens: tf.tokens.clone(),
+            target: tf.target.clone(),
+            rows,
+        });
+        right.truncate(RIGHT_KEPT);
+        Ok(())
     }
 
     /// Layer `layer`'s target rows of the right cases kept but those `skip` names (by tokens and

@@ -352,7 +352,7 @@ pub(in crate::repair) struct Prepared {
 /// (`DecoderLayer::neurons_on`), must stay to count as shut in the serving pass. The recomputation
 /// rounds its input as the serving kernels do and agrees with them to about 1e-6; without that
 /// rounding a cosine moved by up to 0.034 (tests/model_packaged.rs), which this margin still covers.
-pub(super) const GATE_MARGIN: f32 = 0.05;
+pub(in crate::repair) const GATE_MARGIN: f32 = 0.05;
 
 /// The same for a gate scored on a check's own keys: the serving pass's codebook scores them by
 /// another formula (`Codebook::open`), which agrees to rounding.
@@ -453,6 +453,9 @@ impl Star<'_> {
             None => Arc::new(self.check_from(self.prepare(tf, first)?, None, 0, first, live)?),
         };
         if let Some(r) = self.residuals {
+            if self.settings.right_rows {
+                r.keep_right(&checked)?;
+            }
             r.keep_check(key, live, checked.clone());
         }
         Ok(checked)

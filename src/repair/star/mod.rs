@@ -22,7 +22,7 @@ use crate::model::{LayerPatch, Narrowed, PatchSet, Qwen2, Tokenizer};
 use crate::repair::steer::Head;
 use crate::repair::targets::Case;
 use crate::repair::{RepairSettings, Residuals};
-pub(super) use batch::{Batch, CheckKey, Checked, Patched, Upper};
+pub(super) use batch::{Batch, CheckKey, Checked, Patched, Upper, GATE_MARGIN};
 use candle_core::{Result, Tensor};
 pub(super) use solve::Sites;
 pub use solve::{project_off, solve_patch, whitening};
@@ -189,7 +189,7 @@ impl<'a> Star<'a> {
         if self.settings.narrow {
             let narrowed = self.narrowing(&batch, &live)?;
             if !narrowed.is_empty() {
-                return self.repair_narrowed(method, failures, guards, narrowed, t0);
+                return self.repair_narrowed(method, failures, guards, &live, narrowed, t0);
             }
         }
         let mut outcome = RepairOutcome::of(batch.ids.len());
@@ -227,18 +227,18 @@ impl<'a> Star<'a> {
         Ok(outcome)
     }
 
-    /// The repair under the live overlay with `narrowed` (from `t0`): the failures checked again
-    /// (some may be right now), the patches solved and judged there.
+    /// The repair under the live overlay `live` with `narrowed` (from `t0`): the failures checked
+    /// again (some may be right now), the patches solved and judged there.
     fn repair_narrowed(
         &self,
         method: Method,
         failures: &[Case],
         guards: &[Case],
+        live: &PatchSet,
         narrowed: Vec<Narrowed>,
         t0: Instant,
     ) -> Result<RepairOutcome> {
-        let live = self.served(&[])?;
-        let conflicts = Self::conflicting_keys(&live, &narrowed)?;
+        let conflicts = narrow::conflicting_keys(live, &narrowed)?;
         let live = live.narrowed(&narrowed)?;
         let star = Star {
             live: Some(&live),

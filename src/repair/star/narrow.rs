@@ -54,34 +54,29 @@ impl Star<'_> {
     }
 }
 
-impl Star<'_> {
-    /// Per layer, the keys of `live`'s gates that `narrowed` raised, for the new gates to leave alone.
-    pub(super) fn conflicting_keys(
-        live: &PatchSet,
-        narrowed: &[Narrowed],
-    ) -> Result<PerLayer<Tensor>> {
-        let mut keys: PerLayer<Vec<Tensor>> = PerLayer::new();
-        for n in narrowed {
-            let held = live.gated_at(n.layer).find(|p| p.name() == Some(&*n.patch));
-            let Some(gate) = held.and_then(|p| p.gate()) else {
-                continue;
-            };
-            if gate.keys().dim(1)? > KEY_WIDTH {
-                // Unsketched (a ledger from before 204406f): not in the new keys' space.
-                continue;
-            }
-            let raised: Vec<u32> = (gate.thresholds().iter().zip(&n.thresholds))
-                .enumerate()
-                .filter(|(_, (was, now))| now > was)
-                .map(|(k, _)| k as u32)
-                .collect();
-            let raised = Tensor::new(raised.as_slice(), gate.keys().device())?;
-            keys.entry(n.layer)
-                .or_default()
-                .push(gate.keys().index_select(&raised, 0)?);
+/// Per layer, the keys of `live`'s gates that `narrowed` raised, for the new gates to leave alone.
+pub(super) fn conflicting_keys(live: &PatchSet, narrowed: &[Narrowed]) -> Result<PerLayer<Tensor>> {
+    let mut keys: PerLayer<Vec<Tensor>> = PerLayer::new();
+    for n in narrowed {
+        let held = live.gated_at(n.layer).find(|p| p.name() == Some(&*n.patch));
+        let Some(gate) = held.and_then(|p| p.gate()) else {
+            continue;
+        };
+        if gate.keys().dim(1)? > KEY_WIDTH {
+            // Unsketched (a ledger from before 204406f): not in the new keys' space.
+            continue;
         }
-        keys.into_iter()
-            .map(|(l, k)| Ok((l, Tensor::cat(&k, 0)?)))
-            .collect()
+        let raised: Vec<u32> = (gate.thresholds().iter().zip(&n.thresholds))
+            .enumerate()
+            .filter(|(_, (was, now))| now > was)
+            .map(|(k, _)| k as u32)
+            .collect();
+        let raised = Tensor::new(raised.as_slice(), gate.keys().device())?;
+        keys.entry(n.layer)
+            .or_default()
+            .push(gate.keys().index_select(&raised, 0)?);
     }
+    keys.into_iter()
+        .map(|(l, k)| Ok((l, Tensor::cat(&k, 0)?)))
+        .collect()
 }
